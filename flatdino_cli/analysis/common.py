@@ -1,0 +1,86 @@
+"""Plumbing shared by the analysis commands: stream store rows, load a VAE that fits a store,
+find the images behind a store, write results.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flatdino_cli.data import BadImage, Store, adm_center_crop, load_rgb, resize, to_tensor
+from flatdino_cli.errors import UserError
+from flatdino_cli.runtime import Runtime
+from flatdino_cli.utils import atomic_write_json
+
+__all__ = ["CPU", "first_rows", "iter_rows", "grid_side", "load_vae", "store_image", "write_json"]
+
+CPU = Runtime(torch.device("cpu"), "fp32", False)  # what run_* functions use when given no runtime
+
+
+def first_rows(store: Store, n: int | None) -> np.ndarray:
+    """(K,) the first n rows of `store` that hold data (skipped images left out), ascending."""
+    rows = store.valid_indices()
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--n {n}: must be a positive number of images")
+        rows = rows[:n]
+    if len(rows) == 0:
+        raise UserError(f"{store.path}: holds no valid rows")
+    return rows
+
+
+def iter_rows(store: Store, rows: np.ndarray, batch_size: int, device: torch.device,
+              desc: str = "", progress: bool = True) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Batches (row indices (B,), data (B, *item_shape) float32 on device) read from the memmap;
+    only one batch is in memory at a time."""
+    bar = tqdm(total=len(rows), desc=desc, unit="img", dynamic_ncols=True, disable=not progress)
+    for lo in range(0, len(rows), batch_size):
+        idx = rows[lo:lo + batch_size]
+        x = torch.from_numpy(np.asarray(store.data[idx], dtype=np.float32)).to(device)
+        yield idx, x
+        bar.update(len(idx))
+    bar.close()
+
+
+def grid_side(num_patches: int, where: str = "the features") -> int:
+    """Side of the square patch grid of `num_patches` (16 for DINOv2-B at 224 px, 6 for `tiny`)."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise UserError(f"{where}: {num_patches} patches do not form a square grid")
+    return side
+
+
+def load_vae(vae_run: str | Path, store: Store, rt: Runtime):
+    """(stage config, eval VAE on rt.device, weights sha256); UserError if it was trained on other features."""
+    from flatdino_cli.extract import check_feature_shape
+    from flatdino_cli.runs import load_run
+
+    cfg, vae, sha = load_run(vae_run, "vae", device=rt.device)
+    check_feature_shape(store, cfg.model, store.path)
+    return cfg, vae, sha
+
+
+def store_image(store: Store, row: int, size: int) -> np.ndarray | None:
+    """The image behind store row `row`, ADM center-cropped as the store was made, resized to
+    size x size, (size, size, 3) float in [0, 1]; None if the file cannot be read."""
+    path = store.paths[row]
+    if not Path(path).is_file():
+        return None
+    try:
+        img = load_rgb(path)
+    except BadImage:
+        return None
+    crop = int(store.manifest.get("preprocessing", {}).get("crop_size") or min(img.size))
+    x = resize(to_tensor(adm_center_crop(img, crop)), size)  # (3, size, size)
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def write_json(path: str | Path, obj: dict) -> Path:
+    path = Path(path)
+    atomic_write_json(path, obj)
+    return path

@@ -1,0 +1,149 @@
+"""`flatdino noise`: how gracefully the VAE decoder degrades when its latents are perturbed
+(the paper's Appendix B, Figures 9-10).
+
+For each sigma, z = mu + sigma * eps (eps ~ N(0, I), one draw per image reused at every sigma, so
+the curves are smooth in sigma) is decoded and compared with
+- the clean decode D(mu): feature cosine (mean over patches) and relative L2 ||D(z) - D(mu)|| / ||D(mu)||
+  (sigma = 0 gives exactly 1 and 0),
+- the true DINOv2 features x: the same two numbers (sigma = 0 is the VAE's reconstruction quality).
+The paper's reference point, the same noise added to the DINOv2 features themselves (x + sigma * eps),
+is measured alongside. With a pixel decoder, PSNR of the decoded images against the clean-path images
+and, where the store's source images are readable, against the images themselves.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flatdino_cli.analysis.common import CPU, first_rows, iter_rows, load_vae, store_image, write_json
+from flatdino_cli.data import Store
+from flatdino_cli.runtime import Runtime
+
+__all__ = ["SIGMAS", "feature_metrics", "psnr", "run_noise"]
+
+SIGMAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def feature_metrics(a: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item of (B, P, C): (mean-over-patches cosine of a vs ref, ||a - ref||_F / ||ref||_F), each (B,)."""
+    a, ref = a.float(), ref.float()
+    cos = F.cosine_similarity(a, ref, dim=-1).mean(1)
+    rel = (a - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return cos, rel
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) PSNR in dB of images in [0, 1] (B, 3, H, W); identical images give 100 dB (capped)."""
+    mse = (a.float() - b.float()).square().flatten(1).mean(1)
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+class _Means:
+    """Running means of per-image metrics, keyed (path, metric, sigma index)."""
+
+    def __init__(self):
+        self.sum, self.n = defaultdict(float), defaultdict(int)
+
+    def add(self, key: tuple, values: torch.Tensor) -> None:
+        self.sum[key] += float(values.double().sum())
+        self.n[key] += int(values.numel())
+
+    def table(self, path: str, sigmas: Sequence[float]) -> dict[str, list]:
+        metrics = sorted({m for p, m, _ in self.sum if p == path})
+        return {m: [self.sum[(path, m, s)] / self.n[(path, m, s)] if self.n[(path, m, s)] else None
+                    for s in range(len(sigmas))] for m in metrics}
+
+
+def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas: Sequence[float] = SIGMAS,
+              n: int = 1000, batch_size: int = 64, decoder: str | Path | None = None, seed: int = 0,
+              rt: Runtime | None = None, progress: bool = True) -> dict:
+    """Latent-noise robustness over the first n images of a feature store; writes noise.json and
+    noise.png into `out` and returns the JSON's content."""
+    rt = rt or CPU
+    out = Path(out)
+    store = Store.open(features, expect_kind="features")
+    _, vae, sha = load_vae(vae_run, store, rt)
+    rows = first_rows(store, n)
+    pix = None
+    if decoder is not None:
+        from flatdino_cli.models.pixel_decoder import check_features, load_decoder
+
+        pix = load_decoder(decoder, device=rt.device)
+        check_features(pix, *store.item_shape, what=f"the features of {features}")
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
+    means = _Means()
+    mu_sq = mu_n = 0.0
+
+    def run(fn, *args):
+        with torch.no_grad(), rt.autocast():
+            return fn(*args).float()
+
+    for idx, x in iter_rows(store, rows, batch_size, rt.device, "noise", progress):
+        mu = run(lambda t: vae.encode(t)[0], x)  # (B, U, d)
+        mu_sq, mu_n = mu_sq + float(mu.double().square().sum()), mu_n + mu.numel()
+        eps_z = torch.randn(mu.shape, generator=gen).to(rt.device)
+        eps_x = torch.randn(x.shape, generator=gen).to(rt.device)
+        clean = run(vae.decode, mu)  # (B, P, C)
+        if pix is not None:
+            ref_lat, ref_feat = run(pix, clean).clamp(0, 1), run(pix, x).clamp(0, 1)
+            imgs = [store_image(store, int(i), pix.grid * pix.patch_size) for i in idx]
+            ok = torch.tensor([im is not None for im in imgs], device=rt.device)
+            real = torch.stack([torch.from_numpy(im).permute(2, 0, 1) if im is not None else
+                                torch.zeros(3, pix.grid * pix.patch_size, pix.grid * pix.patch_size) for im in imgs]).to(rt.device)
+        for s, sigma in enumerate(sigmas):
+            rec = run(vae.decode, mu + sigma * eps_z)
+            xs = x + sigma * eps_x
+            for name, (a, ref) in {("latent", "clean"): (rec, clean), ("latent", "features"): (rec, x),
+                                   ("features", "clean"): (xs, x)}.items():
+                cos, rel = feature_metrics(a, ref)
+                means.add((name[0], f"cosine_vs_{name[1]}", s), cos)
+                means.add((name[0], f"rel_l2_vs_{name[1]}", s), rel)
+            if pix is not None:
+                for path, feats, ref in (("latent", rec, ref_lat), ("features", xs, ref_feat)):
+                    img = run(pix, feats).clamp(0, 1)
+                    means.add((path, "psnr_vs_clean", s), psnr(img, ref))
+                    if ok.any():
+                        means.add((path, "psnr_vs_image", s), psnr(img[ok], real[ok]))
+    result = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": sha,
+              "features": str(Path(features).resolve()), "features_manifest_sha256": store.manifest_hash(),
+              "decoder": str(Path(decoder).resolve()) if decoder is not None else None,
+              "n_images": int(len(rows)), "seed": seed, "sigmas": [float(s) for s in sigmas],
+              "latent_rms": (mu_sq / max(mu_n, 1)) ** 0.5,
+              "latent": means.table("latent", sigmas), "features_noise": means.table("features", sigmas),
+              "figure": "noise.png"}
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(result, out / "noise.png")
+    write_json(out / "noise.json", result)
+    return result
+
+
+def _plot(r: dict, path: Path) -> None:
+    from flatdino_cli import viz
+
+    has_pix = "psnr_vs_clean" in r["latent"]
+    fig = viz.new_figure(4.2 * (3 if has_pix else 2), 3.8)
+    axes = fig.subplots(1, 3 if has_pix else 2)
+    sig, lat, feat = r["sigmas"], r["latent"], r["features_noise"]
+    series = [("latent noise, vs clean decode", lat, "clean", "-"),
+              ("latent noise, vs DINOv2 features", lat, "features", "-"),
+              ("noise on DINOv2 features", feat, "clean", "--")]
+    for ax, metric, ylabel in ((axes[0], "cosine", "feature cosine similarity"),
+                               (axes[1], "rel_l2", "relative L2 error")):
+        for label, table, ref, ls in series:
+            viz.curve(ax, sig, table[f"{metric}_vs_{ref}"], label, linestyle=ls)
+        viz.style_axes(ax, "noise σ on latents / features", ylabel, legend=metric == "cosine")
+    if has_pix:
+        for label, table, ls in (("latent noise", lat, "-"), ("noise on DINOv2 features", feat, "--")):
+            for ref, ref_label in (("clean", "vs noise-free decode"), ("image", "vs image")):
+                key = f"psnr_vs_{ref}"
+                if key in table and table[key][0] is not None:
+                    viz.curve(axes[2], sig, np.minimum(np.asarray(table[key], dtype=float), 60.0), f"{label}, {ref_label}", linestyle=ls)
+        viz.style_axes(axes[2], "noise σ", "PSNR (dB, capped at 60)")
+    fig.suptitle(f"Robustness to Gaussian noise ({r['n_images']} images; latent RMS {r['latent_rms']:.3g})")
+    viz.save_figure(fig, path)

@@ -1,0 +1,444 @@
+"""Configs: one frozen dataclass per stage, YAML presets, `--set a.b=value` overrides.
+
+A preset is a YAML file with a `stage:` key (vae | dit | decoder) and one mapping per section of
+that stage's dataclass. Unknown keys and ill-typed values are one-line errors; defaults live only
+in the dataclasses below. The fully resolved config is written as config.yaml into every run dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flatdino_cli.errors import UserError
+from flatdino_cli.flow import FlowConfig
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+# ----------------------------------------------------------------------------- shared training loop
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the one training loop (train.py) shared by train-vae, train-dit, train-decoder."""
+
+    epochs: float = 1.0  # passes over the training set; max_steps (if set) caps the run
+    max_steps: int | None = None
+    batch_size: int = 64  # GLOBAL batch per optimizer step (all processes, all micro-batches)
+    micro_batch_size: int | None = None  # per process per forward; None: batch_size / world size
+    lr: float = 1e-4
+    schedule: str = "constant"  # constant | wsd (warmup-stable-decay) | cosine (warmup then cosine)
+    warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0
+    decay_epochs: float = 0.0  # wsd: length of the final decay phase
+    decay_shape: str = "linear"  # wsd decay: linear | cosine
+    final_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decay_2d_only: bool = True  # weight decay only on >=2-D weights (not biases, norms, embeddings' 1-D)
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    ema: float = 0.0  # EMA decay; 0 disables
+    val_every_epochs: int = 1
+    ckpt_every_steps: int = 500  # also at every epoch end and at the end of the run
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check(self.schedule in ("constant", "wsd", "cosine"), "train.schedule", "constant, wsd or cosine")
+        _check(self.decay_shape in ("linear", "cosine"), "train.decay_shape", "linear or cosine")
+        _check(self.batch_size >= 1, "train.batch_size", "a positive integer")
+        _check(self.epochs > 0 or self.max_steps, "train.epochs", "positive (or set train.max_steps)")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "positive")
+        _check(0.0 <= self.ema < 1.0, "train.ema", "in [0, 1)")
+
+
+# ----------------------------------------------------------------------------- extraction
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Images -> frozen-encoder features (`flatdino extract`)."""
+
+    encoder: str = "dinov2-b-reg4"  # dinov2-b-reg4 | tiny (random weights, for testing)
+    encoder_weights: str | None = None
+    crop_size: int | None = None  # ADM center crop; None: 256 for DINOv2-B, the image size for tiny
+    interp: str = "bicubic"  # resize to the encoder input: bicubic (generator) | bilinear (VAE eval)
+    dtype: str = "float16"  # stored dtype: float16 | float32
+    batch_size: int = 64
+    workers: int = 0
+    val_split: int = 0  # images held out into <OUT>/val (deterministic)
+    strict: bool = False  # fail on the first unreadable image instead of skipping it
+    compile: bool = False
+    tf32: bool = False
+
+    def __post_init__(self):
+        _check(self.interp in ("bicubic", "bilinear"), "interp", "bicubic or bilinear")
+        _check(self.dtype in ("float16", "float32"), "dtype", "float16 or float32")
+
+
+# ----------------------------------------------------------------------------- laminator (VAE)
+@dataclass(frozen=True)
+class VAEModelConfig:
+    """FlatDINO beta-VAE: T learned query tokens summarise the patch features (REFERENCE.md).
+
+    kind "flat" is FlatDINO's 1-D laminator; "fae" is the per-patch one-attention-layer FAE.
+    feature_dim/num_patches are set from the feature store at train time.
+    """
+
+    kind: str = "flat"
+    tokens: int = 32
+    latent_dim: int = 128
+    feature_dim: int = 768
+    num_patches: int = 256
+    enc_width: int = 768
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_width: int = 1024
+    dec_depth: int = 24
+    dec_heads: int = 16
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+
+    def __post_init__(self):
+        _check(self.kind in ("flat", "fae"), "model.kind", "flat or fae")
+        _check(self.enc_width % self.enc_heads == 0, "model.enc_width", "divisible by model.enc_heads")
+        _check(self.dec_width % self.dec_heads == 0, "model.dec_width", "divisible by model.dec_heads")
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(tokens, latent_dim) of one latent; FAE keeps one latent per patch."""
+        return (self.num_patches if self.kind == "fae" else self.tokens, self.latent_dim)
+
+
+@dataclass(frozen=True)
+class VAELossConfig:
+    beta: float | None = None  # None: 1e-6 * 512 / (T * d)  (REFERENCE.md)
+    huber_delta: float = 1.0
+    free_bits: float = 0.0
+    loss: str = "huber"  # huber | mse (FAE uses L2)
+
+    def __post_init__(self):
+        _check(self.loss in ("huber", "mse"), "loss.loss", "huber or mse")
+
+
+@dataclass(frozen=True)
+class VAEStageConfig:
+    stage: str = "vae"
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val_count: int = 10000  # validation rows held out of the store when it has no val split
+
+    def beta(self) -> float:
+        if self.loss.beta is not None:
+            return self.loss.beta
+        T, d = self.model.latent_shape
+        return 1e-6 * 512 / (T * d)
+
+
+# ----------------------------------------------------------------------------- generator (DiT)
+@dataclass(frozen=True)
+class DiTModelConfig:
+    """LightningDiT over T tokens of width in_dim (grid=None) or a 2-D grid (RAE baseline)."""
+
+    tokens: int = 32
+    in_dim: int = 128
+    grid: tuple[int, int] | None = None  # (h, w) for the 2-D RAE baseline; tokens = h * w
+    width: int = 1152
+    depth: int = 28
+    heads: int = 16
+    mlp_hidden: int = 3072
+    num_classes: int = 1000
+    class_dropout: float = 0.1
+    pos_embed: str = "sincos"  # sincos (fixed, authors' code) | learned (paper text)
+    rope: bool = True
+    qk_norm: bool = False
+    head_width: int = 0  # DiT-DH: width of the wide shallow DDT head; 0 = no head
+    head_depth: int = 0
+    head_heads: int = 16
+    head_mlp_hidden: int = 0
+
+    def __post_init__(self):
+        _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed", "sincos or learned")
+        _check(self.width % self.heads == 0, "model.width", "divisible by model.heads")
+        _check(self.grid is None or self.grid[0] * self.grid[1] == self.tokens, "model.grid",
+               "(h, w) with h * w == model.tokens")
+
+
+@dataclass(frozen=True)
+class DiTStageConfig:
+    stage: str = "dit"
+    model: DiTModelConfig = field(default_factory=DiTModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    normalize: bool = False  # RAE mode: (x - mean) / sqrt(var + 1e-5) with per-position stats
+    sample_every: int = 0  # write a small sample grid every N steps (needs --vae/--decoder)
+
+
+# ----------------------------------------------------------------------------- pixel decoder
+@dataclass(frozen=True)
+class DecoderModelConfig:
+    """RAE's ViT-MAE-style pixel decoder: (B, P, in_dim) features -> (B, 3, S, S) pixels."""
+
+    in_dim: int = 768
+    num_patches: int = 256
+    patch_size: int = 16
+    width: int = 1152
+    depth: int = 28
+    heads: int = 16
+    mlp_hidden: int = 4096
+    ln_eps: float = 1e-12
+
+    @property
+    def image_size(self) -> int:
+        return int(math.isqrt(self.num_patches)) * self.patch_size
+
+
+@dataclass(frozen=True)
+class DecoderLossConfig:
+    l1: float = 1.0
+    lpips: float = 1.0  # 0 (or --no-lpips) trains without LPIPS
+    gan: float = 0.75
+    disc_start_epoch: float = 6.0  # discriminator updates begin
+    gan_start_epoch: float = 8.0  # generator GAN term begins
+    max_adaptive_weight: float = 1e4
+    noise_tau: float = 0.8  # feature noise sigma ~ noise_tau * U(0,1), training only
+
+
+@dataclass(frozen=True)
+class DecoderStageConfig:
+    stage: str = "decoder"
+    model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
+    loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+STAGES: dict[str, type] = {"vae": VAEStageConfig, "dit": DiTStageConfig, "decoder": DecoderStageConfig}
+
+
+# ----------------------------------------------------------------------------- loading and overrides
+def _check(ok: Any, key: str, want: str) -> None:
+    if not ok:
+        raise UserError(f"config: {key} must be {want}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"config: {key} has a bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"config: {key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config: {key} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise UserError(f"config: {key} must be {name}, got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(valid)})"
+    return UserError(f"config: unknown key '{key}'{hint}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in types_:
+            raise _unknown_key(prefix + k, list(types_))
+        kwargs[k] = _coerce(v, types_[k], prefix + k)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"config: {prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict (tuples as lists) for YAML/JSON."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(data: dict, source: str = "config") -> Any:
+    if not isinstance(data, dict) or "stage" not in data:
+        raise UserError(f"{source}: not a flatdino config (it needs a top-level 'stage:' key)")
+    stage = data["stage"]
+    if stage not in STAGES:
+        raise UserError(f"{source}: unknown stage '{stage}' (valid: {', '.join(STAGES)})")
+    return _from_dict(STAGES[stage], data)
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML for yaml.safe_load ({first}); python tags are refused") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _preset_files() -> dict[str, Any]:
+    """Preset name -> file, from the wheel's flatdino_cli.presets (or the source tree's presets/)."""
+    out: dict[str, Any] = {}
+    try:
+        root = resources.files("flatdino_cli.presets")
+        for entry in root.iterdir():
+            if entry.name.endswith(".yaml"):
+                out[entry.name[:-5]] = entry
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    if not out and PRESET_DIR.is_dir():
+        out = {p.stem: p for p in PRESET_DIR.glob("*.yaml")}
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(_preset_files())
+
+
+def load_preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """A preset by name (`vae-32x128`) or path (`my.yaml`), with `a.b=value` overrides applied."""
+    files = _preset_files()
+    if name in files:
+        text = files[name].read_text()
+        source = f"preset {name}"
+    elif name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"--preset {name}: file not found")
+        text = path.read_text()
+        source = str(path)
+    else:
+        close = difflib.get_close_matches(name, list(files), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `flatdino presets` to list them"
+        raise UserError(f"--preset {name}: no such preset ({hint})")
+    data = _parse_preset(text, source)
+    seen = {name}
+    while isinstance(data, dict) and "base" in data:  # a preset may extend another one
+        base = data.pop("base")
+        if base in seen or base not in files:
+            raise UserError(f"{source}: base preset '{base}' is unknown or circular")
+        seen.add(base)
+        data = _merge(_parse_preset(files[base].read_text(), f"preset {base}"), data)
+    cfg = config_from_dict(data, source)
+    return apply_overrides(cfg, overrides)
+
+
+def _parse_preset(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{source}: not valid YAML ({str(e).splitlines()[0]}); python tags are refused") from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Apply `--set a.b=value` strings; values are parsed as YAML scalars and type-checked."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected key=value, e.g. --set train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)  # YAML 1.1 reads "1e-4" as a string
+        cfg = _set_path(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _set_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
+    types_ = _field_types(type(obj))
+    head = parts[0]
+    if head not in types_:
+        raise _unknown_key(full, list(types_))
+    if len(parts) == 1:
+        if head == "stage":
+            raise UserError("--set stage=...: the stage comes from the preset; pick another --preset")
+        return replace(obj, **{head: _coerce(value, types_[head], full)})
+    child = getattr(obj, head)
+    if not is_dataclass(child):
+        raise UserError(f"--set {full}: '{head}' has no sub-keys")
+    return replace(obj, **{head: _set_path(child, parts[1:], value, full)})
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from flatdino_cli.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_config(path: Path) -> Any:
+    return config_from_dict(load_yaml(Path(path)), str(path))

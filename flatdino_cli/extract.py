@@ -1,0 +1,170 @@
+"""`flatdino extract`: images -> frozen-encoder feature store; feature store -> VAE latent store (mu).
+
+Rows are computed in fixed chunks of `batch_size` consecutive rows and a chunk is flagged done only
+after its data is on disk, so a run killed at any moment and rerun recomputes only unfinished chunks,
+with the same batch composition, and ends byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from flatdino_cli.config import ExtractConfig
+from flatdino_cli.data import (BadImageWarning, EncoderTransform, FeatureDataset, ImageDataset, ImageList, Store,
+                               collate_images, list_images, split_indices)
+from flatdino_cli.errors import UserError
+from flatdino_cli.runtime import Runtime
+
+
+def _pending_chunks(store: Store, rows: int) -> list[list[int]]:
+    """Chunks [i*rows, (i+1)*rows) that still have a pending row, as index lists."""
+    pending = set(store.pending().tolist())
+    chunks = []
+    for lo in range(0, store.count, rows):
+        chunk = list(range(lo, min(lo + rows, store.count)))
+        if any(i in pending for i in chunk):
+            chunks.append(chunk)
+    return chunks
+
+
+def default_crop_size(encoder) -> int:
+    """ADM center crop to 256 for the 224-px DINOv2 (REFERENCE.md); the input size for smaller encoders."""
+    return 256 if encoder.spec.image_size == 224 else encoder.spec.image_size
+
+
+def encoder_identity(encoder, cfg: ExtractConfig) -> dict:
+    return {"encoder": cfg.encoder, "weights": getattr(encoder, "weights_id", cfg.encoder_weights),
+            "num_patches": encoder.num_patches, "dim": encoder.dim}
+
+
+def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt: Runtime,
+                     overwrite: bool = False, class_index: str | Path | None = None) -> dict:
+    """Encode every image of `source` into a feature store at `out` (+ `out/val` with --val-split)."""
+    from flatdino_cli.encoders import load_encoder
+
+    images = list_images(source, class_index)
+    encoder = load_encoder(cfg.encoder, cfg.encoder_weights, device=rt.device)
+    if cfg.tf32 and rt.is_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    transform = EncoderTransform(cfg.crop_size or default_crop_size(encoder), encoder.spec.image_size, cfg.interp)
+    forward = torch.compile(encoder) if cfg.compile else encoder
+    parts = [(Path(out), images)]
+    if cfg.val_split:
+        train_idx, val_idx = split_indices(len(images), cfg.val_split, seed=0)
+        parts = [(Path(out), _subset(images, train_idx)), (Path(out) / "val", _subset(images, val_idx))]
+    summary = {"stores": [], "skipped": 0, "images": len(images)}
+    for path, subset in parts:
+        store = Store.create(path, "features", (encoder.num_patches, encoder.dim), len(subset), cfg.dtype,
+                             identity=encoder_identity(encoder, cfg), preprocessing=transform.spec(),
+                             paths=subset.paths, labels=subset.labels,
+                             extra={"class_names": subset.class_names, "source": subset.source},
+                             overwrite=overwrite)
+        dataset = ImageDataset(subset, transform, strict=cfg.strict)
+        n_skipped = _fill(store, dataset, forward, cfg, rt, desc=f"extract {path.name}")
+        store.finalize()
+        summary["stores"].append(str(path))
+        summary["skipped"] += int(store.manifest["skipped_count"])
+        del n_skipped
+        store.close()
+    return summary
+
+
+def _subset(images: ImageList, idx: np.ndarray) -> ImageList:
+    return ImageList([images.paths[i] for i in idx], [images.labels[i] for i in idx], images.class_names,
+                     images.source)
+
+
+def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtime, desc: str) -> int:
+    """Compute all pending chunks of `store` from `dataset`; returns the number of skipped rows."""
+    chunks = _pending_chunks(store, cfg.batch_size)
+    if not chunks:
+        return 0
+    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=cfg.workers, collate_fn=collate_images,
+                        pin_memory=rt.pin_memory)
+    done_rows = store.count - len(store.pending())
+    bar = tqdm(total=store.count, initial=done_rows, desc=desc, unit="img", dynamic_ncols=True)
+    skipped, t0, n = 0, time.perf_counter(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)  # reported below, once per file
+        for batch in loader:
+            if batch.images is not None:
+                with torch.no_grad():
+                    feats = encode(batch.images.to(rt.device, non_blocking=rt.pin_memory))  # fp32, no AMP
+                store.write_rows(batch.indices.numpy(), feats.float().cpu().numpy())
+                store.mark_done(batch.indices.numpy())
+            if len(batch.skipped):
+                for i in batch.skipped.tolist():
+                    tqdm.write(f"extract: skipped unreadable image {store.paths[i]}")
+                if cfg.strict:
+                    raise UserError(f"{store.paths[batch.skipped[0]]}: unreadable image (--strict)")
+                store.mark_skipped(batch.skipped.numpy())
+                skipped += len(batch.skipped)
+            n += len(batch.indices) + len(batch.skipped)
+            bar.update(len(batch.indices) + len(batch.skipped))
+            bar.set_postfix(img_s=f"{n / max(time.perf_counter() - t0, 1e-9):.1f}")
+    bar.close()
+    return skipped
+
+
+class _RowDataset(Dataset):
+    """Feature-store rows as ImageDataset-shaped items (index, tensor, label) for the chunked filler."""
+
+    def __init__(self, store: Store):
+        self.inner = FeatureDataset(store, np.arange(store.count))
+        self.status = store.status
+
+    def __len__(self):
+        return len(self.status)
+
+    def __getitem__(self, i):
+        if self.status[i] != 1:
+            return i, None, -1
+        x, y = self.inner[int(np.searchsorted(self.inner.indices, i))]
+        return i, x, y
+
+
+def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, rt: Runtime,
+                    batch_size: int = 256, dtype: str = "float32", overwrite: bool = False) -> dict:
+    """Feature store -> latent store (N, T, d) of the VAE posterior mean mu (+ `out/val` if present)."""
+    from flatdino_cli.runs import load_run
+
+    vae_cfg, vae, ckpt_hash = load_run(vae_run, "vae", device=rt.device)
+    stores = [(Path(features), Path(out))]
+    if (Path(features) / "val" / "manifest.json").exists():
+        stores.append((Path(features) / "val", Path(out) / "val"))
+    cfg = ExtractConfig(batch_size=batch_size, dtype=dtype)
+    summary = {"stores": []}
+    for src_path, dst in stores:
+        src = Store.open(src_path, expect_kind="features")
+        check_feature_shape(src, vae_cfg.model, src_path)
+        identity = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": ckpt_hash,
+                    "features": str(src_path.resolve()), "features_manifest_sha256": src.manifest_hash()}
+        dst_store = Store.create(dst, "latents", vae_cfg.model.latent_shape, src.count, dtype, identity=identity,
+                                 preprocessing=src.manifest["preprocessing"], paths=src.paths,
+                                 labels=src.labels.tolist(),
+                                 extra={**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]},
+                                 overwrite=overwrite)
+
+        def encode(x):
+            with rt.autocast():
+                return vae.encode(x)[0].float()
+
+        _fill(dst_store, _RowDataset(src), encode, cfg, rt, desc=f"latents {dst.name}")
+        dst_store.finalize()
+        summary["stores"].append(str(dst))
+        dst_store.close()
+    return summary
+
+
+def check_feature_shape(store: Store, vae_model_cfg, where) -> None:
+    want = (vae_model_cfg.num_patches, vae_model_cfg.feature_dim)
+    if tuple(store.item_shape) != want:
+        raise UserError(f"{where}: features of shape {tuple(store.item_shape)}, but the VAE expects {want} "
+                        "(was it trained on another encoder's store?)")

@@ -1,0 +1,230 @@
+"""Flow matching: every time/sign convention of the toolkit, in one place.
+
+Our convention (FlatDINO's): t = 0 is noise, t = 1 is data.
+
+    x_t = (1 - t) * eps + t * z,    eps ~ N(0, I),  z = data
+    v   = dx_t/dt = z - eps         (the regression target; loss = MSE)
+
+Sampling integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) on a shifted grid.
+
+RAE's convention is the mirror image: t_R = 0 is data, t_R = 1 is noise, x = (1 - t_R) z + t_R eps,
+target u = eps - z. The same point and the same target are reached with t = 1 - t_R and v = -u
+(`rae_to_ours_time`, `rae_to_ours_velocity`); RAE's shift s*t_R / (1 + (s-1)*t_R) is our
+`shift_time` on the mirrored time, so one `shift` number means the same thing in both frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flatdino_cli.errors import UserError
+
+__all__ = ["FlowConfig", "FlowConfigError", "RAE_T_MAX", "default_shift", "flow_loss", "guided_velocity",
+           "interpolate", "make_velocity_fn", "ours_to_rae_time", "rae_shift_time", "rae_to_ours_time",
+           "rae_to_ours_velocity", "sample", "sample_train_time", "shift_time", "time_grid", "velocity_target"]
+
+TIME_DISTS = ("uniform", "logit-normal", "rae")
+SAMPLERS = ("euler", "heun")
+RAE_T_MAX = 1.0 - 1.0 / 1000  # RAE truncates its training t_R to [0, 0.999] (velocity model, ODE)
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x (B, ...), t (B,)) -> v (B, ...)
+
+
+class FlowConfigError(UserError, ValueError):
+    """A bad flow setting: a ValueError that the CLI also reports as a one-line UserError."""
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Training-time distribution, sampler and guidance of the flow-matching generator."""
+
+    time_dist: str = "uniform"  # uniform | logit-normal (our frame) | rae (RAE's, mirrored); then shifted
+    shift: float = 1.0  # k in t' = t / (k - (k-1) t); k > 1 puts more time near noise
+    logit_mean: float = 0.0  # logit-normal / rae: mean and std of logit(t) (rae: of logit(t_R))
+    logit_std: float = 1.0
+    sampler: str = "euler"  # euler | heun
+    steps: int = 50  # integration steps on time_grid(steps, shift)
+    cfg_scale: float = 1.0  # guidance weight w; 1 = no guidance (one conditional forward)
+    cfg_interval: tuple[float, float] = (0.225, 1.0)  # guide only where lo < t < hi (our frame)
+    cfg_interval_inclusive: bool = False  # lo <= t <= hi instead (RAE's rule)
+
+    def __post_init__(self):
+        object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
+        lo, hi = self.cfg_interval if len(self.cfg_interval) == 2 else (math.nan, math.nan)
+        for ok, key, want, got in [
+            (self.time_dist in TIME_DISTS, "time_dist", " or ".join(TIME_DISTS), self.time_dist),
+            (self.shift > 0 and math.isfinite(self.shift), "shift", "a finite number > 0", self.shift),
+            (math.isfinite(self.logit_mean), "logit_mean", "finite", self.logit_mean),
+            (self.logit_std > 0 and math.isfinite(self.logit_std), "logit_std", "finite and > 0", self.logit_std),
+            (self.sampler in SAMPLERS, "sampler", " or ".join(SAMPLERS), self.sampler),
+            (self.steps >= 1, "steps", "an integer >= 1", self.steps),
+            (self.cfg_scale >= 0 and math.isfinite(self.cfg_scale), "cfg_scale", "finite and >= 0", self.cfg_scale),
+            (0.0 <= lo <= hi <= 1.0, "cfg_interval", "[lo, hi] with 0 <= lo <= hi <= 1", self.cfg_interval),
+        ]:
+            if not ok:
+                raise FlowConfigError(f"config: flow.{key} must be {want}, got {got!r}")
+
+
+# ----------------------------------------------------------------------------- time and frames
+def shift_time(t: Tensor | float, k: float) -> Tensor | float:
+    """t' = t / (k - (k-1) t): maps [0, 1] onto itself, fixes 0 and 1; k > 1 pushes t toward noise (0)."""
+    return t / (k - (k - 1) * t)
+
+
+def default_shift(tokens: int, dim: int, base: float = 4096) -> float:
+    """The authors' default k = sqrt(tokens * dim / base): 1 for 32 x 128, sqrt(48) for RAE's 256 x 768."""
+    return math.sqrt(tokens * dim / base)
+
+
+def rae_to_ours_time(t_rae: Tensor | float) -> Tensor | float:
+    """t = 1 - t_R (RAE: t_R = 0 data, 1 noise)."""
+    return 1 - t_rae
+
+
+ours_to_rae_time = rae_to_ours_time  # the mirror is its own inverse
+
+
+def rae_to_ours_velocity(v_rae: Tensor) -> Tensor:
+    """v = -u: RAE regresses u = eps - z, we regress v = z - eps (the same at mirrored times)."""
+    return -v_rae
+
+
+def rae_shift_time(t_rae: Tensor | float, s: float) -> Tensor | float:
+    """RAE's shift t_R' = s t_R / (1 + (s-1) t_R); equals 1 - shift_time(1 - t_R, s)."""
+    return s * t_rae / (1 + (s - 1) * t_rae)
+
+
+def time_grid(steps: int, shift: float) -> Tensor:
+    """(steps + 1,) float64 times shift_time(linspace(0, 1), shift): exactly 0.0 first, exactly 1.0 last."""
+    t = shift_time(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), shift)
+    t[0], t[-1] = 0.0, 1.0  # exact endpoints: sampling must end on the data, not a rounding short of it
+    return t
+
+
+def sample_train_time(n: int, cfg: FlowConfig, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+    """(n,) float32 training times in our frame.
+
+    uniform:      t = shift_time(u, k),                        u ~ U(0, 1)
+    logit-normal: t = shift_time(sigmoid(m + s n), k),         n ~ N(0, 1)
+    rae:          t_R = sigmoid(m + s n) with n truncated so that t_R <= 0.999 (inverse-CDF, as RAE),
+                  t_R <- rae_shift_time(t_R, k), t = 1 - t_R   (RAE's training distribution, mirrored)
+    Random numbers come from `generator` (on its device), then move to `device`.
+    """
+    gen_device = generator.device if generator is not None else (device or "cpu")
+    u = torch.rand(n, generator=generator, device=gen_device, dtype=torch.float64)
+    if cfg.time_dist == "uniform":
+        t = shift_time(u, cfg.shift)
+    elif cfg.time_dist == "logit-normal":
+        t = shift_time(torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.special.ndtri(u)), cfg.shift)
+    else:  # rae: U(Phi(-inf), Phi(beta)) -> Phi^-1 is a normal truncated above at logit(0.999)
+        beta = (math.log(RAE_T_MAX / (1 - RAE_T_MAX)) - cfg.logit_mean) / cfg.logit_std
+        u = u * 0.5 * math.erfc(-beta / math.sqrt(2))  # Phi(beta)
+        t_rae = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.special.ndtri(u)).clamp(0.0, RAE_T_MAX)
+        t = rae_to_ours_time(rae_shift_time(t_rae, cfg.shift))
+    return t.to(device=device or gen_device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- training
+def interpolate(z: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) eps + t z; z, eps (B, ...), t (B,)."""
+    t = t.view(-1, *([1] * (z.dim() - 1))).to(z.dtype)
+    return (1 - t) * eps + t * z
+
+
+def velocity_target(z: Tensor, eps: Tensor) -> Tensor:
+    """v = z - eps, the constant speed of the straight path from eps to z."""
+    return z - eps
+
+
+def flow_loss(model: Callable[[Tensor, Tensor, Tensor], Tensor], z: Tensor, y: Tensor, cfg: FlowConfig,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """MSE between model(x_t, t, y) and v = z - eps at t ~ sample_train_time.
+
+    z (B, ...) data, y (B,) long labels (label dropout is the model's job). Returns (scalar loss,
+    t (B,), per-sample loss (B,), detached, for logging loss per t-bucket). The loss is in fp32 (or
+    z's dtype if wider) even when the model runs under autocast.
+    """
+    dtype = torch.promote_types(z.dtype, torch.float32)  # fp32, or fp64 for fp64 data
+    t = sample_train_time(z.shape[0], cfg, generator, device=z.device).to(dtype)  # (B,)
+    eps_device = generator.device if generator is not None else z.device
+    eps = torch.randn(z.shape, generator=generator, device=eps_device, dtype=z.dtype).to(z.device)
+    v = model(interpolate(z, eps, t), t, y)
+    per_sample = (v.to(dtype) - velocity_target(z, eps).to(dtype)).square().flatten(1).mean(1)  # (B,)
+    return per_sample.mean(), t, per_sample.detach()
+
+
+# ----------------------------------------------------------------------------- guidance
+def _in_interval(t: Tensor, interval: tuple[float, float], inclusive: bool) -> Tensor:
+    lo, hi = interval
+    return (t >= lo) & (t <= hi) if inclusive else (t > lo) & (t < hi)
+
+
+def guided_velocity(model: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, t: Tensor, y: Tensor,
+                    scale: float, null_class: int, interval: tuple[float, float] = (0.225, 1.0),
+                    inclusive: bool = False, guide_model: Callable | None = None) -> Tensor:
+    """Velocity at (x (B, ...), t (B,)) for labels y (B,), with guidance where t is in `interval`.
+
+    CFG:          v = v_u + w (v_c - v_u), v_c and v_u from ONE forward on [x, x] with labels [y, null].
+    AutoGuidance: v = v_weak + w (v_main - v_weak), v_weak = guide_model(x, t, y) (conditional; RAE
+                  also feeds a null-label half to the guide but throws it away).
+    Outside the interval (lo < t < hi, or lo <= t <= hi if inclusive) the plain conditional v_c.
+    w == 1, or no t in the interval, costs one conditional forward of the batch as it is.
+    """
+    guide = _in_interval(t, interval, inclusive)  # (B,)
+    if scale == 1.0 or not bool(guide.any()):
+        return model(x, t, y)
+    if guide_model is not None:
+        v_c, v_u = model(x, t, y), guide_model(x, t, y)
+    else:
+        null = torch.full_like(y, null_class)
+        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+    guided = v_u + scale * (v_c - v_u)
+    return torch.where(guide.view(-1, *([1] * (x.dim() - 1))), guided, v_c)
+
+
+def make_velocity_fn(model: Callable, y: Tensor, cfg: FlowConfig, null_class: int,
+                     guide_model: Callable | None = None) -> VelocityFn:
+    """The closure (x, t) -> guided velocity that `sample` integrates, with cfg's scale and interval."""
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        return guided_velocity(model, x, t, y, cfg.cfg_scale, null_class, cfg.cfg_interval,
+                               cfg.cfg_interval_inclusive, guide_model)
+
+    return velocity
+
+
+# ----------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, method: str = "euler") -> Tensor:
+    """Integrate dx/dt = v(x, t) from x_0 = noise (B, ...) at t = 0 to t = 1 on time_grid(steps, shift).
+
+    euler: x_{i+1} = x_i + h_i v(x_i, t_i)                                  (steps forwards)
+    heun:  x' = x_i + h_i v_i;  x_{i+1} = x_i + h_i (v_i + v(x', t_{i+1})) / 2  (trapezoidal
+           corrector), except the LAST step, which is Euler: the velocity at t = 1 is singular for
+           data on a manifold (v = (z - x)/(1 - t)) and is never trained near it (2*steps - 1 forwards).
+    t is passed as (B,) float32 (float64 if noise is float64).
+    """
+    if method not in SAMPLERS:
+        raise FlowConfigError(f"config: flow.sampler must be {' or '.join(SAMPLERS)}, got {method!r}")
+    grid = time_grid(steps, shift).tolist()
+    t_dtype = torch.promote_types(noise.dtype, torch.float32)
+
+    def v_at(x: Tensor, i: int) -> Tensor:
+        t = torch.full((x.shape[0],), grid[i], dtype=t_dtype, device=x.device)  # (B,)
+        return velocity_fn(x, t).to(x.dtype)
+
+    x = noise
+    for i in range(steps):
+        h = grid[i + 1] - grid[i]
+        v = v_at(x, i)
+        if method == "heun" and i < steps - 1:
+            v_next = v_at(x + h * v, i + 1)
+            v = 0.5 * (v + v_next)
+        x = x + h * v
+    return x

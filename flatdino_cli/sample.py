@@ -1,0 +1,713 @@
+"""`flatdino sample` and `flatdino reconstruct`: from latents to pictures.
+
+One decode path serves FlatDINO and the RAE baseline:
+
+    DiT sample x (B, N, d) --[stats: x*std+mean]--> --[VAE decoder]--> features (B, P, C)
+        --pixel decoder--> (B, 3, S, S) --clip [0, 1], x255, ROUND--> uint8 (B, S, S, 3)
+
+FlatDINO: N x d = 32 x 128 raw VAE means (no stats), turned into 256 x 768 features by the VAE decoder.
+RAE mode (a DiT with model.grid): N x d = 256 x 768 normalised features, de-normalised with
+RUN/stats.pt, no VAE. Either way the pixel decoder consumes raw (LN-without-affine) DINOv2 features.
+
+Noise: image i of a sample set gets eps_i ~ N(0, I) from its own generator seeded by (seed, i), so one
+seed gives the same image whatever the batch size, the resume point or the device (up to float
+rounding of the batched matmuls, which CPU runs of the tests show to be exact).
+
+A sample set in OUT: images/<class>_<index>.png, parts/part_<lo>-<hi>.npz (one per shard, written
+atomically while the run goes; deleted once the final file exists), samples_<N>x<S>x<S>x3.npz (ADM
+format: uint8 NHWC under arr_0, labels under arr_1), grid.png and samples.json (what made it: dit / vae
+/ decoder paths + weight hashes, guidance, steps, seed). A killed run, rerun, reuses finished shards
+and PNGs and only generates what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import io
+import json
+import math
+import os
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from flatdino_cli.config import DiTStageConfig
+from flatdino_cli.errors import UserError
+from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
+from flatdino_cli.runtime import Runtime
+from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file, sha256_strings
+from flatdino_cli.viz import load_png, save_grid, save_png, to_uint8
+
+__all__ = ["Pipeline", "load_pipeline", "generate", "image_seed", "image_noise", "sampling_flow", "parse_interval",
+           "imagenet_class_names", "resolve_classes", "class_plan", "write_sample_set", "run_sample",
+           "keep_prefix", "psnr", "ssim", "PSNR_CAP", "run_reconstruct", "training_grid_hook"]
+
+CPU = Runtime(torch.device("cpu"), "fp32", False)
+PSNR_CAP = 100.0  # dB written for identical images (PSNR is +inf there), so JSON stays standard
+GRID_ROWS, GRID_COLS, GRID_SINGLE = 16, 8, 64  # sample grid caps: classes x images, or images of one class
+
+
+# ============================================================================ provenance
+def _inputs(run_dir: Path) -> dict:
+    """A run's inputs.json ({} when absent: a copied or hand-made run still loads)."""
+    try:
+        return json.loads((Path(run_dir) / "inputs.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _file_id(path: Path) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+
+
+def decoder_weights_path(decoder: str | Path) -> Path:
+    """The file load_decoder reads for `decoder` (run dir -> EMA weights, RAE release dir -> model.pt)."""
+    p = Path(decoder)
+    if p.is_dir() and (p / "config.yaml").is_file():
+        from flatdino_cli.runs import weights_file
+
+        return weights_file(p, "decoder", prefer_ema=True)
+    return p / "model.pt" if p.is_dir() else p
+
+
+def _store_manifest(path: str | None) -> dict:
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()) if path else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ============================================================================ class names
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in id order (torchvision's bundled list); [] without torchvision."""
+    try:
+        from torchvision.models._meta import _IMAGENET_CATEGORIES
+    except ImportError:
+        return []
+    return list(_IMAGENET_CATEGORIES)
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+def _lookup(name: str, names: Sequence[str]) -> list[int]:
+    key = _norm(name)
+    return [i for i, n in enumerate(names) if n and _norm(n) == key]
+
+
+def resolve_classes(items: Sequence[str], num_classes: int, run_names: Sequence[str] = ()) -> list[int]:
+    """Class ids from ids or names: the run's own names first (its latent store's class_names), then
+    ImageNet's (case-insensitive, '_' = ' ') when the DiT has 1000 classes. Unknown or ambiguous names
+    are one-line UserErrors with close matches."""
+    imagenet = imagenet_class_names() if num_classes == 1000 else []
+    out = []
+    for item in items:
+        item = str(item).strip()
+        if item.lstrip("-").isdigit():
+            c = int(item)
+            if not 0 <= c < num_classes:
+                raise UserError(f"--class {c}: out of range; this DiT has classes 0..{num_classes - 1}")
+            out.append(c)
+            continue
+        for names in (run_names, imagenet):
+            hits = [i for i in _lookup(item, names) if i < num_classes]
+            if len(hits) > 1:
+                raise UserError(f"--class {item!r}: ambiguous, classes {', '.join(map(str, hits))} share that "
+                                "name; pass the id")
+            if hits:
+                out.append(hits[0])
+                break
+        else:
+            pool = {_norm(n): n for n in [*run_names, *imagenet] if n}
+            close = [pool[k] for k in difflib.get_close_matches(_norm(item), list(pool), n=4, cutoff=0.6)]
+            hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
+                    else "pass a class id" + ("" if pool else " (this run records no class names)"))
+            raise UserError(f"--class {item!r}: unknown class name; {hint}")
+    return out
+
+
+def class_label(c: int, run_names: Sequence[str], num_classes: int) -> str:
+    """What a grid caption says for class c: the run's name, the ImageNet name, or the id."""
+    if c < len(run_names) and run_names[c]:
+        return f"{c} {run_names[c]}"
+    names = imagenet_class_names() if num_classes == 1000 else []
+    return f"{c} {names[c]}" if c < len(names) else str(c)
+
+
+def class_plan(classes: Sequence[int], n: int | None, per_class: int | None) -> list[int]:
+    """Labels of the images to make, in order: `per_class` of each class, or `n` in total split into
+    contiguous, balanced blocks (class k gets images [k n / K, (k+1) n / K))."""
+    if not classes:
+        raise UserError("sample: pass --class ID|NAME (repeatable) or --classes all")
+    if per_class is not None and n is not None:
+        raise UserError("sample: pass -n (images in total) or --per-class, not both")
+    if per_class is not None:
+        if per_class < 1:
+            raise UserError(f"--per-class {per_class}: must be >= 1")
+        return [c for c in classes for _ in range(per_class)]
+    n = 16 if n is None else n
+    if n < len(classes):
+        raise UserError(f"-n {n}: fewer images than the {len(classes)} classes asked for; raise -n")
+    return [classes[i * len(classes) // n] for i in range(n)]
+
+
+# ============================================================================ the pipeline
+@dataclass
+class Pipeline:
+    """A DiT with what turns its samples into pixels (see the module docstring)."""
+
+    cfg: DiTStageConfig
+    dit: nn.Module
+    decoder: nn.Module  # PixelDecoder
+    vae: nn.Module | None = None
+    stats: nn.Module | None = None  # stages.dit.LatentStats
+    identity: dict = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.cfg.model.tokens, self.cfg.model.in_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.decoder.cfg.image_size
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, rt: Runtime = CPU) -> np.ndarray:
+        """DiT samples (B, N, d) -> uint8 images (B, S, S, 3)."""
+        x = x.float()
+        if self.stats is not None:
+            x = self.stats.denormalize(x)
+        with rt.autocast():
+            feats = self.vae.decode(x) if self.vae is not None else x  # (B, P, C)
+            pixels = self.decoder(feats.float())  # (B, 3, S, S)
+        return to_uint8(pixels)
+
+
+def _decoding_parts(cfg: DiTStageConfig, vae_run: str | Path | None, decoder: str | Path, device,
+                    where: str) -> tuple[nn.Module | None, nn.Module, dict]:
+    """(VAE or None, pixel decoder, identity) for a DiT config, with every compatibility check."""
+    from flatdino_cli.models.pixel_decoder import check_features, load_decoder
+    from flatdino_cli.runs import load_run, weights_file
+
+    T, d = cfg.model.tokens, cfg.model.in_dim
+    identity: dict = {"vae": None}
+    vae = None
+    if cfg.model.grid is not None:  # RAE mode: the DiT generates DINOv2 features themselves
+        if vae_run is not None:
+            raise UserError(f"--vae {vae_run}: {where} is an RAE-mode DiT on raw {T} x {d} features; it needs "
+                            "no VAE (drop --vae)")
+        features = (T, d)
+    else:
+        if vae_run is None:
+            raise UserError(f"{where} generates {T} x {d} latents: pass --vae, the VAE run whose latents it "
+                            "was trained on")
+        vae_cfg, vae, vae_sha = load_run(vae_run, "vae", device=device)
+        if tuple(vae_cfg.model.latent_shape) != (T, d):
+            t, k = vae_cfg.model.latent_shape
+            raise UserError(f"--vae {vae_run}: makes {t} x {k} latents but {where} was trained on {T} x {d} "
+                            "latents; pass the VAE whose latents trained this DiT")
+        identity["vae"] = {"path": str(Path(vae_run).resolve()), "weights": str(weights_file(vae_run, "vae")),
+                           "sha256": vae_sha}
+        features = (vae_cfg.model.num_patches, vae_cfg.model.feature_dim)
+    if decoder is None:
+        raise UserError("--decoder is required: a train-decoder run or RAE's decoder model.pt")
+    dec = load_decoder(decoder, device=device)
+    source = "the VAE's decoded features" if vae is not None else f"{where}'s features"
+    check_features(dec, *features, what=source)
+    identity["decoder"] = {"path": str(Path(decoder).resolve()), **_file_id(decoder_weights_path(decoder))}
+    return vae, dec, identity
+
+
+def _check_provenance(dit_run: Path, vae_run: str | Path, vae_sha: str) -> None:
+    """Warn when the DiT's inputs.json says its latents came from another VAE (same shapes, or we
+    would have refused already) or from other weights of this one."""
+    ident = _inputs(dit_run).get("latents", {}).get("identity", {})
+    recorded = ident.get("vae_run")
+    if not recorded:
+        return
+    if Path(recorded).resolve() != Path(vae_run).resolve():
+        warnings.warn(f"--vae {vae_run}: {dit_run} was trained on latents of VAE {recorded} (inputs.json); "
+                      "the shapes match, but samples are only meaningful with that VAE", stacklevel=3)
+    elif ident.get("vae_checkpoint_sha256") not in (None, vae_sha):
+        warnings.warn(f"--vae {vae_run}: its weights changed since {dit_run}'s latents were extracted "
+                      "(checkpoint sha256 differs from inputs.json)", stacklevel=3)
+
+
+def load_pipeline(dit_run: str | Path, vae_run: str | Path | None = None, decoder: str | Path | None = None,
+                  device: torch.device | str = "cpu", ema: bool = True) -> Pipeline:
+    """DiT run (EMA weights unless ema=False) + VAE run (FlatDINO; default: the one in the DiT's
+    inputs.json) or RUN/stats.pt (RAE mode) + pixel decoder; one-line UserError on any mismatch."""
+    from flatdino_cli.runs import load_run, run_config, weights_file
+    from flatdino_cli.stages.dit import STATS_FILE, load_stats
+
+    dit_run = Path(dit_run)
+    cfg = run_config(dit_run, "dit")
+    inputs = _inputs(dit_run).get("latents", {})
+    recorded_vae = inputs.get("identity", {}).get("vae_run")
+    if vae_run is None and cfg.model.grid is None and recorded_vae and Path(recorded_vae).is_dir():
+        vae_run = recorded_vae  # the VAE the DiT's latents came from
+    vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, device, f"DiT run {dit_run}")
+    cfg, dit, dit_sha = load_run(dit_run, "dit", device=device, prefer_ema=ema)
+    wfile = weights_file(dit_run, "dit", prefer_ema=ema)
+    identity["dit"] = {"path": str(dit_run.resolve()), "weights": str(wfile), "sha256": dit_sha,
+                       "ema": wfile.name.startswith("ema")}
+    if vae is not None:
+        _check_provenance(dit_run, vae_run, identity["vae"]["sha256"])
+    stats = None
+    identity["stats"] = None
+    if cfg.normalize:
+        path = dit_run / STATS_FILE
+        if not path.is_file():
+            raise UserError(f"{path}: missing; this DiT normalises its inputs with it (copy RAE's stat.pt "
+                            "there, or rerun train-dit --compute-stats)")
+        stats = load_stats(path, tuple(cfg.model.grid) if cfg.model.grid else None).to(device)
+        identity["stats"] = _file_id(path)
+    names = _store_manifest(inputs.get("path")).get("extra", {}).get("class_names") or []
+    return Pipeline(cfg, dit, dec, vae, stats, identity, [str(n) for n in names])
+
+
+# ============================================================================ generation
+def image_seed(seed: int, index: int) -> int:
+    """A 64-bit generator seed for image `index` of a run seeded `seed` (SeedSequence mixing: no two
+    (seed, index) pairs share a stream the way seed + index would)."""
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be >= 0")
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """(B, *shape) float32 CPU noise, row b drawn from its own generator seeded image_seed(seed, indices[b])."""
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(image_seed(seed, int(i))))
+            for i in indices]
+    return torch.stack(rows)
+
+
+def sampling_flow(flow: FlowConfig, cfg_scale: float | None = None, steps: int | None = None,
+                  sampler: str | None = None, interval: tuple[float, float] | None = None) -> FlowConfig:
+    """The DiT config's flow section with the command line's overrides (validated: bad values are
+    one-line errors)."""
+    changes = {k: v for k, v in (("cfg_scale", cfg_scale), ("steps", steps), ("sampler", sampler),
+                                 ("cfg_interval", interval)) if v is not None}
+    return dataclasses.replace(flow, **changes)
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """'0.225,1' -> (0.225, 1.0); the guidance interval in our time (t = 1 is data)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--interval {text}: expected LO,HI, e.g. --interval 0.225,1") from None
+    return lo, hi
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
+             flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU,
+             on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """uint8 images (len(labels), S, S, 3): image k is class labels[k] from the noise of image indices[k]."""
+    flow = flow or pipe.cfg.flow
+    if len(labels) != len(indices):
+        raise ValueError(f"{len(labels)} labels for {len(indices)} indices")
+    out = []
+    for lo in range(0, len(labels), max(1, batch_size)):
+        idx, lab = list(indices[lo: lo + batch_size]), list(labels[lo: lo + batch_size])
+        noise = image_noise(seed, idx, pipe.latent_shape).to(rt.device)  # (B, N, d)
+        y = torch.tensor(lab, dtype=torch.long, device=rt.device)
+        model = pipe.dit
+
+        def forward(x, t, y_):
+            with rt.autocast():
+                return model(x, t, y_).float()
+
+        velocity = make_velocity_fn(forward, y, flow, pipe.cfg.model.num_classes)
+        x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler)  # (B, N, d)
+        out.append(pipe.decode(x, rt))
+        if on_batch is not None:
+            on_batch(len(idx))
+    S = pipe.image_size
+    return np.concatenate(out) if out else np.zeros((0, S, S, 3), np.uint8)
+
+
+# ============================================================================ sharded sample sets
+def _png_name(label: int, index: int) -> str:
+    return f"{label:03d}_{index:06d}.png"
+
+
+def _npy_shape(zf: zipfile.ZipFile, name: str) -> tuple:
+    with zf.open(name) as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return tuple(shape), dtype
+
+
+def _part_ok(path: Path, lo: int, hi: int, labels: np.ndarray, S: int) -> bool:
+    try:
+        with np.load(path) as z:
+            if not (np.array_equal(z["indices"], np.arange(lo, hi)) and np.array_equal(z["labels"], labels[lo:hi])):
+                return False
+        with zipfile.ZipFile(path) as zf:
+            return _npy_shape(zf, "arr_0.npy") == ((hi - lo, S, S, 3), np.dtype(np.uint8))
+    except Exception:  # damaged or foreign: regenerate it
+        return False
+
+
+def _write_npz_streamed(path: Path, parts: list[Path], count: int, S: int, labels: np.ndarray,
+                        pick: dict[int, np.ndarray]) -> None:
+    """ADM .npz (arr_0 uint8 (count, S, S, 3), arr_1 int64 labels) written part by part, never holding
+    more than one part in memory (50k x 256^2 x 3 is 9.8 GB); temp file + fsync + rename.
+    Rows whose index is a key of `pick` are copied into it (the grid)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                         "fortran_order": False, "shape": (count, S, S, 3)})
+                for part in parts:
+                    with np.load(part) as z:
+                        arr, idx = z["arr_0"], z["indices"]
+                    for k, i in enumerate(idx.tolist()):
+                        if i in pick:
+                            pick[i] = arr[k]
+                    f.write(np.ascontiguousarray(arr).tobytes())
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, labels.astype(np.int64))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _grid_plan(labels: Sequence[int]) -> tuple[list[int], int]:
+    """(image indices, images per row): one row per class (first GRID_ROWS classes, GRID_COLS images
+    each), or a square of up to GRID_SINGLE images of a single class."""
+    first: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        first.setdefault(c, []).append(i)
+    if len(first) == 1:
+        idx = next(iter(first.values()))[:GRID_SINGLE]
+        return idx, math.ceil(math.sqrt(len(idx)))
+    rows = list(first.values())[:GRID_ROWS]
+    cols = min(GRID_COLS, min(len(r) for r in rows))  # rows stay aligned: the smallest class sets the width
+    return [i for r in rows for i in r[:cols]], cols
+
+
+def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, seed: int, flow: FlowConfig,
+                     batch_size: int = 16, shard_size: int = 1000, rt: Runtime = CPU, extra: dict | None = None,
+                     progress: bool = True) -> dict:
+    """Generate images for `labels` into `out` (see the module docstring); resumable; returns the manifest."""
+    out = Path(out)
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    N, S = len(labels_arr), pipe.image_size
+    if shard_size < 1:
+        raise UserError(f"--shard-size {shard_size}: must be >= 1")
+    identity = {
+        "dit": pipe.identity.get("dit"), "vae": pipe.identity.get("vae"), "decoder": pipe.identity.get("decoder"),
+        "stats": pipe.identity.get("stats"), "seed": seed, "count": N, "image_size": S,
+        "labels_sha256": sha256_strings(labels_arr.tolist()), "classes": sorted(set(labels_arr.tolist()))[:1000],
+        "flow": {"cfg_scale": flow.cfg_scale, "cfg_interval": list(flow.cfg_interval),
+                 "cfg_interval_inclusive": flow.cfg_interval_inclusive, "steps": flow.steps,
+                 "sampler": flow.sampler, "shift": flow.shift},
+        "precision": rt.precision,
+        "noise": "image i: eps ~ N(0, I) from torch.Generator seeded by SeedSequence([seed, i])",
+    }
+    mf_path = out / "samples.json"
+    if mf_path.is_file():
+        old = json.loads(mf_path.read_text()).get("identity", {})
+        diffs = [k for k in sorted(set(old) | set(identity)) if json.dumps(old.get(k), sort_keys=True)
+                 != json.dumps(json.loads(json.dumps(identity.get(k))), sort_keys=True)]
+        if diffs:
+            raise UserError(f"{out}: holds samples made with other settings ({', '.join(diffs)} differ); choose "
+                            "another --out or delete it")
+    npz = out / f"samples_{N}x{S}x{S}x3.npz"
+    manifest = {"identity": identity, **(extra or {}), "npz": npz.name, "grid": "grid.png", "images": "images",
+                "complete": False}
+    atomic_write_json(mf_path, manifest)
+    images_dir, parts_dir = out / "images", out / "parts"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    shards = [(lo, min(lo + shard_size, N)) for lo in range(0, N, shard_size)]
+    grid_idx, nrow = _grid_plan(labels_arr.tolist())
+    if not npz.is_file():
+        parts_dir.mkdir(exist_ok=True)
+        parts = [parts_dir / f"part_{lo:07d}-{hi:07d}.npz" for lo, hi in shards]
+        done = [p.is_file() and _part_ok(p, lo, hi, labels_arr, S) for p, (lo, hi) in zip(parts, shards)]
+        bar = tqdm(total=N, initial=sum(hi - lo for (lo, hi), ok in zip(shards, done) if ok), desc="sample",
+                   unit="img", dynamic_ncols=True, disable=not progress)
+        for part, (lo, hi), ok in zip(parts, shards, done):
+            if ok:
+                continue
+            arr = np.zeros((hi - lo, S, S, 3), np.uint8)
+            todo = []
+            for i in range(lo, hi):
+                png = images_dir / _png_name(int(labels_arr[i]), i)
+                try:
+                    img = load_png(png) if png.is_file() else None
+                except Exception:
+                    img = None  # a damaged file: make it again
+                if img is not None and img.shape == (S, S, 3):
+                    arr[i - lo] = img
+                    bar.update(1)
+                else:
+                    todo.append(i)
+            for b in range(0, len(todo), batch_size):
+                idx = todo[b: b + batch_size]
+                imgs = generate(pipe, labels_arr[idx].tolist(), idx, seed, flow, batch_size, rt)
+                for i, img in zip(idx, imgs):
+                    save_png(img, images_dir / _png_name(int(labels_arr[i]), i))
+                    arr[i - lo] = img
+                bar.update(len(idx))
+            buf = io.BytesIO()
+            np.savez(buf, arr_0=arr, labels=labels_arr[lo:hi], indices=np.arange(lo, hi))
+            atomic_write_bytes(part, buf.getvalue())
+        bar.close()
+        pick = {i: None for i in grid_idx}
+        _write_npz_streamed(npz, parts, N, S, labels_arr, pick)
+        for p in parts:
+            p.unlink(missing_ok=True)
+        if not any(parts_dir.iterdir()):
+            parts_dir.rmdir()
+        grid_images = np.stack([pick[i] for i in grid_idx])
+    else:  # finished earlier: the grid comes from the PNGs (reading arr_0 would load all of it)
+        grid_images = np.stack([load_png(images_dir / _png_name(int(labels_arr[i]), i)) for i in grid_idx])
+    names = pipe.class_names
+    captions, seen = [], set()
+    for i in grid_idx:
+        c = int(labels_arr[i])
+        captions.append("" if c in seen else class_label(c, names, pipe.cfg.model.num_classes))
+        seen.add(c)
+    save_grid(grid_images, out / "grid.png", nrow, captions)
+    manifest["complete"] = True
+    atomic_write_json(mf_path, manifest)
+    return manifest
+
+
+def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, classes: Sequence[str] = (),
+               all_classes: bool = False, n: int | None = None, per_class: int | None = None,
+               cfg_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
+               interval: str | None = None, seed: int = 0, out: str | Path | None = None, batch_size: int = 16,
+               shard_size: int = 1000, ema: bool = True, rt: Runtime = CPU, progress: bool = True) -> dict:
+    """`flatdino sample`: resolve classes, load the pipeline, write the sample set; returns the manifest."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+    pipe = load_pipeline(dit, vae, decoder, rt.device, ema=ema)
+    K = pipe.cfg.model.num_classes
+    if all_classes:
+        if classes:
+            raise UserError("sample: pass --class or --classes all, not both")
+        ids = list(range(K))
+        per_class = 50 if per_class is None and n is None else per_class
+    else:
+        ids = resolve_classes(classes, K, pipe.class_names)
+    labels = class_plan(ids, n, per_class)
+    flow = sampling_flow(pipe.cfg.flow, cfg_scale, steps, sampler, parse_interval(interval))
+    if out is None:
+        what = "all" if all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
+        out = Path(dit) / "samples" / (f"{what}-n{len(labels)}-cfg{flow.cfg_scale:g}-{flow.sampler}{flow.steps}"
+                                       f"-seed{seed}{'' if ema else '-raw'}")
+    extra = {"classes": sorted(set(labels)), "per_class": per_class, "created_by": "flatdino sample"}
+    manifest = write_sample_set(pipe, labels, out, seed, flow, batch_size, shard_size, rt, extra, progress)
+    return {**manifest, "out": str(out)}
+
+
+# ============================================================================ training-time grids
+def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path | None, decoder: str | Path,
+                       rt: Runtime, seed: int = 0) -> Callable:
+    """on_step(step, model, ema) for train-dit: every cfg.sample_every steps, OUT/samples/step_XXXXXXX.png
+    with one image of each of the first 8 classes (EMA weights when there are some). The VAE and decoder
+    are loaded (and checked against cfg) now, so a mismatch fails before training starts."""
+    from flatdino_cli.stages.dit import STATS_FILE, load_stats
+
+    out = Path(out)
+    vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, rt.device, "this DiT preset")
+    labels = list(range(min(8, cfg.model.num_classes)))
+    cache: dict = {}
+
+    def on_step(step: int, model: nn.Module, ema: nn.Module | None) -> None:
+        if not cfg.sample_every or step % cfg.sample_every:
+            return
+        if cfg.normalize and "stats" not in cache:  # written by train-dit before its first step
+            cache["stats"] = load_stats(out / STATS_FILE, tuple(cfg.model.grid) if cfg.model.grid else None).to(rt.device)
+        net = ema if ema is not None else model
+        was = net.training
+        net.eval()  # label dropout off
+        try:
+            pipe = Pipeline(cfg, net, dec, vae, cache.get("stats"), identity)
+            images = generate(pipe, labels, labels, seed, cfg.flow, len(labels), rt)
+        finally:
+            net.train(was)
+        captions = [class_label(c, [], cfg.model.num_classes) for c in labels]
+        save_grid(images, out / "samples" / f"step_{step:07d}.png", nrow=len(labels), labels=captions)
+
+    return on_step
+
+
+# ============================================================================ reconstruction
+def keep_prefix(z: torch.Tensor, k: int) -> torch.Tensor:
+    """z (B, T, d) with tokens k..T-1 zeroed (prefix truncation: keep the first k tokens)."""
+    z = z.clone()
+    z[:, k:] = 0
+    return z
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image of (B, 3, H, W) pixels in [0, 1] (peak 1); +inf where the images are equal."""
+    mse = (a.double() - b.double()).square().flatten(1).mean(1)  # (B,)
+    return 10 * torch.log10(1.0 / mse)  # mse 0 -> +inf
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x.square() / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]  # (size, size), sums to 1
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM per image of (B, 3, H, W) pixels in [0, 1] (Wang et al. 2004): 11x11 Gaussian window,
+    sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 1, statistics over 'valid' windows only (no
+    padding), the SSIM map averaged per channel, then over the 3 channels. Images smaller than the
+    window use the largest odd window that fits."""
+    a, b = a.double(), b.double()
+    size = min(window, min(a.shape[-2:]) - (1 - min(a.shape[-2:]) % 2))
+    w = _gaussian_window(size, sigma).to(a.device).expand(a.shape[1], 1, size, size)
+    blur = lambda x: F.conv2d(x, w, groups=a.shape[1])  # noqa: E731  (B, C, H', W')
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a.square()
+    var_b = blur(b * b) - mu_b.square()
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2))
+    return s.flatten(2).mean(2).mean(1)  # per channel, then over channels: (B,)
+
+
+def vae_encoder(vae_run: str | Path) -> dict:
+    """What features the VAE was trained on: {"encoder", "weights", "preprocessing", "source"} from its
+    inputs.json (features store manifest, or --images mode settings); {} when unrecorded."""
+    inputs = _inputs(Path(vae_run))
+    if "features" in inputs:
+        m = _store_manifest(inputs["features"].get("path"))
+        ident = m.get("identity", {})
+        if ident.get("encoder"):
+            return {"encoder": ident["encoder"], "weights": ident.get("weights"),
+                    "preprocessing": m.get("preprocessing"), "source": inputs["features"]["path"]}
+    if "images" in inputs and inputs["images"].get("encoder"):
+        img = inputs["images"]
+        return {"encoder": img["encoder"], "weights": img.get("encoder_weights"), "preprocessing": None,
+                "source": img.get("path")}
+    return {}
+
+
+def _resolve_encoder(vae_run, encoder: str | None, encoder_weights: str | None) -> tuple[str, str | None, dict]:
+    rec = vae_encoder(vae_run)
+    if encoder is None:
+        if not rec:
+            raise UserError(f"--vae {vae_run}: its inputs.json records no encoder; pass --encoder NAME "
+                            "(the encoder of the features it was trained on)")
+        encoder = rec["encoder"]
+    elif rec and encoder != rec["encoder"]:
+        raise UserError(f"--encoder {encoder}: VAE {vae_run} was trained on {rec['encoder']} features "
+                        f"({rec['source']}); use --encoder {rec['encoder']} (the default)")
+    recorded = rec.get("weights")
+    if encoder_weights is None and recorded and Path(recorded).is_file():
+        encoder_weights = recorded  # a local file recorded by extract: the same weights again
+    elif encoder_weights is not None and recorded and Path(recorded).is_file() \
+            and Path(recorded).resolve() != Path(encoder_weights).resolve():
+        warnings.warn(f"--encoder-weights {encoder_weights}: VAE {vae_run}'s features came from {recorded}",
+                      stacklevel=3)
+    return encoder, encoder_weights, rec
+
+
+def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path, out: str | Path,
+                    tokens: int | None = None, encoder: str | None = None, encoder_weights: str | None = None,
+                    n: int | None = None, batch_size: int = 16, rt: Runtime = CPU, progress: bool = True) -> dict:
+    """images -> encoder -> VAE mu (first `tokens` kept) -> VAE decoder -> pixel decoder. Writes
+    OUT/images/<i>.png (reconstructions, for rFID), OUT/grid_<j>.png (original | reconstruction pairs)
+    and OUT/reconstruct.json (per-image PSNR, SSIM, feature cosine + means); returns the JSON's content."""
+    from flatdino_cli.data import BadImage, EncoderTransform, adm_center_crop, list_images, load_rgb
+    from flatdino_cli.encoders import load_encoder
+    from flatdino_cli.extract import default_crop_size
+    from flatdino_cli.models.pixel_decoder import check_features, load_decoder
+    from flatdino_cli.runs import load_run
+
+    vae_cfg, vae, vae_sha = load_run(vae_run, "vae", device=rt.device)
+    T, P, C = vae_cfg.model.latent_shape[0], vae_cfg.model.num_patches, vae_cfg.model.feature_dim
+    if tokens is not None and not 0 <= tokens <= T:
+        raise UserError(f"--tokens {tokens}: must be in 0..{T} (this VAE has {T} tokens)")
+    name, weights, rec = _resolve_encoder(vae_run, encoder, encoder_weights)
+    enc = load_encoder(name, weights, device=rt.device)
+    if (enc.num_patches, enc.dim) != (P, C):
+        raise UserError(f"--encoder {name}: gives {enc.num_patches} x {enc.dim} features but VAE {vae_run} "
+                        f"expects {P} x {C}")
+    dec = load_decoder(decoder, device=rt.device)
+    check_features(dec, P, C, what="the VAE's decoded features")
+    prep = rec.get("preprocessing") or {}
+    transform = EncoderTransform(int(prep.get("crop_size") or default_crop_size(enc)),
+                                 int(prep.get("input_size") or enc.spec.image_size),
+                                 prep.get("interp") or ("bilinear" if rec else "bicubic"))
+    S = dec.cfg.image_size
+    paths = list_images(images).paths[: n if n is not None else None]
+    out = Path(out)
+    rows, skipped, pairs, grids = [], [], [], []
+    bar = tqdm(total=len(paths), desc="reconstruct", unit="img", dynamic_ncols=True, disable=not progress)
+    for lo in range(0, len(paths), batch_size):
+        batch = []
+        for i in range(lo, min(lo + batch_size, len(paths))):
+            try:
+                batch.append((i, load_rgb(paths[i])))
+            except BadImage as e:
+                skipped.append({"index": i, "path": paths[i], "error": str(e)})
+        bar.update(min(lo + batch_size, len(paths)) - lo)  # counts skipped files too
+        if not batch:
+            continue
+        x = torch.stack([transform(img) for _, img in batch]).to(rt.device)  # (B, 3, s, s)
+        orig = np.stack([np.asarray(adm_center_crop(img, S), dtype=np.uint8) for _, img in batch])  # (B, S, S, 3)
+        with torch.no_grad(), rt.autocast():
+            feats = enc(x)  # (B, P, C)
+            mu = vae.encode(feats)[0].float()  # (B, T, d)
+            if tokens is not None:
+                mu = keep_prefix(mu, tokens)
+            rec_feats = vae.decode(mu).float()  # (B, P, C)
+            recon = to_uint8(dec(rec_feats))  # (B, S, S, 3)
+        a = torch.from_numpy(orig).permute(0, 3, 1, 2).double() / 255
+        b = torch.from_numpy(recon).permute(0, 3, 1, 2).double() / 255
+        p, s = psnr(a, b).tolist(), ssim(a, b).tolist()
+        cos = F.cosine_similarity(rec_feats, feats.float(), dim=-1).mean(1).tolist()  # (B,) mean over patches
+        for k, (i, _) in enumerate(batch):
+            save_png(recon[k], out / "images" / f"{i:06d}.png")
+            rows.append({"index": i, "path": paths[i], "psnr": min(p[k], PSNR_CAP), "ssim": s[k],
+                         "feature_cosine": cos[k]})
+            pairs += [orig[k], recon[k]]
+        while len(pairs) >= 64:  # 32 pairs per grid: 8 rows of 4 original | reconstruction pairs
+            grids.append(save_grid(np.stack(pairs[:64]), out / f"grid_{len(grids):03d}.png", nrow=8))
+            pairs = pairs[64:]
+    bar.close()
+    if pairs:
+        grids.append(save_grid(np.stack(pairs), out / f"grid_{len(grids):03d}.png", nrow=8))
+    if not rows:
+        raise UserError(f"{images}: none of the {len(paths)} image(s) could be read")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "feature_cosine")}
+    result = {"images": str(Path(images).resolve()), "count": len(rows), "tokens_kept": T if tokens is None else tokens,
+              "tokens": T, "vae": {"path": str(Path(vae_run).resolve()), "sha256": vae_sha},
+              "decoder": {"path": str(Path(decoder).resolve()), **_file_id(decoder_weights_path(decoder))},
+              "encoder": {"name": name, "weights": enc.weights_id}, "preprocessing": transform.spec(),
+              "image_size": S, "psnr_cap_db": PSNR_CAP, "mean": mean, "per_image": rows, "skipped": skipped,
+              "grids": [g.name for g in grids]}
+    atomic_write_json(out / "reconstruct.json", result)
+    return result

@@ -1,0 +1,1 @@
+"""Stage wiring: each stage builds a train.Task (model, data, loss) and hands it to train.fit."""

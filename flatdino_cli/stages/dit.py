@@ -1,0 +1,136 @@
+"""`flatdino train-dit`: the flow-matching DiT on a latent store (FlatDINO) or a feature store (RAE).
+
+FlatDINO latents are used raw (the VAE mean mu, no normalisation). RAE mode (`normalize: true` in
+the preset) standardises each position of the 16x16x768 grid with statistics stored in the run dir
+as stats.pt in RAE's own format ({"mean", "var"} of shape (C, H, W)), so a released RAE stat.pt can
+be dropped in and ours can be read by RAE's code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from flatdino_cli.config import DiTStageConfig
+from flatdino_cli.data import FeatureDataset, Store
+from flatdino_cli.errors import UserError
+from flatdino_cli.flow import flow_loss
+from flatdino_cli.models import build_model
+from flatdino_cli.runtime import Runtime
+from flatdino_cli.train import Task, fit
+
+T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
+STATS_FILE = "stats.pt"
+
+
+class LatentStats(nn.Module):
+    """Per-position mean/var of the training data, (N, C) in our token layout; RAE's eps 1e-5."""
+
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", (var.float() + eps).sqrt())
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+def compute_stats(store: Store, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-position mean and population variance over the store's valid rows (float64 sums)."""
+    idx = store.valid_indices()
+    s = np.zeros(store.item_shape, np.float64)
+    s2 = np.zeros(store.item_shape, np.float64)
+    for lo in tqdm(range(0, len(idx), batch), desc="compute-stats", unit="batch"):
+        x = np.asarray(store.data[idx[lo: lo + batch]], dtype=np.float64)
+        s += x.sum(0)
+        s2 += np.square(x).sum(0)
+    mean = s / len(idx)
+    var = np.maximum(s2 / len(idx) - mean**2, 0.0)
+    return torch.from_numpy(mean).float(), torch.from_numpy(var).float()
+
+
+def save_stats(path: Path, mean: torch.Tensor, var: torch.Tensor, grid: tuple[int, int] | None) -> None:
+    from flatdino_cli.models.pixel_decoder import save_rae_stats
+
+    if grid:  # RAE layout (C, H, W)
+        h, w = grid
+        mean, var = (t.T.reshape(-1, h, w) for t in (mean, var))
+    save_rae_stats(path, mean, var)
+
+
+def load_stats(path: Path, grid: tuple[int, int] | None) -> LatentStats:
+    from flatdino_cli.models.pixel_decoder import load_rae_stats
+
+    mean, var = load_rae_stats(path)
+    if grid:  # (C, H, W) -> (H*W, C)
+        mean, var = (t.reshape(t.shape[0], -1).T for t in (mean, var))
+    return LatentStats(mean, var)
+
+
+def check_store_fits(store: Store, cfg: DiTStageConfig, where) -> None:
+    want = (cfg.model.tokens, cfg.model.in_dim)
+    if tuple(store.item_shape) != want:
+        T, d = store.item_shape
+        raise UserError(f"{where}: holds items of shape {tuple(store.item_shape)} but the preset's DiT expects "
+                        f"{want}; use a matching preset or --set model.tokens={T} --set model.in_dim={d}")
+    top = int(store.labels.max()) if store.count else -1
+    if top >= cfg.model.num_classes:
+        raise UserError(f"{where}: has class id {top} but model.num_classes={cfg.model.num_classes}; "
+                        f"--set model.num_classes={top + 1}")
+
+
+class LabelledRows(torch.utils.data.Dataset):
+    """(latent, label) with unlabelled rows (-1) mapped to the null class (trained unconditionally)."""
+
+    def __init__(self, inner: FeatureDataset, null_class: int):
+        self.inner, self.null = inner, null_class
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        x, y = self.inner[i]
+        return x, self.null if y < 0 else y
+
+
+def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, resume: bool = True,
+              recompute_stats: bool = False, on_step=None) -> dict:
+    out = Path(out)
+    store = Store.open(latents)
+    check_store_fits(store, cfg, latents)
+    grid = tuple(cfg.model.grid) if cfg.model.grid else None
+    stats = None
+    if cfg.normalize:
+        if recompute_stats or not (out / STATS_FILE).exists():
+            if rt.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                save_stats(out / STATS_FILE, *compute_stats(store), grid)
+            rt.barrier()
+        stats = load_stats(out / STATS_FILE, grid).to(rt.device)
+    model = build_model(cfg)
+    flow = cfg.flow
+
+    def loss_fn(net, batch, info):
+        z, y = batch
+        if stats is not None:
+            z = stats.normalize(z)
+        loss, t, per = flow_loss(net, z, y, flow)
+        metrics = {}
+        for lo, hi in zip(T_BUCKETS[:-1], T_BUCKETS[1:]):
+            m = (t >= lo) & (t < hi) if hi < 1 else (t >= lo)
+            if m.any():
+                metrics[f"loss_t{lo:.2f}-{hi:.2f}"] = per[m].mean().item()
+        return loss, metrics
+
+    inputs = {"latents": {"path": str(Path(latents).resolve()), "manifest_sha256": store.manifest_hash(),
+                          "kind": store.manifest["kind"], "identity": store.manifest["identity"]}}
+    task = Task(model=model, train_set=LabelledRows(FeatureDataset(store), cfg.model.num_classes), loss_fn=loss_fn,
+                config=cfg, inputs=inputs, on_step=on_step)
+    return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit")

@@ -1,0 +1,404 @@
+"""ONE training loop, shared by train-vae, train-dit and train-decoder.
+
+A stage hands `fit` a `Task` (model, datasets, loss function, optional validation and extra state);
+the loop owns everything else: data order, gradient accumulation, DDP, autocast, AdamW, schedules,
+clipping, EMA, NaN guard, logging (tqdm + metrics.jsonl), validation, best/latest checkpoints and
+exact resume. Resume is bitwise: the data order is a function of (seed, epoch), the global RNG is
+re-seeded from (seed, step, micro-batch, rank) before every forward, and a checkpoint holds the
+optimizer state, step and RNG states.
+
+Run dir layout (DESIGN.md): config.yaml, inputs.json, metrics.jsonl,
+checkpoints/{latest,best}/{model.safetensors, ema.safetensors, state.pt}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from flatdino_cli.config import TrainConfig, save_config
+from flatdino_cli.errors import UserError
+from flatdino_cli.runtime import Runtime
+from flatdino_cli.utils import atomic_write_json
+
+LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class StepInfo:
+    step: int  # optimizer steps completed before this one
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+    rt: Runtime
+
+
+@dataclass
+class Task:
+    """What a stage plugs into the loop; everything else is shared."""
+
+    model: nn.Module
+    train_set: Dataset
+    loss_fn: LossFn  # (model, batch on device, info) -> (scalar loss, {name: float})
+    config: Any  # the stage config, written as config.yaml
+    val_set: Dataset | None = None
+    val_fn: Callable[[nn.Module, Iterable, Runtime], dict[str, float]] | None = None  # needs "loss"
+    collate_fn: Callable | None = None
+    aux: dict[str, Any] = field(default_factory=dict)  # extra state_dict() objects saved in state.pt
+    on_step: Callable[[int, nn.Module, nn.Module | None], None] | None = None  # after each step
+    inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
+    find_unused_parameters: bool = False
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+# ----------------------------------------------------------------------------- schedule and optimizer
+def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Learning rate before optimizer step `step` (0-based)."""
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        span = max(1, total - 1 - warm)  # the last step (total - 1) runs at final_lr, as in wsd
+        frac = min(1.0, (step - warm) / span)
+        return cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1 + math.cos(math.pi * frac))
+    decay = int(round(cfg.decay_epochs * steps_per_epoch))  # wsd
+    start = total - decay
+    if decay <= 0 or step < start:
+        return cfg.lr
+    frac = min(1.0, (step - start + 1) / decay)
+    if cfg.decay_shape == "cosine":
+        frac = 0.5 * (1 - math.cos(math.pi * frac))
+    return cfg.lr + (cfg.final_lr - cfg.lr) * frac
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_2d_only: bool) -> list[dict]:
+    """Weight decay on >=2-D weights only (biases, norm scales and 1-D tables are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not decay_2d_only:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
+
+
+class EpochBatches:
+    """Micro-batch index lists of one epoch for one rank, from optimizer step `start` on.
+
+    The epoch order is a permutation seeded by (seed, epoch); optimizer step s uses the global slice
+    perm[s*B:(s+1)*B], of which rank r takes its contiguous share, split into `accum` micro-batches.
+    """
+
+    def __init__(self, n: int, batch: int, micro: int, seed: int, epoch: int, start: int, rank: int, world: int):
+        g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+        self.perm = torch.randperm(n, generator=g).tolist()
+        self.batch, self.micro, self.start, self.rank, self.world = batch, micro, start, rank, world
+        self.steps = n // batch
+
+    def __iter__(self):
+        per_rank = self.batch // self.world
+        for s in range(self.start, self.steps):
+            mine = self.perm[s * self.batch + self.rank * per_rank: s * self.batch + (self.rank + 1) * per_rank]
+            for i in range(0, per_rank, self.micro):
+                yield mine[i: i + self.micro]
+
+    def __len__(self):
+        return (self.steps - self.start) * (self.batch // self.world // self.micro)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(run_dir: Path, which: str = "latest") -> Path | None:
+    """The checkpoint directory to read, falling back to the one a killed rename left behind."""
+    base = Path(run_dir) / "checkpoints"
+    for name in (which, f".old-{which}"):
+        d = base / name
+        if (d / "state.pt").is_file() and (d / "model.safetensors").is_file():
+            return d
+    return None
+
+
+def _state_to_cpu(sd: dict) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(run_dir: Path, which: str, model: nn.Module, ema: nn.Module | None, state: dict) -> Path:
+    """Write checkpoints/<which>/ through a temporary directory and renames (never a broken one)."""
+    base = Path(run_dir) / "checkpoints"
+    base.mkdir(parents=True, exist_ok=True)
+    tmp, final, old = base / f".tmp-{which}", base / which, base / f".old-{which}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_state_to_cpu(model.state_dict()), str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file(_state_to_cpu(ema.state_dict()), str(tmp / "ema.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(path: Path) -> dict:
+    """state.pt with weights_only=True: a pickled arbitrary object is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError and friends
+        raise UserError(f"{path}: refused to load (not a plain tensor checkpoint: {type(e).__name__}); "
+                        "it may be corrupt or unsafe") from None
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or .pt/.pth loaded with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    sd = load_state(path)
+    if not isinstance(sd, dict):
+        raise UserError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    return sd
+
+
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], source: Path | str) -> None:
+    """load_state_dict(strict=True), with a one-line error naming the file on mismatch."""
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        missing = [k for k in module.state_dict() if k not in sd][:3]
+        unexpected = [k for k in sd if k not in module.state_dict()][:3]
+        detail = f"missing {missing}, unexpected {unexpected}" if missing or unexpected else str(e).splitlines()[-1].strip()
+        raise UserError(f"{source}: weights do not fit this model ({detail}); check the preset/run it came from") from None
+
+
+# ----------------------------------------------------------------------------- metrics log
+def _parse(line: str) -> dict | None:
+    """One metrics.jsonl row; None for a blank line or one a kill cut short mid-write."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir (rank 0 only); on resume, entries after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            rows = [(ln, _parse(ln)) for ln in path.read_text().splitlines()]
+            keep = [ln for ln, row in rows if row is not None and row.get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, **row) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- the loop
+def _to_device(batch: Any, rt: Runtime) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(rt.device, non_blocking=rt.pin_memory)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # NamedTuple
+        return type(batch)(*(_to_device(b, rt) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, rt) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, rt) for k, v in batch.items()}
+    return batch
+
+
+def _plan(n: int, cfg: TrainConfig, rt: Runtime) -> tuple[int, int, int, int]:
+    """(micro batch, accumulation steps, steps per epoch, total steps)."""
+    world = rt.world_size
+    if cfg.batch_size % world:
+        raise UserError(f"train.batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    micro = min(cfg.micro_batch_size or cfg.batch_size // world, cfg.batch_size // world)
+    if (cfg.batch_size // world) % micro:
+        raise UserError(f"train.micro_batch_size={micro} must divide the per-process batch {cfg.batch_size // world}")
+    accum = cfg.batch_size // world // micro
+    spe = n // cfg.batch_size
+    if spe == 0:
+        raise UserError(f"train.batch_size={cfg.batch_size} is larger than the training set ({n} items); "
+                        "lower it with --batch-size")
+    total = math.ceil(cfg.epochs * spe)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps) if cfg.epochs else cfg.max_steps
+    return micro, accum, spe, max(1, total)
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    m = getattr(m, "_orig_mod", m)
+    return getattr(m, "module", m)
+
+
+def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool = True,
+        desc: str = "train") -> dict:
+    """Train `task.model` in place; returns a summary {step, best_val, run_dir, ...}."""
+    run_dir = Path(run_dir)
+    n = len(task.train_set)
+    micro, accum, spe, total = _plan(n, cfg, rt)
+    model = task.model.to(rt.device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema > 0 else None
+    opt = rt.adamw(param_groups(model, cfg.weight_decay, cfg.decay_2d_only), cfg.lr, cfg.betas, cfg.eps)
+
+    step, best_val = 0, math.inf
+    ckpt = checkpoint_dir(run_dir) if resume else None
+    if not resume and checkpoint_dir(run_dir) is not None and rt.is_main:
+        keep = run_dir / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        (run_dir / "checkpoints").rename(keep)  # --no-resume never destroys a finished run
+        tqdm.write(f"--no-resume: moved the previous checkpoints to {keep}")
+    rt.barrier()
+    if ckpt is not None:
+        load_into(model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors")
+        if ema is not None:
+            ema_file = ckpt / "ema.safetensors"
+            load_into(ema, load_weights(ema_file) if ema_file.exists() else model.state_dict(), ema_file)
+        state = load_state(ckpt / "state.pt")
+        opt.load_state_dict(state["optimizer"])
+        for name, obj in task.aux.items():
+            obj.load_state_dict(state["aux"][name])
+        step, best_val = int(state["step"]), float(state["best_val"])
+        torch.set_rng_state(state["rng_torch"])
+        if rt.is_main:
+            tqdm.write(f"resuming {run_dir} from step {step}/{total}")
+
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(task.config, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "inputs.json", task.inputs)
+    log = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, step)
+
+    net = model
+    if rt.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.is_cuda else None,
+            find_unused_parameters=task.find_unused_parameters)
+    net = rt.maybe_compile(net)
+
+    def state_dict() -> dict:
+        return {"step": step, "epoch": step // spe, "best_val": best_val, "optimizer": opt.state_dict(),
+                "aux": {k: v.state_dict() for k, v in task.aux.items()}, "rng_torch": torch.get_rng_state(),
+                "batch_size": cfg.batch_size, "world_size": rt.world_size}
+
+    def checkpoint(which: str) -> None:
+        if rt.is_main:
+            save_checkpoint(run_dir, which, model, ema, state_dict())
+        rt.barrier()
+
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True, unit="step")
+    window: dict[str, list[float]] = {}
+    t_window, samples_window = time.perf_counter(), 0
+    while step < total:
+        epoch, pos = divmod(step, spe)
+        batches = EpochBatches(n, cfg.batch_size, micro, cfg.seed, epoch, pos, rt.rank, rt.world_size)
+        loader = DataLoader(task.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
+                            collate_fn=task.collate_fn, pin_memory=rt.pin_memory,
+                            persistent_workers=False)
+        net.train()
+        it = iter(loader)
+        while step < total and step // spe == epoch:
+            info = StepInfo(step, epoch, total, spe, rt)
+            lr = lr_at(step, total, spe, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            losses = []
+            for a in range(accum):
+                batch = _to_device(next(it), rt)
+                torch.manual_seed(step_seed(cfg.seed, step, a, rt.rank))
+                sync = net.no_sync() if rt.distributed and a < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with rt.autocast():
+                        loss, metrics = task.loss_fn(net, batch, info)
+                    (loss / accum).backward()
+                losses.append(loss.detach().float())
+                for k, v in metrics.items():
+                    window.setdefault(k, []).append(float(v))
+            mean_loss = rt.all_reduce_mean(torch.stack(losses).mean())
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not (torch.isfinite(mean_loss) and torch.isfinite(gnorm)):
+                bar.close()
+                last = checkpoint_dir(run_dir)
+                where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                raise TrainingDiverged(f"{desc}: non-finite loss/gradient at step {step + 1} "
+                                       f"(loss={mean_loss.item()}, grad-norm={gnorm.item()}); stopped, {where}")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema_update(ema, model, cfg.ema)
+            step += 1
+            samples_window += cfg.batch_size
+            window.setdefault("loss", []).append(mean_loss.item())
+            window.setdefault("grad_norm", []).append(gnorm.item())
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                dt = time.perf_counter() - t_window
+                row = {k: sum(v) / len(v) for k, v in window.items()}
+                row.update(lr=lr, samples_per_s=samples_window / max(dt, 1e-9))
+                log.write(step=step, epoch=step / spe, **row)
+                bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}")
+                window, t_window, samples_window = {}, time.perf_counter(), 0
+            if task.on_step is not None and rt.is_main:
+                task.on_step(step, model, ema)
+            epoch_end = step % spe == 0
+            if epoch_end and task.val_fn is not None and task.val_set is not None:
+                ep = step // spe
+                if ep % max(1, cfg.val_every_epochs) == 0 or step == total:
+                    val = _validate(task, model, rt)
+                    log.write(step=step, epoch=step / spe, **{f"val/{k}": v for k, v in val.items()})
+                    bar.write(f"{desc} epoch {ep}: " + ", ".join(f"val {k} {v:.4g}" for k, v in val.items()))
+                    if val["loss"] < best_val:
+                        best_val = val["loss"]
+                        checkpoint("best")
+            if step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
+                checkpoint("latest")
+    bar.close()
+    return {"step": step, "best_val": best_val, "run_dir": str(run_dir), "steps_per_epoch": spe}
+
+
+@torch.no_grad()
+def _validate(task: Task, model: nn.Module, rt: Runtime) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    loader = DataLoader(task.val_set, batch_size=256, shuffle=False, collate_fn=task.collate_fn)
+    batches = (_to_device(b, rt) for b in loader)
+    with rt.autocast():
+        out = task.val_fn(model, batches, rt)
+    model.train(was)
+    return {k: float(v) for k, v in out.items()}

@@ -1,0 +1,67 @@
+import pytest
+import yaml
+
+from flatdino_cli.config import (VAEStageConfig, apply_overrides, list_presets, load_config, load_preset,
+                                 save_config)
+from flatdino_cli.errors import UserError
+
+
+def test_every_preset_resolves():
+    names = list_presets()
+    for T in (16, 32, 64, 128):
+        for d in (16, 32, 64, 128):
+            assert f"vae-{T}x{d}" in names
+    for n in ("s-32x128", "b-32x128", "l-32x128", "xl-32x128", "dh-xl-32x128", "rae-xl-256x768",
+              "rae-dh-xl-256x768", "decoder-xl"):
+        assert n in names
+    for n in names:
+        cfg = load_preset(n)
+        assert cfg.stage in ("vae", "dit", "decoder")
+
+
+def test_base_preset_inheritance_and_beta():
+    cfg = load_preset("vae-16x64")
+    assert (cfg.model.tokens, cfg.model.latent_dim) == (16, 64)
+    assert cfg.model.dec_width == 1024 and cfg.train.epochs == 150  # inherited from vae-32x128
+    assert load_preset("vae-32x128").beta() == pytest.approx(1.25e-7)
+    assert cfg.beta() == pytest.approx(1e-6 * 512 / (16 * 64))
+
+
+def test_set_overrides_are_type_checked():
+    cfg = load_preset("xl-32x128", ["train.lr=1e-3", "model.depth=2", "flow.cfg_interval=[0.1, 0.9]",
+                                    "train.max_steps=5"])
+    assert cfg.train.lr == 1e-3 and cfg.model.depth == 2 and cfg.flow.cfg_interval == (0.1, 0.9)
+    assert cfg.train.max_steps == 5
+    with pytest.raises(UserError, match="model.depth must be int"):
+        apply_overrides(cfg, ["model.depth=two"])
+    with pytest.raises(UserError, match="did you mean lr"):
+        apply_overrides(cfg, ["train.lrr=1"])
+    with pytest.raises(UserError, match="unknown key 'trian.lr'.*train"):
+        apply_overrides(cfg, ["trian.lr=1"])
+    with pytest.raises(UserError, match="key=value"):
+        apply_overrides(cfg, ["train.lr"])
+
+
+def test_unknown_preset_suggests_close_names():
+    with pytest.raises(UserError, match="vae-32x128"):
+        load_preset("vae-32x127")
+
+
+def test_yaml_python_tags_refused(tmp_path):
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("stage: vae\nmodel: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="python tags are refused"):
+        load_preset(str(bad))
+
+
+def test_config_roundtrip(tmp_path):
+    cfg = load_preset("rae-dh-xl-256x768", ["train.seed=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["grid"] == [16, 16]
+
+
+def test_validation_message():
+    with pytest.raises(UserError, match="train.schedule"):
+        apply_overrides(VAEStageConfig(), ["train.schedule=exponential"])
