@@ -44,13 +44,13 @@ class FlowConfig:
     """Training-time distribution, sampler and guidance of the flow-matching generator."""
 
     time_dist: str = "uniform"  # uniform | logit-normal (our frame) | rae (RAE's, mirrored); then shifted
-    shift: float = 1.0  # k in t' = t / (k - (k-1) t); k > 1 puts more time near noise
+    shift: float = 1.0  # k in t' = t / (k - (k-1) t); k > 1 puts more time near noise (k < 1 allowed)
     logit_mean: float = 0.0  # logit-normal / rae: mean and std of logit(t) (rae: of logit(t_R))
     logit_std: float = 1.0
     sampler: str = "euler"  # euler | heun
     steps: int = 50  # integration steps on time_grid(steps, shift)
     cfg_scale: float = 1.0  # guidance weight w; 1 = no guidance (one conditional forward)
-    cfg_interval: tuple[float, float] = (0.225, 1.0)  # guide only where lo < t < hi (our frame)
+    cfg_interval: tuple[float, float] = (0.225, 1.0)  # guide where lo < t < hi; RAE's [a, b] is [1-b, 1-a]
     cfg_interval_inclusive: bool = False  # lo <= t <= hi instead (RAE's rule)
 
     def __post_init__(self):
@@ -110,10 +110,10 @@ def sample_train_time(n: int, cfg: FlowConfig, generator: torch.Generator | None
                       device: torch.device | str | None = None) -> Tensor:
     """(n,) float32 training times in our frame.
 
-    uniform:      t = shift_time(u, k),                        u ~ U(0, 1)
-    logit-normal: t = shift_time(sigmoid(m + s n), k),         n ~ N(0, 1)
-    rae:          t_R = sigmoid(m + s n) with n truncated so that t_R <= 0.999 (inverse-CDF, as RAE),
-                  t_R <- rae_shift_time(t_R, k), t = 1 - t_R   (RAE's training distribution, mirrored)
+    uniform:      t = shift_time(u, k),                                 u ~ U(0, 1)
+    logit-normal: t = shift_time(sigmoid(mean + std n), k),             n ~ N(0, 1)
+    rae:          t_R = sigmoid(mean + std n), n truncated so that t_R <= 0.999 (inverse CDF, as RAE
+                  does), t_R <- rae_shift_time(t_R, k), t = 1 - t_R: RAE's distribution in our frame
     Random numbers come from `generator` (on its device), then move to `device`.
     """
     gen_device = generator.device if generator is not None else (device or "cpu")
@@ -206,8 +206,10 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, met
 
     euler: x_{i+1} = x_i + h_i v(x_i, t_i)                                  (steps forwards)
     heun:  x' = x_i + h_i v_i;  x_{i+1} = x_i + h_i (v_i + v(x', t_{i+1})) / 2  (trapezoidal
-           corrector), except the LAST step, which is Euler: the velocity at t = 1 is singular for
-           data on a manifold (v = (z - x)/(1 - t)) and is never trained near it (2*steps - 1 forwards).
+           corrector), except the LAST step, which is Euler (2*steps - 1 forwards): at t = 1 the
+           velocity of data on a low-dimensional set is singular (one point z: v = (z - x)/(1 - t)),
+           and a trained model returns the average E[z - eps | x_1 = x] = x there, not the path's own
+           velocity; the guidance interval (t < 1 by default) would also switch off on a t = 1 corrector.
     t is passed as (B,) float32 (float64 if noise is float64).
     """
     if method not in SAMPLERS:
