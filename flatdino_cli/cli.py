@@ -61,6 +61,9 @@ Resume = Annotated[bool, typer.Option("--resume/--no-resume",
                                       help="Resume from the run dir's checkpoint if it has one (default). "
                                            "--no-resume starts over and moves old checkpoints aside.")]
 Seed = Annotated[Optional[int], typer.Option(help="Training seed (overrides train.seed).")]
+Epochs = Annotated[Optional[float], typer.Option(help="Overrides train.epochs.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Global batch (overrides train.batch_size); "
+                                                      "use --set train.micro_batch_size=N to accumulate.")]
 
 
 def _overrides(sets: list[str] | None, **cli_values) -> list[str]:
@@ -161,6 +164,7 @@ def extract(
     byte-identical to an uninterrupted run. Unreadable images are skipped, named, and counted in the
     manifest (--strict fails instead).
 
+    \b
     Examples:
       flatdino extract imagenet/train stores/in1k --encoder dinov2-b-reg4 --batch-size 256 --workers 8
       flatdino extract runs/toy runs/toy-feats --encoder tiny --val-split 100
@@ -196,9 +200,8 @@ def train_vae(
                                                         "re-augmented every epoch as in the paper.")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="Encoder for --images mode.")] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local weights for --encoder.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Overrides train.epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch (overrides train.batch_size); "
-                                                           "use --set train.micro_batch_size=N to accumulate.")] = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
     seed: Seed = None,
     sets: SetOpt = None,
     device: Device = "auto",
@@ -235,9 +238,8 @@ def train_dit(
     latents: Annotated[Path, typer.Option(help="Latent store (`flatdino extract --vae`), or a feature store "
                                                "for the rae-* baseline presets.")],
     preset: Preset = "xl-32x128",
-    epochs: Annotated[Optional[float], typer.Option(help="Overrides train.epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch (overrides train.batch_size); "
-                                                           "use --set train.micro_batch_size=N to accumulate.")] = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
     compute_stats: Annotated[bool, typer.Option(
         "--compute-stats", help="(RAE mode) recompute the per-position mean/var of the store into RUN/stats.pt "
                                 "(RAE's format); otherwise computed once when missing.")] = False,
@@ -268,7 +270,7 @@ def train_dit(
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-dit needs a DiT preset (xl-32x128, ...)")
     rt = _runtime(device, precision, compile)
     on_step = None
-    if cfg.sample_every and vae is not None and decoder is not None and rt.is_main:
+    if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
         from flatdino_cli.sample import training_grid_hook
 
         on_step = training_grid_hook(cfg, out, vae, decoder, rt)
@@ -298,6 +300,7 @@ def flops(
     One multiply-add = 1 FLOP, batch 1, forward; per layer 2*S*D*(6D + S); a training step is
     3 x forward + the per-image encoding (DINOv2-B, plus the laminator's encoder for latent DiTs).
 
+    \b
     Examples:
       flatdino flops                      (the paper's three tables)
       flatdino flops --preset xl-32x128 --vs rae-xl-256x768 --measure --device cuda
@@ -503,6 +506,248 @@ def redundancy(
     if r.get("note"):
         typer.echo(f"redundancy: {r['note']}")
     typer.echo(f"redundancy: {r['n_images']} images -> {out / 'redundancy.json'}, {out / r['figure']}")
+
+
+# generation ----------------------------------------------------------------------------------------
+SamplePrecision = Annotated[str, typer.Option(help="fp32 (default: what FID numbers assume), bf16 or auto.")]
+
+
+@command()
+def sample(
+    dit: Annotated[Path, typer.Option(help="A train-dit run: FlatDINO latents, or an rae-* baseline run.")],
+    decoder: Annotated[Path, typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt.")],
+    vae: Annotated[Optional[Path], typer.Option(help="The VAE run the DiT's latents came from (default: the one "
+                                                     "recorded in DIT/inputs.json; none for rae-* runs).")] = None,
+    class_: Annotated[Optional[list[str]], typer.Option(
+        "--class", "-c", help="Class id or name (ImageNet names like 'golden retriever', or the run's own class "
+                              "names); repeatable.")] = None,
+    classes: Annotated[Optional[str], typer.Option(
+        help="'all' (every class: a class-balanced FID set, 50 per class unless --per-class/-n say otherwise) "
+             "or a comma-separated list of ids/names.")] = None,
+    per_class: Annotated[Optional[int], typer.Option(help="Images per class.")] = None,
+    n: Annotated[Optional[int], typer.Option("-n", "--n", help="Images in total (default 16), split evenly "
+                                                                "over the classes in contiguous blocks.")] = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale (default: the DiT config's "
+                                                               "flow.cfg_scale; 1 = none).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: flow.steps, 50).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="euler or heun (default: flow.sampler).")] = None,
+    interval: Annotated[Optional[str], typer.Option(help="Guidance interval LO,HI in t (t=1 is data), e.g. "
+                                                         "0.225,1 (default: flow.cfg_interval).")] = None,
+    seed: Annotated[int, typer.Option(help="Image i's noise is seeded by (seed, i): same image for any "
+                                           "batch size.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: "
+                                                                    "DIT/samples/<settings>).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per sampler batch.")] = 32,
+    shard_size: Annotated[int, typer.Option(help="Images per resumable shard.")] = 1000,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="EMA weights (default) or the raw ones.")] = True,
+    device: Device = "auto",
+    precision: SamplePrecision = "fp32",
+):
+    """Sample images from a trained DiT: latents -> VAE decoder -> pixel decoder -> PNGs, grid, ADM .npz.
+
+    Writes OUT/images/<class>_<index>.png, OUT/grid.png, OUT/samples_<N>x<S>x<S>x3.npz (uint8 NHWC
+    under arr_0, labels under arr_1: the format of ADM's evaluator and `flatdino fid`) and
+    OUT/samples.json (dit/vae/decoder paths + weight hashes, guidance, steps, seed). Resumable: a
+    killed run, rerun, keeps finished shards and images. The same command samples rae-* baseline
+    runs (raw DINOv2 features, de-normalised with RUN/stats.pt, no --vae).
+
+    \b
+    Examples:
+      flatdino sample --dit runs/dit-xl --decoder rae/ViTXL_n08/model.pt --class 207 --cfg 4.5 -n 16
+      flatdino sample --dit runs/dit-xl --decoder rae/model.pt -c goldfinch -c "golden retriever" -n 16
+      flatdino sample --dit runs/dit-xl --decoder rae/model.pt --classes all --per-class 50 --batch-size 256
+    """
+    from flatdino_cli.sample import run_sample
+
+    names = list(class_ or [])
+    all_classes = classes is not None and classes.strip().lower() == "all"
+    if classes is not None and not all_classes:
+        names += [c.strip() for c in classes.split(",") if c.strip()]
+    rt = _runtime(device, precision, False)
+    m = run_sample(dit, vae, decoder, names, all_classes, n=n, per_class=per_class, cfg_scale=cfg, steps=steps,
+                   sampler=sampler, interval=interval, seed=seed, out=out, batch_size=batch_size,
+                   shard_size=shard_size, ema=ema, rt=rt)
+    flow = m["identity"]["flow"]
+    typer.echo(f"sample: {m['identity']['count']} images (cfg {flow['cfg_scale']:g}, {flow['sampler']} "
+               f"{flow['steps']} steps, seed {m['identity']['seed']}) -> {m['out']}/{m['npz']}, {m['out']}/grid.png")
+
+
+@command()
+def reconstruct(
+    images: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder tree, one image or a list file.")],
+    vae: Annotated[Path, typer.Option(help="A train-vae run.")],
+    decoder: Annotated[Path, typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("reconstructions"),
+    tokens: Annotated[Optional[int], typer.Option(
+        "--tokens", "--tokens-kept", help="Keep only the first K latent tokens (the rest zeroed).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="Encoder (default: the one that made the VAE's "
+                                                        "training features; another one is refused).")] = None,
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Local weights for the encoder.")] = None,
+    n: Annotated[Optional[int], typer.Option("-n", "--n", help="Only the first N images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    device: Device = "auto",
+    precision: SamplePrecision = "fp32",
+):
+    """Images -> DINOv2 -> VAE mu -> VAE decoder -> pixel decoder, side by side with the originals.
+
+    Writes OUT/grid_XXX.png (original | reconstruction pairs), OUT/images/<i>.png (reconstructions,
+    for `flatdino fid OUT/images --ref ...`) and OUT/reconstruct.json: per-image PSNR (capped at 100 dB
+    for identical images), SSIM (11x11 Gaussian window, on [0,1] RGB, mean over channels) and the
+    cosine similarity of decoded vs encoder features, with their means.
+
+    \b
+    Examples:
+      flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --out recon
+      flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --tokens 8 --out recon-k8
+    """
+    from flatdino_cli.sample import run_reconstruct
+
+    r = run_reconstruct(images, vae, decoder, out, tokens=tokens, encoder=encoder,
+                        encoder_weights=str(encoder_weights) if encoder_weights else None, n=n,
+                        batch_size=batch_size, rt=_runtime(device, precision, False))
+    m = r["mean"]
+    typer.echo(f"reconstruct: {r['count']} images, {r['tokens_kept']}/{r['tokens']} tokens: PSNR {m['psnr']:.2f} dB, "
+               f"SSIM {m['ssim']:.4f}, feature cosine {m['feature_cosine']:.4f} -> {out / 'reconstruct.json'}")
+
+
+@command("train-decoder")
+def train_decoder(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; resumed if it has a checkpoint).")],
+    images: Annotated[Path, typer.Option(help="Training images (ImageFolder tree or flat folder): the pixel targets.")],
+    preset: Preset = "decoder-xl",
+    encoder: Annotated[Optional[str], typer.Option(help="Frozen encoder run on the fly: dinov2-b-reg4 or tiny "
+                                                        "(with --features: only checked against the store).")] = None,
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Local weights for --encoder.")] = None,
+    features: Annotated[Optional[Path], typer.Option(help="Feature store of exactly these images (`flatdino "
+                                                          "extract`), instead of encoding on the fly.")] = None,
+    no_lpips: Annotated[bool, typer.Option("--no-lpips", help="Train without LPIPS (sets loss.lpips=0).")] = False,
+    lpips_weights: Annotated[Optional[Path], typer.Option(help="LPIPS v0.1 linear layers (lpips' vgg.pth); "
+                                                               "default: the pip lpips package's copy.")] = None,
+    vgg_weights: Annotated[Optional[Path], typer.Option(help="torchvision VGG16 weights (vgg16-397923af.pth); "
+                                                             "default: torch.hub.get_dir()/checkpoints/.")] = None,
+    disc: Annotated[str, typer.Option(help="GAN discriminator: patch (trainable PatchGAN, no weights) or dino-s8 "
+                                           "(RAE's frozen DINO ViT-S/8 + trainable heads).")] = "patch",
+    disc_weights: Annotated[Optional[Path], typer.Option(help="DINO ViT-S/8 weights for --disc dino-s8 (default: "
+                                                              "the HF cache of timm/vit_small_patch8_224.dino).")] = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    seed: Seed = None,
+    sets: SetOpt = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    compile: Compile = None,
+    resume: Resume = True,
+):
+    """Train RAE's pixel decoder (features -> pixels): L1 + LPIPS + adaptive-weight GAN, noise-augmented.
+
+    Features get noise sigma = noise_tau * U(0,1) during training; the discriminator starts at
+    loss.disc_start_epoch, the GAN term at loss.gan_start_epoch. No weights are ever downloaded:
+    LPIPS needs local VGG16 + LPIPS files (or --no-lpips). Validation logs PSNR on held-out images
+    next to the PSNR of the mean training image.
+
+    \b
+    Examples:
+      flatdino train-decoder --preset decoder-xl --images imagenet/train --features stores/in1k \\
+          --lpips-weights vgg.pth --out runs/decoder-xl
+      flatdino train-decoder --preset tiny-decoder --images runs/toy --encoder tiny --out runs/toy-decoder
+    """
+    from flatdino_cli.config import load_preset
+    from flatdino_cli.stages.decoder import train_decoder as run
+
+    cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
+                                                  "train.seed": seed}))
+    if cfg.stage != "decoder":
+        raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-decoder needs decoder-xl, tiny-decoder, ...")
+    rt = _runtime(device, precision, compile)
+    summary = run(cfg, out, rt, images, encoder_name=encoder,
+                  encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,
+                  no_lpips=no_lpips, lpips_weights=lpips_weights, resume=resume, vgg_weights=vgg_weights,
+                  disc=disc, disc_weights=disc_weights)
+    if rt.is_main:
+        v = summary["val"]
+        psnr = (f", val PSNR {v['psnr']:.2f} dB vs mean image {v['psnr_mean_image']:.2f} dB" if "psnr" in v else "")
+        typer.echo(f"train-decoder: {summary['step']} steps{psnr} -> {out}")
+
+
+@command()
+def quickstart(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where everything goes.")] = Path("runs/quickstart"),
+    laminator: Annotated[str, typer.Option(help="flat (FlatDINO, 1-D tokens) or fae (per-patch FAE latents).")] = "flat",
+    per_class: Annotated[int, typer.Option(help="Toy images per class (12 classes).")] = 250,
+    seed: Annotated[int, typer.Option(help="Seed for data, training and sampling.")] = 0,
+    sets: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Stage override STAGE:key=value with STAGE in vae, dit, decoder "
+                      "(e.g. --set vae:train.epochs=10).")] = None,
+    device: Device = "cpu",
+):
+    """The whole pipeline on the embedded toy data in ~10 minutes on a laptop CPU.
+
+    Toy images -> tiny encoder features -> tiny VAE -> latents -> tiny DiT -> tiny pixel decoder ->
+    a class-conditional sample grid (one row per class), reconstructions, token-ablation heatmaps,
+    the FLOPs table, and the class accuracy of the samples as judged by a small CNN trained on unseen
+    real toy images. Rerunning skips finished stages; a killed stage resumes where it stopped.
+
+    Example: flatdino quickstart --out runs/quickstart
+    """
+    from flatdino_cli.quickstart import QuickstartPlan, format_summary, run_quickstart
+
+    if laminator not in ("flat", "fae"):
+        raise UserError(f"--laminator {laminator}: use flat or fae")
+    for item in sets or []:
+        if ":" not in item or item.split(":", 1)[0] not in ("vae", "dit", "decoder"):
+            raise UserError(f"--set {item}: expected STAGE:key=value with STAGE in vae, dit, decoder")
+    rt = _runtime(device, "auto", False)
+    plan = QuickstartPlan(per_class=per_class, laminator=laminator, seed=seed, overrides=tuple(sets or ()))
+    summary = run_quickstart(out, rt, plan)
+    typer.echo(format_summary(summary))
+
+
+@command()
+def fid(
+    samples: Annotated[Path, typer.Argument(help="Generated images: a folder of PNG/JPG or an ADM .npz (arr_0).")],
+    ref: Annotated[Path, typer.Option(help="Reference: image folder, ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz, "
+                                           "its mu/sigma used when present) or clean-fid statistics .npz.")],
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        help="clean-fid's inception-2015-12-05.pt (default: clean-fid's cache).")] = None,
+    dino: Annotated[Optional[str], typer.Option(help="Also FD-DINOv2 with this encoder (dinov2-b-reg4 or tiny).")] = None,
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Local weights for --dino.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per Inception forward.")] = 50,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full JSON instead of a summary.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the JSON here.")] = None,
+    device: Device = "auto",
+):
+    """gFID / rFID and friends: FID, sFID, Inception Score, precision/recall (k=3), FD-DINOv2.
+
+    Inception features follow the ADM evaluator (TF-Inception resize inside the network), so numbers
+    are comparable with papers that use ADM's suite. Reference statistics are computed once and
+    cached beside the reference, keyed by a hash of its contents; extraction resumes if killed.
+
+    \b
+    Examples:
+      flatdino fid runs/dit/samples/all-n50000 --ref VIRTUAL_imagenet256_labeled.npz
+      flatdino fid runs/recon-val/images --ref imagenet/val-adm256 --json
+    """
+    import json
+
+    from flatdino_cli.analysis.fid import run_fid
+    from flatdino_cli.runtime import resolve_device
+
+    dev = resolve_device(device)
+    dino_encoder = None
+    if dino:
+        from flatdino_cli.encoders import load_encoder
+
+        dino_encoder = load_encoder(dino, str(encoder_weights) if encoder_weights else None, device=dev)
+    result = run_fid(samples, ref, inception_weights=inception_weights, batch_size=batch_size, device=str(dev),
+                     dino_encoder=dino_encoder, json_out=out)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for key in ("fid", "sfid", "is", "precision", "recall", "fd_dinov2"):
+        if result.get(key) is not None:
+            typer.echo(f"{key:10s} {result[key]:.4f}")
+    for note in result.get("notes", []):
+        typer.echo(f"note: {note}")
 
 
 def main():  # pragma: no cover - console entry for `python -m flatdino_cli.cli`

@@ -60,6 +60,8 @@ class TrainConfig:
         _check(self.epochs > 0 or self.max_steps, "train.epochs", "positive (or set train.max_steps)")
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "positive")
         _check(0.0 <= self.ema < 1.0, "train.ema", "in [0, 1)")
+        for key in ("ckpt_every_steps", "log_every", "val_every_epochs"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "a positive integer")
 
 
 # ----------------------------------------------------------------------------- extraction

@@ -7,6 +7,7 @@ is initialised from the environment (nccl on CUDA, gloo on CPU).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import time
@@ -90,6 +91,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto", compile: bool |
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
@@ -100,11 +102,6 @@ def setup_runtime(device: str = "auto", precision: str = "auto", compile: bool |
     if compile is None:
         compile = dev.type == "cuda"
     return Runtime(dev, precision, compile, rank, world, local_rank)
-
-
-def shutdown(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:

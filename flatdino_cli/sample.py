@@ -22,8 +22,11 @@ and PNGs and only generates what is missing.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import importlib.util
 import io
 import json
 import math
@@ -70,6 +73,12 @@ def _file_id(path: Path) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
 
+def _decoder_id(decoder: str | Path) -> dict:
+    """{"path": what the user named, "weights": the file read, "sha256": its hash}."""
+    w = decoder_weights_path(decoder)
+    return {"path": str(Path(decoder).resolve()), "weights": str(w.resolve()), "sha256": sha256_file(w)}
+
+
 def decoder_weights_path(decoder: str | Path) -> Path:
     """The file load_decoder reads for `decoder` (run dir -> EMA weights, RAE release dir -> model.pt)."""
     p = Path(decoder)
@@ -88,9 +97,19 @@ def _store_manifest(path: str | None) -> dict:
 
 
 # ============================================================================ class names
+@functools.lru_cache(maxsize=1)
 def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in id order (torchvision's bundled list); [] without torchvision."""
+    """The 1000 ImageNet-1k class names in id order: torchvision's bundled list, read from its source
+    file (importing torchvision.models takes seconds); [] without torchvision."""
+    spec = importlib.util.find_spec("torchvision")
+    meta = Path(spec.origin).parent / "models" / "_meta.py" if spec and spec.origin else None
     try:
+        for node in ast.parse(meta.read_text()).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_IMAGENET_CATEGORIES":
+                return list(ast.literal_eval(node.value))
+    except (AttributeError, OSError, SyntaxError, ValueError):
+        pass
+    try:  # a torchvision laid out differently: pay for the import
         from torchvision.models._meta import _IMAGENET_CATEGORIES
     except ImportError:
         return []
@@ -122,6 +141,8 @@ def resolve_classes(items: Sequence[str], num_classes: int, run_names: Sequence[
             continue
         for names in (run_names, imagenet):
             hits = [i for i in _lookup(item, names) if i < num_classes]
+            if len(hits) > 1:  # ImageNet's "Cardigan" (corgi) and "cardigan" (sweater): exact case decides
+                hits = [i for i in hits if names[i].strip() == item] or hits
             if len(hits) > 1:
                 raise UserError(f"--class {item!r}: ambiguous, classes {', '.join(map(str, hits))} share that "
                                 "name; pass the id")
@@ -131,7 +152,9 @@ def resolve_classes(items: Sequence[str], num_classes: int, run_names: Sequence[
         else:
             pool = {_norm(n): n for n in [*run_names, *imagenet] if n}
             close = [pool[k] for k in difflib.get_close_matches(_norm(item), list(pool), n=4, cutoff=0.6)]
+            few = [n for n in run_names if n][:20] if len(run_names) <= 20 else []
             hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
+                    else f"this run's classes are {', '.join(repr(n) for n in few)}" if few
                     else "pass a class id" + ("" if pool else " (this run records no class names)"))
             raise UserError(f"--class {item!r}: unknown class name; {hint}")
     return out
@@ -195,8 +218,14 @@ class Pipeline:
         return to_uint8(pixels)
 
 
+def _on_features(cfg: DiTStageConfig, store_kind: str | None = None) -> bool:
+    """RAE mode: the DiT was trained on a feature store (inputs.json says so), or, unrecorded, it has a
+    2-D grid (rae-* presets)."""
+    return store_kind == "features" if store_kind else cfg.model.grid is not None
+
+
 def _decoding_parts(cfg: DiTStageConfig, vae_run: str | Path | None, decoder: str | Path, device,
-                    where: str) -> tuple[nn.Module | None, nn.Module, dict]:
+                    where: str, on_features: bool) -> tuple[nn.Module | None, nn.Module, dict]:
     """(VAE or None, pixel decoder, identity) for a DiT config, with every compatibility check."""
     from flatdino_cli.models.pixel_decoder import check_features, load_decoder
     from flatdino_cli.runs import load_run, weights_file
@@ -204,7 +233,7 @@ def _decoding_parts(cfg: DiTStageConfig, vae_run: str | Path | None, decoder: st
     T, d = cfg.model.tokens, cfg.model.in_dim
     identity: dict = {"vae": None}
     vae = None
-    if cfg.model.grid is not None:  # RAE mode: the DiT generates DINOv2 features themselves
+    if on_features:  # RAE mode: the DiT generates DINOv2 features themselves
         if vae_run is not None:
             raise UserError(f"--vae {vae_run}: {where} is an RAE-mode DiT on raw {T} x {d} features; it needs "
                             "no VAE (drop --vae)")
@@ -226,7 +255,7 @@ def _decoding_parts(cfg: DiTStageConfig, vae_run: str | Path | None, decoder: st
     dec = load_decoder(decoder, device=device)
     source = "the VAE's decoded features" if vae is not None else f"{where}'s features"
     check_features(dec, *features, what=source)
-    identity["decoder"] = {"path": str(Path(decoder).resolve()), **_file_id(decoder_weights_path(decoder))}
+    identity["decoder"] = _decoder_id(decoder)
     return vae, dec, identity
 
 
@@ -256,24 +285,25 @@ def load_pipeline(dit_run: str | Path, vae_run: str | Path | None = None, decode
     cfg = run_config(dit_run, "dit")
     inputs = _inputs(dit_run).get("latents", {})
     recorded_vae = inputs.get("identity", {}).get("vae_run")
-    if vae_run is None and cfg.model.grid is None and recorded_vae and Path(recorded_vae).is_dir():
+    on_features = _on_features(cfg, inputs.get("kind"))
+    if vae_run is None and not on_features and recorded_vae and Path(recorded_vae).is_dir():
         vae_run = recorded_vae  # the VAE the DiT's latents came from
-    vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, device, f"DiT run {dit_run}")
-    cfg, dit, dit_sha = load_run(dit_run, "dit", device=device, prefer_ema=ema)
-    wfile = weights_file(dit_run, "dit", prefer_ema=ema)
-    identity["dit"] = {"path": str(dit_run.resolve()), "weights": str(wfile), "sha256": dit_sha,
-                       "ema": wfile.name.startswith("ema")}
-    if vae is not None:
-        _check_provenance(dit_run, vae_run, identity["vae"]["sha256"])
-    stats = None
-    identity["stats"] = None
+    stats, stats_id = None, None
     if cfg.normalize:
         path = dit_run / STATS_FILE
         if not path.is_file():
             raise UserError(f"{path}: missing; this DiT normalises its inputs with it (copy RAE's stat.pt "
                             "there, or rerun train-dit --compute-stats)")
         stats = load_stats(path, tuple(cfg.model.grid) if cfg.model.grid else None).to(device)
-        identity["stats"] = _file_id(path)
+        stats_id = _file_id(path)
+    vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, device, f"DiT run {dit_run}", on_features)
+    identity["stats"] = stats_id
+    cfg, dit, dit_sha = load_run(dit_run, "dit", device=device, prefer_ema=ema)
+    wfile = weights_file(dit_run, "dit", prefer_ema=ema)
+    identity["dit"] = {"path": str(dit_run.resolve()), "weights": str(wfile), "sha256": dit_sha,
+                       "ema": wfile.name.startswith("ema")}
+    if vae is not None:
+        _check_provenance(dit_run, vae_run, identity["vae"]["sha256"])
     names = _store_manifest(inputs.get("path")).get("extra", {}).get("class_names") or []
     return Pipeline(cfg, dit, dec, vae, stats, identity, [str(n) for n in names])
 
@@ -316,8 +346,7 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
 
 @torch.no_grad()
 def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
-             flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU,
-             on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+             flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU) -> np.ndarray:
     """uint8 images (len(labels), S, S, 3): image k is class labels[k] from the noise of image indices[k]."""
     flow = flow or pipe.cfg.flow
     if len(labels) != len(indices):
@@ -336,8 +365,6 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
         velocity = make_velocity_fn(forward, y, flow, pipe.cfg.model.num_classes)
         x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler)  # (B, N, d)
         out.append(pipe.decode(x, rt))
-        if on_batch is not None:
-            on_batch(len(idx))
     S = pipe.image_size
     return np.concatenate(out) if out else np.zeros((0, S, S, 3), np.uint8)
 
@@ -389,6 +416,7 @@ def _write_npz_streamed(path: Path, parts: list[Path], count: int, S: int, label
                 np.lib.format.write_array(f, labels.astype(np.int64))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the samples from other users of the machine
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -407,6 +435,34 @@ def _grid_plan(labels: Sequence[int]) -> tuple[list[int], int]:
     rows = list(first.values())[:GRID_ROWS]
     cols = min(GRID_COLS, min(len(r) for r in rows))  # rows stay aligned: the smallest class sets the width
     return [i for r in rows for i in r[:cols]], cols
+
+
+def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir: Path, seed: int, flow: FlowConfig,
+                batch_size: int, rt: Runtime, bar: tqdm) -> np.ndarray:
+    """Images lo..hi-1 as uint8 (hi - lo, S, S, 3): read back from their PNGs where a previous run
+    wrote them, generated (and written) otherwise."""
+    S = pipe.image_size
+    arr = np.zeros((hi - lo, S, S, 3), np.uint8)
+    todo = []
+    for i in range(lo, hi):
+        png = images_dir / _png_name(int(labels[i]), i)
+        try:
+            img = load_png(png) if png.is_file() else None
+        except Exception:
+            img = None  # a damaged file: make it again
+        if img is not None and img.shape == (S, S, 3):
+            arr[i - lo] = img
+            bar.update(1)
+        else:
+            todo.append(i)
+    for b in range(0, len(todo), batch_size):
+        idx = todo[b: b + batch_size]
+        imgs = generate(pipe, labels[idx].tolist(), idx, seed, flow, batch_size, rt)
+        for i, img in zip(idx, imgs):
+            save_png(img, images_dir / _png_name(int(labels[i]), i))
+            arr[i - lo] = img
+        bar.update(len(idx))
+    return arr
 
 
 def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, seed: int, flow: FlowConfig,
@@ -429,8 +485,13 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
         "noise": "image i: eps ~ N(0, I) from torch.Generator seeded by SeedSequence([seed, i])",
     }
     mf_path = out / "samples.json"
+    if not mf_path.is_file() and any((out / "images").glob("*.png")):
+        raise UserError(f"{out}/images: holds PNGs that no samples.json describes; choose another --out")
     if mf_path.is_file():
-        old = json.loads(mf_path.read_text()).get("identity", {})
+        try:
+            old = json.loads(mf_path.read_text()).get("identity", {})
+        except (OSError, json.JSONDecodeError, AttributeError):
+            raise UserError(f"{mf_path}: unreadable; choose another --out or delete that folder") from None
         diffs = [k for k in sorted(set(old) | set(identity)) if json.dumps(old.get(k), sort_keys=True)
                  != json.dumps(json.loads(json.dumps(identity.get(k))), sort_keys=True)]
         if diffs:
@@ -451,31 +512,11 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
         bar = tqdm(total=N, initial=sum(hi - lo for (lo, hi), ok in zip(shards, done) if ok), desc="sample",
                    unit="img", dynamic_ncols=True, disable=not progress)
         for part, (lo, hi), ok in zip(parts, shards, done):
-            if ok:
-                continue
-            arr = np.zeros((hi - lo, S, S, 3), np.uint8)
-            todo = []
-            for i in range(lo, hi):
-                png = images_dir / _png_name(int(labels_arr[i]), i)
-                try:
-                    img = load_png(png) if png.is_file() else None
-                except Exception:
-                    img = None  # a damaged file: make it again
-                if img is not None and img.shape == (S, S, 3):
-                    arr[i - lo] = img
-                    bar.update(1)
-                else:
-                    todo.append(i)
-            for b in range(0, len(todo), batch_size):
-                idx = todo[b: b + batch_size]
-                imgs = generate(pipe, labels_arr[idx].tolist(), idx, seed, flow, batch_size, rt)
-                for i, img in zip(idx, imgs):
-                    save_png(img, images_dir / _png_name(int(labels_arr[i]), i))
-                    arr[i - lo] = img
-                bar.update(len(idx))
-            buf = io.BytesIO()
-            np.savez(buf, arr_0=arr, labels=labels_arr[lo:hi], indices=np.arange(lo, hi))
-            atomic_write_bytes(part, buf.getvalue())
+            if not ok:
+                arr = _make_shard(pipe, labels_arr, lo, hi, images_dir, seed, flow, batch_size, rt, bar)
+                buf = io.BytesIO()
+                np.savez(buf, arr_0=arr, labels=labels_arr[lo:hi], indices=np.arange(lo, hi))
+                atomic_write_bytes(part, buf.getvalue())
         bar.close()
         pick = {i: None for i in grid_idx}
         _write_npz_streamed(npz, parts, N, S, labels_arr, pick)
@@ -485,7 +526,11 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
             parts_dir.rmdir()
         grid_images = np.stack([pick[i] for i in grid_idx])
     else:  # finished earlier: the grid comes from the PNGs (reading arr_0 would load all of it)
-        grid_images = np.stack([load_png(images_dir / _png_name(int(labels_arr[i]), i)) for i in grid_idx])
+        try:
+            grid_images = np.stack([load_png(images_dir / _png_name(int(labels_arr[i]), i)) for i in grid_idx])
+        except OSError:  # PNGs deleted: fall back to the .npz
+            with np.load(npz) as z:
+                grid_images = z["arr_0"][grid_idx]
     names = pipe.class_names
     captions, seen = [], set()
     for i in grid_idx:
@@ -535,7 +580,7 @@ def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path
     from flatdino_cli.stages.dit import STATS_FILE, load_stats
 
     out = Path(out)
-    vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, rt.device, "this DiT preset")
+    vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, rt.device, "this DiT preset", _on_features(cfg))
     labels = list(range(min(8, cfg.model.num_classes)))
     cache: dict = {}
 
@@ -543,7 +588,8 @@ def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path
         if not cfg.sample_every or step % cfg.sample_every:
             return
         if cfg.normalize and "stats" not in cache:  # written by train-dit before its first step
-            cache["stats"] = load_stats(out / STATS_FILE, tuple(cfg.model.grid) if cfg.model.grid else None).to(rt.device)
+            grid = tuple(cfg.model.grid) if cfg.model.grid else None
+            cache["stats"] = load_stats(out / STATS_FILE, grid).to(rt.device)
         net = ema if ema is not None else model
         was = net.training
         net.eval()  # label dropout off
@@ -705,7 +751,7 @@ def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "feature_cosine")}
     result = {"images": str(Path(images).resolve()), "count": len(rows), "tokens_kept": T if tokens is None else tokens,
               "tokens": T, "vae": {"path": str(Path(vae_run).resolve()), "sha256": vae_sha},
-              "decoder": {"path": str(Path(decoder).resolve()), **_file_id(decoder_weights_path(decoder))},
+              "decoder": _decoder_id(decoder),
               "encoder": {"name": name, "weights": enc.weights_id}, "preprocessing": transform.spec(),
               "image_size": S, "psnr_cap_db": PSNR_CAP, "mean": mean, "per_image": rows, "skipped": skipped,
               "grids": [g.name for g in grids]}

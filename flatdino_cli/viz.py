@@ -48,6 +48,7 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_png_bytes(image))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -58,7 +59,7 @@ def load_png(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 of an image file (fully decoded, so a damaged file raises here)."""
     with Image.open(path) as im:
         im.load()
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -192,9 +193,13 @@ def heatmap_grid(maps: np.ndarray, path: str | Path, titles: Sequence[str] | Non
             ax.set_title(titles[k], fontsize=7)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))  # leave the right strip for the shared colourbar
+    # a fixed 1.1-inch strip on the right for the shared colourbar, its tick labels and its label
+    # (a fixed fraction of the width clips the label on narrow grids of few panels)
+    fig_w = fig.get_figwidth()
+    right = 1.0 - 1.1 / fig_w
+    fig.tight_layout(rect=(0, 0, right, 1))
     if im is not None:
-        cbar = fig.colorbar(im, cax=fig.add_axes((0.88, 0.15, 0.025, 0.7)))
+        cbar = fig.colorbar(im, cax=fig.add_axes((right + 0.08 / fig_w, 0.15, 0.12 / fig_w, 0.7)), format="%.3g")
         if colorbar_label:
             cbar.set_label(colorbar_label, fontsize=8)
     from flatdino_cli.utils import atomic_write_bytes

@@ -125,7 +125,8 @@ def run_ablate(vae_run: str | Path, features: str | Path, out: str | Path, n: in
     if image is not None:
         viz.heatmap_grid(grid, out / "token_ablation_overlay.png", titles, vmin=vmin, vmax=vmax,
                          colorbar_label=label, background=image, alpha=0.55,
-                         suptitle=f"{name.capitalize()} ablation maps over image {ex_row} ({Path(store.paths[ex_row]).name})")
+                         suptitle=f"{name.capitalize()} ablation maps over image {ex_row} "
+                                  f"({Path(store.paths[ex_row]).name})")
         result["overlay"] = "token_ablation_overlay.png"
         result["overlay_image"] = store.paths[ex_row]
     else:

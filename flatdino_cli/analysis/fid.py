@@ -9,6 +9,8 @@ Features of every source are computed once per (content, network) and cached bes
 `<source>.flatdino-stats-<sha256[:16]>-<network tag>.npz` (or under ~/.cache/flatdino/fid when that
 folder is read-only). Extraction writes finished chunks to `<cache>.partial/` (atomically), so an
 interrupted run resumes where it stopped.
+
+Nothing here imports torch at module level: a missing Inception file is reported before torch loads.
 """
 
 from __future__ import annotations
@@ -17,24 +19,48 @@ import hashlib
 import io
 import json
 import os
+import platform
 import shutil
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance, inception_score, precision_recall
-from flatdino_cli.analysis.inception import EncoderFeatures, FeatureExtractor, load_inception
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
-__all__ = ["run_fid", "open_source", "source_summary", "Source", "Summary"]
+if TYPE_CHECKING:
+    from flatdino_cli.analysis.inception import FeatureExtractor
+
+__all__ = ["run_fid", "find_inception_weights", "open_source", "source_summary", "Source", "Summary"]
 
 CACHE_VERSION = 1
 STATS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM's names in a reference .npz
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
+# where clean-fid's feature_extractor() keeps (and would download) the file: cleanfid/features.py
+CLEANFID_CACHE_DIR = Path("./" if platform.system() == "Windows" else "/tmp")
+
+
+def find_inception_weights(path: str | Path | None = None) -> Path:
+    """The weights file: `path` (a file, or a folder holding INCEPTION_FILE), else clean-fid's cache."""
+    if path is not None:
+        p = Path(path).expanduser()
+        p = p / INCEPTION_FILE if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"--inception-weights {path}: no such file (clean-fid's torchscript "
+                            f"{INCEPTION_FILE}, from {INCEPTION_URL})")
+        return p
+    p = CLEANFID_CACHE_DIR / INCEPTION_FILE
+    if not p.is_file():
+        raise UserError(f"Inception weights not found: pass --inception-weights FILE or put {INCEPTION_FILE} "
+                        f"in clean-fid's cache at {p} (download it from {INCEPTION_URL}; nothing is downloaded here)")
+    return p
 
 
 # ============================================================================ image sources
@@ -68,13 +94,14 @@ class Source:
         if self.files:
             from flatdino_cli.data import load_rgb
 
-            for i in range(start, stop, batch_size):
-                imgs = [np.asarray(load_rgb(f)) for f in self.files[i:min(i + batch_size, stop)]]
-                for f, im in zip(self.files[i:], imgs):
-                    if im.shape != self.shape:
-                        raise UserError(f"{f}: {im.shape[1]}x{im.shape[0]} but {self.files[0]} is "
-                                        f"{self.shape[1]}x{self.shape[0]}; give all images one size (ADM crop)")
-                yield np.stack(imgs)
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+                for i in range(start, stop, batch_size):
+                    imgs = list(pool.map(lambda f: np.asarray(load_rgb(f)), self.files[i:min(i + batch_size, stop)]))
+                    for f, im in zip(self.files[i:], imgs):
+                        if im.shape != self.shape:
+                            raise UserError(f"{f}: {im.shape[1]}x{im.shape[0]} but {self.files[0]} is "
+                                            f"{self.shape[1]}x{self.shape[0]}; give all images one size (ADM crop)")
+                    yield np.stack(imgs)
             return
         with zipfile.ZipFile(self.path) as z, z.open("arr_0.npy") as f:
             offset = _npy_header(f)[2]
@@ -171,10 +198,11 @@ def _summarize(feats: dict[str, np.ndarray]) -> Summary:
 
 def cache_path(src: Source, tag: str) -> Path:
     """Beside the source, unless its folder is read-only."""
-    folder = src.path.resolve().parent
+    full = src.path.resolve()
+    folder = full.parent
     if not os.access(folder, os.W_OK):
         folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flatdino" / "fid"
-    return folder / f"{src.path.name}.flatdino-stats-{src.digest()[:16]}-{tag}.npz"
+    return folder / f"{full.name}.flatdino-stats-{src.digest()[:16]}-{tag}.npz"
 
 
 def _extract(src: Source, extractor: FeatureExtractor, part_dir: Path, batch_size: int, chunk: int,
@@ -202,7 +230,7 @@ def _extract(src: Source, extractor: FeatureExtractor, part_dir: Path, batch_siz
         parts.append(part)
         done = stop
     bar.close()
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return {k: np.concatenate([p.pop(k) for p in parts]) for k in list(parts[0])}  # frees chunks as it goes
 
 
 def source_summary(src: Source, extractor: FeatureExtractor, batch_size: int = 50, chunk: int = 1000,
@@ -232,10 +260,15 @@ def run_fid(samples: str | Path, ref: str | Path, extractor: FeatureExtractor | 
     and `notes` says why.
     """
     if extractor is None:
-        extractor = load_inception(inception_weights, device)
+        weights = find_inception_weights(inception_weights)  # before torch is even imported
+        from flatdino_cli.analysis.inception import load_inception
+
+        extractor = load_inception(weights, device)
     src, ref_src = open_source(samples, "SAMPLES"), open_source(ref, "--ref")
     if src.count < max(2, k + 1):
         raise UserError(f"SAMPLES {samples}: {src.count} image(s); need at least {max(2, k + 1)}")
+    if ref_src.count == 1:
+        raise UserError(f"--ref {ref}: 1 image; statistics need at least 2")
     notes: list[str] = []
     out = {"feature_extractor": extractor.name, "num_samples": src.count, "num_ref": ref_src.count or None}
     s = source_summary(src, extractor, batch_size, progress=progress)
@@ -268,6 +301,8 @@ def run_fid(samples: str | Path, ref: str | Path, extractor: FeatureExtractor | 
         if r is None:
             notes.append("fd_dinov2 omitted: REF has no images")
         else:
+            from flatdino_cli.analysis.inception import EncoderFeatures
+
             enc = EncoderFeatures(dino_encoder, device)
             sd = source_summary(src, enc, batch_size, progress=progress)
             rd = source_summary(ref_src, enc, batch_size, progress=progress)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 __all__ = ["Gaussian", "frechet_distance", "inception_score", "precision_recall", "knn_radii"]
 
@@ -41,14 +40,13 @@ class Gaussian:
 
     @classmethod
     def from_features(cls, x: np.ndarray) -> "Gaussian":
-        x = np.asarray(x, dtype=np.float64)  # (N, D)
-        n, d = x.shape
+        n, d = x.shape  # (N, D)
         if n < 2:
             raise ValueError("need at least 2 feature vectors for a covariance")
-        mu = x.mean(0)
+        mu = x.mean(0, dtype=np.float64)
         if n <= d:
-            return cls(mu, root=(x - mu) / np.sqrt(n - 1))
-        return cls(mu, sigma=np.cov(x, rowvar=False))
+            return cls(mu, root=(x.astype(np.float64) - mu) / np.sqrt(n - 1))
+        return cls(mu, sigma=np.cov(x, rowvar=False))  # float64, as ADM's np.cov of float32 features
 
     @property
     def dim(self) -> int:
@@ -95,36 +93,39 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> tuple[float, 
 
     Computed in float64 from log-softmax, so classes with underflowing probability give 0, not NaN.
     """
-    logp = torch.from_numpy(np.asarray(logits, dtype=np.float64)).log_softmax(1)  # (N, C)
+    x = np.asarray(logits, dtype=np.float64)  # (N, C)
+    x = x - x.max(1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(1, keepdims=True))
     scores = []
     for i in range(0, len(logp), split_size):
         part = logp[i:i + split_size]
-        log_marginal = part.exp().mean(0).log()  # (C,)
-        kl = (part.exp() * (part - log_marginal)).sum(1).mean()
-        scores.append(float(kl.exp()))
+        p = np.exp(part)
+        kl = (p * (part - np.log(p.mean(0)))).sum(1).mean()
+        scores.append(float(np.exp(kl)))
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(n, D), (m, D) -> (n, m) squared Euclidean distances, clamped at 0 as ADM does."""
-    d = a.pow(2).sum(1)[:, None] - 2 * a @ b.T + b.pow(2).sum(1)[None, :]
-    return d.clamp_min_(0)
+    d = (a * a).sum(1)[:, None] - 2 * (a @ b.T) + (b * b).sum(1)[None, :]
+    return np.maximum(d, 0, out=d)
 
 
-def knn_radii(x: torch.Tensor, k: int = 3, block: int = 5000) -> torch.Tensor:
+def knn_radii(x: np.ndarray, k: int = 3, block: int = 5000) -> np.ndarray:
     """(N, D) -> (N,) squared distance to the k-th nearest neighbour, self excluded (ADM's radii:
     entry k of the sorted distance row, whose entry 0 is the point itself). Peak memory block x (block + k + 1)."""
     n = len(x)
     if n <= k:
         raise ValueError(f"need more than k={k} feature vectors, got {n}")
-    radii = torch.empty(n, dtype=x.dtype)
+    radii = np.empty(n, dtype=x.dtype)
     for i in range(0, n, block):
-        best = None  # (b, k + 1) smallest distances so far
+        best = None  # (b, <= k + 1) smallest distances so far, unordered
         for j in range(0, n, block):
             d = _sqdist(x[i:i + block], x[j:j + block])
-            cand = d if best is None else torch.cat([best, d], 1)
-            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
-        radii[i:i + block] = best[:, k]
+            cand = d if best is None else np.concatenate([best, d], 1)
+            m = min(k + 1, cand.shape[1])
+            best = np.partition(cand, m - 1, axis=1)[:, :m]
+        radii[i:i + block] = np.partition(best, k, axis=1)[:, k]
     return radii
 
 
@@ -133,14 +134,13 @@ def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = 3, block: in
 
     Distances are computed block by block (block x block floats at a time), never N_s x N_r at once.
     """
-    r = torch.from_numpy(np.asarray(ref, dtype=np.float32))
-    s = torch.from_numpy(np.asarray(samples, dtype=np.float32))
+    r, s = np.asarray(ref, dtype=np.float32), np.asarray(samples, dtype=np.float32)
     rad_r, rad_s = knn_radii(r, k, block), knn_radii(s, k, block)
-    sample_in = torch.zeros(len(s), dtype=torch.bool)  # inside some reference ball -> precision
-    ref_in = torch.zeros(len(r), dtype=torch.bool)  # inside some sample ball -> recall
+    sample_in = np.zeros(len(s), dtype=bool)  # inside some reference ball -> precision
+    ref_in = np.zeros(len(r), dtype=bool)  # inside some sample ball -> recall
     for i in range(0, len(r), block):
         for j in range(0, len(s), block):
             d = _sqdist(r[i:i + block], s[j:j + block])  # (b_r, b_s)
             sample_in[j:j + block] |= (d <= rad_r[i:i + block, None]).any(0)
             ref_in[i:i + block] |= (d <= rad_s[None, j:j + block]).any(1)
-    return float(sample_in.double().mean()), float(ref_in.double().mean())
+    return float(sample_in.mean()), float(ref_in.mean())

@@ -73,13 +73,15 @@ def vae_encoder_flops(vae_cfg: Any) -> float:
     """The laminator's encoder on one image.
 
     kind "flat": enc_depth ViT layers of enc_width over num_patches + tokens (paper eq. 13: 26.0).
-    kind "fae": FAE's encoder is a single self-attention layer (no MLP) over the patches followed by
-    a linear projection; under the same convention that is one attention sub-layer, 2·P·D·(2D + P),
-    and the projection (a head) is ignored.
+    kind "fae": FAE's encoder is a single self-attention layer (no MLP) over the P patches that
+    attends in a space of width I = enc_width from features of width C = feature_dim (models/fae.py):
+    QKV + output projections 4·P·C·I plus the two attention matmuls 2·P²·I, i.e. 2·P·I·(2C + P)
+    (= attention_flops(P, D) when I = C = D); the latent projection (a head) is ignored.
     """
     m = _model(vae_cfg)
     if getattr(m, "kind", "flat") == "fae":
-        return attention_flops(m.num_patches, m.enc_width)
+        C = getattr(m, "feature_dim", m.enc_width)
+        return 2.0 * m.num_patches * m.enc_width * (2 * C + m.num_patches)
     return m.enc_depth * layer_flops(m.num_patches + m.tokens, m.enc_width)
 
 

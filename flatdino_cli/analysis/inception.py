@@ -11,13 +11,15 @@ the port's modules as follows:
     mixed_6/conv:0 [..., :7] -> layers.mixed_6.conv (B, 192, 17, 17), first 7 channels,
                                 flattened in TF's (h, w, c) order (B, 2023)         sFID
 
-The weights are never downloaded here: an explicit file, else clean-fid's cache, else a UserError.
+(mixed_6.conv is the port's conv+BN+ReLU block named after TF's op, the module the PyTorch sFID
+ports hook; not checked against TF's own numbers here, as neither the real weights nor TF are at hand.)
+Finding the weights file (never downloading it) is `fid.find_inception_weights`, which needs no torch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import platform
+import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -25,15 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flatdino_cli.analysis.fid import INCEPTION_FILE
 from flatdino_cli.errors import UserError
+from flatdino_cli.utils import sha256_file
 
-__all__ = ["FeatureExtractor", "TFInception", "EncoderFeatures", "load_inception", "find_inception_weights",
-           "tf1_resize", "INCEPTION_FILE", "INCEPTION_URL", "CLEANFID_CACHE_DIR"]
-
-INCEPTION_FILE = "inception-2015-12-05.pt"
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
-# where clean-fid's feature_extractor() keeps (and would download) the file: cleanfid/features.py
-CLEANFID_CACHE_DIR = Path("./" if platform.system() == "Windows" else "/tmp")
+__all__ = ["FeatureExtractor", "TFInception", "EncoderFeatures", "load_inception", "tf1_resize"]
 
 _LAYERS = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
            "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2")
@@ -119,8 +117,8 @@ class TFInception:
     def verify(self, atol: float = 1e-3) -> None:
         """Check our layer-by-layer pass against the network's own forward (resize + normalisation
         + layers) on two images, so a differently built file fails loudly instead of giving wrong FIDs."""
-        img = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (2, 64, 48, 3), generator=img, dtype=torch.uint8).numpy()
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (2, 64, 48, 3), generator=gen, dtype=torch.uint8).numpy()  # non-square
         ours = self(images)["pool"]
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
         theirs = self.net(x, return_features=True).reshape(2, -1).float().cpu().numpy()
@@ -130,31 +128,17 @@ class TFInception:
                             f"(relative error {err:.2g}); pass clean-fid's {INCEPTION_FILE}")
 
 
-def find_inception_weights(path: str | Path | None = None) -> Path:
-    """The weights file: `path` (a file, or a folder holding INCEPTION_FILE), else clean-fid's cache."""
-    if path is not None:
-        p = Path(path).expanduser()
-        p = p / INCEPTION_FILE if p.is_dir() else p
-        if not p.is_file():
-            raise UserError(f"--inception-weights {path}: no such file (clean-fid's torchscript "
-                            f"{INCEPTION_FILE}, from {INCEPTION_URL})")
-        return p
-    p = CLEANFID_CACHE_DIR / INCEPTION_FILE
-    if not p.is_file():
-        raise UserError(f"Inception weights not found: pass --inception-weights FILE or put {INCEPTION_FILE} "
-                        f"in clean-fid's cache at {p} (download it from {INCEPTION_URL}; nothing is downloaded here)")
-    return p
-
-
-def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> TFInception:
-    """The ADM-compatible extractor from clean-fid's torchscript file; never touches the network."""
-    p = find_inception_weights(path)
+def load_inception(path: str | Path, device: str | torch.device = "cpu") -> TFInception:
+    """The ADM-compatible extractor from clean-fid's torchscript file (see `fid.find_inception_weights`)."""
+    p = Path(path)
     try:
-        net = torch.jit.load(str(p), map_location=device)
+        with warnings.catch_warnings():  # torch >= 2.9 flags torchscript as deprecated; it is the file's format
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(p), map_location=device)
     except Exception as e:  # not a torchscript archive, truncated download, ...
         raise UserError(f"{p}: cannot load as torchscript ({type(e).__name__}); pass clean-fid's "
-                        f"{INCEPTION_FILE} from {INCEPTION_URL}") from e
-    h = hashlib.sha256(p.read_bytes()).hexdigest()
+                        f"{INCEPTION_FILE}") from e
+    h = sha256_file(p)
     ext = TFInception(net, device, 299, name=f"TF Inception-v3 ({p.name}, clean-fid legacy_tensorflow = ADM)",
                       adm_compatible=True, cache_tag=f"tfinception-{h[:12]}")
     ext.verify()
@@ -179,7 +163,8 @@ class EncoderFeatures:
         self.encoder, self.device = encoder, torch.device(device)
         label = getattr(encoder, "name", None) or getattr(spec, "name", None) or type(encoder).__name__
         self.name = f"mean-pooled tokens of {label} at {self.size}px"
-        digest = _module_digest(encoder) if isinstance(encoder, torch.nn.Module) else label
+        digest = _module_digest(encoder) if isinstance(encoder, torch.nn.Module) else \
+            f"{label}|{getattr(encoder, 'weights_id', '')}"
         self.cache_tag = f"encoder{self.size}-{hashlib.sha256(digest.encode()).hexdigest()[:12]}"
 
     @torch.no_grad()

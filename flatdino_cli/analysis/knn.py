@@ -110,11 +110,15 @@ def _plot(r: dict, path: Path) -> None:
     x = np.arange(len(ks))
     fig = viz.new_figure(5, 3.6)
     ax = fig.subplots()
-    for off, key, label in ((-0.18, "top1", "top-1"), (0.18, "top5", "top-5")):
-        vals = [r["k"][k][key] for k in ks]
-        bars = ax.bar(x + off, vals, width=0.36, label=label)
+    # top-5 among <= 5 classes is always 100 %: not worth a bar
+    keys = (("top1", "top-1"), ("top5", "top-5")) if r["classes"] > 5 else (("top1", "top-1"),)
+    width = 0.8 / len(keys)
+    for j, (key, label) in enumerate(keys):
+        bars = ax.bar(x + (j - (len(keys) - 1) / 2) * width, [r["k"][k][key] for k in ks], width=width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
-    ax.set_xticks(x, [f"k={k}" for k in ks])
+    ax.axhline(100.0 / r["classes"], color="grey", linestyle=":", linewidth=1, label="chance")
+    eff = r["effective_k"]
+    ax.set_xticks(x, [f"k={k}" if eff[k] == int(k) else f"k={k}\n(all {eff[k]})" for k in ks])
     ax.set_ylim(0, 105)
     title = f"k-NN probe ({r['n_train']} train / {r['n_val']} val, {r['classes']} classes, T={r['temperature']:g})"
     viz.style_axes(ax, "neighbours", "accuracy (%)", title)

@@ -92,10 +92,11 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
         clean = run(vae.decode, mu)  # (B, P, C)
         if pix is not None:
             ref_lat, ref_feat = run(pix, clean).clamp(0, 1), run(pix, x).clamp(0, 1)
-            imgs = [store_image(store, int(i), pix.grid * pix.patch_size) for i in idx]
+            S = pix.grid * pix.patch_size
+            imgs = [store_image(store, int(i), S) for i in idx]  # (S, S, 3) or None when unreadable
             ok = torch.tensor([im is not None for im in imgs], device=rt.device)
-            real = torch.stack([torch.from_numpy(im).permute(2, 0, 1) if im is not None else
-                                torch.zeros(3, pix.grid * pix.patch_size, pix.grid * pix.patch_size) for im in imgs]).to(rt.device)
+            real = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() if im is not None
+                                else torch.zeros(3, S, S) for im in imgs]).to(rt.device)  # (B, 3, S, S)
         for s, sigma in enumerate(sigmas):
             rec = run(vae.decode, mu + sigma * eps_z)
             xs = x + sigma * eps_x
@@ -130,20 +131,21 @@ def _plot(r: dict, path: Path) -> None:
     fig = viz.new_figure(4.2 * (3 if has_pix else 2), 3.8)
     axes = fig.subplots(1, 3 if has_pix else 2)
     sig, lat, feat = r["sigmas"], r["latent"], r["features_noise"]
-    series = [("latent noise, vs clean decode", lat, "clean", "-"),
-              ("latent noise, vs DINOv2 features", lat, "features", "-"),
-              ("noise on DINOv2 features", feat, "clean", "--")]
+    series = [("latent noise, vs clean decode", lat, "clean", "-", "C0"),
+              ("latent noise, vs DINOv2 features", lat, "features", "-.", "C1"),
+              ("noise on DINOv2 features", feat, "clean", "--", "C2")]
     for ax, metric, ylabel in ((axes[0], "cosine", "feature cosine similarity"),
                                (axes[1], "rel_l2", "relative L2 error")):
-        for label, table, ref, ls in series:
-            viz.curve(ax, sig, table[f"{metric}_vs_{ref}"], label, linestyle=ls)
+        for label, table, ref, ls, colour in series:
+            viz.curve(ax, sig, table[f"{metric}_vs_{ref}"], label, linestyle=ls, color=colour)
         viz.style_axes(ax, "noise σ on latents / features", ylabel, legend=metric == "cosine")
-    if has_pix:
-        for label, table, ls in (("latent noise", lat, "-"), ("noise on DINOv2 features", feat, "--")):
-            for ref, ref_label in (("clean", "vs noise-free decode"), ("image", "vs image")):
+    if has_pix:  # colour: where the noise went (as in the other panels); line style: the reference
+        for label, table, colour in (("latent noise", lat, "C0"), ("noise on DINOv2 features", feat, "C2")):
+            for ref, ref_label, ls, mk in (("clean", "vs noise-free decode", "-", "o"), ("image", "vs image", ":", "s")):
                 key = f"psnr_vs_{ref}"
                 if key in table and table[key][0] is not None:
-                    viz.curve(axes[2], sig, np.minimum(np.asarray(table[key], dtype=float), 60.0), f"{label}, {ref_label}", linestyle=ls)
+                    capped = np.minimum(np.asarray(table[key], dtype=float), 60.0)
+                    viz.curve(axes[2], sig, capped, f"{label}, {ref_label}", marker=mk, linestyle=ls, color=colour)
         viz.style_axes(axes[2], "noise σ", "PSNR (dB, capped at 60)")
     fig.suptitle(f"Robustness to Gaussian noise ({r['n_images']} images; latent RMS {r['latent_rms']:.3g})")
     viz.save_figure(fig, path)

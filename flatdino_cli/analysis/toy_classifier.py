@@ -18,16 +18,20 @@ from flatdino_cli.toydata import CLASS_NAMES, render
 
 
 class ToyClassifier(nn.Module):
-    def __init__(self, num_classes: int = len(CLASS_NAMES), width: int = 32):
+    def __init__(self, num_classes: int = len(CLASS_NAMES), width: int = 16):
         super().__init__()
         chans = [3, width, 2 * width, 4 * width]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:]))
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(),
+                          nn.Conv2d(b, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU())
+            for a, b in zip(chans[:-1], chans[1:]))
         self.head = nn.Linear(chans[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) in [0, 1] -> logits (B, K)."""
+        x = x - 0.5
         for conv in self.convs:
-            x = F.max_pool2d(F.relu(conv(x)), 2)
+            x = F.max_pool2d(conv(x), 2)
         return self.head(x.mean((2, 3)))
 
 
@@ -53,7 +57,7 @@ def predict(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarra
     return torch.cat(out).numpy()
 
 
-def train_toy_classifier(size: int = 48, per_class: int = 150, epochs: int = 8, seed: int = 0,
+def train_toy_classifier(size: int = 48, per_class: int = 100, epochs: int = 6, seed: int = 0,
                          test_per_class: int = 50) -> tuple[ToyClassifier, float]:
     """Train on the 'classifier-train' split; returns (model, accuracy on 'classifier-test')."""
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +68,7 @@ def train_toy_classifier(size: int = 48, per_class: int = 150, epochs: int = 8, 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * (len(xt) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    bar = tqdm(total=steps, desc="toy classifier", unit="step", leave=False)
+    bar = tqdm(total=steps, desc="toy classifier", unit="step", leave=False, mininterval=2)
     for _ in range(epochs):
         perm = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt) - 63, 64):

@@ -141,12 +141,12 @@ def resolve_dino_s8_weights(weights: str | Path | None = None) -> Path:
 
 
 def _dino_s8(weights: str | Path | None) -> nn.Module:
+    path = resolve_dino_s8_weights(weights)  # first: a missing file fails before timm is even imported
     import timm
 
     from flatdino_cli.encoders import read_state_dict
     from flatdino_cli.train import load_into
 
-    path = resolve_dino_s8_weights(weights)
     sd = read_state_dict(path, "--disc-weights")
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.")) and k not in ("x_scale", "x_shift")}
     vit = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0)

@@ -61,26 +61,27 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: str | None = None,
-                 proj_bias: bool = True):
+                 proj_bias: bool = True, inner_dim: int | None = None):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        inner = inner_dim or dim  # FAE's encoder attends in a wider space than its input
+        if inner % num_heads != 0:
+            raise ValueError(f"attention width {inner} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim, self.inner = num_heads, inner // num_heads, inner
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.q_norm = _qk_norm(qk_norm, self.head_dim)
         self.k_norm = _qk_norm(qk_norm, self.head_dim)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, N, dim); rope = (cos, sin), each (N, head_dim), or None."""
-        B, N, C = x.shape
+        B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.inner))
 
     @torch.no_grad()
     def load_qkv(self, q: nn.Linear | dict, k: nn.Linear | dict, v: nn.Linear | dict) -> None:

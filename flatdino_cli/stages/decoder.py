@@ -6,8 +6,10 @@ rows must be these images) or the frozen encoder run on the same crop every step
 horizontal flip of both). Training only: features get Gaussian noise of sigma = noise_tau * U(0,1)
 per sample. Loss = l1 * L1 + lpips * LPIPS + gan * adaptive_weight * G-loss; the GAN term starts at
 gan_start_epoch, and from disc_start_epoch the discriminator takes one hinge-loss AdamW step inside
-each loss call (on 8-bit-quantised fakes, DiffAugment on both sides). The discriminator and its
-optimizer are Task.aux, so they are checkpointed and resumed with the decoder. Validation (every
+each loss call (DiffAugment on both sides; the fakes are this step's reconstructions, detached and
+quantised to 8 bits; RAE regenerates them after the decoder's update in eval mode, one more forward).
+The discriminator and its optimizer are Task.aux, so they are checkpointed and resumed with the
+decoder. Validation (every
 epoch) logs L1 (the "loss" that picks checkpoints/best), PSNR on held-out images and the PSNR of
 predicting the training mean image, the floor a decoder has to beat.
 """

@@ -57,20 +57,18 @@ def compute_stats(store: Store, batch: int = 1024) -> tuple[torch.Tensor, torch.
 
 
 def save_stats(path: Path, mean: torch.Tensor, var: torch.Tensor, grid: tuple[int, int] | None) -> None:
+    """(N, C) stats -> RAE's (C, H, W) file; a 1-D token sequence (grid None) is stored as (C, N, 1)."""
     from flatdino_cli.models.pixel_decoder import save_rae_stats
 
-    if grid:  # RAE layout (C, H, W)
-        h, w = grid
-        mean, var = (t.T.reshape(-1, h, w) for t in (mean, var))
-    save_rae_stats(path, mean, var)
+    h, w = grid or (mean.shape[0], 1)
+    save_rae_stats(path, *(t.T.reshape(-1, h, w) for t in (mean, var)))
 
 
 def load_stats(path: Path, grid: tuple[int, int] | None) -> LatentStats:
+    """RAE's (C, H, W) file -> per-token stats (H*W, C); scalar / (C,) stats are used as given."""
     from flatdino_cli.models.pixel_decoder import load_rae_stats
 
-    mean, var = load_rae_stats(path)
-    if grid:  # (C, H, W) -> (H*W, C)
-        mean, var = (t.reshape(t.shape[0], -1).T for t in (mean, var))
+    mean, var = (t.reshape(t.shape[0], -1).T if t.dim() == 3 else t for t in load_rae_stats(path))
     return LatentStats(mean, var)
 
 
@@ -114,6 +112,10 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
                 save_stats(out / STATS_FILE, *compute_stats(store), grid)
             rt.barrier()
         stats = load_stats(out / STATS_FILE, grid).to(rt.device)
+        if stats.mean.dim() == 2 and tuple(stats.mean.shape) != (cfg.model.tokens, cfg.model.in_dim):
+            raise UserError(f"{out / STATS_FILE}: per-position stats of token shape {tuple(stats.mean.shape)}, "
+                            f"the store holds {(cfg.model.tokens, cfg.model.in_dim)}; rerun with --compute-stats")
+    torch.manual_seed(cfg.train.seed)  # the init follows train.seed
     model = build_model(cfg)
     flow = cfg.flow
 

@@ -1,0 +1,77 @@
+"""FAE mode (seed 004): shapes, parameter counts against the paper's architecture, FLOPs rows,
+per-patch ablation, and the train-vae -> extract -> train-dit path on a 2-D latent grid."""
+
+import numpy as np
+import torch
+
+from conftest import run_cli
+from flatdino_cli.analysis import flops as F
+from flatdino_cli.config import load_preset
+from flatdino_cli.models import build_model, count_parameters
+
+PAPER = ["model.feature_dim=1536", "model.enc_width=6144", "model.enc_heads=24", "model.dec_width=1536",
+         "model.dec_heads=24", "model.latent_dim=32"]  # seed 004, appendix D (DINOv2-g, 1536-d)
+
+
+def test_fae_shapes_and_latent_grid():
+    cfg = load_preset("tiny-fae", ["model.feature_dim=64", "model.num_patches=36"])
+    assert cfg.model.latent_shape == (36, 8)
+    m = build_model(cfg).eval()
+    x = torch.randn(3, 36, 64)
+    mu, logvar = m.encode(x)
+    assert mu.shape == logvar.shape == (3, 36, 8)
+    recon, mu2, _ = m(x)
+    assert recon.shape == x.shape and torch.equal(mu, mu2)
+    # patches interact only through the one attention layer: the encoder is not per-patch linear
+    y = x.clone()
+    y[:, 0] += 1.0
+    assert not torch.allclose(m.encode(y)[0][:, 5], mu[:, 5])
+
+
+def test_fae_parameter_counts_follow_the_architecture():
+    C, I, W, d, depth = 1536, 6144, 1536, 32, 6
+    parts = count_parameters(load_preset("fae-16x16x32", PAPER))
+    encoder = C + (C * 3 * I + 3 * I) + (I * C + C) + (C * 2 * d + 2 * d)  # norm, qkv, proj, latent head
+    hidden = int(2 / 3 * 4 * W)  # 4096
+    block = 2 * W + (W * 3 * W + 3 * W) + (W * W + W) + (W * 2 * hidden + 2 * hidden) + (hidden * W + W)
+    decoder = (d * W + W) + depth * block + W
+    assert parts["enc_norm"] + parts["enc_attn"] + parts["enc_out"] == encoder
+    assert parts["dec_in"] + parts["dec_blocks"] + parts["dec_norm"] == decoder
+    # the paper's appendix D: 38.17M / 170.43M; its decoder differs by exactly one learned 256 x 1536 table
+    assert abs(encoder / 1e6 - 38.17) / 38.17 < 0.01
+    assert abs((decoder + 256 * W) / 1e6 - 170.43) < 0.01
+
+
+def test_fae_flops_rows():
+    vae = load_preset("fae-16x16x32").model  # DINOv2-B: C = 768, attention width 3072
+    assert F.vae_encoder_flops(vae) == 2 * 256 * 3072 * (2 * 768 + 256)
+    table = F.flops_table(load_preset("fae-xl-16x16x32"), load_preset("rae-xl-256x768"), vae)
+    assert table["a"]["forward"] == 28 * F.layer_flops(256, 1152) == table["b"]["forward"]
+    assert table["a"]["encoding"] > table["b"]["encoding"]  # DINOv2 + the FAE attention layer
+    assert round(table["ratio"]["forward"], 6) == 1.0  # same token count: FAE saves channels, not tokens
+
+
+def test_fae_ablation_is_per_patch(tmp_path):
+    from flatdino_cli.analysis.ablate import ablation_heatmaps
+
+    cfg = load_preset("tiny-fae", ["model.feature_dim=16", "model.num_patches=16", "model.dec_depth=1"])
+    m = build_model(cfg).eval()
+    with torch.no_grad():
+        mu, _ = m.encode(torch.randn(4, 16, 16))
+        maps = ablation_heatmaps(m.decode, [mu], unit_batch=4)
+    assert maps.shape == (16, 16)
+    assert (np.argmax(maps, axis=1) == np.arange(16)).mean() >= 0.75  # each latent matters most at its own patch
+
+
+def test_fae_trains_extracts_and_feeds_a_grid_dit(tmp_path):
+    run_cli("toy-data", tmp_path / "toy", "--per-class", "6")
+    run_cli("extract", tmp_path / "toy", tmp_path / "feats", "--encoder", "tiny", "--val-split", "12")
+    run_cli("train-vae", "--preset", "tiny-fae", "--features", tmp_path / "feats", "--out", tmp_path / "fae",
+            "--set", "train.max_steps=3", "--batch-size", "16", env={"OMP_NUM_THREADS": "1"})
+    run_cli("extract", tmp_path / "feats", tmp_path / "lat", "--vae", tmp_path / "fae")
+    from flatdino_cli.data import Store
+
+    assert Store.open(tmp_path / "lat").item_shape == (36, 8)
+    run_cli("train-dit", "--preset", "tiny-fae-dit", "--latents", tmp_path / "lat", "--out", tmp_path / "dit",
+            "--set", "train.max_steps=2", "--batch-size", "8", env={"OMP_NUM_THREADS": "1"})
+    assert (tmp_path / "dit" / "checkpoints" / "latest" / "ema.safetensors").is_file()

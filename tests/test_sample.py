@@ -1,0 +1,420 @@
+"""sample / reconstruct: tiny random run dirs (VAE, DiT, pixel decoder, stores) built here, then the
+commands end to end: outputs, seeds vs batch size, class names, one-line refusals of mismatched
+runs, the RAE-mode path, a killed sharded run resumed, prefix truncation, and the image metrics."""
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.signal import convolve2d
+from typer.testing import CliRunner
+
+from flatdino_cli import sample as S
+from flatdino_cli import viz
+from flatdino_cli.cli import app
+from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig,
+                                 VAEModelConfig, VAEStageConfig, save_config)
+from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb
+from flatdino_cli.errors import UserError
+from flatdino_cli.flow import FlowConfig, make_velocity_fn
+from flatdino_cli.flow import sample as flow_sample
+from flatdino_cli.models import build_model
+from flatdino_cli.stages.dit import load_stats, save_stats
+from flatdino_cli.train import save_checkpoint
+from flatdino_cli.utils import atomic_write_json, sha256_file
+
+P, C = 36, 64  # the `tiny` encoder: 48 px, patch 8 -> 6 x 6 patches of width 64
+T, D = 4, 8  # tiny "32 x 128"
+NAMES = ["red circle", "blue square", "green triangle"]
+FLOW = FlowConfig(steps=3, shift=2.0, cfg_scale=2.0, cfg_interval=(0.0, 1.0))
+
+
+def vae_cfg(latent: int = D) -> VAEStageConfig:
+    return VAEStageConfig(model=VAEModelConfig(tokens=T, latent_dim=latent, feature_dim=C, num_patches=P,
+                                               enc_width=16, enc_depth=1, enc_heads=2, dec_width=16, dec_depth=1,
+                                               dec_heads=2))
+
+
+def dit_cfg(tokens: int = T, in_dim: int = D, grid=None, normalize: bool = False) -> DiTStageConfig:
+    return DiTStageConfig(model=DiTModelConfig(tokens=tokens, in_dim=in_dim, grid=grid, width=16, depth=1, heads=2,
+                                               mlp_hidden=32, num_classes=len(NAMES)), flow=FLOW, normalize=normalize)
+
+
+def dec_cfg(in_dim: int = C) -> DecoderStageConfig:
+    return DecoderStageConfig(model=DecoderModelConfig(in_dim=in_dim, num_patches=P, patch_size=8, width=16, depth=1,
+                                                       heads=2, mlp_hidden=32))
+
+
+def make_run(path, cfg, seed: int, ema: bool = False, inputs: dict | None = None, scale: float = 0.1):
+    """A run dir as the trainers leave it; weights perturbed (N(0, scale)) so that zero-initialised
+    layers do something and the images depend on the latents."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+    ema_model = None
+    if ema:
+        ema_model = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in ema_model.parameters():
+                if p.requires_grad:
+                    p.add_(scale * torch.randn_like(p))
+    path.mkdir(parents=True)
+    save_config(cfg, path / "config.yaml")
+    save_checkpoint(path, "latest", model, ema_model, {"step": 1})
+    atomic_write_json(path / "inputs.json", inputs or {})
+    return path
+
+
+def make_store(path, kind, shape, identity, labels, extra):
+    store = Store.create(path, kind, shape, len(labels), "float32", identity=identity,
+                         preprocessing=EncoderTransform(48, 48, "bicubic").spec(),
+                         paths=[f"/x/{i}.png" for i in range(len(labels))], labels=labels, extra=extra)
+    store.write_rows(np.arange(len(labels)), np.random.default_rng(0).normal(size=(len(labels), *shape)))
+    store.mark_done(np.arange(len(labels)))
+    store.finalize()
+    store.close()
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes
+    each tiny matmul ~10x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    feats = make_store(root / "feats", "features", (P, C),
+                       {"encoder": "tiny", "weights": "random-init(seed=0): for testing only", "num_patches": P,
+                        "dim": C}, [0, 1, 2, 0], {"class_names": NAMES})
+    vae = make_run(root / "vae", vae_cfg(), 1, inputs={"features": {"path": str(feats), "manifest_sha256": "x"}},
+                   scale=0.3)
+    vae_sha = sha256_file(vae / "checkpoints/latest/model.safetensors")
+    lat_ident = {"vae_run": str(vae.resolve()), "vae_checkpoint_sha256": vae_sha}
+    lat = make_store(root / "latents", "latents", (T, D), lat_ident, [0, 1, 2, 0], {"class_names": NAMES})
+    dit = make_run(root / "dit", dit_cfg(), 2, ema=True,
+                   inputs={"latents": {"path": str(lat), "kind": "latents", "identity": lat_ident}})
+    rae = make_run(root / "rae", dit_cfg(P, C, grid=(6, 6), normalize=True), 3, ema=True,
+                   inputs={"latents": {"path": str(feats), "kind": "features"}})
+    g = torch.Generator().manual_seed(0)
+    save_stats(rae / "stats.pt", torch.randn(P, C, generator=g), torch.rand(P, C, generator=g) + 0.5, (6, 6))
+    imgs = root / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(1)
+    for i, (h, wd) in enumerate([(60, 50), (48, 48), (40, 70)]):
+        Image.fromarray(rng.integers(0, 256, (h, wd, 3), dtype=np.uint8)).save(imgs / f"im{i}.png")
+    return {"root": root, "vae": vae, "dit": dit, "rae": rae, "dec": make_run(root / "dec", dec_cfg(), 4, ema=True),
+            "vae16": make_run(root / "vae16", vae_cfg(latent=16), 5),
+            "dec32": make_run(root / "dec32", dec_cfg(in_dim=32), 6), "imgs": imgs, "lat": lat}
+
+
+def cli(*args, ok: bool = True):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, f"{r.output}\n{r.exception!r}"
+    return r
+
+
+def one_line_error(r) -> str:
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("flatdino: error: "), r.stderr
+    return lines[0]
+
+
+def base(w, out, *extra):
+    return ["sample", "--dit", w["dit"], "--vae", w["vae"], "--decoder", w["dec"], "--out", out, "--device", "cpu",
+            *extra]
+
+
+def npz_of(out):
+    [f] = list(out.glob("samples_*.npz"))
+    with np.load(f) as z:
+        return z["arr_0"], z["arr_1"]
+
+
+# ----------------------------------------------------------------------------- sample
+def test_sample_writes_pngs_grid_npz_and_manifest(w, tmp_path):
+    out = tmp_path / "s"
+    cli(*base(w, out, "--class", "1", "-n", "5", "--batch-size", "2", "--shard-size", "3"))
+    arr, labels = npz_of(out)
+    assert arr.shape == (5, 48, 48, 3) and arr.dtype == np.uint8 and labels.tolist() == [1] * 5
+    pngs = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"001_{i:06d}.png" for i in range(5)]
+    for i, p in enumerate(pngs):
+        assert np.array_equal(viz.load_png(p), arr[i])
+    assert len({a.tobytes() for a in arr}) == 5  # every image has its own noise
+    assert (out / "grid.png").is_file() and not (out / "parts").exists()  # parts go once the npz exists
+    m = json.loads((out / "samples.json").read_text())
+    assert m["complete"] and m["identity"]["seed"] == 0 and m["identity"]["flow"]["cfg_scale"] == 2.0
+    assert m["identity"]["dit"]["ema"] and m["identity"]["dit"]["sha256"] == sha256_file(
+        w["dit"] / "checkpoints/latest/ema.safetensors")
+    assert m["identity"]["vae"]["sha256"] == sha256_file(w["vae"] / "checkpoints/latest/model.safetensors")
+    assert m["identity"]["decoder"]["sha256"] == sha256_file(w["dec"] / "checkpoints/latest/ema.safetensors")
+    assert m["identity"]["decoder"]["path"] == str(w["dec"].resolve())
+
+
+def test_decode_path_matches_a_direct_computation(w):
+    """latents -> VAE decoder -> pixel decoder -> round, by hand, equals generate()."""
+    pipe = S.load_pipeline(w["dit"], w["vae"], w["dec"])
+    labels, idx = [0, 2, 1], [0, 1, 2]
+    got = S.generate(pipe, labels, idx, seed=7, batch_size=2)
+    noise = S.image_noise(7, idx, (T, D))
+    with torch.no_grad():
+        x = flow_sample(make_velocity_fn(pipe.dit, torch.tensor(labels), FLOW, len(NAMES)), noise, 3, 2.0)
+        pix = pipe.decoder(pipe.vae.decode(x))
+    want = (pix.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    assert np.array_equal(got, want)
+
+
+def test_same_seed_same_images_for_any_batch_size(w, tmp_path):
+    """The noise of image i is exactly the same for any batch size. The images are too, up to float
+    rounding: torch's CPU kernels are not bit-identical across batch shapes (vectorised vs scalar
+    tails, e.g. sin of a (1,) vs an (8,) time tensor differs in the last ulp), and once in a while
+    such an ulp moves a pixel across a rounding boundary: at most 1 grey level, in a few values."""
+    assert torch.equal(S.image_noise(3, range(8), (T, D))[5], S.image_noise(3, [5], (T, D))[0])
+    cli(*base(w, tmp_path / "b1", "-c", "0", "-c", "2", "-n", "8", "--seed", "3", "--batch-size", "1"))
+    cli(*base(w, tmp_path / "b8", "-c", "0", "-c", "2", "-n", "8", "--seed", "3", "--batch-size", "8"))
+    cli(*base(w, tmp_path / "s4", "-c", "0", "-c", "2", "-n", "8", "--seed", "4", "--batch-size", "8"))
+    (a, la), (b, lb), (c, _) = npz_of(tmp_path / "b1"), npz_of(tmp_path / "b8"), npz_of(tmp_path / "s4")
+    assert la.tolist() == [0, 0, 0, 0, 2, 2, 2, 2] and np.array_equal(la, lb)
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).sum())
+    assert (np.abs(a.astype(int) - c.astype(int)) > 1).mean() > 0.3  # another seed: other images
+
+
+def test_no_ema_cfg_and_steps_overrides_change_images(w, tmp_path):
+    cli(*base(w, tmp_path / "ema", "-c", "1", "-n", "2"))
+    cli(*base(w, tmp_path / "raw", "-c", "1", "-n", "2", "--no-ema"))
+    cli(*base(w, tmp_path / "cfg", "-c", "1", "-n", "2", "--cfg", "1", "--steps", "2", "--sampler", "heun",
+              "--interval", "0.1,0.9"))
+    ema, raw, cfg1 = (npz_of(tmp_path / d)[0] for d in ("ema", "raw", "cfg"))
+    assert not np.array_equal(ema, raw) and not np.array_equal(ema, cfg1)
+    m = json.loads((tmp_path / "cfg" / "samples.json").read_text())["identity"]
+    assert m["flow"] == {**m["flow"], "cfg_scale": 1.0, "steps": 2, "sampler": "heun", "cfg_interval": [0.1, 0.9]}
+    assert json.loads((tmp_path / "raw" / "samples.json").read_text())["identity"]["dit"]["ema"] is False
+
+
+def test_class_by_name_and_unknown_name(w, tmp_path):
+    cli(*base(w, tmp_path / "n", "-c", "Green_Triangle", "--classes", "blue square", "-n", "2"))
+    assert npz_of(tmp_path / "n")[1].tolist() == [2, 1]
+    line = one_line_error(cli(*base(w, tmp_path / "x", "-c", "gren triangle"), ok=False))
+    assert "'green triangle'" in line and "unknown class name" in line
+    line = one_line_error(cli(*base(w, tmp_path / "x", "-c", "purple"), ok=False))
+    assert "'red circle', 'blue square', 'green triangle'" in line
+    assert S.resolve_classes(["goldfinch", "Golden Retriever", "207", "Cardigan", "cardigan"], 1000) == \
+        [11, 207, 207, 264, 474]
+    with pytest.raises(UserError, match="'golden retriever'"):
+        S.resolve_classes(["golden retreiver"], 1000)
+    with pytest.raises(UserError, match="out of range"):
+        S.resolve_classes(["3"], 3)
+
+
+def test_vae_default_from_inputs_and_provenance_warning(w, tmp_path):
+    cli("sample", "--dit", w["dit"], "--decoder", w["dec"], "-c", "0", "-n", "1", "--out", tmp_path / "d",
+        "--device", "cpu")
+    assert json.loads((tmp_path / "d" / "samples.json").read_text())["identity"]["vae"]["path"] == \
+        str(w["vae"].resolve())
+    copy_ = shutil.copytree(w["vae"], tmp_path / "vae-copy")
+    with pytest.warns(UserWarning, match="trained on latents of VAE"):
+        S.load_pipeline(w["dit"], copy_, w["dec"])
+
+
+def test_mismatched_vae_and_decoder_are_one_line_errors(w, tmp_path):
+    line = one_line_error(cli("sample", "--dit", w["dit"], "--vae", w["vae16"], "--decoder", w["dec"], "-c", "0",
+                              "--out", tmp_path / "x", "--device", "cpu", ok=False))
+    assert "4 x 16 latents" in line and "4 x 8" in line
+    line = one_line_error(cli("sample", "--dit", w["dit"], "--vae", w["vae"], "--decoder", w["dec32"], "-c", "0",
+                              "--out", tmp_path / "y", "--device", "cpu", ok=False))
+    assert "pixel decoder expects 36 x 32" in line and "36 x 64" in line
+    line = one_line_error(cli("sample", "--dit", w["rae"], "--vae", w["vae"], "--decoder", w["dec"], "-c", "0",
+                              "--out", tmp_path / "z", "--device", "cpu", ok=False))
+    assert "RAE-mode" in line and "drop --vae" in line
+    line = one_line_error(cli("sample", "--dit", w["rae"], "--decoder", w["dec32"], "-c", "0",
+                              "--out", tmp_path / "z", "--device", "cpu", ok=False))
+    assert "pixel decoder expects" in line
+
+
+def test_rae_mode_decodes_denormalised_features(w, tmp_path):
+    out = tmp_path / "rae"
+    cli("sample", "--dit", w["rae"], "--decoder", w["dec"], "-c", "red circle", "-n", "3", "--out", out,
+        "--device", "cpu", "--batch-size", "2")
+    arr, labels = npz_of(out)
+    assert arr.shape == (3, 48, 48, 3) and labels.tolist() == [0, 0, 0]
+    pipe = S.load_pipeline(w["rae"], None, w["dec"])
+    assert pipe.vae is None and pipe.stats is not None
+    stats = load_stats(w["rae"] / "stats.pt", (6, 6))
+    noise = S.image_noise(0, [0, 1, 2], (P, C))
+    with torch.no_grad():
+        x = flow_sample(make_velocity_fn(pipe.dit, torch.zeros(3, dtype=torch.long), FLOW, len(NAMES)), noise, 3, 2.0)
+        pix = pipe.decoder(x * stats.std + stats.mean)
+    assert np.array_equal(arr, viz.to_uint8(pix))
+
+
+def test_sharded_fid_set_resumes_after_a_kill(w, tmp_path, monkeypatch):
+    args = ("--classes", "all", "--per-class", "2", "--shard-size", "2", "--batch-size", "1")
+    cli(*base(w, tmp_path / "ref", *args))
+    ref, ref_labels = npz_of(tmp_path / "ref")
+    assert ref.shape == (6, 48, 48, 3) and ref_labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+    out = tmp_path / "run"
+    real, calls = S.generate, []
+
+    def dying(*a, **k):  # the 4th batch never finishes: a kill in the middle of shard 2
+        calls.append(len(a[1]))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "generate", dying)
+    r = cli(*base(w, out, *args), ok=False)
+    assert r.exit_code == 130
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["part_0000000-0000002.npz"]
+    assert len(list((out / "images").glob("*.png"))) == 3 and not list(out.glob("samples_*.npz"))
+
+    calls.clear()
+    monkeypatch.setattr(S, "generate", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1])
+    cli(*base(w, out, *args))
+    assert sum(calls) == 3  # only the images that were missing
+    arr, labels = npz_of(out)
+    assert np.array_equal(arr, ref) and np.array_equal(labels, ref_labels)
+
+    # final file and one image lost: rebuilt from the other PNGs, one image generated again
+    next(out.glob("samples_*.npz")).unlink()
+    (out / "images" / "001_000003.png").unlink()
+    calls.clear()
+    cli(*base(w, out, *args))
+    assert sum(calls) == 1 and np.array_equal(npz_of(out)[0], ref)
+    # other settings in the same folder are refused
+    line = one_line_error(cli(*base(w, out, *args, "--seed", "1"), ok=False))
+    assert "seed" in line and "other settings" in line
+
+
+def test_grid_plan_one_row_per_class():
+    idx, nrow = S._grid_plan([0] * 3 + [1] * 3 + [2] * 3)
+    assert nrow == 3 and idx == list(range(9))
+    idx, nrow = S._grid_plan([5] * 20)
+    assert nrow == 5 and idx == list(range(20))
+    idx, nrow = S._grid_plan([c for c in range(40) for _ in range(50)])
+    assert nrow == S.GRID_COLS and len(idx) == S.GRID_ROWS * S.GRID_COLS
+
+
+def test_training_grid_hook(w, tmp_path):
+    from flatdino_cli.runs import load_run
+
+    cfg, model, _ = load_run(w["dit"], "dit")
+    cfg = dataclasses.replace(cfg, sample_every=2)
+    hook = S.training_grid_hook(cfg, tmp_path, w["vae"], w["dec"], S.CPU)
+    model.train()
+    hook(1, model, None)
+    assert not (tmp_path / "samples").exists()
+    hook(2, model, None)
+    assert model.training  # the mode is restored
+    img = viz.load_png(tmp_path / "samples" / "step_0000002.png")
+    assert img.shape == (2 + 50, 2 + 3 * 50, 3)  # one row, one image (48 px + 2 px padding) per class
+    with pytest.raises(UserError, match="4 x 16 latents"):
+        S.training_grid_hook(cfg, tmp_path, w["vae16"], w["dec"], S.CPU)
+
+
+# ----------------------------------------------------------------------------- reconstruct
+def test_reconstruct_writes_grid_json_and_truncates_tokens(w, tmp_path):
+    from flatdino_cli.encoders import load_encoder
+    from flatdino_cli.models.pixel_decoder import load_decoder
+    from flatdino_cli.runs import load_run
+
+    out = tmp_path / "r"
+    cli("reconstruct", w["imgs"], "--vae", w["vae"], "--decoder", w["dec"], "--out", out, "--tokens", "2",
+        "--batch-size", "2", "--device", "cpu")
+    res = json.loads((out / "reconstruct.json").read_text())
+    assert res["count"] == 3 and res["tokens_kept"] == 2 and res["tokens"] == T and res["grids"] == ["grid_000.png"]
+    grid = viz.load_png(out / "grid_000.png")
+    assert grid.shape == (2 + 50, 2 + 6 * 50, 3)  # one row: 3 original | reconstruction pairs (4 fit a row)
+
+    _, vae, _ = load_run(w["vae"], "vae")
+    enc, dec = load_encoder("tiny"), load_decoder(w["dec"])
+    tf = EncoderTransform(48, 48, "bicubic")
+    imgs = [load_rgb(w["imgs"] / f"im{i}.png") for i in range(3)]
+    with torch.no_grad():
+        feats = enc(torch.stack([tf(im) for im in imgs]))
+        mu = vae.encode(feats)[0]
+        cut = mu.clone()
+        cut[:, 2:] = 0
+        rec_feats = vae.decode(cut)
+        want = viz.to_uint8(dec(rec_feats))
+        full = viz.to_uint8(dec(vae.decode(mu)))
+    assert torch.equal(S.keep_prefix(mu, 2), cut)
+    for i, row in enumerate(res["per_image"]):
+        got = viz.load_png(out / "images" / f"{i:06d}.png")
+        assert np.array_equal(got, want[i])
+        orig = torch.from_numpy(np.array(adm_center_crop(imgs[i], 48))).permute(2, 0, 1)[None].double() / 255
+        rec = torch.from_numpy(got).permute(2, 0, 1)[None].double() / 255
+        assert row["psnr"] == pytest.approx(S.psnr(orig, rec).item(), abs=1e-9)
+        assert row["ssim"] == pytest.approx(S.ssim(orig, rec).item(), abs=1e-9)
+        cos = torch.nn.functional.cosine_similarity(rec_feats[i], feats[i], dim=-1).mean().item()
+        assert row["feature_cosine"] == pytest.approx(cos, abs=1e-5)
+    assert not np.array_equal(want, full)  # the dropped tokens mattered
+    assert res["mean"]["psnr"] == pytest.approx(np.mean([r["psnr"] for r in res["per_image"]]))
+
+
+def test_reconstruct_refuses_another_encoder_and_bad_tokens(w, tmp_path):
+    line = one_line_error(cli("reconstruct", w["imgs"], "--vae", w["vae"], "--decoder", w["dec"], "--out", tmp_path,
+                              "--encoder", "dinov2-b-reg4", "--device", "cpu", ok=False))
+    assert "trained on tiny features" in line
+    line = one_line_error(cli("reconstruct", w["imgs"], "--vae", w["vae"], "--decoder", w["dec"], "--out", tmp_path,
+                              "--tokens", "5", "--device", "cpu", ok=False))
+    assert "0..4" in line
+
+
+# ----------------------------------------------------------------------------- metrics
+def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """Wang et al.'s SSIM written out with scipy: Gaussian 11x11 (sigma 1.5), 'valid', mean per channel."""
+    x = np.arange(11) - 5.0
+    g = np.exp(-x**2 / (2 * 1.5**2))
+    win = np.outer(g, g) / np.outer(g, g).sum()
+    out = []
+    for ch in range(3):
+        f = lambda im: convolve2d(im, win, mode="valid")  # noqa: E731
+        x_, y_ = a[ch], b[ch]
+        mx, my = f(x_), f(y_)
+        vx, vy, cxy = f(x_ * x_) - mx**2, f(y_ * y_) - my**2, f(x_ * y_) - mx * my
+        s = ((2 * mx * my + 1e-4) * (2 * cxy + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
+        out.append(s.mean())
+    return float(np.mean(out))
+
+
+def test_ssim_and_psnr():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 20, generator=g, dtype=torch.float64)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert torch.allclose(S.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-12)
+    s = S.ssim(x, y)
+    assert (s < 0.99).all() and torch.allclose(s, S.ssim(y, x))
+    assert s[0].item() == pytest.approx(ssim_reference(x[0].numpy(), y[0].numpy()), abs=1e-10)
+    assert S.psnr(x, x).isinf().all()  # identical: +inf (reports write PSNR_CAP instead)
+    assert S.psnr(x * 0, x * 0 + 0.1).tolist() == pytest.approx([20.0, 20.0])
+    assert S.ssim(x[:, :, :7, :7], y[:, :, :7, :7]).shape == (2,)  # smaller than the window
+
+
+def test_seeds_and_uint8_rounding():
+    assert S.image_seed(0, 1) != S.image_seed(1, 0) and S.image_seed(2, 5) == S.image_seed(2, 5)
+    a = S.image_noise(3, [4, 5], (2, 3))
+    assert torch.equal(a[1], S.image_noise(3, [5], (2, 3))[0])
+    px = torch.tensor([0.5 / 255 - 1e-6, 0.5 / 255 + 1e-6, 1.2, -0.3]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    assert viz.to_uint8(px)[0, :, :, 0].tolist() == [[0, 1], [255, 0]]
+    with pytest.raises(ValueError):
+        viz.make_grid(np.zeros((2, 4, 4, 3), np.uint8), 2, labels=["a"])
+    assert math.isclose(S.PSNR_CAP, 100.0)
