@@ -600,7 +600,7 @@ def reconstruct(
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --out recon
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --tokens 8 --out recon-k8
     """
-    from flatdino_cli.sample import run_reconstruct
+    from flatdino_cli.reconstruct import run_reconstruct
 
     r = run_reconstruct(images, vae, decoder, out, tokens=tokens, encoder=encoder,
                         encoder_weights=str(encoder_weights) if encoder_weights else None, n=n,

@@ -57,7 +57,8 @@ def _stage(out: Path, name: str, fn: Callable[[], dict], log: list) -> dict:
 def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = QuickstartPlan()) -> dict:
     from flatdino_cli.analysis.ablate import run_ablate
     from flatdino_cli.extract import extract_features, extract_latents
-    from flatdino_cli.sample import run_reconstruct, run_sample
+    from flatdino_cli.reconstruct import run_reconstruct
+    from flatdino_cli.sample import run_sample
     from flatdino_cli.stages.decoder import train_decoder
     from flatdino_cli.stages.dit import train_dit
     from flatdino_cli.stages.vae import train_vae

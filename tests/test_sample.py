@@ -15,6 +15,7 @@ from PIL import Image
 from scipy.signal import convolve2d
 from typer.testing import CliRunner
 
+from flatdino_cli import reconstruct as R
 from flatdino_cli import sample as S
 from flatdino_cli import viz
 from flatdino_cli.cli import app
@@ -356,14 +357,14 @@ def test_reconstruct_writes_grid_json_and_truncates_tokens(w, tmp_path):
         rec_feats = vae.decode(cut)
         want = viz.to_uint8(dec(rec_feats))
         full = viz.to_uint8(dec(vae.decode(mu)))
-    assert torch.equal(S.keep_prefix(mu, 2), cut)
+    assert torch.equal(R.keep_prefix(mu, 2), cut)
     for i, row in enumerate(res["per_image"]):
         got = viz.load_png(out / "images" / f"{i:06d}.png")
         assert np.array_equal(got, want[i])
         orig = torch.from_numpy(np.array(adm_center_crop(imgs[i], 48))).permute(2, 0, 1)[None].double() / 255
         rec = torch.from_numpy(got).permute(2, 0, 1)[None].double() / 255
-        assert row["psnr"] == pytest.approx(S.psnr(orig, rec).item(), abs=1e-9)
-        assert row["ssim"] == pytest.approx(S.ssim(orig, rec).item(), abs=1e-9)
+        assert row["psnr"] == pytest.approx(R.psnr(orig, rec).item(), abs=1e-9)
+        assert row["ssim"] == pytest.approx(R.ssim(orig, rec).item(), abs=1e-9)
         cos = torch.nn.functional.cosine_similarity(rec_feats[i], feats[i], dim=-1).mean().item()
         assert row["feature_cosine"] == pytest.approx(cos, abs=1e-5)
     assert not np.array_equal(want, full)  # the dropped tokens mattered
@@ -400,13 +401,13 @@ def test_ssim_and_psnr():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 24, 20, generator=g, dtype=torch.float64)
     y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-    assert torch.allclose(S.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-12)
-    s = S.ssim(x, y)
-    assert (s < 0.99).all() and torch.allclose(s, S.ssim(y, x))
+    assert torch.allclose(R.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-12)
+    s = R.ssim(x, y)
+    assert (s < 0.99).all() and torch.allclose(s, R.ssim(y, x))
     assert s[0].item() == pytest.approx(ssim_reference(x[0].numpy(), y[0].numpy()), abs=1e-10)
-    assert S.psnr(x, x).isinf().all()  # identical: +inf (reports write PSNR_CAP instead)
-    assert S.psnr(x * 0, x * 0 + 0.1).tolist() == pytest.approx([20.0, 20.0])
-    assert S.ssim(x[:, :, :7, :7], y[:, :, :7, :7]).shape == (2,)  # smaller than the window
+    assert R.psnr(x, x).isinf().all()  # identical: +inf (reports write PSNR_CAP instead)
+    assert R.psnr(x * 0, x * 0 + 0.1).tolist() == pytest.approx([20.0, 20.0])
+    assert R.ssim(x[:, :, :7, :7], y[:, :, :7, :7]).shape == (2,)  # smaller than the window
 
 
 def test_seeds_and_uint8_rounding():
@@ -417,4 +418,4 @@ def test_seeds_and_uint8_rounding():
     assert viz.to_uint8(px)[0, :, :, 0].tolist() == [[0, 1], [255, 0]]
     with pytest.raises(ValueError):
         viz.make_grid(np.zeros((2, 4, 4, 3), np.uint8), 2, labels=["a"])
-    assert math.isclose(S.PSNR_CAP, 100.0)
+    assert math.isclose(R.PSNR_CAP, 100.0)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from flatdino_cli.analysis.common import CPU, first_rows, iter_rows, load_vae, store_image, write_json
 from flatdino_cli.data import Store
+from flatdino_cli.reconstruct import PSNR_CAP, psnr
 from flatdino_cli.runtime import Runtime
 
 __all__ = ["SIGMAS", "feature_metrics", "psnr", "run_noise"]
@@ -36,12 +37,6 @@ def feature_metrics(a: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, t
     cos = F.cosine_similarity(a, ref, dim=-1).mean(1)
     rel = (a - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
     return cos, rel
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B,) PSNR in dB of images in [0, 1] (B, 3, H, W); identical images give 100 dB (capped)."""
-    mse = (a.float() - b.float()).square().flatten(1).mean(1)
-    return -10.0 * torch.log10(mse.clamp_min(1e-10))
 
 
 class _Means:
@@ -108,9 +103,9 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
             if pix is not None:
                 for path, feats, ref in (("latent", rec, ref_lat), ("features", xs, ref_feat)):
                     img = run(pix, feats).clamp(0, 1)
-                    means.add((path, "psnr_vs_clean", s), psnr(img, ref))
+                    means.add((path, "psnr_vs_clean", s), psnr(img, ref).clamp_max(PSNR_CAP))
                     if ok.any():
-                        means.add((path, "psnr_vs_image", s), psnr(img[ok], real[ok]))
+                        means.add((path, "psnr_vs_image", s), psnr(img[ok], real[ok]).clamp_max(PSNR_CAP))
     result = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": sha,
               "features": str(Path(features).resolve()), "features_manifest_sha256": store.manifest_hash(),
               "decoder": str(Path(decoder).resolve()) if decoder is not None else None,

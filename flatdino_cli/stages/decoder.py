@@ -36,6 +36,7 @@ from flatdino_cli.data import (BadImage, BadImageWarning, ImageList, Store, adm_
 from flatdino_cli.errors import UserError
 from flatdino_cli.losses import adaptive_weight, build_discriminator, diff_augment, generator_loss, hinge_d_loss
 from flatdino_cli.models import build_model
+from flatdino_cli.reconstruct import PSNR_CAP, psnr
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.train import Task, checkpoint_dir, fit, lr_at
 
@@ -146,12 +147,6 @@ def mean_image(items: DecoderItems, count: int = MEAN_IMAGES) -> torch.Tensor:
     if not targets:
         raise UserError("train-decoder: none of the sampled training images could be read")
     return torch.stack(targets).mean(0)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of (B, 3, H, W) images in [0, 1] -> (B,)."""
-    mse = (x.float() - y.float()).pow(2).mean((1, 2, 3)).clamp_min(1e-10)
-    return -10.0 * torch.log10(mse)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -309,8 +304,8 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
             recon = model(feats_of(x)).float().clamp(0, 1)
             base = mean_img.to(target.device).expand_as(target)
             tot["l1"] += (recon - target).abs().mean((1, 2, 3)).sum().item()
-            tot["psnr"] += psnr(recon, target).sum().item()
-            tot["psnr_mean_image"] += psnr(base, target).sum().item()
+            tot["psnr"] += psnr(recon, target).clamp_max(PSNR_CAP).sum().item()
+            tot["psnr_mean_image"] += psnr(base, target).clamp_max(PSNR_CAP).sum().item()
             n += target.shape[0]
         out = {k: v / max(n, 1) for k, v in tot.items()}
         return {"loss": out["l1"], **out, "psnr_gain": out["psnr"] - out["psnr_mean_image"]}
