@@ -144,6 +144,8 @@ def extract(
         help="Local DINOv2 weights (.safetensors/.pth, timm or Hugging Face key names) instead of the HF cache.")] = None,
     vae: Annotated[Optional[Path], typer.Option(help="A train-vae run: turn the feature store SOURCE into a "
                                                      "latent store of the posterior mean mu.")] = None,
+    decoded: Annotated[bool, typer.Option("--decoded", help="With --vae: store the VAE's reconstruction "
+                                          "decode(mu) as features (to fine-tune a pixel decoder on).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per encoder forward.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding images.")] = 0,
     val_split: Annotated[int, typer.Option(help="Hold out N images (deterministic) into OUT/val.")] = 0,
@@ -178,9 +180,11 @@ def extract(
         from flatdino_cli.extract import extract_latents
 
         summary = extract_latents(source, vae, out, rt, batch_size=batch_size, dtype=dtype or "float32",
-                                  overwrite=overwrite)
-        typer.echo(f"extract: latents -> {', '.join(summary['stores'])}")
+                                  overwrite=overwrite, decoded=decoded)
+        typer.echo(f"extract: {'decoded features' if decoded else 'latents'} -> {', '.join(summary['stores'])}")
         return
+    if decoded:
+        raise UserError("--decoded goes with --vae RUN")
     from flatdino_cli.extract import extract_features
 
     cfg = ExtractConfig(encoder=encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,

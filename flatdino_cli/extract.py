@@ -131,8 +131,14 @@ class _RowDataset(Dataset):
 
 
 def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, rt: Runtime,
-                    batch_size: int = 256, dtype: str = "float32", overwrite: bool = False) -> dict:
-    """Feature store -> latent store (N, T, d) of the VAE posterior mean mu (+ `out/val` if present)."""
+                    batch_size: int = 256, dtype: str = "float32", overwrite: bool = False,
+                    decoded: bool = False) -> dict:
+    """Feature store -> latent store (N, T, d) of the VAE posterior mean mu (+ `out/val` if present).
+
+    decoded=True writes the VAE's reconstruction decode(mu) instead: a feature store (N, P, C) that a
+    pixel decoder can be fine-tuned on, so it learns the features it will see at sampling time (FAE's
+    "pixel fine-tuning", seed 004).
+    """
     from flatdino_cli.runs import load_run
 
     vae_cfg, vae, ckpt_hash = load_run(vae_run, "vae", device=rt.device)
@@ -146,7 +152,11 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
         check_feature_shape(src, vae_cfg.model, src_path)
         identity = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": ckpt_hash,
                     "features": str(src_path.resolve()), "features_manifest_sha256": src.manifest_hash()}
-        dst_store = Store.create(dst, "latents", vae_cfg.model.latent_shape, src.count, dtype, identity=identity,
+        kind, shape = "latents", vae_cfg.model.latent_shape
+        if decoded:  # still "features" of the same encoder, as far as a pixel decoder is concerned
+            kind, shape = "features", tuple(src.item_shape)
+            identity = {**src.manifest["identity"], "vae_reconstruction": identity}
+        dst_store = Store.create(dst, kind, shape, src.count, dtype, identity=identity,
                                  preprocessing=src.manifest["preprocessing"], paths=src.paths,
                                  labels=src.labels.tolist(),
                                  extra={**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]},
@@ -154,7 +164,8 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
 
         def encode(x):
             with rt.autocast():
-                return vae.encode(x)[0].float()
+                mu = vae.encode(x)[0]
+                return (vae.decode(mu) if decoded else mu).float()
 
         _fill(dst_store, _RowDataset(src), encode, cfg, rt, desc=f"latents {dst.name}")
         dst_store.finalize()

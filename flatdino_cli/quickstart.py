@@ -66,8 +66,8 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    d = {k: out / k for k in ("toy", "features", "vae", "latents", "dit", "decoder", "samples", "reconstruct",
-                              "ablate")}
+    d = {k: out / k for k in ("toy", "features", "vae", "latents", "vae-features", "dit", "decoder", "samples",
+                              "reconstruct", "ablate")}
     log: list[dict] = []
     t_start = time.perf_counter()
     vae_preset = "tiny-fae" if plan.laminator == "fae" else "tiny-vae"
@@ -84,9 +84,12 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
     _stage(out, "train-dit", lambda: _keys(train_dit(
         load_preset(dit_preset, plan.sets("dit") + [f"train.seed={plan.seed}"]), d["dit"], rt, d["latents"]),
         "step"), log)
+    # the pixel decoder learns from the VAE's reconstructions: the features it will decode at sampling time
+    _stage(out, "extract-decoded", lambda: extract_latents(d["features"], d["vae"], d["vae-features"], rt,
+                                                           decoded=True), log)
     _stage(out, "train-decoder", lambda: _keys(train_decoder(
         load_preset("tiny-decoder", plan.sets("decoder") + [f"train.seed={plan.seed}"]), d["decoder"], rt,
-        images=d["toy"], encoder_name="tiny", features=d["features"]), "step", "val"), log)
+        images=d["toy"], encoder_name="tiny", features=d["vae-features"]), "step", "val"), log)
     _stage(out, "sample", lambda: _keys(run_sample(
         d["dit"], d["vae"], d["decoder"], all_classes=True, per_class=plan.samples_per_class, seed=plan.seed,
         out=d["samples"], batch_size=64, rt=rt), "out", "count", "grid", "npz"), log)

@@ -57,7 +57,7 @@ def predict(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarra
     return torch.cat(out).numpy()
 
 
-def train_toy_classifier(size: int = 48, per_class: int = 100, epochs: int = 6, seed: int = 0,
+def train_toy_classifier(size: int = 48, per_class: int = 150, epochs: int = 8, seed: int = 0,
                          test_per_class: int = 50) -> tuple[ToyClassifier, float]:
     """Train on the 'classifier-train' split; returns (model, accuracy on 'classifier-test')."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,101 @@
+"""Helpers shared by the bench/ scripts (run them as `python bench/<name>.py`; this file is imported
+from the same folder).
+
+FLOP convention of every bench: 1 multiply-add (MAC) = 2 FLOPs, the same count as
+`runtime.measure_matmul_flops` (2 n^3 per n x n matmul), so "achieved / peak" compares like with like.
+Two numerators are printed:
+- "paper": the analytic count of analysis/flops.py (Appendix H: per layer 2·S·D·(6D + S) MACs,
+  embeddings, norms, adaLN and heads ignored), times 2;
+- "counted": every nn.Linear of the real model (rows x in x out) plus the two attention matmuls
+  (2·S²·D per layer), read off one batch-1 forward on the meta device, times 2.
+A training step is 3 x forward (backward ~ 2 x forward). Time spent outside matmuls (norms,
+elementwise, the optimizer, Python) is in the denominator, so the fractions are lower bounds on the
+matmul units' utilisation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from flatdino_cli.nn.attention import Attention
+from flatdino_cli.runtime import measure_matmul_flops
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRAIN_FACTOR = 3  # forward + backward ~ 3 x forward
+FLOPS_PER_MAC = 2
+
+
+def count_forward_macs(build: Callable[[], nn.Module], inputs: Callable[[], tuple]) -> int:
+    """MACs of one forward of build()(*inputs()) (batch 1): all Linear layers + attention matmuls.
+
+    Built and run on the meta device: no memory, no compute, instant even for XL.
+    """
+    total = 0
+
+    def linear_hook(mod: nn.Linear, args, out):
+        nonlocal total
+        total += out.numel() // mod.out_features * mod.in_features * mod.out_features
+
+    def attn_hook(mod: Attention, args, out):
+        nonlocal total
+        B, N, C = args[0].shape
+        total += 2 * B * N * N * C  # q k^T and attn v
+
+    with torch.device("meta"):
+        model = build()
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.register_forward_hook(linear_hook)
+            elif isinstance(m, Attention):
+                m.register_forward_hook(attn_hook)
+        with torch.no_grad():
+            model(*inputs())
+    return total
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """This machine's measured dense matmul rate (FLOP/s) in `dtype`: 1024^2 on CPU, 4096^2 on CUDA."""
+    return measure_matmul_flops(device, dtype, n=4096 if device.type == "cuda" else 1024, seconds=seconds)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, seconds: float, warmup: int = 1) -> tuple[int, float]:
+    """(calls, elapsed seconds): `warmup` untimed calls, then calls until `seconds` pass (at least one)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return n, elapsed
+
+
+def g(flops: float) -> str:
+    return f"{flops / 1e9:.1f} GFLOP/s"
+
+
+def report_train_step(header: str, dname: str, peaks: tuple[float, float], elapsed: float, steps: int, batch: int,
+                      macs_per_sample: dict[str, float], train_factor: int, flops_per_mac: int) -> None:
+    """Print one training-step benchmark: time, samples/s, achieved FLOP/s per MAC count vs the matmul peak."""
+    peak = 0.5 * (peaks[0] + peaks[1])
+    sps = steps * batch / elapsed
+    print(header)
+    print(f"measured matmul rate ({dname}): {g(peaks[0])} before, {g(peaks[1])} after; mean {g(peak)}")
+    print(f"training step: {1e3 * elapsed / steps:.0f} ms/step, {sps:.3f} samples/s ({steps} timed steps, {dname})")
+    width = max(len(k) for k in macs_per_sample)
+    for name, macs in macs_per_sample.items():
+        achieved = sps * train_factor * flops_per_mac * macs
+        print(f"  {name:{width}s}: {train_factor} x {macs / 1e9:.2f} GMAC x {flops_per_mac} per sample -> achieved "
+              f"{g(achieved)} = {achieved / peak:.1%} of the measured {dname} matmul rate {g(peak)}")
