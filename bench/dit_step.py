@@ -80,5 +80,6 @@ def main() -> None:
                       {"paper (flops.py, 1 MAC = 1 FLOP there)": paper, "counted (every Linear + attention)": counted},
                       TRAIN_FACTOR, FLOPS_PER_MAC)
 
+
 if __name__ == "__main__":
     main()

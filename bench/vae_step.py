@@ -78,5 +78,6 @@ def main() -> None:
                       {"paper formula (enc + dec layers)": paper, "counted (every Linear + attention)": counted},
                       TRAIN_FACTOR, FLOPS_PER_MAC)
 
+
 if __name__ == "__main__":
     main()
