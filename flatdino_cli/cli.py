@@ -322,7 +322,8 @@ def flops(
         for name, c in ((preset, a), (vs, b)):
             if c.stage != "dit":
                 raise UserError(f"flops: preset {name} is a {c.stage} preset; pass DiT presets")
-        tables = [F.flops_table(a, b, vae_cfg, paper_rounding=not exact)]
+        # the paper's layout: the baseline (--vs) first, ratio = baseline / preset = the preset's speedup
+        tables = [F.flops_table(b, a, vae_cfg, paper_rounding=not exact)]
     result: dict = {"tables": tables}
     if measure:
         import torch
@@ -341,7 +342,8 @@ def flops(
         out.mkdir(parents=True, exist_ok=True)
         F.plot_throughput(runs[0], runs[1], list(names), out / "throughput.png")
         result["measured"] = {"dtype": str(dtype), "device": str(rt.device), names[0]: runs[0], names[1]: runs[1]}
-        speed = [ra["forward_per_s"] / rb["forward_per_s"] for ra, rb in zip(*runs) if "forward_per_s" in ra and "forward_per_s" in rb]
+        speed = [ra["forward_per_s"] / rb["forward_per_s"] for ra, rb in zip(*runs)
+                 if "forward_per_s" in ra and "forward_per_s" in rb]  # preset over --vs
         result["measured"]["speedup"] = speed
         (out / "flops.json").write_text(json.dumps(result, indent=2))
     if json_out:
