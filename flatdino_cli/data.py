@@ -55,6 +55,10 @@ class ImageList:
     def __getitem__(self, i: int) -> tuple[str, int]:
         return self.paths[i], self.labels[i]
 
+    def subset(self, idx) -> "ImageList":
+        """The images at positions `idx`, in that order (same class names and source)."""
+        return ImageList([self.paths[i] for i in idx], [self.labels[i] for i in idx], self.class_names, self.source)
+
     def source_hash(self) -> str:
         """Identity of the list (paths + labels, in order); a store records it to refuse mixing sources."""
         return _source_hash(self.paths, self.labels)

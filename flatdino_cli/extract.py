@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from flatdino_cli.config import ExtractConfig
-from flatdino_cli.data import (BadImageWarning, EncoderTransform, FeatureDataset, ImageDataset, ImageList, Store,
+from flatdino_cli.data import (BadImageWarning, EncoderTransform, FeatureDataset, ImageDataset, Store,
                                collate_images, list_images, split_indices)
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
@@ -58,7 +58,7 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
     parts = [(Path(out), images)]
     if cfg.val_split:
         train_idx, val_idx = split_indices(len(images), cfg.val_split, seed=0)
-        parts = [(Path(out), _subset(images, train_idx)), (Path(out) / "val", _subset(images, val_idx))]
+        parts = [(Path(out), images.subset(train_idx)), (Path(out) / "val", images.subset(val_idx))]
     summary = {"stores": [], "skipped": 0, "images": len(images)}
     for path, subset in parts:
         store = Store.create(path, "features", (encoder.num_patches, encoder.dim), len(subset), cfg.dtype,
@@ -67,30 +67,24 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
                              extra={"class_names": subset.class_names, "source": subset.source},
                              overwrite=overwrite)
         dataset = ImageDataset(subset, transform, strict=cfg.strict)
-        n_skipped = _fill(store, dataset, forward, cfg, rt, desc=f"extract {path.name}")
+        _fill(store, dataset, forward, cfg, rt, desc=f"extract {path.name}")
         store.finalize()
         summary["stores"].append(str(path))
         summary["skipped"] += int(store.manifest["skipped_count"])
-        del n_skipped
         store.close()
     return summary
 
 
-def _subset(images: ImageList, idx: np.ndarray) -> ImageList:
-    return ImageList([images.paths[i] for i in idx], [images.labels[i] for i in idx], images.class_names,
-                     images.source)
-
-
-def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtime, desc: str) -> int:
-    """Compute all pending chunks of `store` from `dataset`; returns the number of skipped rows."""
+def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtime, desc: str) -> None:
+    """Compute all pending chunks of `store` from `dataset` (unreadable rows are marked skipped)."""
     chunks = _pending_chunks(store, cfg.batch_size)
     if not chunks:
-        return 0
+        return
     loader = DataLoader(dataset, batch_sampler=chunks, num_workers=cfg.workers, collate_fn=collate_images,
                         pin_memory=rt.pin_memory)
     done_rows = store.count - len(store.pending())
     bar = tqdm(total=store.count, initial=done_rows, desc=desc, unit="img", dynamic_ncols=True)
-    skipped, t0, n = 0, time.perf_counter(), 0
+    t0, n = time.perf_counter(), 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadImageWarning)  # reported below, once per file
         for batch in loader:
@@ -105,12 +99,10 @@ def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtim
                 if cfg.strict:
                     raise UserError(f"{store.paths[batch.skipped[0]]}: unreadable image (--strict)")
                 store.mark_skipped(batch.skipped.numpy())
-                skipped += len(batch.skipped)
             n += len(batch.indices) + len(batch.skipped)
             bar.update(len(batch.indices) + len(batch.skipped))
             bar.set_postfix(img_s=f"{n / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()
-    return skipped
 
 
 class _RowDataset(Dataset):

@@ -80,12 +80,10 @@ def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path 
         crop = 256 if enc.spec.image_size == 224 else enc.spec.image_size
         imgs = list_images(images)
         tr, va = split_indices(len(imgs), min(cfg.val_count, len(imgs) // 10), cfg.train.seed)
-        from flatdino_cli.extract import _subset
-
         aug = EncoderTransform(crop, enc.spec.image_size, "bilinear", augment=True)
         plain = EncoderTransform(crop, enc.spec.image_size, "bilinear")
-        train_set = ImageDataset(_subset(imgs, tr), aug)
-        val_set = ImageDataset(_subset(imgs, va), plain)
+        train_set = ImageDataset(imgs.subset(tr), aug)
+        val_set = ImageDataset(imgs.subset(va), plain)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_patches=enc.num_patches,
                                                                  feature_dim=enc.dim))
         inputs["images"] = {"path": str(Path(images).resolve()), "encoder": encoder_name,
