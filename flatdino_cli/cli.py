@@ -543,7 +543,9 @@ def sample(
                                            "batch size.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: "
                                                                     "DIT/samples/<settings>).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per sampler batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(help=(
+        "Images per sampler batch; on CPU rounded up to a multiple of 8, so a seed gives identical "
+        "images at any batch size."))] = 32,
     shard_size: Annotated[int, typer.Option(help="Images per resumable shard.")] = 1000,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="EMA weights (default) or the raw ones.")] = True,
     device: Device = "auto",

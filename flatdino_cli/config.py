@@ -167,12 +167,25 @@ class DiTModelConfig:
     head_depth: int = 0
     head_heads: int = 16
     head_mlp_hidden: int = 0
+    patch: int = 1  # grid mode: p x p grid cells per DiT token (DiT-XL/2 style); RAE and FAE use 1
 
     def __post_init__(self):
         _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed", "sincos or learned")
         _check(self.width % self.heads == 0, "model.width", "divisible by model.heads")
         _check(self.grid is None or self.grid[0] * self.grid[1] == self.tokens, "model.grid",
                "(h, w) with h * w == model.tokens")
+        _check(self.patch == 1 or (self.grid is not None and all(g % self.patch == 0 for g in self.grid)),
+               "model.patch", "1, or a divisor of both model.grid sides")
+
+    @property
+    def seq_grid(self) -> tuple[int, int] | None:
+        """The DiT's own token grid: model.grid in patches of model.patch."""
+        return None if self.grid is None else (self.grid[0] // self.patch, self.grid[1] // self.patch)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens the transformer runs over (model.tokens / patch^2)."""
+        return self.tokens // (self.patch * self.patch)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ ENCODERS: dict[str, EncoderSpec] = {s.name: s for s in [
                 hub_repos=("timm/vit_base_patch14_reg4_dinov2.lvd142m", "facebook/dinov2-with-registers-base")),
     # Same timm architecture (LayerScale, registers, no pos-embed on prefix tokens), CPU-sized: width 64,
     # 4 blocks, 4 heads, 48 px / patch 8 -> 6x6 = 36 patches. Random DINOv2 init has LayerScale 1e-5,
-    # so the blocks are near identity and features are ~ LN(patch embedding + pos embedding).
+    # so the blocks are near identity and features are ~ LN(patch embedding + pos embedding), with a
+    # sin-cos pos embedding in place of timm's near-zero random one (see _give_position).
     EncoderSpec("tiny", image_size=48, patch_size=8, dim=64, depth=4, heads=4,
                 description="for testing only: random weights (fixed seed), DINOv2-reg4 architecture"),
 ]}
@@ -91,6 +92,22 @@ def _build_vit(spec: EncoderSpec) -> nn.Module:
         return timm.create_model(spec.arch, pretrained=False, num_classes=0, img_size=spec.image_size,
                                  patch_size=spec.patch_size, embed_dim=spec.dim, depth=spec.depth,
                                  num_heads=spec.heads)
+
+
+# Position share of a random-init encoder's features. Trained DINOv2 features carry the patch position
+# strongly (their PCA shows smooth positional components); timm's random pos_embed (std 0.02 against a
+# patch embedding of std ~0.6) carries almost none, and the VAE encoder, which has no position
+# embedding of its own (as in the authors' code), would then see a near-unordered set of patches.
+RANDOM_INIT_POSITION_SCALE = 0.5  # sin-cos entries have std ~0.7: position ~ half the feature signal
+
+
+def _give_position(model: nn.Module, spec: EncoderSpec) -> None:
+    """A smooth 2-D sin-cos position embedding in place of timm's near-zero random one."""
+    from flatdino_cli.nn.embed import sincos_2d
+
+    g = spec.image_size // spec.patch_size
+    with torch.no_grad():
+        model.pos_embed.copy_(RANDOM_INIT_POSITION_SCALE * sincos_2d(g, g, spec.dim).view_as(model.pos_embed))
 
 
 class FrozenEncoder(nn.Module):
@@ -302,8 +319,10 @@ def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, dev
         repo = path.parent.parent.parent.name.removeprefix("models--").replace("--", "/")
         wid = f"hf:{repo}@{path.parent.name}"  # cache layout: models--org--name/snapshots/<rev>/file
     else:
-        sd, source, wid = None, "", f"random-init(seed={spec.seed}): for testing only"
+        sd, source, wid = None, "", f"random-init(seed={spec.seed}, sincos-pos x{RANDOM_INIT_POSITION_SCALE}): for testing only"
     model = _build_vit(spec)
     if sd is not None:
         _load_into(model, sd, source, spec)
+    else:
+        _give_position(model, spec)
     return FrozenEncoder(model, spec, wid).to(device)

@@ -66,8 +66,8 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
                              paths=subset.paths, labels=subset.labels,
                              extra={"class_names": subset.class_names, "source": subset.source},
                              overwrite=overwrite)
-        dataset = ImageDataset(subset, transform, strict=cfg.strict)
-        _fill(store, dataset, forward, cfg, rt, desc=f"extract {path.name}")
+        dataset = ImageDataset(subset, transform.pixels, strict=cfg.strict)  # uint8 crops
+        _fill(store, dataset, lambda x: forward(transform.finish(x)), cfg, rt, desc=f"extract {path.name}")
         store.finalize()
         summary["stores"].append(str(path))
         summary["skipped"] += int(store.manifest["skipped_count"])

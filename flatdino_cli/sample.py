@@ -9,9 +9,10 @@ FlatDINO: N x d = 32 x 128 raw VAE means (no stats), turned into 256 x 768 featu
 RAE mode (a DiT with model.grid): N x d = 256 x 768 normalised features, de-normalised with
 RUN/stats.pt, no VAE. Either way the pixel decoder consumes raw (LN-without-affine) DINOv2 features.
 
-Noise: image i of a sample set gets eps_i ~ N(0, I) from its own generator seeded by (seed, i), so one
-seed gives the same image whatever the batch size, the resume point or the device (up to float
-rounding of the batched matmuls, which CPU runs of the tests show to be exact).
+Noise: image i of a sample set gets eps_i ~ N(0, I) from its own generator seeded by (seed, i). On
+the CPU every network forward then runs on a fixed CPU_CHUNK images (see `generate`), so one seed
+gives bit-identical images whatever the batch size, the resume point or the image's place in its
+batch; other devices give the same images up to float rounding.
 
 A sample set in OUT: images/<class>_<index>.png, parts/part_<lo>-<hi>.npz (one per shard, written
 atomically while the run goes; deleted once the final file exists), samples_<N>x<S>x<S>x3.npz (ADM
@@ -50,12 +51,21 @@ from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file, sha256_strings
 from flatdino_cli.viz import load_png, save_grid, save_png, to_uint8
 
-__all__ = ["Pipeline", "load_pipeline", "generate", "image_seed", "image_noise", "sampling_flow", "parse_interval",
+__all__ = ["Pipeline", "load_pipeline", "generate", "sampler_batch", "CPU_CHUNK", "image_seed", "image_noise",
+           "sampling_flow", "parse_interval",
            "imagenet_class_names", "resolve_classes", "class_plan", "write_sample_set", "run_sample",
            "training_grid_hook"]
 
 CPU = Runtime(torch.device("cpu"), "fp32", False)
 GRID_ROWS, GRID_COLS, GRID_SINGLE = 16, 8, 64  # sample grid caps: classes x images, or images of one class
+# Images per network forward on the CPU, whatever --batch-size says. The DiT's per-image
+# conditioning (time embedder, adaLN projections) runs GEMMs with one row per image, and MKL rounds a
+# row differently with the number of rows (other kernels below 4 rows, row splits across threads), so
+# image i differed in the last bits between --batch-size 1 and 8, now and then by a grey level. With
+# one fixed shape an image's numbers depend neither on its batch nor on its place in it (checked at
+# 1 and 2 threads, with and without DDT head, Euler/Heun, CFG). 8 rows stay clear of the few-row
+# kernels and keep CPU GEMMs efficient; on CUDA, speed matters more and the user's batch is used.
+CPU_CHUNK = 8
 
 
 # ============================================================================ provenance
@@ -342,16 +352,32 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
+def sampler_batch(batch_size: int, device: torch.device | str) -> int:
+    """Images per generate() call for --batch-size: on the CPU rounded up to a multiple of CPU_CHUNK
+    (a smaller batch would be padded to CPU_CHUNK anyway), elsewhere batch_size itself."""
+    batch_size = max(1, batch_size)
+    return -(-batch_size // CPU_CHUNK) * CPU_CHUNK if torch.device(device).type == "cpu" else batch_size
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
              flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU) -> np.ndarray:
-    """uint8 images (len(labels), S, S, 3): image k is class labels[k] from the noise of image indices[k]."""
+    """uint8 images (len(labels), S, S, 3): image k is class labels[k] from the noise of image indices[k].
+
+    On the CPU the images go through the networks CPU_CHUNK at a time, the last chunk padded with
+    copies of its last image (bit-identical images at any batch size; see CPU_CHUNK); elsewhere
+    batch_size at a time, unpadded."""
     flow = flow or pipe.cfg.flow
     if len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} indices")
+    fixed = rt.device.type == "cpu"
+    chunk = CPU_CHUNK if fixed else max(1, batch_size)
     out = []
-    for lo in range(0, len(labels), max(1, batch_size)):
-        idx, lab = list(indices[lo: lo + batch_size]), list(labels[lo: lo + batch_size])
+    for lo in range(0, len(labels), chunk):
+        idx, lab = list(indices[lo: lo + chunk]), list(labels[lo: lo + chunk])
+        k = len(idx)
+        if fixed:  # pad to the fixed shape; the copies are dropped after decoding
+            idx, lab = idx + idx[-1:] * (chunk - k), lab + lab[-1:] * (chunk - k)
         noise = image_noise(seed, idx, pipe.latent_shape).to(rt.device)  # (B, N, d)
         y = torch.tensor(lab, dtype=torch.long, device=rt.device)
         model = pipe.dit
@@ -362,7 +388,7 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
 
         velocity = make_velocity_fn(forward, y, flow, pipe.cfg.model.num_classes)
         x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler)  # (B, N, d)
-        out.append(pipe.decode(x, rt))
+        out.append(pipe.decode(x, rt)[:k])
     S = pipe.image_size
     return np.concatenate(out) if out else np.zeros((0, S, S, 3), np.uint8)
 
@@ -453,8 +479,9 @@ def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir
             bar.update(1)
         else:
             todo.append(i)
-    for b in range(0, len(todo), batch_size):
-        idx = todo[b: b + batch_size]
+    step = sampler_batch(batch_size, rt.device)
+    for b in range(0, len(todo), step):
+        idx = todo[b: b + step]
         imgs = generate(pipe, labels[idx].tolist(), idx, seed, flow, batch_size, rt)
         for i, img in zip(idx, imgs):
             save_png(img, images_dir / _png_name(int(labels[i]), i))

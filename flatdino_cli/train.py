@@ -263,6 +263,19 @@ def _plan(n: int, cfg: TrainConfig, rt: Runtime) -> tuple[int, int, int, int]:
     return micro, accum, spe, max(1, total)
 
 
+def _check_resume_layout(state: dict, cfg: TrainConfig, rt: Runtime, micro: int, ckpt: Path) -> None:
+    """A step is a global batch: another global batch size would resume at the wrong place in the data
+    order, so it is refused. Another process count or micro-batch is sound (each step still sees the
+    same global batch) but draws other noise per micro-batch, so it is only no longer bitwise equal."""
+    if int(state.get("batch_size", cfg.batch_size)) != cfg.batch_size:
+        raise UserError(f"{ckpt}: this run was trained with train.batch_size={state['batch_size']}, not "
+                        f"{cfg.batch_size}; resume with the same global batch or start over with --no-resume")
+    was = (int(state.get("world_size", rt.world_size)), int(state.get("micro_batch_size", micro)))
+    if was != (rt.world_size, micro) and rt.is_main:
+        tqdm.write(f"resuming with {rt.world_size} process(es) x micro-batch {micro} (was {was[0]} x {was[1]}): "
+                   "training continues on the same global batches, but not bitwise equal to an uninterrupted run")
+
+
 def _unwrap(m: nn.Module) -> nn.Module:
     m = getattr(m, "_orig_mod", m)
     return getattr(m, "module", m)
@@ -291,6 +304,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
             ema_file = ckpt / "ema.safetensors"
             load_into(ema, load_weights(ema_file) if ema_file.exists() else model.state_dict(), ema_file)
         state = load_state(ckpt / "state.pt")
+        _check_resume_layout(state, cfg, rt, micro, ckpt)
         opt.load_state_dict(state["optimizer"])
         for name, obj in task.aux.items():
             obj.load_state_dict(state["aux"][name])
@@ -315,7 +329,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
     def state_dict() -> dict:
         return {"step": step, "epoch": step // spe, "best_val": best_val, "optimizer": opt.state_dict(),
                 "aux": {k: v.state_dict() for k, v in task.aux.items()}, "rng_torch": torch.get_rng_state(),
-                "batch_size": cfg.batch_size, "world_size": rt.world_size}
+                "batch_size": cfg.batch_size, "world_size": rt.world_size, "micro_batch_size": micro}
 
     def checkpoint(which: str) -> None:
         if rt.is_main:

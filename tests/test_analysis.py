@@ -297,3 +297,26 @@ def test_cli_analyses_write_figures(toy, tmp_path):
         assert (out / figure).stat().st_size > 5000, name
     res = runner.invoke(app, ["knn", "--latents", str(tmp_path / "lat"), "--k", "ten", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "--k" in res.output
+
+
+def test_toy_judge_is_trained_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    from flatdino_cli.analysis import toy_classifier as J
+
+    trained = []
+
+    def fake_train(size, seed):  # stands in for the 30-s training run
+        torch.manual_seed(seed)
+        trained.append((size, seed))
+        return J.ToyClassifier(), 0.5
+
+    monkeypatch.setattr(J, "train_toy_classifier", fake_train)
+    monkeypatch.setattr(J, "real_accuracy", lambda model, size, seed: 0.25)
+    a, acc_a = J.cached_toy_classifier(16, 3, cache_dir=tmp_path)
+    b, acc_b = J.cached_toy_classifier(16, 3, cache_dir=tmp_path)
+    assert trained == [(16, 3)] and (acc_a, acc_b) == (0.5, 0.25)  # the second one was measured, not trained
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    (f,) = (tmp_path / "flatdino").glob("toy-judge-v*-size16-seed3.safetensors")
+    f.write_bytes(b"not a safetensors file")
+    J.cached_toy_classifier(16, 3, cache_dir=tmp_path)
+    assert trained == [(16, 3), (16, 3)]  # a damaged cache is retrained, never trusted

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +121,13 @@ def test_adm_center_crop_and_encoder_input():
     assert torch.allclose(denormalize(x)[:, 28, 28], torch.tensor([0.0, 1.0, 0.0]), atol=0.02)
     noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     assert not torch.equal(encoder_input(noise, 64, 56, "bicubic"), encoder_input(noise, 64, 56, "bilinear"))
+
+    # extract's split: uint8 crops in the loader, finished a batch at a time == the per-image transform
+    tf = EncoderTransform(64, 56, "bicubic")
+    crops = [tf.pixels(im) for im in (img, noise, small)]
+    assert all(c.dtype == torch.uint8 and c.shape == (3, 64, 64) for c in crops)
+    assert torch.equal(tf.finish(torch.stack(crops)), torch.stack([tf(im) for im in (img, noise, small)]))
+    assert torch.equal(tf(img), x)
 
 
 def test_random_resized_crop_flip():

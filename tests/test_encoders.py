@@ -11,9 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flatdino_cli.encoders import (ENCODERS, NUM_PREFIX_TOKENS, EncoderSpec, FrozenEncoder, _build_vit,
-                                   load_encoder, read_state_dict)
+from flatdino_cli.encoders import (ENCODERS, NUM_PREFIX_TOKENS, RANDOM_INIT_POSITION_SCALE, EncoderSpec,
+                                   FrozenEncoder, _build_vit, _give_position, load_encoder, read_state_dict)
 from flatdino_cli.errors import UserError
+from flatdino_cli.nn.embed import sincos_2d
 
 # a second small spec, so layouts are checked at a size other than `tiny`'s
 SMALL = EncoderSpec("small-test", image_size=48, patch_size=8, dim=32, depth=2, heads=4, description="test", seed=7)
@@ -54,8 +55,16 @@ def test_tiny_parity_with_timm_blocks_and_output_stats():
     x = images(spec, 3)
     y = enc(x)
     assert y.dtype == torch.float32 and y.shape == (3, 36, 64)
-    ref = reference_features(_build_vit(spec).eval(), x)
+    vit = _build_vit(spec).eval()
+    _give_position(vit, spec)
+    ref = reference_features(vit, x)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=0)
+    # the random-init encoder's features carry position (as trained DINOv2's do): the table is the
+    # scaled 2-D sin-cos one, and the per-position mean over images holds a real share of the variance
+    torch.testing.assert_close(enc.model.pos_embed[0], RANDOM_INIT_POSITION_SCALE * sincos_2d(6, 6, 64))
+    noise = enc(images(spec, 64))  # (64, 36, 64) features of white-noise images
+    share = noise.mean(0).var(0).sum() / noise.var((0, 1)).sum()
+    assert share > 0.04  # 0.062 measured; timm's 0.02-std random table gives 0.016
     # per-token LayerNorm without affine: mean 0, variance 1 (eps 1e-6)
     assert y.mean(-1).abs().max() < 1e-5
     torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(3, 36), atol=1e-3, rtol=0)

@@ -2,11 +2,13 @@
 per-patch ablation, and the train-vae -> extract -> train-dit path on a 2-D latent grid."""
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import run_cli
 from flatdino_cli.analysis import flops as F
 from flatdino_cli.config import load_preset
+from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model, count_parameters
 
 PAPER = ["model.feature_dim=1536", "model.enc_width=6144", "model.enc_heads=24", "model.dec_width=1536",
@@ -75,3 +77,23 @@ def test_fae_trains_extracts_and_feeds_a_grid_dit(tmp_path):
     run_cli("train-dit", "--preset", "tiny-fae-dit", "--latents", tmp_path / "lat", "--out", tmp_path / "dit",
             "--set", "train.max_steps=2", "--batch-size", "8", env={"OMP_NUM_THREADS": "1"})
     assert (tmp_path / "dit" / "checkpoints" / "latest" / "ema.safetensors").is_file()
+
+
+def test_patched_grid_dit_groups_2x2_cells_per_token():
+    from flatdino_cli.models.dit import DiT
+
+    cfg = load_preset("tiny-fae-dit", ["model.patch=2", "model.depth=1"]).model
+    torch.manual_seed(0)
+    dit = DiT(cfg).eval()
+    assert dit.pos_embed.shape == (1, 9, cfg.width) and dit.x_embedder.in_features == 4 * cfg.in_dim
+    x = torch.randn(2, 36, cfg.in_dim)  # (B, 6*6, d), row-major grid
+    tokens = dit._patchify(x)  # (B, 9, 4d)
+    assert tokens.shape == (2, 9, 4 * cfg.in_dim) and torch.equal(dit._unpatchify(tokens), x)
+    # token 0 = cells (0,0), (0,1), (1,0), (1,1) of the 6-wide grid; token 4 (centre) starts at cell (2,2)
+    assert torch.equal(tokens[:, 0].reshape(2, 4, -1), x[:, [0, 1, 6, 7]])
+    assert torch.equal(tokens[:, 4, : cfg.in_dim], x[:, 14])
+    torch.nn.init.normal_(dit.final_layer.linear.weight)  # not zero-initialised: a real output
+    v = dit(x, torch.rand(2), torch.tensor([0, 1]))
+    assert v.shape == x.shape and v.abs().sum() > 0
+    with pytest.raises(UserError, match="model.patch"):
+        load_preset("tiny-fae-dit", ["model.patch=4"])  # 6 is not divisible by 4

@@ -118,12 +118,11 @@ def test_fae_encoder_is_one_attention_layer():
     assert F.vae_encoder_flops(fae) < F.layer_flops(256, 768)
 
 
-def test_matches_models_dit_helper():
-    from flatdino_cli.models.dit import dit_flops_per_forward
-
-    for name in ("xl-32x128", "dh-xl-32x128", "rae-dh-xl-256x768"):
-        m = load_preset(name).model
-        assert dit_flops_per_forward(m) == F.dit_forward_flops(m)
+def test_patched_grid_runs_over_fewer_tokens():
+    m = load_preset("tiny-fae-dit", ["model.patch=2"]).model  # 6x6 grid -> 3x3 tokens
+    assert m.seq_len == 9 and m.seq_grid == (3, 3)
+    assert F.dit_forward_flops(m) == m.depth * F.layer_flops(9, m.width)
+    assert F.dit_forward_flops(load_preset("tiny-fae-dit", ["model.patch=1"]).model) == m.depth * F.layer_flops(36, m.width)
 
 
 class TinyDiT(nn.Module):

@@ -4,9 +4,6 @@ errors are one line, and the README's set-up block is what CI runs."""
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from conftest import ROOT, run_cli
 

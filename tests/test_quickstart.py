@@ -1,10 +1,13 @@
 """`flatdino quickstart` end to end on CPU: killed mid-way and rerun, it finishes without redoing
 finished stages, and a CNN trained on unseen real toy images (>= 95% on real test images, or it
-proves nothing) names the generated samples far above chance (1/12).
+proves nothing) names the generated samples far above chance (1/12); the same for `--laminator fae`.
 
-The quickstart issue asks for >= 60% sample accuracy; the pipeline measures ~45-50% today (the tiny
-VAE reaches feature cosine ~0.81-0.85, and shapes blur into blobs through it), so this test guards
-what is achieved (>= 35%, 4x chance) and the issue stays open until the bar is met."""
+Measured on the 2-core development machine: 62.5% of the flat quickstart's samples (the issue's bar
+is 60%) and 73.3% of the FAE quickstart's. Training on another CPU rounds differently (MKL picks
+kernels by machine), and 120 samples move a few points with that (binomial sd ~4.5 points): FAE's
+13-point margin holds the issue's 60% as it stands; the flat bar keeps a margin below its 62.5%
+so that another CPU's rounding does not fail CI, and the printed number says where a machine
+stands."""
 
 import json
 import os
@@ -13,14 +16,39 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+import pytest
 from conftest import ROOT, run_cli
 
+FLAT_SAMPLE_BAR, FAE_SAMPLE_BAR = 0.55, 0.60  # see the module docstring: measured 0.625 and 0.733
 
-def test_quickstart_resumes_and_samples_are_recognisable(tmp_path):
+
+@pytest.fixture(scope="module")
+def judge_cache(tmp_path_factory):
+    """Both quickstarts share one toy-classifier cache (the second loads the first's judge), and the
+    user's ~/.cache is left alone."""
+    return {"XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+
+
+def last_val_cosine(run) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val/cosine"] for r in rows if "val/cosine" in r][-1]
+
+
+def mean_feature_cosine(store) -> float:
+    """Validation cosine of predicting every image's features by the training mean."""
+    mean = torch.from_numpy(np.load(store / "data.npy").astype(np.float32).mean(0))  # (P, C)
+    val = torch.from_numpy(np.load(store / "val" / "data.npy").astype(np.float32))  # (N, P, C)
+    return F.cosine_similarity(val, mean.expand_as(val), dim=-1).mean().item()
+
+
+def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "flatdino_cli.cli", "quickstart", "--out", str(out)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, OMP_NUM_THREADS="2"))
+                         env=dict(os.environ, OMP_NUM_THREADS="2", **judge_cache))
     deadline = time.time() + 900
     marker = out / ".stages" / "extract.json"  # kill during train-vae, after its first checkpoint
     while time.time() < deadline and not (marker.exists() and (out / "vae" / "checkpoints" / "latest").exists()):
@@ -31,7 +59,7 @@ def test_quickstart_resumes_and_samples_are_recognisable(tmp_path):
     assert not (out / ".stages" / "train-vae.json").exists()
 
     t0 = time.time()
-    r = run_cli("quickstart", "--out", out, timeout=1200)
+    r = run_cli("quickstart", "--out", out, timeout=1200, env=judge_cache)
     log = r.stdout + r.stderr
     for stage in ("toy-data", "extract"):
         assert f"{stage}: done earlier, skipped" in log
@@ -41,9 +69,28 @@ def test_quickstart_resumes_and_samples_are_recognisable(tmp_path):
     print(f"quickstart rerun {time.time() - t0:.0f} s; classifier real {cls['real_test_accuracy']:.3f}, "
           f"samples {cls['sample_accuracy']:.3f}")
     assert cls["real_test_accuracy"] >= 0.95, "the judge cannot name real images: it proves nothing"
-    assert cls["sample_accuracy"] >= 0.35
+    assert cls["sample_accuracy"] >= FLAT_SAMPLE_BAR
+    # the laminator's acceptance number, on the quickstart's own VAE run (tiny-vae preset, in full)
+    vae_cos = last_val_cosine(out / "vae")
+    mean_cos = mean_feature_cosine(out / "features")
+    print(f"tiny VAE val feature cosine {vae_cos:.3f}; predict-the-mean baseline {mean_cos:.3f}")
+    assert vae_cos >= 0.9 and vae_cos >= mean_cos + 0.15
     for f in ("samples/grid.png", "reconstruct/reconstruct.json", "ablate/token_ablation.png", "flops.txt"):
         assert (out / f).is_file(), f
 
-    r = run_cli("quickstart", "--out", out)  # everything done: all stages skipped
+    r = run_cli("quickstart", "--out", out, env=judge_cache)  # everything done: all stages skipped
     assert r.stdout.count("done earlier, skipped") + r.stderr.count("done earlier, skipped") == len(summary["stages"])
+
+
+def test_quickstart_fae_mode_samples_are_recognisable(tmp_path, judge_cache):
+    """`--laminator fae`: per-patch FAE latents, a grid DiT (2x2 cells per token), the same judge."""
+    out = tmp_path / "qsfae"
+    run_cli("quickstart", "--out", out, "--laminator", "fae", timeout=1200, env=judge_cache)
+    summary = json.loads((out / "summary.json").read_text())
+    cls = next(s for s in summary["stages"] if s["stage"] == "classifier")
+    vae_cos = last_val_cosine(out / "vae")
+    print(f"fae quickstart {summary['minutes']} min; FAE val cosine {vae_cos:.3f}; classifier real "
+          f"{cls['real_test_accuracy']:.3f}, samples {cls['sample_accuracy']:.3f}")
+    assert cls["real_test_accuracy"] >= 0.95
+    assert vae_cos >= 0.95
+    assert cls["sample_accuracy"] >= FAE_SAMPLE_BAR

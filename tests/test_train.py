@@ -463,6 +463,17 @@ def test_best_checkpoint_and_metrics_across_a_resume(tmp_path):
         (4 * e, val_loss[e], 6) for e in range(1, 6)]
 
 
+def test_resume_with_other_global_batch_is_refused_other_micro_batch_continues(tmp_path, capsys):
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, ckpt_every_steps=2, log_every=1, schedule="constant")
+    run = tmp_path / "run"
+    fit(tiny_task(n=16), dataclasses.replace(cfg, epochs=1), run, CPU)  # 2 steps, checkpoint at step 2
+    with pytest.raises(UserError, match=r"train.batch_size=8, not 4.*--no-resume"):
+        fit(tiny_task(n=16), dataclasses.replace(cfg, batch_size=4), run, CPU)
+    summary = fit(tiny_task(n=16), dataclasses.replace(cfg, micro_batch_size=4), run, CPU)
+    assert summary["step"] == 4 and "micro-batch 4 (was 1 x 8)" in capsys.readouterr().out
+    assert load_state(checkpoint_dir(run) / "state.pt")["micro_batch_size"] == 4
+
+
 # ----------------------------------------------------------------------------- 8. torch.compile
 def test_torch_compile_fit_on_cpu(tmp_path):
     rt = setup_runtime(device="cpu", precision="fp32", compile=True)

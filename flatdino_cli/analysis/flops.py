@@ -56,11 +56,13 @@ def _model(cfg: Any) -> Any:
 
 
 def dit_forward_flops(model_cfg: Any) -> float:
-    """DiT trunk (depth x width) plus the optional DDT head (head_depth x head_width), over cfg.tokens."""
+    """DiT trunk (depth x width) plus the optional DDT head (head_depth x head_width), over its sequence
+    (cfg.tokens, or tokens / patch^2 for a patched grid)."""
     m = _model(model_cfg)
-    f = m.depth * layer_flops(m.tokens, m.width)
+    S = getattr(m, "seq_len", m.tokens)
+    f = m.depth * layer_flops(S, m.width)
     if getattr(m, "head_depth", 0):
-        f += m.head_depth * layer_flops(m.tokens, m.head_width)
+        f += m.head_depth * layer_flops(S, m.head_width)
     return f
 
 

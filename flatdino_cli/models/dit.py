@@ -2,8 +2,9 @@
 
     forward(x (B, N, d), t (B,) in [0, 1], y (B,) long) -> v (B, N, d)
 
-N = T latent tokens of width d (FlatDINO, 1-D positions) or the 16x16 grid of 768-d DINOv2 features
-(RAE baseline, patch size 1, 2-D positions). Trunk: Linear d -> W, + fixed sin-cos (or learned)
+N = T latent tokens of width d (FlatDINO, 1-D positions) or an h x w grid: the 16x16 grid of 768-d
+DINOv2 features (RAE baseline) or of FAE latents, 2-D positions; model.patch = p > 1 groups p x p
+grid cells into one token (DiT-XL/2 style), so the transformer runs over N / p^2 tokens. Trunk: Linear d -> W, + fixed sin-cos (or learned)
 positions, adaLN-Zero blocks (RMSNorm, SwiGLU, RoPE over the full head dim), conditioned on
 c = t_emb + y_emb (Gaussian-Fourier time, label table with a null class for CFG).
 DiT-DH (INTEROP.md B5): the trunk is conditioned on silu(t_emb + y_emb); its output s is mixed with
@@ -23,20 +24,21 @@ from flatdino_cli.nn import (AdaLNBlock, FinalLayer, GaussianFourierEmbedder, La
 
 
 def _rope(cfg: DiTModelConfig, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_2d(*cfg.grid, head_dim) if cfg.grid else rope_1d(cfg.tokens, head_dim)
+    return rope_2d(*cfg.seq_grid, head_dim) if cfg.grid else rope_1d(cfg.tokens, head_dim)
 
 
 class DiT(nn.Module):
     def __init__(self, cfg: DiTModelConfig):
         super().__init__()
         self.cfg = cfg
-        W, N = cfg.width, cfg.tokens
+        W, N, p = cfg.width, cfg.seq_len, cfg.patch
         self.null_class = cfg.num_classes
-        self.x_embedder = nn.Linear(cfg.in_dim, W)
+        token_dim = cfg.in_dim * p * p  # a token is a p x p patch of grid cells (p = 1: one cell)
+        self.x_embedder = nn.Linear(token_dim, W)
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, N, W))
         else:  # fixed table, stored with the checkpoint like RAE's
-            table = sincos_2d(*cfg.grid, W) if cfg.grid else sincos_1d(N, W)
+            table = sincos_2d(*cfg.seq_grid, W) if cfg.grid else sincos_1d(N, W)
             self.pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
         self.t_embedder = GaussianFourierEmbedder(W)
         self.y_embedder = LabelEmbedder(cfg.num_classes, W, cfg.class_dropout)
@@ -50,16 +52,16 @@ class DiT(nn.Module):
         if self.has_head:
             H = cfg.head_width
             self.s_projector = nn.Linear(W, H)
-            self.head_embedder = nn.Linear(cfg.in_dim, H)
+            self.head_embedder = nn.Linear(token_dim, H)
             self.head_blocks = nn.ModuleList(AdaLNBlock(H, cfg.head_heads, cfg.head_mlp_hidden, cond_dim=H)
                                              for _ in range(cfg.head_depth))
             if cfg.rope:
                 cos, sin = _rope(cfg, H // cfg.head_heads)
                 self.register_buffer("head_rope_cos", cos, persistent=False)
                 self.register_buffer("head_rope_sin", sin, persistent=False)
-            self.final_layer = FinalLayer(H, cfg.in_dim)
+            self.final_layer = FinalLayer(H, token_dim)
         else:
-            self.final_layer = FinalLayer(W, cfg.in_dim)
+            self.final_layer = FinalLayer(W, token_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -81,7 +83,28 @@ class DiT(nn.Module):
     def _rope_of(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (getattr(self, f"{prefix}rope_cos"), getattr(self, f"{prefix}rope_sin")) if self.cfg.rope else None
 
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, d) grid cells, row-major -> (B, h/p * w/p, p*p*d) tokens."""
+        p = self.cfg.patch
+        if p == 1:
+            return x
+        (h, w), B, d = self.cfg.grid, x.shape[0], x.shape[-1]
+        x = x.reshape(B, h // p, p, w // p, p, d).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(B, (h // p) * (w // p), p * p * d)
+
+    def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of _patchify."""
+        p = self.cfg.patch
+        if p == 1:
+            return x
+        (h, w), B = self.cfg.grid, x.shape[0]
+        x = x.reshape(B, h // p, w // p, p, p, -1).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(B, h * w, -1)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._unpatchify(self._forward_tokens(self._patchify(x), t, y))
+
+    def _forward_tokens(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t_emb = self.t_embedder(t)  # (B, W)
         c = t_emb + self.y_embedder(y)  # (B, W); label dropout happens in training mode
         s = self.x_embedder(x) + self.pos_embed  # (B, N, W)
@@ -98,12 +121,3 @@ class DiT(nn.Module):
             h = blk(h, s, rope)
         return self.final_layer(h, s)
 
-
-def dit_flops_per_forward(cfg: DiTModelConfig) -> float:
-    """Analytic forward FLOPs of the transformer layers (REFERENCE.md convention: 1 MAC = 1 FLOP)."""
-    from flatdino_cli.analysis.flops import layer_flops
-
-    f = cfg.depth * layer_flops(cfg.tokens, cfg.width)
-    if cfg.head_depth:
-        f += cfg.head_depth * layer_flops(cfg.tokens, cfg.head_width)
-    return f
