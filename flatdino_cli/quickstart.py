@@ -6,8 +6,9 @@ quality number: a small CNN trained on unseen real toy images names the generate
 Every stage records a marker when it finishes, so a rerun skips finished stages, and each stage is
 itself resumable (a killed training run continues from its checkpoint).
 
-The tiny encoder has random weights: its "features" are close to a random projection of pixels,
-which is enough to exercise every piece of machinery, not to judge the method.
+The tiny encoder has random weights: its "features" are close to a random projection of pixels
+plus a position embedding, which is enough to exercise every piece of machinery, not to judge the
+method.
 """
 
 from __future__ import annotations
