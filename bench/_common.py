@@ -99,3 +99,32 @@ def report_train_step(header: str, dname: str, peaks: tuple[float, float], elaps
         achieved = sps * train_factor * flops_per_mac * macs
         print(f"  {name:{width}s}: {train_factor} x {macs / 1e9:.2f} GMAC x {flops_per_mac} per sample -> achieved "
               f"{g(achieved)} = {achieved / peak:.1%} of the measured {dname} matmul rate {g(peak)}")
+
+
+def step_header(device: torch.device, dtype_name: str, rt, preset: str, model: nn.Module, batch: int) -> str:
+    """The line that says what a training-step figure was measured on."""
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"device {device}, dtype {dtype_name} ({'autocast' if rt.precision == 'bf16' else 'plain fp32'}), "
+            f"torch threads {torch.get_num_threads()}, preset {preset} ({params / 1e6:.1f}M trainable), "
+            f"batch {batch}, compile {rt.compile}")
+
+
+def add_step_options(ap) -> None:
+    """The options every training-step bench takes (besides --preset and --batch)."""
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--seconds", type=float, default=10.0, help="timing budget after one warm-up step")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (as training does on CUDA)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); on a busy shared CPU 1 can beat 2")
+
+
+def step_runtime(args):
+    """(runtime, dtype, dtype name) from add_step_options' arguments."""
+    from flatdino_cli.runtime import setup_runtime
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rt = setup_runtime(args.device, "auto" if args.dtype == "auto" else args.dtype, args.compile)
+    dtype = torch.bfloat16 if rt.precision == "bf16" else torch.float32
+    return rt, dtype, str(dtype).removeprefix("torch.")

@@ -15,33 +15,23 @@ import argparse
 
 import torch
 
-from _common import DTYPES, FLOPS_PER_MAC, TRAIN_FACTOR, count_forward_macs, matmul_peak, report_train_step, timed
+from _common import (FLOPS_PER_MAC, TRAIN_FACTOR, add_step_options, count_forward_macs, matmul_peak,
+                     report_train_step, step_header, step_runtime, timed)
 from flatdino_cli.analysis.flops import dit_forward_flops
 from flatdino_cli.config import load_preset
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
-from flatdino_cli.runtime import setup_runtime
 from flatdino_cli.train import ema_update, param_groups
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="a DiT preset (default: xl-32x128 on CUDA, b-32x128 on CPU)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
-    ap.add_argument("--seconds", type=float, default=10.0, help="timing budget after one warm-up step")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (as train-dit does on CUDA)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's); on a busy shared CPU 1 can beat 2")
+    add_step_options(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    rt = setup_runtime(args.device, "auto" if args.dtype == "auto" else args.dtype, args.compile)
+    rt, dtype, dname = step_runtime(args)
     dev, cuda = rt.device, rt.is_cuda
-    dtype = torch.bfloat16 if rt.precision == "bf16" else torch.float32
-    dname = str(dtype).removeprefix("torch.")
     cfg = load_preset(args.preset or ("xl-32x128" if cuda else "b-32x128"))
     m, tc = cfg.model, cfg.train
     batch = args.batch or (256 if cuda else 8)
@@ -72,10 +62,7 @@ def main() -> None:
     paper = dit_forward_flops(m)
     counted = count_forward_macs(lambda: build_model(cfg), lambda: (torch.randn(1, m.tokens, m.in_dim), torch.rand(1),
                                                                     torch.zeros(1, dtype=torch.long)))
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    header = (f"device {dev}, dtype {dname} ({'autocast' if rt.precision == 'bf16' else 'plain fp32'}), torch threads "
-              f"{torch.get_num_threads()}, preset {args.preset or ('xl-32x128' if cuda else 'b-32x128')} "
-              f"({params / 1e6:.1f}M trainable), batch {batch}, compile {rt.compile}")
+    header = step_header(dev, dname, rt, args.preset or ("xl-32x128" if cuda else "b-32x128"), model, batch)
     report_train_step(header, dname, (peak0, peak1), elapsed, n, batch,
                       {"paper (flops.py, 1 MAC = 1 FLOP there)": paper, "counted (every Linear + attention)": counted},
                       TRAIN_FACTOR, FLOPS_PER_MAC)
