@@ -80,6 +80,8 @@ def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache):
 
     r = run_cli("quickstart", "--out", out, env=judge_cache)  # everything done: all stages skipped
     assert r.stdout.count("done earlier, skipped") + r.stderr.count("done earlier, skipped") == len(summary["stages"])
+    again = json.loads((out / "summary.json").read_text())  # the stages' own times survive a no-op rerun
+    assert again["stage_minutes"] == summary["stage_minutes"] > 1 and again["minutes"] < 1
 
 
 def test_quickstart_fae_mode_samples_are_recognisable(tmp_path, judge_cache):
