@@ -324,7 +324,7 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 def encoder_input(img: Image.Image, crop_size: int, input_size: int, interp: str = "bicubic") -> torch.Tensor:
     """The generator/extract pipeline: ADM center crop -> resize to the encoder input -> normalise.
     Returns (3, input_size, input_size) float32."""
-    return normalize(resize(to_tensor(adm_center_crop(img, crop_size)), input_size, interp))
+    return EncoderTransform(crop_size, input_size, interp)(img)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from flatdino_cli.toydata import CLASS_NAMES, render
 from flatdino_cli.utils import atomic_write_bytes
+from flatdino_cli.viz import to_uint8
 
 
 class ToyClassifier(nn.Module):
@@ -73,8 +74,7 @@ MAX_BLUR = 1.5  # px: the training blur's sigma is uniform in [0, MAX_BLUR]
 
 def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
     """(N, H, W, 3) uint8 images through a Gaussian blur of `sigma` px."""
-    x = gaussian_blur(_tensor(images), kernel_size=7, sigma=sigma)
-    return (x.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    return to_uint8(gaussian_blur(_tensor(images), kernel_size=7, sigma=sigma))
 
 
 def real_accuracy(model: nn.Module, size: int = 48, seed: int = 0, per_class: int = 50, blur: float = 0.0) -> float:
