@@ -520,10 +520,20 @@ SamplePrecision = Annotated[str, typer.Option(help="fp32 (default: what FID numb
 
 @command()
 def sample(
-    dit: Annotated[Path, typer.Option(help="A train-dit run: FlatDINO latents, or an rae-* baseline run.")],
+    dit: Annotated[Path, typer.Option(help="A train-dit run (FlatDINO latents or an rae-* baseline), or RAE's "
+                                           "released stage2_model.pt (or its folder).")],
     decoder: Annotated[Path, typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt.")],
     vae: Annotated[Optional[Path], typer.Option(help="The VAE run the DiT's latents came from (default: the one "
                                                      "recorded in DIT/inputs.json; none for rae-* runs).")] = None,
+    stats: Annotated[Optional[Path], typer.Option(help="RAE's stat.pt for a normalising DiT (default: RUN/stats.pt, "
+                                                       "or stat.pt beside an RAE checkpoint).")] = None,
+    guide: Annotated[Optional[Path], typer.Option(help="AutoGuidance: a weaker DiT (run or RAE file) on the same "
+                                                       "latents and classes; needs --guide-scale.")] = None,
+    guide_scale: Annotated[Optional[float], typer.Option(help="AutoGuidance weight w: v = v_guide + w (v - v_guide), "
+                                                              "inside --interval (RAE's best: 1.42).")] = None,
+    grid: Annotated[Optional[str], typer.Option(help="Time grid: ours (steps steps to t = 1) or rae (RAE's: steps "
+                                                     "points to t_RAE = 0.00689, guidance only if w > 1); default: "
+                                                     "flow.grid (rae for RAE checkpoints).")] = None,
     class_: Annotated[Optional[list[str]], typer.Option(
         "--class", "-c", help="Class id or name (ImageNet names like 'golden retriever', or the run's own class "
                               "names); repeatable.")] = None,
@@ -564,6 +574,8 @@ def sample(
       flatdino sample --dit runs/dit-xl --decoder rae/ViTXL_n08/model.pt --class 207 --cfg 4.5 -n 16
       flatdino sample --dit runs/dit-xl --decoder rae/model.pt -c goldfinch -c "golden retriever" -n 16
       flatdino sample --dit runs/dit-xl --decoder rae/model.pt --classes all --per-class 50 --batch-size 256
+      flatdino sample --dit models/DiTs/.../DiTDH-XL/stage2_model.pt --stats models/stats/.../stat.pt \\
+          --guide models/DiTs/.../DiTDH-S_ep14/stage2_model.pt --guide-scale 1.42 --decoder ViTXL_n08 -c 207
     """
     from flatdino_cli.sample import run_sample
 
@@ -574,10 +586,29 @@ def sample(
     rt = _runtime(device, precision, False)
     m = run_sample(dit, vae, decoder, names, all_classes, n=n, per_class=per_class, cfg_scale=cfg, steps=steps,
                    sampler=sampler, interval=interval, seed=seed, out=out, batch_size=batch_size,
-                   shard_size=shard_size, ema=ema, rt=rt)
+                   shard_size=shard_size, ema=ema, rt=rt, stats=stats, guide=guide, guide_scale=guide_scale, grid=grid)
     flow = m["identity"]["flow"]
     typer.echo(f"sample: {m['identity']['count']} images (cfg {flow['cfg_scale']:g}, {flow['sampler']} "
                f"{flow['steps']} steps, seed {m['identity']['seed']}) -> {m['out']}/{m['npz']}, {m['out']}/grid.png")
+
+
+@command("export-rae")
+def export_rae(
+    run: Annotated[Path, typer.Argument(help="A train-dit run on a square 2-D grid (rae-* presets).")],
+    out: Annotated[Path, typer.Argument(help="Output .pt: a raw state dict for RAE's own model class.")],
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="EMA weights (default) or the raw ones.")] = True,
+):
+    """Write a DiT run as an RAE stage-2 checkpoint (RAE's key names and time frame), loadable by RAE's
+    LightningDiT / DiTwDDTHead with strict=True; prints the model params for RAE's config.
+
+    Example: flatdino export-rae runs/rae-dh-xl models/DiTs/ours/stage2_model.pt
+    """
+    import json
+
+    from flatdino_cli.runs import export_rae as export
+
+    params = export(run, out, ema)
+    typer.echo(f"export-rae: {out} ({params.pop('target')}) params: {json.dumps(params)}")
 
 
 @command()

@@ -30,6 +30,7 @@ __all__ = ["FlowConfig", "FlowConfigError", "RAE_T_MAX", "default_shift", "flow_
 
 TIME_DISTS = ("uniform", "logit-normal", "rae")
 SAMPLERS = ("euler", "heun")
+GRIDS = ("ours", "rae")
 RAE_T_MAX = 1.0 - 1.0 / 1000  # RAE truncates its training t_R to [0, 0.999] (velocity model, ODE)
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x (B, ...), t (B,)) -> v (B, ...)
@@ -48,7 +49,8 @@ class FlowConfig:
     logit_mean: float = 0.0  # logit-normal / rae: mean and std of logit(t) (rae: of logit(t_R))
     logit_std: float = 1.0
     sampler: str = "euler"  # euler | heun
-    steps: int = 50  # integration steps on time_grid(steps, shift)
+    steps: int = 50  # integration steps on time_grid(steps, shift) (grid rae: time points, RAE's num_steps)
+    grid: str = "ours"  # ours: steps steps to t = 1 | rae: RAE's ODE grid and its rule "guide only if w > 1"
     cfg_scale: float = 1.0  # guidance weight w; 1 = no guidance (one conditional forward)
     cfg_interval: tuple[float, float] = (0.225, 1.0)  # guide where lo < t < hi; RAE's [a, b] is [1-b, 1-a]
     cfg_interval_inclusive: bool = False  # lo <= t <= hi instead (RAE's rule)
@@ -63,6 +65,9 @@ class FlowConfig:
             (self.logit_std > 0 and math.isfinite(self.logit_std), "logit_std", "finite and > 0", self.logit_std),
             (self.sampler in SAMPLERS, "sampler", " or ".join(SAMPLERS), self.sampler),
             (self.steps >= 1, "steps", "an integer >= 1", self.steps),
+            (self.grid in GRIDS, "grid", " or ".join(GRIDS), self.grid),
+            (self.grid != "rae" or self.steps >= 2, "steps", "an integer >= 2 with grid rae (time points)",
+             self.steps),
             (self.cfg_scale >= 0 and math.isfinite(self.cfg_scale), "cfg_scale", "finite and >= 0", self.cfg_scale),
             (0.0 <= lo <= hi <= 1.0, "cfg_interval", "[lo, hi] with 0 <= lo <= hi <= 1", self.cfg_interval),
         ]:
@@ -99,8 +104,16 @@ def rae_shift_time(t_rae: Tensor | float, s: float) -> Tensor | float:
     return s * t_rae / (1 + (s - 1) * t_rae)
 
 
-def time_grid(steps: int, shift: float) -> Tensor:
-    """(steps + 1,) float64 times shift_time(linspace(0, 1), shift): exactly 0.0 first, exactly 1.0 last."""
+def time_grid(steps: int, shift: float, grid: str = "ours") -> Tensor:
+    """Float64 sampling times in our frame.
+
+    ours: (steps + 1,) shift_time(linspace(0, 1)): exactly 0.0 first, exactly 1.0 last (steps steps).
+    rae:  (steps,) RAE's ODE grid (integrators.py): t_R = rae_shift_time(1 - linspace(0, 0.999, steps)),
+          i.e. t = shift_time(linspace(0, 0.999, steps)): steps - 1 Euler steps, ending at
+          t_R = rae_shift_time(0.001) (0.00689 for RAE's shift sqrt(48)), not on the data.
+    """
+    if grid == "rae":
+        return shift_time(torch.linspace(0.0, RAE_T_MAX, steps, dtype=torch.float64), shift)
     t = shift_time(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), shift)
     t[0], t[-1] = 0.0, 1.0  # exact endpoints: sampling must end on the data, not a rounding short of it
     return t
@@ -190,10 +203,12 @@ def guided_velocity(model: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor
 
 def make_velocity_fn(model: Callable, y: Tensor, cfg: FlowConfig, null_class: int,
                      guide_model: Callable | None = None) -> VelocityFn:
-    """The closure (x, t) -> guided velocity that `sample` integrates, with cfg's scale and interval."""
+    """The closure (x, t) -> guided velocity that `sample` integrates, with cfg's scale and interval.
+    Under grid rae a scale <= 1 means no guidance at all, as in RAE's sample.py (we extrapolate)."""
+    scale = 1.0 if cfg.grid == "rae" and cfg.cfg_scale <= 1.0 else cfg.cfg_scale
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        return guided_velocity(model, x, t, y, cfg.cfg_scale, null_class, cfg.cfg_interval,
+        return guided_velocity(model, x, t, y, scale, null_class, cfg.cfg_interval,
                                cfg.cfg_interval_inclusive, guide_model)
 
     return velocity
@@ -201,8 +216,10 @@ def make_velocity_fn(model: Callable, y: Tensor, cfg: FlowConfig, null_class: in
 
 # ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, method: str = "euler") -> Tensor:
-    """Integrate dx/dt = v(x, t) from x_0 = noise (B, ...) at t = 0 to t = 1 on time_grid(steps, shift).
+def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, method: str = "euler",
+           grid: str = "ours") -> Tensor:
+    """Integrate dx/dt = v(x, t) from x_0 = noise (B, ...) at t = 0 to t = 1 on time_grid(steps, shift, grid)
+    (grid rae: to RAE's last time point, steps - 1 steps).
 
     euler: x_{i+1} = x_i + h_i v(x_i, t_i)                                  (steps forwards)
     heun:  x' = x_i + h_i v_i;  x_{i+1} = x_i + h_i (v_i + v(x', t_{i+1})) / 2  (trapezoidal
@@ -214,18 +231,19 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, met
     """
     if method not in SAMPLERS:
         raise FlowConfigError(f"config: flow.sampler must be {' or '.join(SAMPLERS)}, got {method!r}")
-    grid = time_grid(steps, shift).tolist()
+    times = time_grid(steps, shift, grid).tolist()
+    n = len(times) - 1
     t_dtype = torch.promote_types(noise.dtype, torch.float32)
 
     def v_at(x: Tensor, i: int) -> Tensor:
-        t = torch.full((x.shape[0],), grid[i], dtype=t_dtype, device=x.device)  # (B,)
+        t = torch.full((x.shape[0],), times[i], dtype=t_dtype, device=x.device)  # (B,)
         return velocity_fn(x, t).to(x.dtype)
 
     x = noise
-    for i in range(steps):
-        h = grid[i + 1] - grid[i]
+    for i in range(n):
+        h = times[i + 1] - times[i]
         v = v_at(x, i)
-        if method == "heun" and i < steps - 1:
+        if method == "heun" and i < n - 1:
             v_next = v_at(x + h * v, i + 1)
             v = 0.5 * (v + v_next)
         x = x + h * v

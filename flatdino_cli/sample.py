@@ -205,6 +205,7 @@ class Pipeline:
     stats: nn.Module | None = None  # stages.dit.LatentStats
     identity: dict = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    guide: nn.Module | None = None  # AutoGuidance's weaker DiT: v = v_guide + w (v_main - v_guide)
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -282,38 +283,121 @@ def _check_provenance(dit_run: Path, vae_run: str | Path, vae_sha: str) -> None:
                       "(checkpoint sha256 differs from inputs.json)", stacklevel=3)
 
 
-def load_pipeline(dit_run: str | Path, vae_run: str | Path | None = None, decoder: str | Path | None = None,
-                  device: torch.device | str = "cpu", ema: bool = True) -> Pipeline:
-    """DiT run (EMA weights unless ema=False) + VAE run (FlatDINO; default: the one in the DiT's
-    inputs.json) or RUN/stats.pt (RAE mode) + pixel decoder; one-line UserError on any mismatch."""
-    from flatdino_cli.runs import load_run, run_config, weights_file
+@dataclass
+class LoadedDiT:
+    """A DiT ready to sample (our frame), from a train-dit run or an RAE stage-2 checkpoint."""
+
+    cfg: DiTStageConfig
+    model: nn.Module
+    identity: dict  # path, weights, sha256, ema (+ format "rae")
+    stats: nn.Module | None  # stages.dit.LatentStats when cfg.normalize
+    stats_id: dict | None
+    inputs: dict  # the run's inputs.json "latents" entry ({"kind": "features"} for RAE files)
+
+
+def _rae_checkpoint(path: Path) -> Path | None:
+    """The RAE stage-2 file `path` names (the file, or a folder holding one), None for a run dir."""
+    from flatdino_cli.runs import RAE_DIT_FILE
+
+    if path.is_file():
+        return path
+    if not path.is_dir() or (path / "config.yaml").is_file():
+        return None
+    if (path / RAE_DIT_FILE).is_file():
+        return path / RAE_DIT_FILE
+    pts = sorted(path.glob("*.pt"))
+    if len(pts) == 1 and pts[0].name not in ("stat.pt", "stats.pt"):
+        return pts[0]
+    raise UserError(f"{path}: neither a flatdino run directory (no config.yaml) nor a folder holding RAE's "
+                    f"{RAE_DIT_FILE}")
+
+
+def load_dit(path: str | Path, device: torch.device | str = "cpu", ema: bool = True, stats: str | Path | None = None,
+             default_stats: Path | None = None, option: str = "--dit") -> LoadedDiT:
+    """A train-dit run (EMA weights unless ema=False; RUN/stats.pt) or RAE's stage2_model.pt (file or its
+    folder; stats from `stats`, else stat.pt beside it, else `default_stats`); one-line UserErrors."""
+    from flatdino_cli.runs import RAE_STATS_FILES, load_run, read_rae_dit, weights_file
     from flatdino_cli.stages.dit import STATS_FILE, load_stats
 
-    dit_run = Path(dit_run)
-    cfg = run_config(dit_run, "dit")
-    inputs = run_inputs(dit_run).get("latents", {})
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{option} {path}: no such file or directory")
+    rae_file = _rae_checkpoint(path)
+    if rae_file is not None:
+        cfg, model, used_ema = read_rae_dit(rae_file)
+        model.to(device)
+        identity = {"path": str(path.resolve()), "weights": str(rae_file.resolve()), "sha256": sha256_file(rae_file),
+                    "ema": used_ema, "format": "rae"}
+        inputs = {"kind": "features"}
+        beside = [rae_file.parent / n for n in RAE_STATS_FILES if (rae_file.parent / n).is_file()]
+        stats = stats or (beside[0] if beside else default_stats)
+        if stats is None:
+            raise UserError(f"{option} {path}: RAE's DiT generates normalised features; pass --stats with RAE's "
+                            f"stat.pt (models/stats/.../stat.pt) or put it beside the checkpoint as stat.pt")
+    else:
+        inputs = run_inputs(path).get("latents", {})
+        cfg, model, sha = load_run(path, "dit", device=device, prefer_ema=ema)
+        wfile = weights_file(path, "dit", prefer_ema=ema)
+        identity = {"path": str(path.resolve()), "weights": str(wfile), "sha256": sha,
+                    "ema": wfile.name.startswith("ema")}
+        if stats is None and cfg.normalize:
+            stats = path / STATS_FILE
+            if not stats.is_file():
+                raise UserError(f"{stats}: missing; this DiT normalises its inputs with it (copy RAE's stat.pt "
+                                "there, pass --stats, or rerun train-dit --compute-stats)")
+    if not cfg.normalize:
+        if stats is not None:
+            raise UserError(f"--stats {stats}: {option} {path} does not normalise its inputs (drop --stats)")
+        return LoadedDiT(cfg, model, identity, None, None, inputs)
+    grid = tuple(cfg.model.grid) if cfg.model.grid else None
+    return LoadedDiT(cfg, model, identity, load_stats(Path(stats), grid).to(device), _file_id(Path(stats)), inputs)
+
+
+def check_guide(main: LoadedDiT, guide: LoadedDiT, where: str) -> None:
+    """AutoGuidance mixes two velocities of the same space: one-line UserError when the guide's classes,
+    latent shape, normalisation statistics or source latents differ from the main DiT's."""
+    a, b = main.cfg.model, guide.cfg.model
+    for what, x, y in [("classes (model.num_classes)", a.num_classes, b.num_classes),
+                       ("latent shape (tokens x dim)", (a.tokens, a.in_dim), (b.tokens, b.in_dim)),
+                       ("token grid", a.grid, b.grid), ("normalisation (normalize)", main.cfg.normalize,
+                                                        guide.cfg.normalize)]:
+        if x != y:
+            raise UserError(f"--guide {where}: its {what} is {y} but the main DiT's is {x}; the guide must be "
+                            "trained on the same latents and classes")
+    if main.stats is not None and guide.stats is not None and not all(
+            torch.allclose(getattr(main.stats, k), getattr(guide.stats, k).to(getattr(main.stats, k).device))
+            for k in ("mean", "std")):
+        raise UserError(f"--guide {where}: normalises with other statistics than the main DiT "
+                        f"({guide.stats_id['path']} vs {main.stats_id['path']})")
+    vae_a, vae_b = (d.inputs.get("identity", {}).get("vae_run") for d in (main, guide))
+    if vae_a and vae_b and Path(vae_a).resolve() != Path(vae_b).resolve():
+        raise UserError(f"--guide {where}: was trained on latents of VAE {vae_b}, the main DiT on {vae_a}")
+
+
+def load_pipeline(dit_run: str | Path, vae_run: str | Path | None = None, decoder: str | Path | None = None,
+                  device: torch.device | str = "cpu", ema: bool = True, stats: str | Path | None = None,
+                  guide: str | Path | None = None) -> Pipeline:
+    """DiT (train-dit run, EMA weights unless ema=False, or RAE's stage2_model.pt) + VAE run (FlatDINO;
+    default: the one in the DiT's inputs.json) or stats (RAE mode) + pixel decoder, and an optional
+    AutoGuidance DiT (`guide`, EMA weights); one-line UserError on any mismatch."""
+    main = load_dit(dit_run, device, ema, stats)
+    cfg, inputs = main.cfg, main.inputs
     recorded_vae = inputs.get("identity", {}).get("vae_run")
     on_features = _on_features(cfg, inputs.get("kind"))
     if vae_run is None and not on_features and recorded_vae and Path(recorded_vae).is_dir():
         vae_run = recorded_vae  # the VAE the DiT's latents came from
-    stats, stats_id = None, None
-    if cfg.normalize:
-        path = dit_run / STATS_FILE
-        if not path.is_file():
-            raise UserError(f"{path}: missing; this DiT normalises its inputs with it (copy RAE's stat.pt "
-                            "there, or rerun train-dit --compute-stats)")
-        stats = load_stats(path, tuple(cfg.model.grid) if cfg.model.grid else None).to(device)
-        stats_id = _file_id(path)
-    vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, device, f"DiT run {dit_run}", on_features)
-    identity["stats"] = stats_id
-    cfg, dit, dit_sha = load_run(dit_run, "dit", device=device, prefer_ema=ema)
-    wfile = weights_file(dit_run, "dit", prefer_ema=ema)
-    identity["dit"] = {"path": str(dit_run.resolve()), "weights": str(wfile), "sha256": dit_sha,
-                       "ema": wfile.name.startswith("ema")}
+    vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, device, f"DiT {dit_run}", on_features)
+    identity["stats"] = main.stats_id
+    identity["dit"] = main.identity
     if vae is not None:
-        _check_provenance(dit_run, vae_run, identity["vae"]["sha256"])
+        _check_provenance(Path(dit_run), vae_run, identity["vae"]["sha256"])
+    guide_model = None
+    if guide is not None:
+        g = load_dit(guide, device, True, None, Path(main.stats_id["path"]) if main.stats_id else None, "--guide")
+        check_guide(main, g, str(guide))
+        guide_model, identity["guide"] = g.model, g.identity
     names = store_manifest(inputs.get("path")).get("extra", {}).get("class_names") or []
-    return Pipeline(cfg, dit, dec, vae, stats, identity, [str(n) for n in names])
+    return Pipeline(cfg, main.model, dec, vae, main.stats, identity, [str(n) for n in names], guide_model)
 
 
 # ============================================================================ generation
@@ -333,11 +417,12 @@ def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> torc
 
 
 def sampling_flow(flow: FlowConfig, cfg_scale: float | None = None, steps: int | None = None,
-                  sampler: str | None = None, interval: tuple[float, float] | None = None) -> FlowConfig:
+                  sampler: str | None = None, interval: tuple[float, float] | None = None,
+                  grid: str | None = None) -> FlowConfig:
     """The DiT config's flow section with the command line's overrides (validated: bad values are
     one-line errors)."""
     changes = {k: v for k, v in (("cfg_scale", cfg_scale), ("steps", steps), ("sampler", sampler),
-                                 ("cfg_interval", interval)) if v is not None}
+                                 ("cfg_interval", interval), ("grid", grid)) if v is not None}
     return dataclasses.replace(flow, **changes)
 
 
@@ -380,14 +465,16 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
             idx, lab = idx + idx[-1:] * (chunk - k), lab + lab[-1:] * (chunk - k)
         noise = image_noise(seed, idx, pipe.latent_shape).to(rt.device)  # (B, N, d)
         y = torch.tensor(lab, dtype=torch.long, device=rt.device)
-        model = pipe.dit
 
-        def forward(x, t, y_):
-            with rt.autocast():
-                return model(x, t, y_).float()
+        def run(model):
+            def forward(x, t, y_):
+                with rt.autocast():
+                    return model(x, t, y_).float()
+            return forward
 
-        velocity = make_velocity_fn(forward, y, flow, pipe.cfg.model.num_classes)
-        x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler)  # (B, N, d)
+        guide = run(pipe.guide) if pipe.guide is not None else None
+        velocity = make_velocity_fn(run(pipe.dit), y, flow, pipe.cfg.model.num_classes, guide)
+        x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid)  # (B, N, d)
         out.append(pipe.decode(x, rt)[:k])
     S = pipe.image_size
     return np.concatenate(out) if out else np.zeros((0, S, S, 3), np.uint8)
@@ -501,11 +588,12 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
         raise UserError(f"--shard-size {shard_size}: must be >= 1")
     identity = {
         "dit": pipe.identity.get("dit"), "vae": pipe.identity.get("vae"), "decoder": pipe.identity.get("decoder"),
-        "stats": pipe.identity.get("stats"), "seed": seed, "count": N, "image_size": S,
+        "stats": pipe.identity.get("stats"), "guide": pipe.identity.get("guide"), "seed": seed, "count": N, "image_size": S,
         "labels_sha256": sha256_strings(labels_arr.tolist()), "classes": sorted(set(labels_arr.tolist()))[:1000],
         "flow": {"cfg_scale": flow.cfg_scale, "cfg_interval": list(flow.cfg_interval),
                  "cfg_interval_inclusive": flow.cfg_interval_inclusive, "steps": flow.steps,
-                 "sampler": flow.sampler, "shift": flow.shift},
+                 "sampler": flow.sampler, "shift": flow.shift,
+                 **({"grid": flow.grid} if flow.grid != "ours" else {})},  # old sample sets stay resumable
         "precision": rt.precision,
         "noise": "image i: eps ~ N(0, I) from torch.Generator seeded by SeedSequence([seed, i])",
     }
@@ -572,11 +660,19 @@ def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, cla
                all_classes: bool = False, n: int | None = None, per_class: int | None = None,
                cfg_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
                interval: str | None = None, seed: int = 0, out: str | Path | None = None, batch_size: int = 16,
-               shard_size: int = 1000, ema: bool = True, rt: Runtime = CPU, progress: bool = True) -> dict:
-    """`flatdino sample`: resolve classes, load the pipeline, write the sample set; returns the manifest."""
+               shard_size: int = 1000, ema: bool = True, rt: Runtime = CPU, progress: bool = True,
+               stats: str | Path | None = None, guide: str | Path | None = None, guide_scale: float | None = None,
+               grid: str | None = None) -> dict:
+    """`flatdino sample`: resolve classes, load the pipeline, write the sample set; returns the manifest.
+    With `guide`, AutoGuidance at `guide_scale` replaces CFG (same interval option)."""
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1")
-    pipe = load_pipeline(dit, vae, decoder, rt.device, ema=ema)
+    if (guide is None) != (guide_scale is None):
+        raise UserError("sample: AutoGuidance needs both --guide RUN_OR_FILE and --guide-scale W")
+    if guide is not None and cfg_scale is not None:
+        raise UserError("sample: --cfg and --guide-scale are two guidance methods; pass one")
+    cfg_scale = guide_scale if guide is not None else cfg_scale
+    pipe = load_pipeline(dit, vae, decoder, rt.device, ema=ema, stats=stats, guide=guide)
     K = pipe.cfg.model.num_classes
     if all_classes:
         if classes:
@@ -586,11 +682,13 @@ def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, cla
     else:
         ids = resolve_classes(classes, K, pipe.class_names)
     labels = class_plan(ids, n, per_class)
-    flow = sampling_flow(pipe.cfg.flow, cfg_scale, steps, sampler, parse_interval(interval))
+    flow = sampling_flow(pipe.cfg.flow, cfg_scale, steps, sampler, parse_interval(interval), grid)
     if out is None:
         what = "all" if all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
-        out = Path(dit) / "samples" / (f"{what}-n{len(labels)}-cfg{flow.cfg_scale:g}-{flow.sampler}{flow.steps}"
-                                       f"-seed{seed}{'' if ema else '-raw'}")
+        home = Path(dit) if Path(dit).is_dir() else Path(dit).parent  # an RAE file: samples beside it
+        guidance = f"ag{flow.cfg_scale:g}" if guide is not None else f"cfg{flow.cfg_scale:g}"
+        out = home / "samples" / (f"{what}-n{len(labels)}-{guidance}-{flow.sampler}{flow.steps}"
+                                  f"{'-raegrid' if flow.grid == 'rae' else ''}-seed{seed}{'' if ema else '-raw'}")
     extra = {"classes": sorted(set(labels)), "per_class": per_class, "created_by": "flatdino sample"}
     manifest = write_sample_set(pipe, labels, out, seed, flow, batch_size, shard_size, rt, extra, progress)
     return {**manifest, "out": str(out)}
