@@ -138,8 +138,9 @@ def extract(
     source: Annotated[Path, typer.Argument(help="Images (ImageFolder tree, flat folder or `path label` list), "
                                                 "or with --vae a FEATURE STORE.")],
     out: Annotated[Path, typer.Argument(help="Output store directory.")],
-    encoder: Annotated[str, typer.Option(help="dinov2-b-reg4 (the paper's encoder) or tiny (random weights, "
-                                              "for tests and the CPU quickstart).")] = "dinov2-b-reg4",
+    encoder: Annotated[str, typer.Option(help="dinov2-b-reg4 (the paper's encoder), dinov2-s-reg4 (RAE's DiT-XL "
+                                              "anchor), dinov2-g-reg4 (FAE) or tiny (random weights, for tests "
+                                              "and the CPU quickstart).")] = "dinov2-b-reg4",
     encoder_weights: Annotated[Optional[Path], typer.Option(
         help="Local DINOv2 weights (.safetensors/.pth, timm or Hugging Face key names) instead of the HF cache.")] = None,
     vae: Annotated[Optional[Path], typer.Option(help="A train-vae run: turn the feature store SOURCE into a "

@@ -68,6 +68,16 @@ ENCODERS: dict[str, EncoderSpec] = {s.name: s for s in [
     EncoderSpec("dinov2-b-reg4", image_size=224, patch_size=14, dim=768, depth=12, heads=12,
                 description="DINOv2 ViT-B/14 + 4 registers (LVD-142M), 224 px -> 16x16 patches",
                 hub_repos=("timm/vit_base_patch14_reg4_dinov2.lvd142m", "facebook/dinov2-with-registers-base")),
+    # RAE's DiT-XL anchor numbers (seed 002) were measured on DINOv2-S features (16x16 x 384)
+    EncoderSpec("dinov2-s-reg4", image_size=224, patch_size=14, dim=384, depth=12, heads=6,
+                description="DINOv2 ViT-S/14 + 4 registers (LVD-142M), 224 px -> 16x16 patches x 384",
+                hub_repos=("timm/vit_small_patch14_reg4_dinov2.lvd142m", "facebook/dinov2-with-registers-small"),
+                arch="vit_small_patch14_reg4_dinov2"),
+    # FAE's ImageNet numbers (seed 004) use DINOv2-g/14 (1536-d); its MLP is SwiGLU (hidden 4096)
+    EncoderSpec("dinov2-g-reg4", image_size=224, patch_size=14, dim=1536, depth=40, heads=24,
+                description="DINOv2 ViT-g/14 + 4 registers (LVD-142M), 224 px -> 16x16 patches x 1536",
+                hub_repos=("timm/vit_giant_patch14_reg4_dinov2.lvd142m", "facebook/dinov2-with-registers-giant"),
+                arch="vit_giant_patch14_reg4_dinov2"),
     # Same timm architecture (LayerScale, registers, no pos-embed on prefix tokens), CPU-sized: width 64,
     # 4 blocks, 4 heads, 48 px / patch 8 -> 6x6 = 36 patches. Random DINOv2 init has LayerScale 1e-5,
     # so the blocks are near identity and features are ~ LN(patch embedding + pos embedding), with a
@@ -176,18 +186,24 @@ _HF_RENAMES = [
     (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
     (r"encoder\.layer\.(\d+)\.attention\.(?:output\.dense|o_proj)\.", r"blocks.\1.attn.proj."),
     (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    # SwiGLU MLP (ViT-g): transformers <5 packs [gate; up] in weights_in like timm's fc1; >=5 see _HF_GLU
+    (r"encoder\.layer\.(\d+)\.mlp\.weights_in\.", r"blocks.\1.mlp.fc1."),
+    (r"encoder\.layer\.(\d+)\.mlp\.(?:weights_out|down_proj)\.", r"blocks.\1.mlp.fc2."),
     (r"encoder\.layer\.(\d+)\.", r"blocks.\1."),  # norm1, norm2, mlp.fc1, mlp.fc2 keep their names
     (r"layernorm\.", "norm."),
 ]
+_HF_GLU = re.compile(r"encoder\.layer\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)$")
 _HF_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)$")
 
 
 def _from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF key layout (transformers <5 `attention.attention.query` or >=5 `attention.q_proj`) -> timm."""
-    out, qkv = {}, {}
+    out, qkv, glu = {}, {}, {}
     for k, v in sd.items():
         if m := _HF_QKV.match(k):
             qkv.setdefault((m[1], m[4]), {})[(m[2] or m[3])[0]] = v  # 'query' and 'q' -> 'q'
+        elif m := _HF_GLU.match(k):
+            glu.setdefault((m[1], m[3]), {})[m[2]] = v
         elif k.startswith("embeddings.") and not k.startswith("embeddings.patch_embeddings."):
             continue  # tokens and pos-embed handled below; mask_token is unused
         else:
@@ -198,6 +214,9 @@ def _from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for (layer, kind), parts in qkv.items():
         if set(parts) == {"q", "k", "v"}:  # timm's fused qkv Linear stacks q, k, v along the output dim
             out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    for (layer, kind), parts in glu.items():
+        if set(parts) == {"gate", "up"}:  # timm's packed SwiGLU fc1: silu(first half) * second half
+            out[f"blocks.{layer}.mlp.fc1.{kind}"] = torch.cat([parts["gate"], parts["up"]], 0)
     if {"embeddings.cls_token", "embeddings.position_embeddings"} <= sd.keys():
         out["cls_token"], out["pos_embed"] = _fold_cls_pos(sd["embeddings.cls_token"],
                                                            sd["embeddings.position_embeddings"])
@@ -211,7 +230,8 @@ def _to_timm_layout(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
     if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
         sd = _from_hf(sd)
     elif "register_tokens" in sd and "pos_embed" in sd:  # Meta's DINOv2 release layout
-        sd = dict(sd)
+        sd = {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v
+              for k, v in sd.items()}  # ViT-g's SwiGLUFFNFused, as timm's own filter renames it
         sd["reg_token"] = sd.pop("register_tokens")
         sd["cls_token"], sd["pos_embed"] = _fold_cls_pos(sd["cls_token"], sd["pos_embed"])
     pos = sd.get("pos_embed")

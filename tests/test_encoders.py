@@ -167,7 +167,7 @@ def test_bad_files_are_user_errors(tmp_path):
     torch.save(_build_vit(narrow).state_dict(), tmp_path / "small.pth")
     with pytest.raises(UserError, match="shapes do not fit encoder tiny"):
         load_encoder("tiny", tmp_path / "small.pth")
-    with pytest.raises(UserError, match="valid names: dinov2-b-reg4, tiny"):
+    with pytest.raises(UserError, match="valid names: dinov2-b-reg4, dinov2-s-reg4, dinov2-g-reg4, tiny"):
         load_encoder("dinov2-b-giant")
 
 
@@ -230,3 +230,60 @@ def test_pretrained_weights_come_from_the_hf_cache(tmp_path, monkeypatch):
     assert isinstance(enc, FrozenEncoder) and enc.weights_id == f"hf:someone/small-reg4@{'ab' * 20}"
     x = images(spec)
     torch.testing.assert_close(enc(x), reference_features(src, x), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------- baseline encoders (RAE's S, FAE's g)
+# ViT-g's family at a test size: SwiGLU MLP; width 48 gives HF's (int(4 * 48 * 2/3) + 7) // 8 * 8 = 128
+# hidden units and timm's int(48 * 5.33334) / 2 = 128 alike
+GIANT_SMALL = EncoderSpec("g-test", image_size=48, patch_size=8, dim=48, depth=2, heads=4, description="test",
+                          seed=3, arch="vit_giant_patch14_reg4_dinov2")
+
+
+def test_baseline_encoder_specs():
+    s, g = ENCODERS["dinov2-s-reg4"], ENCODERS["dinov2-g-reg4"]
+    assert (s.dim, s.depth, s.heads, s.num_patches) == (384, 12, 6, 256)
+    assert (g.dim, g.depth, g.heads, g.num_patches, g.patch_size) == (1536, 40, 24, 256, 14)
+    assert g.hub_repos[1] == "facebook/dinov2-with-registers-giant" and s.arch == "vit_small_patch14_reg4_dinov2"
+    with torch.device("meta"):  # the full ViT-g is built as the spec says (no memory on meta)
+        vit = _build_vit(g)
+    assert sum(p.numel() for p in vit.parameters()) / 1e6 == pytest.approx(1136, abs=2)  # DINOv2-g: 1.1B
+    assert vit.blocks[0].mlp.fc1.out_features == 2 * 4096
+
+
+@pytest.mark.parametrize("legacy_names", [False, True])
+def test_hf_swiglu_layout_matches_transformers_giant_model(tmp_path, legacy_names):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    cfg = Dinov2WithRegistersConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                                    image_size=48, num_register_tokens=4, layerscale_value=1.0, use_swiglu_ffn=True)
+    torch.manual_seed(0)
+    hf = perturbed(Dinov2WithRegistersModel(cfg), seed=8).eval()
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if legacy_names:  # the hub file's names: attention.attention.*, packed mlp.weights_in / weights_out
+        sd = _legacy_hf_names(sd)
+        for i in range(2):
+            p = f"encoder.layer.{i}.mlp."
+            for kind in ("weight", "bias"):
+                sd[p + f"weights_in.{kind}"] = torch.cat([sd.pop(p + f"gate_proj.{kind}"),
+                                                          sd.pop(p + f"up_proj.{kind}")], 0)
+                sd[p + f"weights_out.{kind}"] = sd.pop(p + f"down_proj.{kind}")
+    save_file(sd, tmp_path / "hf.safetensors")
+    enc = load_encoder(GIANT_SMALL, tmp_path / "hf.safetensors")
+    hf.layernorm = nn.LayerNorm(48, eps=1e-6, elementwise_affine=False)
+    x = images(GIANT_SMALL)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).last_hidden_state[:, 5:]
+    torch.testing.assert_close(enc(x), ref, atol=1e-5, rtol=0)
+
+
+def test_meta_layout_of_vit_g_renames_swiglu(tmp_path):
+    src = perturbed(_build_vit(GIANT_SMALL), seed=9).eval()
+    sd = src.state_dict()
+    meta = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v for k, v in sd.items()
+            if k not in ("cls_token", "reg_token", "pos_embed")}
+    meta.update(cls_token=sd["cls_token"], register_tokens=sd["reg_token"],
+                pos_embed=torch.cat([torch.zeros(1, 1, 48), sd["pos_embed"]], 1))
+    torch.save(meta, tmp_path / "meta.pt")
+    x = images(GIANT_SMALL)
+    torch.testing.assert_close(load_encoder(GIANT_SMALL, tmp_path / "meta.pt")(x), reference_features(src, x),
+                               atol=1e-5, rtol=0)
