@@ -669,6 +669,8 @@ def train_decoder(
                                            "(RAE's frozen DINO ViT-S/8 + trainable heads).")] = "patch",
     disc_weights: Annotated[Optional[Path], typer.Option(help="DINO ViT-S/8 weights for --disc dino-s8 (default: "
                                                               "the HF cache of timm/vit_small_patch8_224.dino).")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this decoder (run or weights file, same "
+                                                      "architecture), e.g. FAE's pixel fine-tuning.")] = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
@@ -702,7 +704,7 @@ def train_decoder(
     summary = run(cfg, out, rt, images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,
                   no_lpips=no_lpips, lpips_weights=lpips_weights, resume=resume, vgg_weights=vgg_weights,
-                  disc=disc, disc_weights=disc_weights)
+                  disc=disc, disc_weights=disc_weights, init=init)
     if rt.is_main:
         v = summary["val"]
         psnr = (f", val PSNR {v['psnr']:.2f} dB vs mean image {v['psnr_mean_image']:.2f} dB" if "psnr" in v else "")

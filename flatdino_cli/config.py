@@ -226,6 +226,7 @@ class DecoderLossConfig:
     gan_start_epoch: float = 8.0  # generator GAN term begins
     max_adaptive_weight: float = 1e4
     noise_tau: float = 0.8  # feature noise sigma ~ noise_tau * U(0,1), training only
+    noise_fixed: bool = False  # sigma = noise_tau exactly (FAE's Gaussian embedding decoder)
 
 
 @dataclass(frozen=True)

@@ -259,3 +259,37 @@ def test_toy_decoder_beats_mean_image(tmp_path, cli):
     print(f"\ntoy decoder: val PSNR {ours:.2f} dB vs mean image {baseline:.2f} dB ({elapsed:.0f} s)")
     assert ours >= baseline + 3.0
     assert np.isfinite([r["loss"] for r in rows if "loss" in r]).all()
+
+
+# ----------------------------------------------------------------------------- FAE's pixel decoder
+def test_fixed_noise_sigma_for_faes_gaussian_embedding_decoder():
+    from flatdino_cli.config import DecoderLossConfig
+    from flatdino_cli.stages.decoder import noisy_features
+
+    feats = torch.randn(64, 256, 32)
+    torch.manual_seed(0)
+    fixed = (noisy_features(feats, DecoderLossConfig(noise_tau=0.4, noise_fixed=True)) - feats).flatten(1).std(1)
+    spread = (noisy_features(feats, DecoderLossConfig(noise_tau=0.8)) - feats).flatten(1).std(1)
+    assert torch.allclose(fixed, torch.full_like(fixed, 0.4), atol=0.02)  # every sample exactly sigma 0.4
+    assert spread.min() < 0.2 and spread.max() > 0.6  # RAE: sigma ~ 0.8 U(0, 1)
+    assert torch.equal(noisy_features(feats, DecoderLossConfig(noise_tau=0.0)), feats)
+    fae = load_preset("decoder-fae-l")
+    assert (fae.loss.noise_tau, fae.loss.noise_fixed, fae.model.in_dim, fae.model.width) == (0.4, True, 1536, 1024)
+
+
+def test_init_starts_from_another_decoder_run(toy, tmp_path, rt):
+    """--init: FAE's pixel fine-tuning continues the stage-1 decoder (here with lr 0: weights unchanged)."""
+    from flatdino_cli.runs import weights_file
+    from flatdino_cli.stages.decoder import train_decoder
+
+    base = ("loss.gan=0", "loss.lpips=0", "train.max_steps=1", "train.batch_size=8")
+    train_decoder(_cfg(*base), tmp_path / "stage1", rt, toy, "tiny", no_lpips=True)
+    train_decoder(_cfg(*base, "train.lr=0", "train.warmup_start_lr=0", "train.final_lr=0", "train.weight_decay=0"),
+                  tmp_path / "ft", rt, toy, "tiny", no_lpips=True, init=tmp_path / "stage1")
+    src = load_file(weights_file(tmp_path / "stage1", "decoder", prefer_ema=True))
+    got = load_file(tmp_path / "ft" / "checkpoints/latest/model.safetensors")
+    assert all(torch.equal(src[k], got[k]) for k in src)
+    assert json.loads((tmp_path / "ft" / "inputs.json").read_text())["init"]["path"].endswith("stage1")
+    with pytest.raises(UserError, match="another architecture"):
+        train_decoder(_cfg(*base, "model.width=16"), tmp_path / "bad", rt, toy, "tiny", no_lpips=True,
+                      init=tmp_path / "stage1")

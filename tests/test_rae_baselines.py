@@ -387,3 +387,26 @@ def test_rae_grid_guides_only_above_scale_one():
         v = make_velocity_fn(model, y, FlowConfig(cfg_scale=scale, cfg_interval=(0.0, 1.0), grid=grid), 9)(x, t)
         cond = model(x, t, y)
         assert (calls[0] == 4) == guided and torch.equal(v, cond) != guided
+
+
+# ----------------------------------------------------------------------------- 4-5. presets
+@pytest.mark.parametrize("name,paper_millions", [
+    ("rae-xl-256x768", 676), ("rae-dh-xl-256x768", 839),  # RAE Table 7: DiT-XL 676M, DiT-DH-XL 839M
+    ("fae-g-16x16x32", 38.17 + 170.43),  # FAE appendix D: encoder + feature decoder
+    ("fae-g-xl-16x16x32", 675.26), ("decoder-fae-l", 305.36)])
+def test_baseline_presets_build_and_show_their_parameter_count(name, paper_millions):
+    out = cli("presets", "show", name).output
+    total = int(next(ln for ln in out.splitlines() if ln.startswith("# parameters, total:")).split()[3].replace(",", ""))
+    assert total / 1e6 == pytest.approx(paper_millions, rel=0.01)
+
+
+def test_baseline_recipes():
+    from flatdino_cli.config import load_preset
+
+    xl, dh = load_preset("rae-xl-256x768").train, load_preset("rae-dh-xl-256x768").train
+    assert (xl.schedule, xl.lr, xl.ema, xl.batch_size) == ("constant", 2e-4, 0.9999, 1024)  # LightningDiT's recipe
+    assert (dh.schedule, dh.lr, dh.final_lr, dh.decay_epochs, dh.ema) == ("wsd", 2e-4, 2e-5, 760, 0.9995)
+    fae_vae, fae = load_preset("fae-g-16x16x32"), load_preset("fae-g-xl-16x16x32")
+    assert (fae_vae.model.feature_dim, fae_vae.model.enc_width, fae_vae.model.dec_width) == (1536, 6144, 1536)
+    assert (fae.train.batch_size, fae.train.lr, fae.train.betas, fae.flow.shift) == (512, 1e-4, (0.9, 0.999), 0.4)
+    assert (fae.model.tokens, fae.model.in_dim, fae.flow.cfg_scale, fae.flow.cfg_interval) == (256, 32, 2.5, (0.3, 1.0))

@@ -4,7 +4,7 @@ Each training item is an image's target pixels at the decoder's output size (ADM
 to sqrt(num_patches) * patch_size) plus its features: a row of a feature store (`--features`, whose
 rows must be these images) or the frozen encoder run on the same crop every step (then with a random
 horizontal flip of both). Training only: features get Gaussian noise of sigma = noise_tau * U(0,1)
-per sample. Loss = l1 * L1 + lpips * LPIPS + gan * adaptive_weight * G-loss; the GAN term starts at
+per sample (or exactly noise_tau with loss.noise_fixed, FAE). Loss = l1 * L1 + lpips * LPIPS + gan * adaptive_weight * G-loss; the GAN term starts at
 gan_start_epoch, and from disc_start_epoch the discriminator takes one hinge-loss AdamW step inside
 each loss call (DiffAugment on both sides; the fakes are this step's reconstructions, detached and
 quantised to 8 bits; RAE regenerates them after the decoder's update in eval mode, one more forward).
@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from flatdino_cli.config import DecoderStageConfig
+from flatdino_cli.config import DecoderLossConfig, DecoderStageConfig
 from flatdino_cli.data import (BadImage, BadImageWarning, ImageList, Store, adm_center_crop, list_images, load_rgb,
                                normalize, resize, split_indices, to_tensor)
 from flatdino_cli.errors import UserError
@@ -160,6 +160,17 @@ def _quantize(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
+def noisy_features(feats: torch.Tensor, L: DecoderLossConfig) -> torch.Tensor:
+    """Training-time feature noise: sigma = noise_tau * U(0, 1) per sample (RAE), or exactly noise_tau
+    when loss.noise_fixed (FAE's Gaussian embedding decoder)."""
+    if L.noise_tau <= 0:
+        return feats
+    B = feats.shape[0]
+    sigma = torch.full((B, 1, 1), L.noise_tau, device=feats.device) if L.noise_fixed else \
+        L.noise_tau * torch.rand(B, 1, 1, device=feats.device)
+    return feats + sigma * torch.randn_like(feats)
+
+
 def _check_resume(out: Path, disc_id: dict | None, resume: bool) -> None:
     """A resumed run must keep its discriminator (its state is in the checkpoint)."""
     prev = Path(out) / "inputs.json"
@@ -269,11 +280,7 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
         if batch is None:  # every image of the micro-batch was unreadable
             return sum(p.sum() for p in net.parameters()) * 0.0, {}
         target, x = batch  # (B, 3, S, S) in [0, 1]
-        feats = feats_of(x)
-        if L.noise_tau > 0:
-            sigma = L.noise_tau * torch.rand(feats.shape[0], 1, 1, device=feats.device)
-            feats = feats + sigma * torch.randn_like(feats)
-        recon = net(feats)  # (B, 3, S, S), ~[0, 1]
+        recon = net(noisy_features(feats_of(x), L))  # (B, 3, S, S), ~[0, 1]
         l1 = (recon - target).abs().mean()
         rec = L.l1 * l1
         metrics = {"l1": l1.item()}
@@ -320,12 +327,25 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
 def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, images: str | Path, encoder_name: str | None = None,
                   encoder_weights: str | None = None, features: str | Path | None = None, no_lpips: bool = False,
                   lpips_weights: str | Path | None = None, resume: bool = True, vgg_weights: str | Path | None = None,
-                  disc: str = "patch", disc_weights: str | Path | None = None) -> dict:
-    """Train the pixel decoder into run dir `out`; returns fit's summary plus the last validation numbers."""
+                  disc: str = "patch", disc_weights: str | Path | None = None, init: str | Path | None = None) -> dict:
+    """Train the pixel decoder into run dir `out`; returns fit's summary plus the last validation numbers.
+    `init` (a decoder run or weights file of the same architecture) replaces the random init: FAE's pixel
+    fine-tuning continues its Gaussian embedding decoder on reconstructed features."""
     disc_id = {"kind": disc} if cfg.loss.gan > 0 else None
     _check_resume(Path(out), disc_id, resume)
     task = decoder_task(cfg, rt, images, encoder_name, encoder_weights, features, no_lpips, lpips_weights,
                         vgg_weights, disc, disc_weights)
+    if init is not None:  # a resumed checkpoint, when there is one, still wins (fit loads it after this)
+        from flatdino_cli.models.pixel_decoder import load_decoder
+        from flatdino_cli.sample import decoder_identity
+
+        src = load_decoder(init, cfg.model).state_dict()
+        own = task.model.state_dict()
+        if {k: v.shape for k, v in src.items()} != {k: v.shape for k, v in own.items()}:
+            raise UserError(f"--init {init}: a pixel decoder of another architecture than the preset's "
+                            f"(width {cfg.model.width}, depth {cfg.model.depth}, {cfg.model.in_dim}-d features)")
+        task.model.load_state_dict(src)
+        task.inputs["init"] = decoder_identity(init)
     summary = fit(task, task.config.train, out, rt, resume=resume, desc="train-decoder")
     summary["val"] = last_validation(out)
     return summary
