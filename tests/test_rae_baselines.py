@@ -29,14 +29,6 @@ LIGHTNING = dict(dh=False, width=32, depth=2, heads=2)  # mlp_ratio 4 -> SwiGLU 
 DDT = dict(dh=True, width=32, depth=2, heads=2, head_width=48, head_depth=2, head_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ----------------------------------------------------------------------------- RAE's layout, written here
 def rae_rope(side: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=side): freqs_cos, freqs_sin (side^2, head_dim)."""
