@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatdino_cli.config import DiTModelConfig, load_config
+from flatdino_cli.config import DiTModelConfig, load_config, load_preset
 from flatdino_cli.errors import UserError
+from flatdino_cli.flow import default_shift
 from flatdino_cli.models import build_model
 from flatdino_cli.train import checkpoint_dir, load_into, load_weights
 from flatdino_cli.utils import sha256_file
@@ -124,7 +125,7 @@ def to_rae_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     out = {}
     for k, v in mirror_time_frame(model.state_dict()).items():
-        if k.endswith("embedder.weight") and k != "y_embedder.embedding_table.weight":
+        if k in ("x_embedder.weight", "head_embedder.weight"):
             v = _linear_to_conv(v, cfg.patch)
         out[_rae_name(k, cfg)] = v.detach().float().cpu().contiguous()
     out.update({k: v.detach().float().cpu().contiguous() for k, v in _rope_tables(model).items()})
@@ -166,10 +167,10 @@ def _infer_rae_config(sd: dict[str, torch.Tensor], source: Path) -> DiTModelConf
         H = need("x_embedder.proj.weight").shape[0]
         if H == W:
             raise UserError(f"{source}: DiT-DH head as wide as its trunk (no s_projector) is not supported")
-        depth = sum(1 for i in blocks if sd[f"blocks.{i}.norm1.weight"].shape[0] == W)
+        depth = sum(1 for i in blocks if need(f"blocks.{i}.norm1.weight").shape[0] == W)
         kw.update(depth=depth, head_width=H, head_depth=len(blocks) - depth,
                   head_heads=H // need("dec_feat_rope.freqs_cos").shape[-1],
-                  head_mlp_hidden=sd[f"blocks.{depth}.mlp.w3.weight"].shape[1])
+                  head_mlp_hidden=need(f"blocks.{depth}.mlp.w3.weight").shape[1])
     else:
         kw.update(depth=len(blocks))
     try:
@@ -181,8 +182,6 @@ def _infer_rae_config(sd: dict[str, torch.Tensor], source: Path) -> DiTModelConf
 def read_rae_dit(path: str | Path) -> tuple[Any, nn.Module, bool]:
     """(stage config, eval-mode DiT in our frame, whether the checkpoint's "ema" entry was used) from
     RAE's stage2_model.pt: a raw state dict or a training checkpoint whose "ema" RAE itself loads."""
-    from flatdino_cli.config import load_preset
-
     path = Path(path)
     sd = load_weights(path)
     used_ema = isinstance(sd.get("ema"), dict)
@@ -193,9 +192,7 @@ def read_rae_dit(path: str | Path) -> tuple[Any, nn.Module, bool]:
                         "state dict (re-save the weights you want as a raw state dict)")
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     mcfg = _infer_rae_config(sd, path)
-    base = load_preset("rae-dh-xl-256x768" if mcfg.head_depth else "rae-xl-256x768")
-    from flatdino_cli.flow import default_shift
-
+    base = load_preset("rae-dh-xl-256x768" if mcfg.head_depth else "rae-xl-256x768")  # RAE's recipe
     flow = dataclasses.replace(base.flow, shift=default_shift(mcfg.tokens, mcfg.in_dim), grid="rae")
     cfg = dataclasses.replace(base, model=mcfg, flow=flow, normalize=True)
     model = build_model(cfg)
@@ -207,7 +204,8 @@ def read_rae_dit(path: str | Path) -> tuple[Any, nn.Module, bool]:
         if k in names and v.dim() == 4:
             v = _conv_to_linear(v)
         ours[names.get(k, k)] = v
-    load_into(model, mirror_time_frame(ours), path)
+    load_into(model, ours, path)  # key set and shapes checked here, then the frame is mirrored
+    model.load_state_dict(mirror_time_frame(model.state_dict()))
     for k, table in _rope_tables(model).items():
         if k not in sd or sd[k].shape != table.shape or not torch.allclose(sd[k].float(), table, atol=1e-5):
             raise UserError(f"{path}: {k} differs from the 2-D RoPE table of a {mcfg.grid[0]}x{mcfg.grid[1]} grid "

@@ -289,6 +289,9 @@ def test_bad_rae_inputs_are_one_line_errors(w, tmp_path):
     assert "not an RAE stage-2 checkpoint" in one_line_error(cli(*base, "--dit", tmp_path / "junk.pt", ok=False))
     torch.save({"model": w["lightning"]}, tmp_path / "model_only.pt")
     assert "'ema'" in one_line_error(cli(*base, "--dit", tmp_path / "model_only.pt", ok=False))
+    torch.save({k: v for k, v in w["ddt"].items() if k != "t_embedder.W"}, tmp_path / "partial.pt")
+    assert "t_embedder.W" in one_line_error(cli(*base, "--dit", tmp_path / "partial.pt", "--stats",
+                                                w["root"] / "ddt" / "stat.pt", ok=False))
     torch.save({"x": torch.nn.Linear(2, 2)}, tmp_path / "pickle.pt")  # not weights_only-loadable
     assert "refused to load" in one_line_error(cli(*base, "--dit", tmp_path / "pickle.pt", ok=False))
 
