@@ -589,7 +589,8 @@ def sample(
                    sampler=sampler, interval=interval, seed=seed, out=out, batch_size=batch_size,
                    shard_size=shard_size, ema=ema, rt=rt, stats=stats, guide=guide, guide_scale=guide_scale, grid=grid)
     flow = m["identity"]["flow"]
-    typer.echo(f"sample: {m['identity']['count']} images (cfg {flow['cfg_scale']:g}, {flow['sampler']} "
+    guidance = "autoguidance" if m["identity"].get("guide") else "cfg"
+    typer.echo(f"sample: {m['identity']['count']} images ({guidance} {flow['cfg_scale']:g}, {flow['sampler']} "
                f"{flow['steps']} steps, seed {m['identity']['seed']}) -> {m['out']}/{m['npz']}, {m['out']}/grid.png")
 
 

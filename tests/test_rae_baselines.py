@@ -322,7 +322,7 @@ def test_guide_changes_samples_exactly_as_the_formula_says(w, tmp_path):
     # through the command line: the manifest records the guide and the weight
     r = cli("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "--guide", w["root"] / "weak",
             "--guide-scale", "1.42", "-c", "0", "-n", "2", "--steps", "3", "--out", tmp_path / "ag")
-    assert "cfg 1.42" in r.output
+    assert "autoguidance 1.42" in r.output
     import json
 
     m = json.loads((tmp_path / "ag" / "samples.json").read_text())["identity"]
