@@ -64,6 +64,15 @@ Seed = Annotated[Optional[int], typer.Option(help="Training seed (overrides trai
 Epochs = Annotated[Optional[float], typer.Option(help="Overrides train.epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Global batch (overrides train.batch_size); "
                                                       "use --set train.micro_batch_size=N to accumulate.")]
+LogTo = Annotated[Optional[list[str]], typer.Option(
+    "--log-to", help="Also log to an experiment tracker: tensorboard or wandb (repeatable; metrics.jsonl always; "
+                     "needs pip install \"flatdino[track]\"). Example: --log-to tensorboard --log-to wandb "
+                     "(offline: WANDB_MODE=offline).")]
+
+
+def _log_to(names: list[str] | None) -> str | None:
+    """--log-to a --log-to b -> the override value [a, b] of train.log_to."""
+    return f"[{', '.join(names)}]" if names else None
 
 
 def _overrides(sets: list[str] | None, **cli_values) -> list[str]:
@@ -212,6 +221,7 @@ def train_vae(
     precision: Precision = "auto",
     compile: Compile = None,
     resume: Resume = True,
+    log_to: LogTo = None,
 ):
     """Train the FlatDINO laminator (beta-VAE) on DINOv2 features.
 
@@ -226,7 +236,8 @@ def train_vae(
     from flatdino_cli.stages.vae import train_vae as run
 
     cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed}))
+                                                  "train.seed": seed,
+                                                  "train.log_to": _log_to(log_to)}))
     if cfg.stage != "vae":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-vae needs a vae-* preset")
     rt = _runtime(device, precision, compile)
@@ -255,6 +266,7 @@ def train_dit(
     precision: Precision = "auto",
     compile: Compile = None,
     resume: Resume = True,
+    log_to: LogTo = None,
 ):
     """Train the LightningDiT flow-matching generator on latents (the paper's recipe by default).
 
@@ -269,7 +281,8 @@ def train_dit(
     from flatdino_cli.stages.dit import train_dit as run
 
     cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed}))
+                                                  "train.seed": seed,
+                                                  "train.log_to": _log_to(log_to)}))
     if cfg.stage != "dit":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-dit needs a DiT preset (xl-32x128, ...)")
     rt = _runtime(device, precision, compile)
@@ -645,6 +658,7 @@ def train_decoder(
     precision: Precision = "auto",
     compile: Compile = None,
     resume: Resume = True,
+    log_to: LogTo = None,
 ):
     """Train RAE's pixel decoder (features -> pixels): L1 + LPIPS + adaptive-weight GAN, noise-augmented.
 
@@ -663,7 +677,8 @@ def train_decoder(
     from flatdino_cli.stages.decoder import train_decoder as run
 
     cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed}))
+                                                  "train.seed": seed,
+                                                  "train.log_to": _log_to(log_to)}))
     if cfg.stage != "decoder":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-decoder needs decoder-xl, tiny-decoder, ...")
     rt = _runtime(device, precision, compile)

@@ -29,9 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from flatdino_cli.config import TrainConfig, save_config
+from flatdino_cli.config import TrainConfig, save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
+from flatdino_cli.track import open_trackers
 from flatdino_cli.utils import atomic_write_json
 
 LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
@@ -58,7 +59,8 @@ class Task:
     val_fn: Callable[[nn.Module, Iterable, Runtime], dict[str, float]] | None = None  # needs "loss"
     collate_fn: Callable | None = None
     aux: dict[str, Any] = field(default_factory=dict)  # extra state_dict() objects saved in state.pt
-    on_step: Callable[[int, nn.Module, nn.Module | None], None] | None = None  # after each step
+    # after each step; returns the path of an image it wrote (a sample grid), logged to the trackers
+    on_step: Callable[[int, nn.Module, nn.Module | None], Path | None] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
     find_unused_parameters: bool = False
 
@@ -216,10 +218,11 @@ def _parse(line: str) -> dict | None:
 
 
 class MetricsLog:
-    """metrics.jsonl in the run dir (rank 0 only); on resume, entries after the checkpoint are dropped."""
+    """metrics.jsonl in the run dir (rank 0 only); on resume, entries after the checkpoint are dropped.
+    Every row also goes to the experiment trackers (track.py), and so do the images the task writes."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: int, trackers: list | None = None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers or []
         if enabled and path.exists():
             rows = [(ln, _parse(ln)) for ln in path.read_text().splitlines()]
             keep = [ln for ln, row in rows if row is not None and row.get("step", 0) <= resume_step]
@@ -229,6 +232,16 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            for t in self.trackers:
+                t.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
+
+    def image(self, path: Path, step: int) -> None:
+        for t in self.trackers:
+            t.image(Path(path).parent.name, path, step)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -317,7 +330,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(task.config, run_dir / "config.yaml")
         atomic_write_json(run_dir / "inputs.json", task.inputs)
-    log = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, step)
+    trackers = open_trackers(cfg.log_to, run_dir, to_dict(task.config), step, rt.is_main)
+    log = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, step, trackers)
 
     net = model
     if rt.distributed:
@@ -389,7 +403,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
                 bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}")
                 window, t_window, samples_window = {}, time.perf_counter(), 0
             if task.on_step is not None and rt.is_main:
-                task.on_step(step, model, ema)
+                written = task.on_step(step, model, ema)
+                if written is not None:
+                    log.image(written, step)
             epoch_end = step % spe == 0
             if epoch_end and task.val_fn is not None and task.val_set is not None:
                 ep = step // spe
@@ -403,6 +419,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
             if step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
                 checkpoint("latest")
     bar.close()
+    log.close()
     return {"step": step, "best_val": best_val, "run_dir": str(run_dir), "steps_per_epoch": spe}
 
 
