@@ -370,6 +370,30 @@ def flops(
         typer.echo(f"flops: plot -> {out / 'throughput.png'}")
 
 
+@command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (train-vae/-dit/-decoder), overlaid.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The figure (PNG).")] = Path("curves.png"),
+    x: Annotated[str, typer.Option("--x", help="steps, or flops: training compute of DiT runs (the FLOPs "
+                                               "module's count), to compare runs on one compute axis.")] = "steps",
+    label: Annotated[Optional[list[str]], typer.Option(help="Legend name per run, in order (default: the "
+                                                            "run folder's name).")] = None,
+    smooth: Annotated[float, typer.Option(help="EMA weight of the smoothed loss in [0, 1) (raw drawn faint).")] = 0.9,
+    title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
+):
+    """Training curves from metrics.jsonl: loss (smoothed, raw faint), loss per t-bucket, lr, val metrics.
+
+    \b
+    Examples:
+      flatdino plot runs/dit-xl --out curves.png
+      flatdino plot runs/dit-xl runs/rae-xl --label FlatDINO --label RAE --x flops --out compute.png
+    """
+    from flatdino_cli.analysis.curves import plot_runs
+
+    r = plot_runs(runs, out, labels=label or (), axis=x, smoothing=smooth, title=title)
+    typer.echo(f"plot: {len(r['runs'])} run(s), panels {', '.join(r['panels'])} -> {r['out']}")
+
+
 # analyses ------------------------------------------------------------------------------------------
 AnalysisOut = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the JSON, figures and arrays.")]
 

@@ -217,6 +217,14 @@ def _parse(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] if it has none), skipping a line a kill cut short."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [row for row in map(_parse, path.read_text().splitlines()) if row is not None]
+
+
 class MetricsLog:
     """metrics.jsonl in the run dir (rank 0 only); on resume, entries after the checkpoint are dropped.
     Every row also goes to the experiment trackers (track.py), and so do the images the task writes."""
