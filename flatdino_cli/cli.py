@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from flatdino_cli.errors import UserError
+from flatdino_cli.hub import resolve as resolve_model_ref
 
 app = typer.Typer(
     name="flatdino",
@@ -29,6 +30,9 @@ presets_app = typer.Typer(help="List presets, or show one resolved (`flatdino pr
 app.add_typer(presets_app, name="presets")
 
 
+MODEL_OPTIONS = ("vae", "dit", "decoder", "guide")  # options naming a run: also an export folder or hf:ORG/NAME
+
+
 def command(*args, **kwargs):
     """app.command whose UserErrors become one line on stderr and exit code 1 (no traceback)."""
 
@@ -36,6 +40,7 @@ def command(*args, **kwargs):
         @functools.wraps(fn)
         def inner(*a, **k):
             try:
+                k = {n: resolve_model_ref(v) if n in MODEL_OPTIONS else v for n, v in k.items()}
                 return fn(*a, **k)
             except UserError as e:
                 typer.echo(f"flatdino: error: {e}", err=True)
@@ -392,6 +397,55 @@ def plot(
 
     r = plot_runs(runs, out, labels=label or (), axis=x, smoothing=smooth, title=title)
     typer.echo(f"plot: {len(r['runs'])} run(s), panels {', '.join(r['panels'])} -> {r['out']}")
+
+
+@command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A train-vae, train-dit or train-decoder run directory.")],
+    out: Annotated[Path, typer.Argument(help="The model folder to write (upload it with `hf upload ORG/NAME OUT`).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export at OUT.")] = False,
+):
+    """Write a run as a Hugging Face model folder: model.safetensors, config.json, README.md (model card).
+
+    Any --vae/--dit/--decoder option then takes the folder, or hf:ORG/NAME[@REV] once it is in the
+    local Hugging Face cache (`hf download ORG/NAME`); nothing is downloaded by flatdino itself.
+
+    \b
+    Examples:
+      flatdino export runs/vae exports/flatdino-vae-32x128
+      flatdino sample --dit hf:me/flatdino-xl --vae hf:me/flatdino-vae --decoder rae/model.pt -c 207
+    """
+    from flatdino_cli.hub import export_run
+
+    r = export_run(run, out, overwrite=overwrite)
+    typer.echo(f"export: {r['stage']} run at step {r['step']} ({r['weights']['source']}) -> {r['out']} "
+               f"({', '.join(r['files'])})")
+
+
+@command()
+def info(
+    path: Annotated[str, typer.Argument(help="A run, an exported model folder or hf:ORG/NAME, a store, or one of "
+                                             "RAE's released files (model.pt, stat.pt).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """What a run, store or checkpoint is, at a glance: stage, preset, sizes, data, steps, best val, disk.
+
+    \b
+    Examples:
+      flatdino info runs/dit-xl
+      flatdino info stores/in1k
+      flatdino info rae/decoders/dinov2/wReg_base/ViTXL_n08/model.pt
+    """
+    import json
+
+    from flatdino_cli.info import describe
+
+    facts = describe(path)
+    if json_out:
+        typer.echo(json.dumps(dict(facts), indent=2))
+        return
+    for label, value in facts:
+        typer.echo(f"{label:12s} {value}")
 
 
 # analyses ------------------------------------------------------------------------------------------

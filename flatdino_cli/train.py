@@ -351,7 +351,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
     def state_dict() -> dict:
         return {"step": step, "epoch": step // spe, "best_val": best_val, "optimizer": opt.state_dict(),
                 "aux": {k: v.state_dict() for k, v in task.aux.items()}, "rng_torch": torch.get_rng_state(),
-                "batch_size": cfg.batch_size, "world_size": rt.world_size, "micro_batch_size": micro}
+                "batch_size": cfg.batch_size, "world_size": rt.world_size, "micro_batch_size": micro,
+                "total_steps": total}
 
     def checkpoint(which: str) -> None:
         if rt.is_main:
