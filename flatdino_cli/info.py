@@ -6,6 +6,7 @@ Returns ordered (label, value) facts; the CLI prints them aligned, or as JSON.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +170,14 @@ def describe_rae_file(path: Path) -> list[tuple[str, Any]]:
     sd = load_weights(path)
     keys = set(sd)
     if "decoder_embed.weight" in keys or ("embed.weight" in keys and "pred.weight" in keys):
-        from flatdino_cli.models.pixel_decoder import load_decoder
+        from flatdino_cli.models.pixel_decoder import rae_state_dict_to_ours
 
-        dec = load_decoder(path)
-        kind, detail = "decoder", (f"ViT width {dec.cfg.width}, depth {dec.cfg.depth}: {dec.num_patches} x "
-                                   f"{dec.in_dim} features -> {dec.grid * dec.patch_size} px images")
+        ours = rae_state_dict_to_ours(sd, str(path)) if "decoder_embed.weight" in keys else sd
+        width, in_dim = ours["embed.weight"].shape
+        patches = ours["pos_embed"].shape[1] - 1
+        depth = len({k.split(".")[1] for k in ours if k.startswith("blocks.")})
+        side = math.isqrt(patches) * math.isqrt(ours["pred.weight"].shape[0] // 3)
+        kind, detail = "decoder", f"ViT width {width}, depth {depth}: {patches} x {in_dim} features -> {side} px images"
     elif keys & {"mean", "var"}:
         kind = "stats"
         detail = ", ".join(f"{k} {tuple(sd[k].shape)}" for k in ("mean", "var") if k in sd)

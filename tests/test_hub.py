@@ -20,6 +20,7 @@ from flatdino_cli.cli import app
 from flatdino_cli.config import load_preset, save_config
 from flatdino_cli.hub import is_export, parse_ref, resolve
 from flatdino_cli.errors import UserError
+from flatdino_cli.info import describe
 from flatdino_cli.models import build_model
 from flatdino_cli.train import save_checkpoint
 
@@ -119,6 +120,7 @@ def test_export_folder_and_hf_cache_entry_sample_like_the_runs(runs, tmp_path, m
     assert ref.shape == (2, 48, 48, 3) and ref.std() > 0
     np.testing.assert_array_equal(by_folder, ref)
     np.testing.assert_array_equal(by_hub, ref)
+    assert dict(describe("hf:me/tiny-vae"))["what"] == "exported vae run"  # `flatdino info hf:...` too
     # the exported weights are the ones the run is read from (VAE: best, else latest model weights)
     sd = load_file(str(exports["vae"] / "model.safetensors"))
     assert all(torch.equal(v, load_file(str(runs["vae"] / "checkpoints/latest/model.safetensors"))[k])
