@@ -24,3 +24,21 @@ def test_cli_import_stays_light():
             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "", f"imported at start-up: {out.stdout.strip()}"
+
+
+def test_readme_cpu_only_install_matches_the_pins_and_its_check_runs():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("**A laptop without a GPU.**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    install = next(ln for ln in block.splitlines() if "--index-url" in ln)
+    assert "https://download.pytorch.org/whl/cpu" in install
+    for pkg in ("torch", "torchvision"):  # the CPU wheels pinned as the project pins them
+        pin = re.search(rf'"{pkg}==([^"]+)"', pyproject).group(1)
+        assert f"{pkg}=={pin}" in install.split()
+    check = next(ln for ln in block.splitlines() if ln.startswith("python -c"))
+    out = subprocess.run(check, shell=True, capture_output=True, text=True, check=True).stdout.split()
+    import torch
+
+    assert out == [torch.__version__, str(torch.version.cuda), str(torch.cuda.is_available())]
