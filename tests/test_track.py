@@ -8,6 +8,7 @@ A 4-16-1 MLP trained in-process for a few steps; W&B runs offline (its service p
 import dataclasses
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +105,20 @@ def test_wandb_offline_run_folder_and_resume_same_run(tmp_path, monkeypatch):
     run_id = json.loads((run / "tracking.json").read_text())["wandb_id"]
     folders = sorted((run / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders), folders
-    records = [(f / f"run-{run_id}.wandb").read_bytes() for f in folders]
+    records = [_wandb_log(f / f"run-{run_id}.wandb", b"samples_per_s") for f in folders]
     for key in (b"loss", b"lr", b"grad_norm", b"samples_per_s", b"train", b"samples"):
         assert key in records[0], key  # scalars, the config, the image
     assert b"samples_per_s" in records[1]
     assert (run / "tensorboard").is_dir()  # both trackers at once
+
+
+def _wandb_log(path: Path, key: bytes, timeout: float = 120.0) -> bytes:
+    """The bytes of an offline W&B run file, once its service has flushed `key` into it (it writes
+    asynchronously, a moment after run.finish() returns)."""
+    deadline = time.monotonic() + timeout
+    while key not in (data := path.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return data
 
 
 def test_missing_tracker_library_is_one_line_error_naming_the_extra(tmp_path, monkeypatch):
@@ -133,3 +143,11 @@ def test_log_to_cli_option_sets_train_log_to(tmp_path):
     for command in ("train-vae", "train-dit", "train-decoder"):
         out = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
         assert "--log-to" in out and "Example: --log-to tensorboard" in out, command
+
+
+def test_only_rank_zero_opens_trackers(tmp_path, monkeypatch):
+    from flatdino_cli.track import open_trackers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert open_trackers(("tensorboard", "wandb"), tmp_path, {"a": 1}, 0, is_main=False) == []
+    assert list(tmp_path.iterdir()) == []  # no event file, no W&B folder, no tracking.json
