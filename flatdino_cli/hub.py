@@ -131,7 +131,7 @@ def _card(name: str, cfg: Any, meta: dict) -> str:
             lines.append(f"- {title} (step {row['step']}): " + ", ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "epoch") and isinstance(v, float)))
     lines += ["", "## How to load it", "", "```",
-              f"flatdino info hf:ORG/NAME            # after `hf download ORG/NAME`, or a local folder",
+              "flatdino info hf:ORG/NAME            # after `hf download ORG/NAME`, or a local folder",
               f"flatdino sample ... {option} hf:ORG/NAME   # any {option} option takes this folder or hf: name",
               "```", "", "In Python: `flatdino_cli.runs.load_run(folder, \"" + cfg.stage + "\")` returns "
               "(config, eval-mode model, weights sha256).", ""]

@@ -4,6 +4,7 @@ Both libraries are optional (`pip install "flatdino[track]"`) and imported only 
 rank 0 logs. A resumed run continues the same tracker run: TensorBoard appends to RUN/tensorboard/
 and drops events after the checkpoint's step (as metrics.jsonl does); W&B reuses the run id kept in
 RUN/tracking.json, and writes under RUN/wandb/ (offline with WANDB_MODE=offline, then `wandb sync`).
+A run started from step 0 (new, or --no-resume) starts a new W&B run and overwrites TensorBoard's steps.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        # purge_step drops what a killed run logged after its last checkpoint
-        self.writer = SummaryWriter(str(run_dir / TB_DIR), purge_step=resume_step + 1 if resume_step else None)
+        # purge_step drops what a killed run logged after its last checkpoint (all steps on a fresh start)
+        self.writer = SummaryWriter(str(run_dir / TB_DIR), purge_step=resume_step + 1)
         if not resume_step:  # the hyper-parameters once, in this run (not add_hparams' extra sub-run)
             for summary in hparams(flat_config(config), {"loss": 0.0, "val/loss": 0.0}):
                 self.writer.file_writer.add_summary(summary)
@@ -80,7 +81,7 @@ class WandB:
 
         state_path = run_dir / STATE_FILE
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-        if "wandb_id" not in state:
+        if "wandb_id" not in state or not resume_step:  # a fresh start (--no-resume) is a new W&B run
             state["wandb_id"] = secrets.token_hex(4)  # W&B run ids are short [a-z0-9] strings
             atomic_write_json(state_path, state)
         self.wandb = wandb

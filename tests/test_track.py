@@ -110,6 +110,9 @@ def test_wandb_offline_run_folder_and_resume_same_run(tmp_path, monkeypatch):
         assert key in records[0], key  # scalars, the config, the image
     assert b"samples_per_s" in records[1]
     assert (run / "tensorboard").is_dir()  # both trackers at once
+    # --no-resume starts over: a new W&B run, not steps 1.. again in the old one
+    fit(tiny_task(), cfg(["wandb"], 2), run, CPU, resume=False)
+    assert json.loads((run / "tracking.json").read_text())["wandb_id"] != run_id
 
 
 def _wandb_log(path: Path, key: bytes, timeout: float = 120.0) -> bytes:

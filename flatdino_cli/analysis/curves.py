@@ -8,6 +8,7 @@ paper's convention (1 multiply-add = 1 FLOP; 3 x forward + encoding).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,8 +47,6 @@ def smooth(y: Sequence[float], weight: float) -> np.ndarray:
 
 def _vae_of_dit_run(run_dir: Path) -> Any | None:
     """The VAE config a latent DiT was trained on (via inputs.json), None for a raw-feature (RAE) run."""
-    import json
-
     from flatdino_cli.runs import run_config
 
     inputs_path = run_dir / "inputs.json"
