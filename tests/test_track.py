@@ -154,3 +154,35 @@ def test_only_rank_zero_opens_trackers(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert open_trackers(("tensorboard", "wandb"), tmp_path, {"a": 1}, 0, is_main=False) == []
     assert list(tmp_path.iterdir()) == []  # no event file, no W&B folder, no tracking.json
+
+
+def test_train_vae_command_logs_to_tensorboard(tmp_path):
+    """The real command: --log-to reaches the loop through train-vae, validation rows included."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from typer.testing import CliRunner
+
+    from flatdino_cli.cli import app
+    from flatdino_cli.data import Store
+
+    store = tmp_path / "store"
+    s = Store.create(store, "features", (8, 16), 72, "float32", {"encoder": "synthetic"}, {},
+                     [f"img{i}.png" for i in range(72)], [i % 4 for i in range(72)])
+    s.write_rows(np.arange(72), np.random.default_rng(0).standard_normal((72, 8, 16)).astype(np.float32))
+    s.mark_done(np.arange(72))
+    s.finalize()
+    s.close()
+    model = {"kind": "flat", "tokens": 4, "latent_dim": 8, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
+             "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "mlp_ratio": 2.0}
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"stage": "vae", "model": model, "val_count": 8,
+                                      "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "log_every": 2}}))
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train-vae", "--preset", str(preset), "--features", str(store), "--out", str(run),
+                                 "--device", "cpu", "--log-to", "tensorboard"])
+    assert r.exit_code == 0, r.output
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert [e.step for e in acc.Scalars("val/cosine")] == [8, 16]  # validation every epoch (8 steps)
+    assert "log_to" in (run / "config.yaml").read_text()

@@ -138,8 +138,10 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     rows_n = -(-len(panels) // cols)
     fig = new_figure(3.4 * cols, 2.7 * rows_n + (0.3 if title else 0), dpi=200)
     colors = [f"C{i % 10}" for i in range(len(curves))]
+    first = None
     for i, panel in enumerate(panels):
-        ax = fig.add_subplot(rows_n, cols, i + 1)
+        ax = fig.add_subplot(rows_n, cols, i + 1, sharex=first)  # one x range: val points line up with training
+        first = first or ax
         ax.spines[["top", "right"]].set_visible(False)
         ax.tick_params(labelsize=7)
         drawn = []
