@@ -421,7 +421,7 @@ def plot(
 def export(
     run: Annotated[Path, typer.Argument(help="A train-vae, train-dit or train-decoder run directory.")],
     out: Annotated[Path, typer.Argument(help="The model folder to write (upload it with `hf upload ORG/NAME OUT`).")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export at OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at OUT.")] = False,
 ):
     """Write a run as a Hugging Face model folder: model.safetensors, config.json, README.md (model card).
 
