@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from flatdino_cli.errors import UserError
+from flatdino_cli.hub import resolve as resolve_model_ref
 
 app = typer.Typer(
     name="flatdino",
@@ -20,13 +21,34 @@ app = typer.Typer(
          "decode to pixels.\n\nFirst run: `flatdino quickstart` (toy data, CPU, minutes). "
          "Every command has --help with an example.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (measured: no start-up cost)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from flatdino_cli import __version__
+
+        typer.echo(f"flatdino {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit. Example: flatdino --version")] = False,
+):
+    pass  # global options only; the app's help describes the tool
+
+
 presets_app = typer.Typer(help="List presets, or show one resolved (`flatdino presets show xl-32x128`).",
                           invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
+
+
+MODEL_OPTIONS = ("vae", "dit", "decoder", "guide")  # options naming a run: also an export folder or hf:ORG/NAME
 
 
 def command(*args, **kwargs):
@@ -36,6 +58,7 @@ def command(*args, **kwargs):
         @functools.wraps(fn)
         def inner(*a, **k):
             try:
+                k = {n: resolve_model_ref(v) if n in MODEL_OPTIONS else v for n, v in k.items()}
                 return fn(*a, **k)
             except UserError as e:
                 typer.echo(f"flatdino: error: {e}", err=True)
@@ -64,6 +87,15 @@ Seed = Annotated[Optional[int], typer.Option(help="Training seed (overrides trai
 Epochs = Annotated[Optional[float], typer.Option(help="Overrides train.epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Global batch (overrides train.batch_size); "
                                                       "use --set train.micro_batch_size=N to accumulate.")]
+LogTo = Annotated[Optional[list[str]], typer.Option(
+    "--log-to", help="Also log to an experiment tracker: tensorboard or wandb (repeatable; metrics.jsonl always; "
+                     "needs pip install \"flatdino[track]\"). Example: --log-to tensorboard --log-to wandb "
+                     "(offline: WANDB_MODE=offline).")]
+
+
+def _log_to(names: list[str] | None) -> str | None:
+    """--log-to a --log-to b -> the override value [a, b] of train.log_to."""
+    return f"[{', '.join(names)}]" if names else None
 
 
 def _overrides(sets: list[str] | None, **cli_values) -> list[str]:
@@ -213,6 +245,7 @@ def train_vae(
     precision: Precision = "auto",
     compile: Compile = None,
     resume: Resume = True,
+    log_to: LogTo = None,
 ):
     """Train the FlatDINO laminator (beta-VAE) on DINOv2 features.
 
@@ -227,7 +260,8 @@ def train_vae(
     from flatdino_cli.stages.vae import train_vae as run
 
     cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed}))
+                                                  "train.seed": seed,
+                                                  "train.log_to": _log_to(log_to)}))
     if cfg.stage != "vae":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-vae needs a vae-* preset")
     rt = _runtime(device, precision, compile)
@@ -256,6 +290,7 @@ def train_dit(
     precision: Precision = "auto",
     compile: Compile = None,
     resume: Resume = True,
+    log_to: LogTo = None,
 ):
     """Train the LightningDiT flow-matching generator on latents (the paper's recipe by default).
 
@@ -270,7 +305,8 @@ def train_dit(
     from flatdino_cli.stages.dit import train_dit as run
 
     cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed}))
+                                                  "train.seed": seed,
+                                                  "train.log_to": _log_to(log_to)}))
     if cfg.stage != "dit":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-dit needs a DiT preset (xl-32x128, ...)")
     rt = _runtime(device, precision, compile)
@@ -356,6 +392,79 @@ def flops(
         for bsz, sp in zip(sizes, result["measured"]["speedup"]):
             typer.echo(f"batch {bsz:5d}: measured forward speedup {sp:5.2f}x  (analytic {analytic:.2f}x, {dtype})")
         typer.echo(f"flops: plot -> {out / 'throughput.png'}")
+
+
+@command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (train-vae/-dit/-decoder), overlaid.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The figure (PNG).")] = Path("curves.png"),
+    x: Annotated[str, typer.Option("--x", help="steps, or flops: training compute of DiT runs (the FLOPs "
+                                               "module's count), to compare runs on one compute axis.")] = "steps",
+    label: Annotated[Optional[list[str]], typer.Option(help="Legend name per run, in order (default: the "
+                                                            "run folder's name).")] = None,
+    smooth: Annotated[float, typer.Option(help="EMA weight of the smoothed loss in [0, 1) (raw drawn faint).")] = 0.9,
+    title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
+):
+    """Training curves from metrics.jsonl: loss (smoothed, raw faint), loss per t-bucket, lr, val metrics.
+
+    \b
+    Examples:
+      flatdino plot runs/dit-xl --out curves.png
+      flatdino plot runs/dit-xl runs/rae-xl --label FlatDINO --label RAE --x flops --out compute.png
+    """
+    from flatdino_cli.analysis.curves import plot_runs
+
+    r = plot_runs(runs, out, labels=label or (), axis=x, smoothing=smooth, title=title)
+    typer.echo(f"plot: {len(r['runs'])} run(s), panels {', '.join(r['panels'])} -> {r['out']}")
+
+
+@command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A train-vae, train-dit or train-decoder run directory.")],
+    out: Annotated[Path, typer.Argument(help="The model folder to write (upload it with `hf upload ORG/NAME OUT`).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at OUT.")] = False,
+):
+    """Write a run as a Hugging Face model folder: model.safetensors, config.json, README.md (model card).
+
+    Any --vae/--dit/--decoder option then takes the folder, or hf:ORG/NAME[@REV] once it is in the
+    local Hugging Face cache (`hf download ORG/NAME`); nothing is downloaded by flatdino itself.
+
+    \b
+    Examples:
+      flatdino export runs/vae exports/flatdino-vae-32x128
+      flatdino sample --dit hf:me/flatdino-xl --vae hf:me/flatdino-vae --decoder rae/model.pt -c 207
+    """
+    from flatdino_cli.hub import export_run
+
+    r = export_run(run, out, overwrite=overwrite)
+    typer.echo(f"export: {r['stage']} run at step {r['step']} ({r['weights']['source']}) -> {r['out']} "
+               f"({', '.join(r['files'])})")
+
+
+@command()
+def info(
+    path: Annotated[str, typer.Argument(help="A run, an exported model folder or hf:ORG/NAME, a store, or one of "
+                                             "RAE's released files (model.pt, stat.pt).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """What a run, store or checkpoint is, at a glance: stage, preset, sizes, data, steps, best val, disk.
+
+    \b
+    Examples:
+      flatdino info runs/dit-xl
+      flatdino info stores/in1k
+      flatdino info rae/decoders/dinov2/wReg_base/ViTXL_n08/model.pt
+    """
+    import json
+
+    from flatdino_cli.info import describe
+
+    facts = describe(path)
+    if json_out:
+        typer.echo(json.dumps(dict(facts), indent=2))
+        return
+    for label, value in facts:
+        typer.echo(f"{label:12s} {value}")
 
 
 # analyses ------------------------------------------------------------------------------------------
@@ -680,6 +789,7 @@ def train_decoder(
     precision: Precision = "auto",
     compile: Compile = None,
     resume: Resume = True,
+    log_to: LogTo = None,
 ):
     """Train RAE's pixel decoder (features -> pixels): L1 + LPIPS + adaptive-weight GAN, noise-augmented.
 
@@ -698,7 +808,8 @@ def train_decoder(
     from flatdino_cli.stages.decoder import train_decoder as run
 
     cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed}))
+                                                  "train.seed": seed,
+                                                  "train.log_to": _log_to(log_to)}))
     if cfg.stage != "decoder":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-decoder needs decoder-xl, tiny-decoder, ...")
     rt = _runtime(device, precision, compile)

@@ -52,6 +52,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
+    log_to: tuple[str, ...] = ()  # experiment trackers beside metrics.jsonl: tensorboard, wandb (track.py)
 
     def __post_init__(self):
         _check(self.schedule in ("constant", "wsd", "cosine"), "train.schedule", "constant, wsd or cosine")
@@ -269,6 +270,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise UserError(errors[0] if errors else f"config: {key} has a bad value {value!r}")
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: a list of any length
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"config: {key} must be a list, got {value!r}")
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UserError(f"config: {key} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))

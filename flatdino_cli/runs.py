@@ -19,6 +19,8 @@ from torch import nn
 from flatdino_cli.config import DiTModelConfig, load_config, load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import default_shift
+from flatdino_cli.hub import WEIGHTS as EXPORT_WEIGHTS
+from flatdino_cli.hub import is_export
 from flatdino_cli.models import build_model
 from flatdino_cli.train import checkpoint_dir, load_into, load_weights
 from flatdino_cli.utils import sha256_file
@@ -40,6 +42,8 @@ def run_config(run_dir: str | Path, expect_stage: str | None = None) -> Any:
 def weights_file(run_dir: str | Path, stage: str, prefer_ema: bool | None = None) -> Path:
     """The checkpoint file a run is read from (see module docstring)."""
     run_dir = Path(run_dir)
+    if is_export(run_dir):  # a Hugging Face model folder from `flatdino export`: its one weights file
+        return run_dir / EXPORT_WEIGHTS
     if prefer_ema is None:
         prefer_ema = stage != "vae"
     order = ("best", "latest") if stage == "vae" else ("latest",)

@@ -707,9 +707,9 @@ def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path
     labels = list(range(min(8, cfg.model.num_classes)))
     cache: dict = {}
 
-    def on_step(step: int, model: nn.Module, ema: nn.Module | None) -> None:
+    def on_step(step: int, model: nn.Module, ema: nn.Module | None) -> Path | None:
         if not cfg.sample_every or step % cfg.sample_every:
-            return
+            return None
         if cfg.normalize and "stats" not in cache:  # written by train-dit before its first step
             grid = tuple(cfg.model.grid) if cfg.model.grid else None
             cache["stats"] = load_stats(out / STATS_FILE, grid).to(rt.device)
@@ -722,6 +722,6 @@ def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path
         finally:
             net.train(was)
         captions = [class_label(c, [], cfg.model.num_classes) for c in labels]
-        save_grid(images, out / "samples" / f"step_{step:07d}.png", nrow=len(labels), labels=captions)
+        return save_grid(images, out / "samples" / f"step_{step:07d}.png", nrow=len(labels), labels=captions)
 
     return on_step

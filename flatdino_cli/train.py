@@ -29,9 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from flatdino_cli.config import TrainConfig, save_config
+from flatdino_cli.config import TrainConfig, save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
+from flatdino_cli.track import open_trackers
 from flatdino_cli.utils import atomic_write_json
 
 LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
@@ -58,7 +59,8 @@ class Task:
     val_fn: Callable[[nn.Module, Iterable, Runtime], dict[str, float]] | None = None  # needs "loss"
     collate_fn: Callable | None = None
     aux: dict[str, Any] = field(default_factory=dict)  # extra state_dict() objects saved in state.pt
-    on_step: Callable[[int, nn.Module, nn.Module | None], None] | None = None  # after each step
+    # after each step; returns the path of an image it wrote (a sample grid), logged to the trackers
+    on_step: Callable[[int, nn.Module, nn.Module | None], Path | None] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
     find_unused_parameters: bool = False
 
@@ -215,11 +217,20 @@ def _parse(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-class MetricsLog:
-    """metrics.jsonl in the run dir (rank 0 only); on resume, entries after the checkpoint are dropped."""
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] if it has none), skipping a line a kill cut short."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [row for row in map(_parse, path.read_text().splitlines()) if row is not None]
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int):
-        self.path, self.enabled = path, enabled
+
+class MetricsLog:
+    """metrics.jsonl in the run dir (rank 0 only); on resume, entries after the checkpoint are dropped.
+    Every row also goes to the experiment trackers (track.py), and so do the images the task writes."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int, trackers: list | None = None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers or []
         if enabled and path.exists():
             rows = [(ln, _parse(ln)) for ln in path.read_text().splitlines()]
             keep = [ln for ln, row in rows if row is not None and row.get("step", 0) <= resume_step]
@@ -229,6 +240,16 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            for t in self.trackers:
+                t.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
+
+    def image(self, path: Path, step: int) -> None:
+        for t in self.trackers:
+            t.image(Path(path).parent.name, path, step)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -317,7 +338,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(task.config, run_dir / "config.yaml")
         atomic_write_json(run_dir / "inputs.json", task.inputs)
-    log = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, step)
+    trackers = open_trackers(cfg.log_to, run_dir, to_dict(task.config), step, rt.is_main)
+    log = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, step, trackers)
 
     net = model
     if rt.distributed:
@@ -329,7 +351,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
     def state_dict() -> dict:
         return {"step": step, "epoch": step // spe, "best_val": best_val, "optimizer": opt.state_dict(),
                 "aux": {k: v.state_dict() for k, v in task.aux.items()}, "rng_torch": torch.get_rng_state(),
-                "batch_size": cfg.batch_size, "world_size": rt.world_size, "micro_batch_size": micro}
+                "batch_size": cfg.batch_size, "world_size": rt.world_size, "micro_batch_size": micro,
+                "total_steps": total}
 
     def checkpoint(which: str) -> None:
         if rt.is_main:
@@ -389,7 +412,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
                 bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}")
                 window, t_window, samples_window = {}, time.perf_counter(), 0
             if task.on_step is not None and rt.is_main:
-                task.on_step(step, model, ema)
+                written = task.on_step(step, model, ema)
+                if written is not None:
+                    log.image(written, step)
             epoch_end = step % spe == 0
             if epoch_end and task.val_fn is not None and task.val_set is not None:
                 ep = step // spe
@@ -403,6 +428,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
             if step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
                 checkpoint("latest")
     bar.close()
+    log.close()
     return {"step": step, "best_val": best_val, "run_dir": str(run_dir), "steps_per_epoch": spe}
 
 

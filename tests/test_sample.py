@@ -342,9 +342,9 @@ def test_training_grid_hook(w, tmp_path):
     cfg = dataclasses.replace(cfg, sample_every=2)
     hook = S.training_grid_hook(cfg, tmp_path, w["vae"], w["dec"], S.CPU)
     model.train()
-    hook(1, model, None)
+    assert hook(1, model, None) is None
     assert not (tmp_path / "samples").exists()
-    hook(2, model, None)
+    assert hook(2, model, None) == tmp_path / "samples" / "step_0000002.png"  # handed to the trackers
     assert model.training  # the mode is restored
     img = viz.load_png(tmp_path / "samples" / "step_0000002.png")
     assert img.shape == (2 + 50, 2 + 3 * 50, 3)  # one row, one image (48 px + 2 px padding) per class

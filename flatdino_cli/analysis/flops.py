@@ -97,6 +97,12 @@ def train_step_flops(forward: float, encoding: float) -> float:
     return TRAIN_FORWARD_FACTOR * forward + encoding
 
 
+def train_flops_per_image(dit_cfg: Any, vae_cfg: Any | None = None, dino: bool = True) -> float:
+    """Exact training FLOPs of one image for a DiT: 3 x forward + the encoding (DINOv2-B if `dino`, plus the
+    laminator's encoder when the DiT trains on its latents, i.e. when vae_cfg is given)."""
+    return train_step_flops(dit_forward_flops(dit_cfg), encoder_flops(vae_cfg, dino=dino))
+
+
 # ----------------------------------------------------------------------------- tables
 def is_raw_feature_dit(model_cfg: Any) -> bool:
     """An RAE-style generator: a 2-D grid of raw 768-d DINOv2 features (no VAE in the loop)."""

@@ -38,7 +38,7 @@ from flatdino_cli.losses import adaptive_weight, build_discriminator, diff_augme
 from flatdino_cli.models import build_model
 from flatdino_cli.reconstruct import PSNR_CAP, psnr
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.train import Task, checkpoint_dir, fit, lr_at
+from flatdino_cli.train import Task, checkpoint_dir, fit, lr_at, read_metrics
 
 VAL_COUNT = 500  # held-out images (at most a tenth of the set) when the store has no val/ split
 MEAN_IMAGES = 512  # training images averaged into the mean-image baseline
@@ -353,14 +353,8 @@ def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, images: str |
 
 def last_validation(run_dir: str | Path) -> dict[str, float]:
     """The last `val/*` row of metrics.jsonl (prefix stripped); {} if there is none."""
-    path = Path(run_dir) / "metrics.jsonl"
     last: dict = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if any(k.startswith("val/") for k in row):
-                last = {k[4:]: v for k, v in row.items() if k.startswith("val/")}
+    for row in read_metrics(run_dir):
+        if any(k.startswith("val/") for k in row):
+            last = {k[4:]: v for k, v in row.items() if k.startswith("val/")}
     return last

@@ -1,0 +1,212 @@
+"""`flatdino info PATH`: what a run, an exported model, a store or one of RAE's released files is.
+
+Returns ordered (label, value) facts; the CLI prints them aligned, or as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from flatdino_cli.errors import UserError
+
+RAE_LOADS = {
+    "decoder": "RAE's pixel decoder (features -> pixels): pass it as --decoder FILE (sample, reconstruct, train-dit)",
+    "stats": "RAE's latent statistics (mean/var per position): copy it into an rae-* DiT run as stats.pt",
+    "dit": "an RAE stage-2 DiT checkpoint (model/ema state dicts)",
+}
+
+
+def disk_use(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def matching_preset(cfg: Any) -> str | None:
+    """The shipped preset whose model section this config's equals (a run records its resolved config)."""
+    from flatdino_cli.config import list_presets, load_preset, to_dict
+
+    model = to_dict(cfg.model)
+    for name in list_presets():
+        try:
+            p = load_preset(name)
+        except UserError:
+            continue
+        if p.stage == cfg.stage and _same_model(to_dict(p.model), model):
+            return name
+    return None
+
+
+def _same_model(preset: dict, run: dict) -> bool:
+    """Equal, except the input sizes train-vae takes from the features (num_patches, feature_dim)."""
+    skip = {"num_patches", "feature_dim"}
+    return {k: v for k, v in preset.items() if k not in skip} == {k: v for k, v in run.items() if k not in skip}
+
+
+def _params(cfg: Any) -> str:
+    from flatdino_cli.models import count_parameters
+
+    return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(cfg).items())
+
+
+def _row(row: dict | None) -> str | None:
+    if not row:
+        return None
+    vals = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "epoch") and isinstance(v, float))
+    return f"{vals} (step {row['step']})"
+
+
+def _store_manifest(path: str | None) -> dict:
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _encoder_name(*candidates: Any) -> str | None:
+    """The first encoder name among identities ({"encoder": name, ...}) or plain names."""
+    for c in candidates:
+        name = c.get("encoder") if isinstance(c, dict) else c
+        if isinstance(name, str):
+            return name
+    return None
+
+
+def _data_identity(inputs: dict) -> str | None:
+    """Where a run's data came from (inputs.json, and the store's manifest when it is still there)."""
+    for key in ("latents", "features", "images"):
+        v = inputs.get(key)
+        if v is None:
+            continue
+        v = v if isinstance(v, dict) else {"path": v}
+        manifest = _store_manifest(v.get("path"))
+        ident = v.get("identity") or manifest.get("identity") or {}
+        parts = [f"{key} {v.get('path') or '(path not recorded)'}"]
+        if ident.get("vae_run"):
+            parts.append(f"from VAE {ident['vae_run']}")
+        encoder = _encoder_name(ident, v.get("encoder"), inputs.get("encoder"),
+                                manifest.get("extra", {}).get("encoder"))
+        if encoder:
+            parts.append(f"encoder {encoder}")
+        if "count" in manifest:
+            parts.append(f"{manifest['count']:,} items")
+        elif inputs.get("train_images"):
+            parts.append(f"{inputs['train_images']:,} training images")
+        return ", ".join(parts)
+    return None
+
+
+def describe_run(path: Path) -> list[tuple[str, Any]]:
+    from flatdino_cli.hub import is_export, run_summary
+    from flatdino_cli.runs import run_config, weights_file
+    from flatdino_cli.sample import run_inputs
+
+    cfg = run_config(path)
+    export = is_export(path)
+    facts: list[tuple[str, Any]] = [("what", f"{'exported ' if export else ''}{cfg.stage} run"),
+                                    ("preset", matching_preset(cfg) or "custom (no shipped preset has this model)"),
+                                    ("parameters", _params(cfg))]
+    if cfg.stage == "vae":
+        facts.append(("latents", f"{cfg.model.tokens} tokens x {cfg.model.latent_dim} ({cfg.model.kind}) from "
+                                 f"{cfg.model.num_patches} x {cfg.model.feature_dim} features"))
+    elif cfg.stage == "dit":
+        facts.append(("generates", f"{cfg.model.tokens} x {cfg.model.in_dim}, {cfg.model.num_classes} classes"))
+    else:
+        facts.append(("decodes", f"{cfg.model.num_patches} x {cfg.model.in_dim} features -> "
+                                 f"{cfg.model.image_size} px images"))
+    facts.append(("data", _data_identity(run_inputs(path)) or "not recorded"))
+    if export:
+        meta = json.loads((path / "config.json").read_text())
+        facts += [("steps", f"{meta.get('step')} / {meta.get('planned_steps') or '?'}"),
+                  ("best val", _row((meta.get("metrics") or {}).get("best_val")) or "none"),
+                  ("weights", f"{path / 'model.safetensors'} ({meta['weights']['source']} of the run)")]
+    else:
+        s = run_summary(path)
+        facts += [("steps", f"{s['step']} / {s['planned_steps'] or '?'} (batch {cfg.train.batch_size})"),
+                  ("last train", _row(s["last_train"]) or "none"),
+                  ("best val", _row(s["best_val"]) or "none"),
+                  ("checkpoint", s["checkpoint"] or "none yet")]
+        if s["checkpoint"]:
+            facts.append(("weights read", str(weights_file(path, cfg.stage))))
+    facts.append(("disk", human_bytes(disk_use(path))))
+    return facts
+
+
+def describe_store(path: Path) -> list[tuple[str, Any]]:
+    import numpy as np
+
+    from flatdino_cli.data import DONE, SKIPPED
+
+    m = json.loads((path / "manifest.json").read_text())
+    status = np.load(path / "done.npy", mmap_mode="r") if (path / "done.npy").is_file() else None
+    done = int((status == DONE).sum()) if status is not None else 0
+    skipped = int((status == SKIPPED).sum()) if status is not None else 0
+    ident = m.get("identity", {})
+    source = (f"VAE {ident['vae_run']} on {ident.get('features')}" if "vae_run" in ident
+              else f"encoder {ident.get('encoder')} ({ident.get('weights') or 'no weights file'})")
+    facts = [("what", f"{m['kind']} store"), ("items", f"{m['count']:,} x {tuple(m['item_shape'])} {m['dtype']}"),
+             ("progress", f"{done:,} done, {skipped:,} unreadable, {m['count'] - done - skipped:,} pending"),
+             ("made by", source)]
+    if (path / "val" / "manifest.json").is_file():
+        facts.append(("val split", f"{json.loads((path / 'val' / 'manifest.json').read_text())['count']:,} items"))
+    facts.append(("disk", human_bytes(disk_use(path))))
+    return facts
+
+
+def describe_rae_file(path: Path) -> list[tuple[str, Any]]:
+    from flatdino_cli.train import load_weights
+
+    sd = load_weights(path)
+    keys = set(sd)
+    if "decoder_embed.weight" in keys or ("embed.weight" in keys and "pred.weight" in keys):
+        from flatdino_cli.models.pixel_decoder import rae_state_dict_to_ours
+
+        ours = rae_state_dict_to_ours(sd, str(path)) if "decoder_embed.weight" in keys else sd
+        width, in_dim = ours["embed.weight"].shape
+        patches = ours["pos_embed"].shape[1] - 1
+        depth = len({k.split(".")[1] for k in ours if k.startswith("blocks.")})
+        side = math.isqrt(patches) * math.isqrt(ours["pred.weight"].shape[0] // 3)
+        kind, detail = "decoder", f"ViT width {width}, depth {depth}: {patches} x {in_dim} features -> {side} px images"
+    elif keys & {"mean", "var"}:
+        kind = "stats"
+        detail = ", ".join(f"{k} {tuple(sd[k].shape)}" for k in ("mean", "var") if k in sd)
+    elif keys & {"ema", "model"}:
+        kind, detail = "dit", f"top-level keys {sorted(keys)[:6]}"
+    else:
+        raise UserError(f"{path}: not a file flatdino recognises (keys {sorted(keys)[:4]}): expected RAE's "
+                        "decoder model.pt, stat.pt or a stage-2 checkpoint")
+    n = sum(v.numel() for v in sd.values() if hasattr(v, "numel")) if kind == "decoder" else None
+    facts = [("what", RAE_LOADS[kind]), ("contents", detail)]
+    if n:
+        facts.append(("parameters", f"{n / 1e6:.2f}M"))
+    facts.append(("disk", human_bytes(disk_use(path))))
+    return facts
+
+
+def describe(path: str | Path) -> list[tuple[str, Any]]:
+    from flatdino_cli.hub import resolve
+
+    p = Path(resolve(str(path)))
+    if not p.exists():
+        raise UserError(f"{path}: not found")
+    if p.is_dir() and (p / "config.yaml").is_file():
+        return [("path", str(p))] + describe_run(p)
+    if p.is_dir() and (p / "manifest.json").is_file():
+        return [("path", str(p))] + describe_store(p)
+    if p.is_dir() and (p / "model.pt").is_file():  # RAE's release folder, e.g. ViTXL_n08/
+        p = p / "model.pt"
+    if p.is_file() and p.suffix in (".pt", ".pth", ".safetensors"):
+        return [("path", str(p))] + describe_rae_file(p)
+    raise UserError(f"{path}: not a flatdino run, exported model, store, or RAE release file "
+                    "(run dirs hold config.yaml, stores manifest.json)")
