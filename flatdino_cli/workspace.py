@@ -438,12 +438,12 @@ def listing() -> str:
     if not entries:
         lines.append("  nothing yet: start with `flatdino quickstart` (toy data) or `flatdino extract IMAGES`")
         return "\n".join(lines)
-    lines.append(f"  {'path':34s} {'stage':8s} {'preset':14s} {'progress':>8s} {'best':>16s} {'size':>7s}  from")
+    names = {rel: rel + (" (+val)" if e.get("val") else "") for rel, e in entries.items()}
+    w = max(map(len, names.values()))
+    lines.append(f"  {'path':{w}s} {'stage':8s} {'preset':14s} {'progress':>8s} {'best':>16s} {'size':>7s}  from")
     for rel, e in entries.items():
         metric = f"{e['metric'][0]} {e['metric'][1]:.4g}" if e.get("metric") and e["metric"][1] is not None else ""
         progress = "done" if e.get("finished") else f"{e['progress']:.0%}"
-        if e.get("val"):
-            rel += " (+val)"
-        lines.append(f"  {rel:34s} {e['stage']:8s} {str(e.get('preset') or ''):14s} {progress:>8s} {metric:>16s} "
-                     f"{_size(e['size']):>7s}  {' + '.join(e['from']) if e['from'] else '-'}")
+        lines.append(f"  {names[rel]:{w}s} {e['stage']:8s} {str(e.get('preset') or ''):14s} {progress:>8s} "
+                     f"{metric:>16s} {_size(e['size']):>7s}  {' + '.join(e['from']) if e['from'] else '-'}")
     return "\n".join(lines)

@@ -111,8 +111,9 @@ def test_workspace_listing_and_settings(ws, tmp_path):
         shutil.copytree(ws / "runs/decoder-tiny-decoder", tmp_path / "my-decoder")
         typed(f"flatdino workspace set decoder {tmp_path / 'my-decoder'}")
         try:
-            r = typed("flatdino sample --class 3 -n 8")
+            r = typed(f"flatdino sample --class 3 -n 8 --out {tmp_path / 's'}")
             assert f"decoder {tmp_path / 'my-decoder'} (workspace setting)" in r.output
+            assert json.loads((tmp_path / "s/samples.json").read_text())["identity"]["decoder"]["path"] == str(tmp_path / "my-decoder")
         finally:
             typed("flatdino workspace set decoder none")
         r = typed("flatdino workspace set colour red", check=False)
@@ -129,8 +130,7 @@ def test_index_removal_or_corruption_loses_nothing(ws):
                        lambda: index.write_text(json.dumps({"version": 1, "workspace": str(ws), "entries": {
                            "runs/gone": {"stage": "dit", "time": 9e9, "finished": "2999-01-01"}}}))):
             damage()
-            r = typed("flatdino sample --class 3 -n 8")  # the next command rebuilds it
-            assert "dit runs/dit-tiny-dit" in r.output
+            typed("flatdino workspace")  # the next command rebuilds it
             after = json.loads(index.read_text())["entries"]
             assert after.keys() == before.keys() and "runs/gone" not in after
             assert {k: {**v, "size": 0} for k, v in after.items()} == {k: {**v, "size": 0} for k, v in before.items()}
@@ -166,3 +166,35 @@ def test_default_run_dir_suffix_and_resume(tmp_path):
         assert workspace.run_dir("train-dit", None, "dit", "tiny-dit", b) == tmp_path / "runs/dit-tiny-dit-2"
         assert workspace.run_dir("train-dit", tmp_path / "mine", "dit", "tiny-dit", b) == tmp_path / "mine"
         assert workspace.run_dir("x", None, "vae", "my presets/v.yaml", b).name == "vae-v"
+
+
+def _fake_run(d: Path, stage: str, preset: str, finished: bool = True) -> None:
+    """A run folder as train.fit leaves it (config.yaml, finished.json) without training anything."""
+    import yaml
+
+    from flatdino_cli.config import to_dict
+
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(load_preset(preset))))
+    (d / "run.json").write_text(json.dumps({"stage": stage, "preset": preset}))
+    if finished:
+        (d / "finished.json").write_text(json.dumps({"step": 7, "finished": "2026-11-29T06:00:00Z"}))
+
+
+def test_ambiguous_pick_is_resolved_by_recency_and_named(tmp_path, capsys):
+    _fake_run(tmp_path / "runs/dit-xl-32x128", "dit", "xl-32x128")
+    _fake_run(tmp_path / "runs/dit-tiny-dit", "dit", "tiny-dit")
+    _fake_run(tmp_path / "runs/dit-s-32x128", "dit", "s-32x128", finished=False)  # newest, but unfinished
+    os.utime(tmp_path / "runs/dit-xl-32x128/finished.json", (1e9, 1e9))
+    _fake_run(tmp_path / "runs/decoder-tiny-decoder", "decoder", "tiny-decoder")
+    with inside(tmp_path):
+        dit, vae, decoder = workspace.pick_sample(None, None, None)
+    assert (dit, vae, decoder) == (tmp_path / "runs/dit-tiny-dit", None, tmp_path / "runs/decoder-tiny-decoder")
+    line = capsys.readouterr().out.strip()
+    assert line == ("sample: dit runs/dit-tiny-dit (step 7, 2026-11-29); newest of 2 DiT runs, --dit to choose, "
+                    "decoder runs/decoder-tiny-decoder (step 7, 2026-11-29)")
+    with inside(tmp_path):
+        listed = workspace.listing()
+    rows = {line.split()[0]: line.split()[1:4] for line in listed.splitlines()[2:]}
+    assert rows["runs/dit-s-32x128"] == ["dit", "s-32x128", "0%"]  # listed, never picked
+    assert list(rows)[-1] == "runs/dit-xl-32x128"  # the oldest last
