@@ -67,6 +67,12 @@ def _rel(ws: Path, path: str | Path | None) -> str | None:
         return str(p)
 
 
+def say(line: str) -> None:
+    """One line on stdout, from the first process only (torchrun starts one per GPU)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        tqdm.write(line)
+
+
 def _mtime_iso(path: Path) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
 
@@ -94,11 +100,12 @@ def run_dir(command: str, out: Path | None, stage: str, preset: str, cfg) -> Pat
     if out is None:
         base = root() / "runs" / f"{stage}-{preset_slug(preset)}"
         out, n = base, 1
-        while out.exists() and any(out.iterdir()) and not _same_config(out, cfg):
+        # a folder without config.yaml is taken as is: under torchrun another rank may be creating it
+        while (out / "config.yaml").is_file() and not _same_config(out, cfg):
             n += 1
             out = base.with_name(f"{base.name}-{n}")
         resumed = (out / "config.yaml").is_file()
-        tqdm.write(f"{command}: {'resuming' if resumed else 'new run'} {shown(out)} (--out to choose)")
+        say(f"{command}: {'resuming' if resumed else 'new run'} {shown(out)} (--out to choose)")
     return out
 
 
@@ -112,7 +119,7 @@ def store_dir(command: str, out: Path | None, name: str) -> Path:
     if out is not None:
         return out
     out = root() / "stores" / name
-    tqdm.write(f"{command}: store {shown(out)} (pass OUT to choose)")
+    say(f"{command}: store {shown(out)} (pass OUT to choose)")
     return out
 
 
@@ -307,22 +314,25 @@ def _describe(ws: Path, rel: str, e: dict) -> str:
     return f"{shown(ws / rel)} ({', '.join(b for b in bits if b)})"
 
 
-def _only_one(what: str, found: list, option: str) -> str:
-    """A note when an older finished candidate of another preset was passed over."""
-    others = {e["preset"] for _, e in found[1:]} - {found[0][1]["preset"]}
-    return f"; newest of {len(found)} {what}, {option} to choose" if others else ""
+def _pick(ws: Path, command: str, stage: str, what: str, option: str, first: str, fits=None) -> tuple[Path, str]:
+    """The newest finished entry of a stage and the words naming it (with a note when an older finished
+    one of another preset was passed over); a UserError saying what to run first when there is none."""
+    found = newest(stage, ws, fits)
+    if not found:
+        raise UserError(f"{command}: no finished {what} in workspace {ws}; run first: {first} (or pass {option})")
+    rel, e = found[0]
+    others = {o["preset"] for _, o in found[1:]} - {e["preset"]}
+    note = f"; newest of {len(found)} finished, {option} to choose" if others else ""
+    return ws / rel, _describe(ws, rel, e) + note
 
 
 def pick_features(command: str) -> Path:
     """train-vae without --features/--images: the newest finished feature store."""
     ws = root()
-    found = newest("features", ws)
-    if not found:
-        raise UserError(f"{command}: no finished feature store in workspace {ws}; run first: "
-                        f"flatdino extract IMAGES --val-split 10000 (or pass --features / --images)")
-    rel, e = found[0]
-    tqdm.write(f"{command}: features {_describe(ws, rel, e)}{_only_one('feature stores', found, '--features')}")
-    return ws / rel
+    path, said = _pick(ws, command, "features", "feature store", "--features / --images",
+                       "flatdino extract IMAGES --val-split 10000")
+    say(f"{command}: features {said}")
+    return path
 
 
 def pick_latents(command: str, cfg) -> Path:
@@ -340,18 +350,14 @@ def pick_latents(command: str, cfg) -> Path:
 
     ws = root()
     kind = "features" if cfg.normalize else "latents"
-    found = newest(kind, ws, fits)
-    if not found:
-        vae = newest("vae", ws)
-        first = (f"flatdino extract {shown(ws / vae[0][1]['from'][0]) if vae[0][1]['from'] else 'FEATURES'} --vae "
-                 f"{shown(ws / vae[0][0])}" if vae and kind == "latents" else
-                 "flatdino train-vae, then flatdino extract FEATURES --vae RUN" if kind == "latents" else
-                 "flatdino extract IMAGES")
-        raise UserError(f"{command}: no finished {kind} store in workspace {ws} that fits {cfg.model.tokens} x "
-                        f"{cfg.model.in_dim}; run first: {first} (or pass --latents)")
-    rel, e = found[0]
-    tqdm.write(f"{command}: latents {_describe(ws, rel, e)}{_only_one('latent stores', found, '--latents')}")
-    return ws / rel
+    vae = newest("vae", ws)
+    first = ("flatdino extract IMAGES" if kind == "features" else
+             f"flatdino extract {shown(ws / vae[0][1]['from'][0])} --vae {shown(ws / vae[0][0])}"
+             if vae and vae[0][1]["from"] else "flatdino train-vae, then flatdino extract FEATURES --vae RUN")
+    path, said = _pick(ws, command, kind, f"{kind} store that fits {cfg.model.tokens} x {cfg.model.in_dim}",
+                       "--latents", first, fits)
+    say(f"{command}: latents {said}")
+    return path
 
 
 def pick_decoder(ws: Path) -> tuple[Path | None, str]:
@@ -369,17 +375,10 @@ def pick_sample(dit: Path | None, vae: Path | None, decoder: Path | None) -> tup
     """sample's DiT (newest finished run), VAE (the one its latents came from) and pixel decoder."""
     from flatdino_cli.sample import run_inputs
 
-    if dit is not None and vae is not None and decoder is not None:
-        return dit, vae, decoder
-    ws = root()
-    parts = []
+    ws, parts = root(), []
     if dit is None:
-        found = newest("dit", ws)
-        if not found:
-            raise UserError(f"sample: no finished DiT run in workspace {ws}; run first: flatdino train-dit "
-                            f"--preset xl-32x128 (or pass --dit)")
-        dit = ws / found[0][0]
-        parts.append(f"dit {_describe(ws, *found[0])}{_only_one('DiT runs', found, '--dit')}")
+        dit, said = _pick(ws, "sample", "dit", "DiT run", "--dit", "flatdino train-dit --preset xl-32x128")
+        parts.append(f"dit {said}")
     if vae is None:
         recorded = run_inputs(dit).get("latents", {}).get("identity", {}).get("vae_run")
         if recorded:
@@ -391,7 +390,8 @@ def pick_sample(dit: Path | None, vae: Path | None, decoder: Path | None) -> tup
             raise UserError(f"sample: no pixel decoder in workspace {ws}; run first: flatdino workspace set decoder "
                             "PATH/TO/model.pt (RAE's) or flatdino train-decoder (or pass --decoder)")
         parts.append(f"decoder {said}")
-    tqdm.write("sample: " + ", ".join(parts))
+    if parts:  # explicit options are not echoed
+        say("sample: " + ", ".join(parts))
     return dit, vae, decoder
 
 
@@ -399,24 +399,18 @@ def pick_ablate(vae: Path | None, features: Path | None) -> tuple[Path, Path]:
     """ablate-tokens' VAE (newest finished run) and the validation split of the store it trained on."""
     from flatdino_cli.sample import run_inputs
 
-    if vae is not None and features is not None:
-        return vae, features
-    ws = root()
-    parts = []
+    ws, parts = root(), []
     if vae is None:
-        found = newest("vae", ws)
-        if not found:
-            raise UserError(f"ablate-tokens: no finished VAE run in workspace {ws}; run first: flatdino train-vae "
-                            f"--preset vae-32x128 (or pass --vae)")
-        vae = ws / found[0][0]
-        parts.append(f"vae {_describe(ws, *found[0])}{_only_one('VAE runs', found, '--vae')}")
+        vae, said = _pick(ws, "ablate-tokens", "vae", "VAE run", "--vae", "flatdino train-vae --preset vae-32x128")
+        parts.append(f"vae {said}")
     if features is None:
         store = (run_inputs(vae).get("features") or {}).get("path")
         if not store:
             raise UserError(f"ablate-tokens: {shown(vae)} records no feature store (inputs.json); pass --features")
         features = Path(store) / "val" if (Path(store) / "val" / "manifest.json").is_file() else Path(store)
         parts.append(f"features {shown(features)}{'' if features.name == 'val' else ' (it has no val split)'}")
-    tqdm.write("ablate-tokens: " + ", ".join(parts))
+    if parts:
+        say("ablate-tokens: " + ", ".join(parts))
     return vae, features
 
 

@@ -20,7 +20,7 @@ from flatdino_cli import workspace
 from flatdino_cli.cli import app
 from flatdino_cli.config import load_preset
 
-SHORT = ["--set", "train.epochs=1", "--device", "cpu"]
+SHORT = ["--set", "train.epochs=1", "--device", "cpu"]  # the DiTs also sample in 4 steps (--set flow.steps=4)
 
 
 @contextmanager
@@ -51,12 +51,12 @@ def ws(tmp_path_factory):
         typed("flatdino toy-data toy --per-class 14")
         r = typed("flatdino extract toy --encoder tiny --val-split 24 --device cpu")
         assert "stores/toy-tiny" in r.output
-        typed("flatdino train-vae --preset tiny-vae --set train.epochs=2 --device cpu")  # finds the store
+        typed("flatdino train-vae --preset tiny-vae " + " ".join(SHORT))  # finds the store
         typed("flatdino extract stores/toy-tiny --vae runs/vae-tiny-vae --device cpu")
         typed("flatdino extract stores/toy-tiny --vae runs/vae-tiny-vae --decoded --device cpu")
         typed("flatdino train-decoder --preset tiny-decoder --images toy --encoder tiny "
               "--features stores/toy-tiny-decoded-vae-tiny-vae " + " ".join(SHORT))
-        typed("flatdino train-dit --preset tiny-dit --set train.epochs=2 --device cpu")
+        typed("flatdino train-dit --preset tiny-dit --set train.epochs=2 --set flow.steps=4 --device cpu")
     return ws
 
 
@@ -83,11 +83,11 @@ def test_the_mission_lines_run_as_typed(ws):
         heat = np.load(ws / "runs/vae-tiny-vae/analysis/ablation/heatmaps.npy")
         assert heat.shape == (16, 36) and np.isfinite(heat).all()
 
-        r = typed("flatdino train-dit --preset tiny-dit --set train.epochs=1 --device cpu")
+        r = typed("flatdino train-dit --preset tiny-dit --set train.epochs=1 --set flow.steps=4 --device cpu")
         assert "train-dit: latents stores/toy-tiny-latents-vae-tiny-vae" in r.output
         assert "new run runs/dit-tiny-dit-2" in r.output  # another config: never mixed into the first run
         assert (ws / "runs/dit-tiny-dit-2/finished.json").is_file()
-        r = typed("flatdino train-dit --preset tiny-dit --set train.epochs=1 --device cpu")
+        r = typed("flatdino train-dit --preset tiny-dit --set train.epochs=1 --set flow.steps=4 --device cpu")
         assert "resuming runs/dit-tiny-dit-2" in r.output  # the same config again: that run, resumed
 
         # an explicit option always wins over the workspace's pick
@@ -191,7 +191,7 @@ def test_ambiguous_pick_is_resolved_by_recency_and_named(tmp_path, capsys):
         dit, vae, decoder = workspace.pick_sample(None, None, None)
     assert (dit, vae, decoder) == (tmp_path / "runs/dit-tiny-dit", None, tmp_path / "runs/decoder-tiny-decoder")
     line = capsys.readouterr().out.strip()
-    assert line == ("sample: dit runs/dit-tiny-dit (step 7, 2026-11-29); newest of 2 DiT runs, --dit to choose, "
+    assert line == ("sample: dit runs/dit-tiny-dit (step 7, 2026-11-29); newest of 2 finished, --dit to choose, "
                     "decoder runs/decoder-tiny-decoder (step 7, 2026-11-29)")
     with inside(tmp_path):
         listed = workspace.listing()
