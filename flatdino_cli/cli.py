@@ -27,8 +27,8 @@ app = typer.Typer(
 presets_app = typer.Typer(help="List presets, or show one resolved (`flatdino presets show xl-32x128`).",
                           invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
-workspace_app = typer.Typer(help="List the workspace's runs and stores, or set its defaults "
-                                 "(`flatdino workspace set decoder rae/model.pt`).",
+workspace_app = typer.Typer(help="List the workspace's runs and stores, or set its defaults.\n\n"
+                                 "Example: flatdino workspace; flatdino workspace set decoder rae/model.pt",
                             invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(workspace_app, name="workspace")
 
@@ -37,8 +37,7 @@ app.add_typer(workspace_app, name="workspace")
 def main_options(workspace: Annotated[Optional[Path], typer.Option(
         "--workspace", "-w", envvar="FLATDINO_WORKSPACE",
         help="Project folder: where runs/ and stores/ are written and found (default: the current folder).")] = None):
-    """FlatDINO: laminate frozen DINOv2 features into 32 tokens, train flow-matching DiTs on them,
-    decode to pixels. First run: `flatdino quickstart` (toy data, CPU, minutes)."""
+    # the environment carries the choice to workspace.root() (and to any process this one starts)
     import os
 
     if workspace is not None:

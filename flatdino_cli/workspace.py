@@ -264,7 +264,10 @@ def index(ws: Path | None = None) -> dict[str, dict]:
             entries[rel] = {**entry, "stamp": stamp}
     entries = dict(sorted(entries.items(), key=lambda kv: kv[1]["time"], reverse=True))
     if entries != old and ws.is_dir():
-        atomic_write_json(path, {"version": INDEX_VERSION, "workspace": str(ws), "entries": entries})
+        try:
+            atomic_write_json(path, {"version": INDEX_VERSION, "workspace": str(ws), "entries": entries})
+        except OSError:
+            pass  # a read-only workspace: the index is only a cache of what the scan found
     return entries
 
 
