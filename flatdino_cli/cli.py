@@ -662,7 +662,8 @@ def sample(
 def reconstruct(
     images: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder tree, one image or a list file.")],
     vae: Annotated[Path, typer.Option(help="A train-vae run.")],
-    decoder: Annotated[Path, typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt.")],
+    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt "
+                                                         "(default: `workspace set decoder`).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("reconstructions"),
     tokens: Annotated[Optional[int], typer.Option(
         "--tokens", "--tokens-kept", help="Keep only the first K latent tokens (the rest zeroed).")] = None,
@@ -686,7 +687,12 @@ def reconstruct(
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --out recon
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --tokens 8 --out recon-k8
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.reconstruct import run_reconstruct
+
+    decoder = ws.setting("decoder", decoder)
+    if decoder is None:
+        raise UserError("reconstruct: pass --decoder, or once per workspace: flatdino workspace set decoder PATH")
 
     r = run_reconstruct(images, vae, decoder, out, tokens=tokens, encoder=encoder,
                         encoder_weights=str(encoder_weights) if encoder_weights else None, n=n,

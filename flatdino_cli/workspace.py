@@ -30,7 +30,7 @@ SETTINGS_FILE = ".flatdino/settings.json"
 RUN_FILE = "run.json"  # {stage, preset}: what a hand-chosen folder name may not say
 INDEX_VERSION = 1
 SETTINGS = {
-    "decoder": "pixel decoder for sample / ablate / reconstruct (a train-decoder run or RAE's model.pt)",
+    "decoder": "pixel decoder for sample and reconstruct (a train-decoder run or RAE's model.pt)",
     "encoder-weights": "local DINOv2 weights for extract / train-vae / train-decoder",
     "inception-weights": "clean-fid's inception-2015-12-05.pt for fid",
     "reference-batch": "fid's reference (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)",

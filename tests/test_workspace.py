@@ -198,3 +198,25 @@ def test_ambiguous_pick_is_resolved_by_recency_and_named(tmp_path, capsys):
     rows = {line.split()[0]: line.split()[1:4] for line in listed.splitlines()[2:]}
     assert rows["runs/dit-s-32x128"] == ["dit", "s-32x128", "0%"]  # listed, never picked
     assert list(rows)[-1] == "runs/dit-xl-32x128"  # the oldest last
+
+
+def test_workspace_settings_feed_fid_and_extract(tmp_path):
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "inception.pt").write_bytes(b"not a model")
+    (tmp_path / "dinov2.safetensors").write_bytes(b"not weights")
+    with inside(tmp_path):
+        r = typed("flatdino fid s.npz", check=False)
+        assert r.exit_code == 1 and "workspace set reference-batch" in r.output
+        typed("flatdino workspace set reference-batch ref.npz")
+        typed("flatdino workspace set inception-weights inception.pt")
+        r = typed("flatdino fid s.npz --device cpu", check=False)  # both settings used: it reaches the weights
+        assert r.exit_code == 1 and f"{tmp_path / 'inception.pt'}: cannot load" in r.output
+        typed("flatdino workspace set encoder-weights dinov2.safetensors")
+        typed("flatdino toy-data toy --per-class 1")
+        r = typed("flatdino extract toy --device cpu", check=False)
+        assert r.exit_code == 1 and str(tmp_path / "dinov2.safetensors") in r.output
+        r = typed("flatdino workspace set decoder missing.pt", check=False)
+        assert r.exit_code == 1 and "no such file" in r.output
+        assert set(json.loads((tmp_path / workspace.SETTINGS_FILE).read_text())) == {
+            "reference-batch", "inception-weights", "encoder-weights"}
