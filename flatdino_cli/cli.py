@@ -767,7 +767,8 @@ def train_decoder(
 
 @command()
 def quickstart(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where everything goes.")] = Path("runs/quickstart"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where everything goes (default: the "
+                                                                    "workspace's runs/quickstart).")] = None,
     laminator: Annotated[str, typer.Option(help="flat (FlatDINO, 1-D tokens) or fae (per-patch FAE latents).")] = "flat",
     per_class: Annotated[int, typer.Option(help="Toy images per class (12 classes).")] = 250,
     seed: Annotated[int, typer.Option(help="Seed for data, training and sampling.")] = 0,
@@ -785,6 +786,7 @@ def quickstart(
 
     Example: flatdino quickstart --out runs/quickstart
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.quickstart import QuickstartPlan, format_summary, run_quickstart
 
     if laminator not in ("flat", "fae"):
@@ -794,7 +796,7 @@ def quickstart(
             raise UserError(f"--set {item}: expected STAGE:key=value with STAGE in vae, dit, decoder")
     rt = _runtime(device, "auto", False)
     plan = QuickstartPlan(per_class=per_class, laminator=laminator, seed=seed, overrides=tuple(sets or ()))
-    summary = run_quickstart(out, rt, plan)
+    summary = run_quickstart(out or ws.root() / "runs" / "quickstart", rt, plan)
     typer.echo(format_summary(summary))
 
 

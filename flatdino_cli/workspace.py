@@ -312,8 +312,12 @@ def setting(key: str, explicit: Path | None) -> Path | None:
 
 
 # ============================================================================ picking inputs
+def _steps(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else str(n)
+
+
 def _describe(ws: Path, rel: str, e: dict) -> str:
-    bits = [f"step {e['step']}" if e.get("step") is not None else None, (e.get("finished") or "")[:10] or None]
+    bits = [f"step {_steps(e['step'])}" if e.get("step") is not None else None, (e.get("finished") or "")[:10] or None]
     return f"{shown(ws / rel)} ({', '.join(b for b in bits if b)})"
 
 
