@@ -46,6 +46,21 @@ def main_options(
 presets_app = typer.Typer(help="List presets, or show one resolved (`flatdino presets show xl-32x128`).",
                           invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
+workspace_app = typer.Typer(help="List the workspace's runs and stores, or set its defaults.\n\n"
+                                 "Example: flatdino workspace; flatdino workspace set decoder rae/model.pt",
+                            invoke_without_command=True, rich_markup_mode=None)
+app.add_typer(workspace_app, name="workspace")
+
+
+@app.callback()
+def main_options(workspace: Annotated[Optional[Path], typer.Option(
+        "--workspace", "-w", envvar="FLATDINO_WORKSPACE",
+        help="Project folder: where runs/ and stores/ are written and found (default: the current folder).")] = None):
+    # the environment carries the choice to workspace.root() (and to any process this one starts)
+    import os
+
+    if workspace is not None:
+        os.environ["FLATDINO_WORKSPACE"] = str(workspace)
 
 
 MODEL_OPTIONS = ("vae", "dit", "decoder", "guide")  # options naming a run: also an export folder or hf:ORG/NAME
@@ -84,6 +99,9 @@ Resume = Annotated[bool, typer.Option("--resume/--no-resume",
                                       help="Resume from the run dir's checkpoint if it has one (default). "
                                            "--no-resume starts over and moves old checkpoints aside.")]
 Seed = Annotated[Optional[int], typer.Option(help="Training seed (overrides train.seed).")]
+RunOut = Annotated[Optional[Path], typer.Option("--out", "-o", help=(
+    "Run directory (created; resumed if it has a checkpoint). Default: the workspace's runs/<stage>-<preset>, "
+    "or a new -N suffix unless that run has the same config (then it is resumed)."))]
 Epochs = Annotated[Optional[float], typer.Option(help="Overrides train.epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Global batch (overrides train.batch_size); "
                                                       "use --set train.micro_batch_size=N to accumulate.")]
@@ -147,6 +165,37 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML f
         raise typer.Exit(1) from None
 
 
+# workspace -----------------------------------------------------------------------------------------
+@workspace_app.callback()
+def workspace_list(ctx: typer.Context):
+    """List the workspace's runs and stores, newest first: stage, preset, progress, best metric, size and
+    what each was made from (store -> VAE -> latents -> DiT).
+
+    Example: flatdino workspace; flatdino --workspace ~/flatdino-in1k workspace
+    """
+    if ctx.invoked_subcommand is None:
+        from flatdino_cli.workspace import listing
+
+        typer.echo(listing())
+
+
+@workspace_app.command("set")
+def workspace_set(key: Annotated[str, typer.Argument(help="decoder, encoder-weights, inception-weights or "
+                                                          "reference-batch.")],
+                  value: Annotated[str, typer.Argument(help="A file or folder (none clears the key).")]):
+    """Set a workspace default that commands use when the option is not given.
+
+    Example: flatdino workspace set decoder rae/decoders/dinov2/wReg_base/ViTXL_n08/model.pt
+    """
+    from flatdino_cli.workspace import set_setting
+
+    try:
+        typer.echo(set_setting(key, value))
+    except UserError as e:
+        typer.echo(f"flatdino: error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 # data ----------------------------------------------------------------------------------------------
 @command("toy-data")
 def toy_data(
@@ -169,7 +218,8 @@ def toy_data(
 def extract(
     source: Annotated[Path, typer.Argument(help="Images (ImageFolder tree, flat folder or `path label` list), "
                                                 "or with --vae a FEATURE STORE.")],
-    out: Annotated[Path, typer.Argument(help="Output store directory.")],
+    out: Annotated[Optional[Path], typer.Argument(help="Output store directory (default: the workspace's "
+                                                       "stores/<source>-<encoder>, or stores/<source>-latents-<vae>).")] = None,
     encoder: Annotated[str, typer.Option(help="dinov2-b-reg4 (the paper's encoder), dinov2-s-reg4 (RAE's DiT-XL "
                                               "anchor), dinov2-g-reg4 (FAE) or tiny (random weights, for tests "
                                               "and the CPU quickstart).")] = "dinov2-b-reg4",
@@ -203,11 +253,15 @@ def extract(
     Examples:
       flatdino extract imagenet/train stores/in1k --encoder dinov2-b-reg4 --batch-size 256 --workers 8
       flatdino extract runs/toy runs/toy-feats --encoder tiny --val-split 100
-      flatdino extract runs/toy-feats runs/toy-latents --vae runs/vae
+      flatdino extract stores/in1k --vae runs/vae-vae-32x128     (-> stores/in1k-latents-vae-vae-32x128)
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.config import ExtractConfig
     from flatdino_cli.runtime import setup_runtime
 
+    made = f"{'decoded' if decoded else 'latents'}-{vae.resolve().name}" if vae is not None else encoder
+    out = ws.store_dir("extract", out, f"{source.resolve().name}-{made}")
+    encoder_weights = ws.setting("encoder-weights", encoder_weights) if vae is None and encoder != "tiny" else encoder_weights
     rt = setup_runtime(device, "fp32", False)
     if vae is not None:
         from flatdino_cli.extract import extract_latents
@@ -230,9 +284,10 @@ def extract(
 
 @command("train-vae")
 def train_vae(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; resumed if it has a checkpoint).")],
+    out: RunOut = None,
     preset: Preset = "vae-32x128",
-    features: Annotated[Optional[Path], typer.Option(help="Feature store from `flatdino extract`.")] = None,
+    features: Annotated[Optional[Path], typer.Option(help="Feature store from `flatdino extract` (default: the "
+                                                          "workspace's newest, unless --images).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Train on images encoded on the fly (with --encoder), "
                                                         "re-augmented every epoch as in the paper.")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="Encoder for --images mode.")] = None,
@@ -254,8 +309,9 @@ def train_vae(
     Multi-GPU: torchrun --nproc-per-node 8 -m flatdino_cli.cli train-vae ... (multi-node: add
     torchrun's --nnodes/--node-rank/--rdzv-endpoint flags).
 
-    Example: flatdino train-vae --preset vae-32x128 --features stores/in1k --out runs/vae
+    Example: flatdino train-vae --preset vae-32x128 --features stores/in1k   (-> runs/vae-vae-32x128)
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.config import load_preset
     from flatdino_cli.stages.vae import train_vae as run
 
@@ -264,18 +320,24 @@ def train_vae(
                                                   "train.log_to": _log_to(log_to)}))
     if cfg.stage != "vae":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-vae needs a vae-* preset")
+    if features is None and images is None:
+        features = ws.pick_features("train-vae")
+    encoder_weights = ws.setting("encoder-weights", encoder_weights) if images is not None else encoder_weights
+    out = ws.run_dir("train-vae", out, "vae", preset, cfg)
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, features=features, images=images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume)
     if rt.is_main:
+        ws.note_run(out, "vae", preset)
         typer.echo(f"train-vae: {summary['step']} steps, best val loss {summary['best_val']:.4g} -> {out}")
 
 
 @command("train-dit")
 def train_dit(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; resumed if it has a checkpoint).")],
-    latents: Annotated[Path, typer.Option(help="Latent store (`flatdino extract --vae`), or a feature store "
-                                               "for the rae-* baseline presets.")],
+    out: RunOut = None,
+    latents: Annotated[Optional[Path], typer.Option(help="Latent store (`flatdino extract --vae`), or a feature "
+                                                         "store for the rae-* baseline presets (default: the "
+                                                         "workspace's newest that fits the preset).")] = None,
     preset: Preset = "xl-32x128",
     epochs: Epochs = None,
     batch_size: BatchSize = None,
@@ -299,8 +361,9 @@ def train_dit(
     with --vae and --decoder (and --set sample_every=N) writes a small sample grid every N steps.
     Multi-GPU: torchrun --nproc-per-node 8 -m flatdino_cli.cli train-dit ...
 
-    Example: flatdino train-dit --preset xl-32x128 --latents stores/in1k-latents --out runs/dit-xl
+    Example: flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.config import load_preset
     from flatdino_cli.stages.dit import train_dit as run
 
@@ -309,6 +372,8 @@ def train_dit(
                                                   "train.log_to": _log_to(log_to)}))
     if cfg.stage != "dit":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-dit needs a DiT preset (xl-32x128, ...)")
+    latents = latents if latents is not None else ws.pick_latents("train-dit", cfg)
+    out = ws.run_dir("train-dit", out, "dit", preset, cfg)
     rt = _runtime(device, precision, compile)
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
@@ -317,6 +382,7 @@ def train_dit(
         on_step = training_grid_hook(cfg, out, vae, decoder, rt)
     summary = run(cfg, out, rt, latents, resume=resume, recompute_stats=compute_stats, on_step=on_step)
     if rt.is_main:
+        ws.note_run(out, "dit", preset)
         typer.echo(f"train-dit: {summary['step']} steps -> {out}")
 
 
@@ -484,9 +550,12 @@ def _analysis_numbers(text: str, option: str, cast=float) -> list:
 
 @command("ablate-tokens")
 def ablate_tokens(
-    vae: Annotated[Path, typer.Option(help="A train-vae run directory.")],
-    features: Annotated[Path, typer.Option(help="Feature store the heatmaps average over (e.g. STORE/val).")],
-    out: AnalysisOut = Path("analysis/ablation"),
+    vae: Annotated[Optional[Path], typer.Option(help="A train-vae run directory (default: the workspace's "
+                                                     "newest finished one).")] = None,
+    features: Annotated[Optional[Path], typer.Option(help="Feature store the heatmaps average over (default: "
+                                                          "the validation split of the VAE's training store).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: "
+                                                                    "VAE/analysis/ablation).")] = None,
     n: Annotated[int, typer.Option("--n", help="Average over the first N images of the store.")] = 10000,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     unit_batch: Annotated[int, typer.Option(help="Tokens ablated per decoder call (x batch size latents).")] = 8,
@@ -501,9 +570,13 @@ def ablate_tokens(
     colour scale), OUT/token_ablation_overlay.png (the maps over an example image, when the store's
     images are readable) and OUT/ablation.json (per-token total effect, peak patch, spread).
 
-    Example: flatdino ablate-tokens --vae runs/vae --features stores/in1k/val --n 10000 --out analysis/ablation
+    Example: flatdino ablate-tokens   (the newest VAE run, on its store's val split)
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.analysis.ablate import run_ablate
+
+    vae, features = ws.pick_ablate(vae, features)
+    out = out or vae / "analysis" / "ablation"
 
     r = run_ablate(vae, features, out, n=n, batch_size=batch_size, unit_batch=unit_batch,
                    rt=_runtime(device, precision, False), example=example)
@@ -630,9 +703,12 @@ SamplePrecision = Annotated[str, typer.Option(help="fp32 (default: what FID numb
 
 @command()
 def sample(
-    dit: Annotated[Path, typer.Option(help="A train-dit run (FlatDINO latents or an rae-* baseline), or RAE's "
-                                           "released stage2_model.pt (or its folder).")],
-    decoder: Annotated[Path, typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt.")],
+    dit: Annotated[Optional[Path], typer.Option(help="A train-dit run (FlatDINO latents or an rae-* baseline), or "
+                                                     "RAE's released stage2_model.pt (or its folder); default: the "
+                                                     "workspace's newest finished run.")] = None,
+    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt "
+                                                         "(default: `workspace set decoder`, else the newest "
+                                                         "train-decoder run).")] = None,
     vae: Annotated[Optional[Path], typer.Option(help="The VAE run the DiT's latents came from (default: the one "
                                                      "recorded in DIT/inputs.json; none for rae-* runs).")] = None,
     stats: Annotated[Optional[Path], typer.Option(help="RAE's stat.pt for a normalising DiT (default: RUN/stats.pt, "
@@ -687,8 +763,10 @@ def sample(
       flatdino sample --dit models/DiTs/.../DiTDH-XL/stage2_model.pt --stats models/stats/.../stat.pt \\
           --guide models/DiTs/.../DiTDH-S_ep14/stage2_model.pt --guide-scale 1.42 --decoder ViTXL_n08 -c 207
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.sample import run_sample
 
+    dit, vae, decoder = ws.pick_sample(dit, vae, decoder)
     names = list(class_ or [])
     all_classes = classes is not None and classes.strip().lower() == "all"
     if classes is not None and not all_classes:
@@ -726,7 +804,8 @@ def export_rae(
 def reconstruct(
     images: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder tree, one image or a list file.")],
     vae: Annotated[Path, typer.Option(help="A train-vae run.")],
-    decoder: Annotated[Path, typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt.")],
+    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt "
+                                                         "(default: `workspace set decoder`).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("reconstructions"),
     tokens: Annotated[Optional[int], typer.Option(
         "--tokens", "--tokens-kept", help="Keep only the first K latent tokens (the rest zeroed).")] = None,
@@ -750,7 +829,12 @@ def reconstruct(
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --out recon
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --tokens 8 --out recon-k8
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.reconstruct import run_reconstruct
+
+    decoder = ws.setting("decoder", decoder)
+    if decoder is None:
+        raise UserError("reconstruct: pass --decoder, or once per workspace: flatdino workspace set decoder PATH")
 
     r = run_reconstruct(images, vae, decoder, out, tokens=tokens, encoder=encoder,
                         encoder_weights=str(encoder_weights) if encoder_weights else None, n=n,
@@ -762,8 +846,8 @@ def reconstruct(
 
 @command("train-decoder")
 def train_decoder(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; resumed if it has a checkpoint).")],
     images: Annotated[Path, typer.Option(help="Training images (ImageFolder tree or flat folder): the pixel targets.")],
+    out: RunOut = None,
     preset: Preset = "decoder-xl",
     encoder: Annotated[Optional[str], typer.Option(help="Frozen encoder run on the fly: dinov2-b-reg4 or tiny "
                                                         "(with --features: only checked against the store).")] = None,
@@ -804,6 +888,7 @@ def train_decoder(
           --lpips-weights vgg.pth --out runs/decoder-xl
       flatdino train-decoder --preset tiny-decoder --images runs/toy --encoder tiny --out runs/toy-decoder
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.config import load_preset
     from flatdino_cli.stages.decoder import train_decoder as run
 
@@ -812,12 +897,15 @@ def train_decoder(
                                                   "train.log_to": _log_to(log_to)}))
     if cfg.stage != "decoder":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-decoder needs decoder-xl, tiny-decoder, ...")
+    encoder_weights = ws.setting("encoder-weights", encoder_weights) if encoder not in (None, "tiny") else encoder_weights
+    out = ws.run_dir("train-decoder", out, "decoder", preset, cfg)
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,
                   no_lpips=no_lpips, lpips_weights=lpips_weights, resume=resume, vgg_weights=vgg_weights,
                   disc=disc, disc_weights=disc_weights, init=init)
     if rt.is_main:
+        ws.note_run(out, "decoder", preset)
         v = summary["val"]
         psnr = (f", val PSNR {v['psnr']:.2f} dB vs mean image {v['psnr_mean_image']:.2f} dB" if "psnr" in v else "")
         typer.echo(f"train-decoder: {summary['step']} steps{psnr} -> {out}")
@@ -825,7 +913,8 @@ def train_decoder(
 
 @command()
 def quickstart(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where everything goes.")] = Path("runs/quickstart"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where everything goes (default: the "
+                                                                    "workspace's runs/quickstart).")] = None,
     laminator: Annotated[str, typer.Option(help="flat (FlatDINO, 1-D tokens) or fae (per-patch FAE latents).")] = "flat",
     per_class: Annotated[int, typer.Option(help="Toy images per class (12 classes).")] = 250,
     seed: Annotated[int, typer.Option(help="Seed for data, training and sampling.")] = 0,
@@ -843,6 +932,7 @@ def quickstart(
 
     Example: flatdino quickstart --out runs/quickstart
     """
+    from flatdino_cli import workspace as ws
     from flatdino_cli.quickstart import QuickstartPlan, format_summary, run_quickstart
 
     if laminator not in ("flat", "fae"):
@@ -852,15 +942,16 @@ def quickstart(
             raise UserError(f"--set {item}: expected STAGE:key=value with STAGE in vae, dit, decoder")
     rt = _runtime(device, "auto", False)
     plan = QuickstartPlan(per_class=per_class, laminator=laminator, seed=seed, overrides=tuple(sets or ()))
-    summary = run_quickstart(out, rt, plan)
+    summary = run_quickstart(out or ws.root() / "runs" / "quickstart", rt, plan)
     typer.echo(format_summary(summary))
 
 
 @command()
 def fid(
     samples: Annotated[Path, typer.Argument(help="Generated images: a folder of PNG/JPG or an ADM .npz (arr_0).")],
-    ref: Annotated[Path, typer.Option(help="Reference: image folder, ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz, "
-                                           "its mu/sigma used when present) or clean-fid statistics .npz.")],
+    ref: Annotated[Optional[Path], typer.Option(help="Reference: image folder, ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz, "
+                                                     "its mu/sigma used when present) or clean-fid statistics .npz "
+                                                     "(default: `workspace set reference-batch`).")] = None,
     inception_weights: Annotated[Optional[Path], typer.Option(
         help="clean-fid's inception-2015-12-05.pt (default: clean-fid's cache).")] = None,
     dino: Annotated[Optional[str], typer.Option(help="Also FD-DINOv2 with this encoder (dinov2-b-reg4 or tiny).")] = None,
@@ -883,8 +974,14 @@ def fid(
     """
     import json
 
+    from flatdino_cli import workspace as ws
     from flatdino_cli.analysis.fid import run_fid
     from flatdino_cli.runtime import resolve_device
+
+    ref = ws.setting("reference-batch", ref)
+    if ref is None:
+        raise UserError("fid: pass --ref, or once per workspace: flatdino workspace set reference-batch REF.npz")
+    inception_weights = ws.setting("inception-weights", inception_weights)
 
     dev = resolve_device(device)
     dino_encoder = None

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from flatdino_cli.config import ExtractConfig, load_preset
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import atomic_write_json
+from flatdino_cli.workspace import note_run, shown
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,21 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
     _stage(out, "flops", lambda: _flops(out / "flops.txt"), log)
     _stage(out, "classifier", lambda: _classify(d["samples"], plan), log)
 
+    for stage, preset in (("vae", vae_preset), ("dit", dit_preset), ("decoder", "tiny-decoder")):
+        note_run(d[stage], stage, preset)
     # "minutes": this invocation; "stage_minutes": every stage's own time, however many runs it took
     summary = {"out": str(out), "minutes": round((time.perf_counter() - t_start) / 60, 2),
-               "stage_minutes": round(sum(s.get("seconds", 0) for s in log) / 60, 2), "stages": log}
+               "stage_minutes": round(sum(s.get("seconds", 0) for s in log) / 60, 2), "stages": log,
+               "next": mission_lines(dit_preset)}
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def mission_lines(dit_preset: str) -> list[str]:
+    """The three command lines the toolkit is described by, as they run in the quickstart's folder
+    (a workspace): toy class 3, the toy DiT's own guidance scale, a one-epoch DiT of the toy preset."""
+    return ["flatdino sample --class 3 --cfg 6", "flatdino ablate-tokens",
+            f"flatdino train-dit --preset {dit_preset} --set train.epochs=1"]
 
 
 def _keys(result: dict, *keys: str) -> dict:
@@ -152,5 +163,8 @@ def format_summary(summary: dict) -> str:
         f"  class accuracy of samples: {cls.get('sample_accuracy', float('nan')):.1%} (chance 8.3%; the "
         f"classifier scores {cls.get('real_test_accuracy', float('nan')):.1%} on unseen real toy images, "
         f"{cls.get('blurred_real_test_accuracy', float('nan')):.1%} on them blurred by 1 px)",
+        "the output folder is a workspace; try (`flatdino workspace` lists it):",
+        f"  cd {shown(summary['out'])}",
     ]
+    lines += [f"  {line}" for line in summary.get("next", [])]
     return "\n".join(lines)

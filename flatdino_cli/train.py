@@ -7,7 +7,7 @@ exact resume. Resume is bitwise: the data order is a function of (seed, epoch), 
 re-seeded from (seed, step, micro-batch, rank) before every forward, and a checkpoint holds the
 optimizer state, step and RNG states.
 
-Run dir layout (DESIGN.md): config.yaml, inputs.json, metrics.jsonl,
+Run dir layout (DESIGN.md): config.yaml, inputs.json, metrics.jsonl, finished.json (once the loop ends),
 checkpoints/{latest,best}/{model.safetensors, ema.safetensors, state.pt}.
 """
 
@@ -35,6 +35,7 @@ from flatdino_cli.runtime import Runtime
 from flatdino_cli.track import open_trackers
 from flatdino_cli.utils import atomic_write_json
 
+FINISHED_FILE = "finished.json"  # written when the loop ends: the workspace's "finished" mark
 LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
 
 
@@ -336,6 +337,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
 
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FINISHED_FILE).unlink(missing_ok=True)  # training again: not finished until the loop ends
         save_config(task.config, run_dir / "config.yaml")
         atomic_write_json(run_dir / "inputs.json", task.inputs)
     trackers = open_trackers(cfg.log_to, run_dir, to_dict(task.config), step, rt.is_main)
@@ -428,6 +430,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
             if step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
                 checkpoint("latest")
     bar.close()
+    if rt.is_main:  # what the workspace index reads as "finished, when, how far"
+        atomic_write_json(run_dir / FINISHED_FILE, {
+            "step": step, "best_val": best_val if math.isfinite(best_val) else None,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     log.close()
     return {"step": step, "best_val": best_val, "run_dir": str(run_dir), "steps_per_epoch": spe}
 

@@ -11,10 +11,12 @@ stands."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +34,12 @@ def judge_cache(tmp_path_factory):
     return {"XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
 
 
+@pytest.fixture(scope="module")
+def flat_out(tmp_path_factory):
+    """The flat quickstart's folder: the first test fills it, the printed-lines test reuses it."""
+    return tmp_path_factory.mktemp("qs") / "qs"
+
+
 def last_val_cosine(run) -> float:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["val/cosine"] for r in rows if "val/cosine" in r][-1]
@@ -44,8 +52,8 @@ def mean_feature_cosine(store) -> float:
     return F.cosine_similarity(val, mean.expand_as(val), dim=-1).mean().item()
 
 
-def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache):
-    out = tmp_path / "qs"
+def test_quickstart_resumes_and_samples_are_recognisable(flat_out, judge_cache):
+    out = flat_out
     cmd = [sys.executable, "-m", "flatdino_cli.cli", "quickstart", "--out", str(out)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env=dict(os.environ, OMP_NUM_THREADS="2", **judge_cache))
@@ -82,6 +90,25 @@ def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache):
     assert r.stdout.count("done earlier, skipped") + r.stderr.count("done earlier, skipped") == len(summary["stages"])
     again = json.loads((out / "summary.json").read_text())  # the stages' own times survive a no-op rerun
     assert again["stage_minutes"] == summary["stage_minutes"] > 1 and again["minutes"] < 1
+
+
+def test_quickstart_printed_lines_run_as_typed_in_its_folder(flat_out, judge_cache):
+    """The quickstart ends by printing the toolkit's three command lines for its own folder (a
+    workspace); each runs exactly as printed there. Reuses the test above's folder (a no-op rerun)."""
+    r = run_cli("quickstart", "--out", flat_out, timeout=1200, env=judge_cache)
+    printed = r.stdout.splitlines()
+    tail = printed[next(i for i, line in enumerate(printed) if "is a workspace" in line) + 1:]
+    assert tail[0].strip().startswith("cd ") and Path(tail[0].strip()[3:]).resolve() == flat_out.resolve()
+    lines = [line.strip() for line in tail[1:]]
+    assert lines == ["flatdino sample --class 3 --cfg 6", "flatdino ablate-tokens",
+                     "flatdino train-dit --preset tiny-dit --set train.epochs=1"]
+    said = [run_cli(*shlex.split(line)[1:], cwd=flat_out, timeout=1200, env=judge_cache).stdout for line in lines]
+    assert "sample: dit dit (step" in said[0] and "decoder decoder (step" in said[0]
+    assert list((flat_out / "dit" / "samples").glob("3-*/grid.png"))
+    assert "ablate-tokens: vae vae (step" in said[1] and "features features/val" in said[1]
+    assert (flat_out / "vae" / "analysis" / "ablation" / "heatmaps.npy").is_file()
+    assert "train-dit: latents latents" in said[2] and "new run runs/dit-tiny-dit" in said[2]
+    assert (flat_out / "runs" / "dit-tiny-dit" / "finished.json").is_file()
 
 
 def test_quickstart_fae_mode_samples_are_recognisable(tmp_path, judge_cache):
