@@ -90,12 +90,13 @@ def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> floa
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_2d_only: bool) -> list[dict]:
-    """Weight decay on >=2-D weights only (biases, norm scales and 1-D tables are not decayed)."""
+    """decay_2d_only: weight decay on 2-D weight matrices only, the authors' `ndim == 2` rule. Biases,
+    norm scales, and the (1, T, W) learned query tokens and position tables are not decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not decay_2d_only:
         return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if p.dim() == 2]
+    rest = [p for p in params if p.dim() != 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
