@@ -204,6 +204,9 @@ def train_vae(
                                                         "re-augmented every epoch as in the paper.")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="Encoder for --images mode.")] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local weights for --encoder.")] = None,
+    val_features: Annotated[Optional[Path], typer.Option(help="Validation feature store (ImageNet val, "
+                                                              "`extract --interp bilinear`) that picks "
+                                                              "checkpoints/best.")] = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
@@ -215,12 +218,17 @@ def train_vae(
 ):
     """Train the FlatDINO laminator (beta-VAE) on DINOv2 features.
 
-    beta defaults to 1e-6 * 512 / (T * d); validation logs Huber, KL per token and the mean cosine
-    similarity of reconstructed features, and keeps checkpoints/best by validation loss.
+    beta defaults to 1e-6 * 512 / (T * d); validation logs the Huber loss, Huber + beta * KL, KL per
+    token and the mean cosine similarity of reconstructed features, and keeps checkpoints/best by the
+    validation Huber loss alone (the authors' criterion).
     Multi-GPU: torchrun --nproc-per-node 8 -m flatdino_cli.cli train-vae ... (multi-node: add
     torchrun's --nnodes/--node-rank/--rdzv-endpoint flags).
 
-    Example: flatdino train-vae --preset vae-32x128 --features stores/in1k --out runs/vae
+    \b
+    Examples:
+      flatdino train-vae --preset vae-32x128 --features stores/in1k --out runs/vae
+      flatdino train-vae --preset vae-32x128 --images imagenet/train --encoder dinov2-b-reg4 \\
+        --val-features stores/in1k-val-bilinear --out runs/vae
     """
     from flatdino_cli.config import load_preset
     from flatdino_cli.stages.vae import train_vae as run
@@ -231,9 +239,10 @@ def train_vae(
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-vae needs a vae-* preset")
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, features=features, images=images, encoder_name=encoder,
-                  encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume)
+                  encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume,
+                  val_features=val_features)
     if rt.is_main:
-        typer.echo(f"train-vae: {summary['step']} steps, best val loss {summary['best_val']:.4g} -> {out}")
+        typer.echo(f"train-vae: {summary['step']} steps, best val Huber {summary['best_val']:.4g} -> {out}")
 
 
 @command("train-dit")

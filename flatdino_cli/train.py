@@ -57,6 +57,7 @@ class Task:
     val_set: Dataset | None = None
     val_fn: Callable[[nn.Module, Iterable, Runtime], dict[str, float]] | None = None  # needs "loss"
     collate_fn: Callable | None = None
+    val_collate_fn: Callable | None = None  # None: collate_fn
     aux: dict[str, Any] = field(default_factory=dict)  # extra state_dict() objects saved in state.pt
     on_step: Callable[[int, nn.Module, nn.Module | None], None] | None = None  # after each step
     inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
@@ -411,7 +412,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
 def _validate(task: Task, model: nn.Module, rt: Runtime) -> dict[str, float]:
     was = model.training
     model.eval()
-    loader = DataLoader(task.val_set, batch_size=256, shuffle=False, collate_fn=task.collate_fn)
+    loader = DataLoader(task.val_set, batch_size=256, shuffle=False, collate_fn=task.val_collate_fn or task.collate_fn)
     batches = (_to_device(b, rt) for b in loader)
     with rt.autocast():
         out = task.val_fn(model, batches, rt)

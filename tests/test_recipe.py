@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flatdino_cli.config import load_preset
+from flatdino_cli.data import Store
+from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model
+from flatdino_cli.runs import load_run
+from flatdino_cli.runtime import Runtime
+from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.train import param_groups
+
+CPU = Runtime(torch.device("cpu"), "fp32", False)
 
 
 @pytest.fixture(autouse=True)
@@ -65,3 +76,40 @@ def test_vae_32x768_preset_keeps_the_full_feature_dimension():
     cfg = load_preset("vae-32x768")
     assert (cfg.model.tokens, cfg.model.latent_dim) == (32, 768) and cfg.train.epochs == 150
     assert cfg.beta() == pytest.approx(1e-6 * 512 / (32 * 768))
+
+
+# ----------------------------------------------------------------------------- VAE selection (point 2)
+def _feature_store(path, n: int, seed: int, scale: float = 1.0, shape=(8, 16)):
+    s = Store.create(path, "features", shape, n, "float32", {"encoder": "synthetic"}, {},
+                     [f"img{i}.png" for i in range(n)], [i % 4 for i in range(n)])
+    s.write_rows(np.arange(n), scale * np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32))
+    s.mark_done(np.arange(n))
+    s.finalize()
+    s.close()
+    return path
+
+
+def test_vae_best_checkpoint_follows_val_huber_on_val_features(tmp_path):
+    train_store = _feature_store(tmp_path / "train", 64, seed=0)
+    val_store = _feature_store(tmp_path / "val", 24, seed=1, scale=2.0)  # another set: other numbers
+    cfg = load_preset("tiny-vae", ["model.tokens=4", "model.latent_dim=8", "model.enc_width=32",
+                                   "model.enc_depth=1", "model.enc_heads=2", "model.dec_width=32",
+                                   "model.dec_depth=1", "model.dec_heads=2", "train.epochs=4",
+                                   "train.batch_size=8", "train.val_every_epochs=1", "train.warmup_epochs=0",
+                                   "train.decay_epochs=1", "loss.beta=0.05"])  # a KL term big enough to matter
+    run = tmp_path / "run"
+    summary = train_vae(cfg, run, CPU, features=train_store, val_features=val_store)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/loss" in r]
+    assert len(val) == 4 and summary["best_val"] == pytest.approx(min(r["val/loss"] for r in val))
+    assert all(r["val/loss_with_kl"] > r["val/loss"] for r in val)
+    # the best checkpoint's Huber on ALL of the --val-features store is the number it was picked by
+    _, vae, _ = load_run(run, "vae")
+    feats = torch.from_numpy(np.array(Store.open(val_store).data, dtype=np.float32))
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(feats)[0])
+    assert F.huber_loss(recon, feats).item() == pytest.approx(summary["best_val"], rel=1e-4)
+    assert json.loads((run / "inputs.json").read_text())["val_features"]["path"] == str(val_store.resolve())
+    with pytest.raises(UserError, match="--val-features"):
+        train_vae(cfg, tmp_path / "bad", CPU, features=train_store,
+                  val_features=_feature_store(tmp_path / "other", 8, seed=2, shape=(4, 16)))
