@@ -149,6 +149,8 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Images per encoder forward.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding images.")] = 0,
     val_split: Annotated[int, typer.Option(help="Hold out N images (deterministic) into OUT/val.")] = 0,
+    mirror: Annotated[bool, typer.Option(help="Also encode each crop's mirror image (a second view per row: "
+                                              "train-dit then draws crop or mirror every epoch).")] = False,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 (default for features) or float32.")] = "",
     interp: Annotated[str, typer.Option(help="Resize to the encoder input: bicubic (generator pipeline) or "
                                              "bilinear (VAE evaluation).")] = "bicubic",
@@ -189,7 +191,8 @@ def extract(
 
     cfg = ExtractConfig(encoder=encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
                         crop_size=crop_size, interp=interp, dtype=dtype or "float16", batch_size=batch_size,
-                        workers=workers, val_split=val_split, strict=strict, compile=compile, tf32=tf32)
+                        workers=workers, val_split=val_split, strict=strict, compile=compile, tf32=tf32,
+                        mirror=mirror)
     summary = extract_features(source, out, cfg, rt, overwrite=overwrite, class_index=class_index)
     typer.echo(f"extract: {summary['images']} images -> {', '.join(summary['stores'])} "
                f"({summary['skipped']} unreadable skipped)")

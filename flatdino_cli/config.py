@@ -77,6 +77,7 @@ class ExtractConfig:
     batch_size: int = 64
     workers: int = 0
     val_split: int = 0  # images held out into <OUT>/val (deterministic)
+    mirror: bool = False  # also encode each crop's mirror image (a second view per row, for train-dit)
     strict: bool = False  # fail on the first unreadable image instead of skipping it
     compile: bool = False
     tf32: bool = False

@@ -344,6 +344,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
     while step < total:
         epoch, pos = divmod(step, spe)
         batches = EpochBatches(n, cfg.batch_size, micro, cfg.seed, epoch, pos, rt.rank, rt.world_size)
+        if hasattr(task.train_set, "set_epoch"):  # per-epoch draws (e.g. each row's view) follow (seed, epoch)
+            task.train_set.set_epoch(epoch)
         loader = DataLoader(task.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
                             collate_fn=task.collate_fn, pin_memory=rt.pin_memory,
                             persistent_workers=False)

@@ -9,12 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatdino_cli.config import load_preset
-from flatdino_cli.data import Store
+from PIL import Image
+from safetensors.torch import load_file
+
+from flatdino_cli.config import ExtractConfig, load_preset
+from flatdino_cli.data import EncoderTransform, Store, epoch_views, load_rgb
 from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model
 from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime
+from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.train import param_groups
 
@@ -113,3 +117,117 @@ def test_vae_best_checkpoint_follows_val_huber_on_val_features(tmp_path):
     with pytest.raises(UserError, match="--val-features"):
         train_vae(cfg, tmp_path / "bad", CPU, features=train_store,
                   val_features=_feature_store(tmp_path / "other", 8, seed=2, shape=(4, 16)))
+
+
+# ----------------------------------------------------------------------------- two views (point 1)
+def _images(root, n: int, size=(56, 44), classes: int = 2):
+    """n random RGB images in `classes` ImageNet-style synset folders (asymmetric, so mirrors differ)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"n{i % classes:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        a = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        a[:, : size[0] // 3] //= 3  # a dark left band: the mirror image is another picture
+        Image.fromarray(a).save(d / f"img{i}.JPEG", quality=95)
+    return root
+
+
+def _tiny_vae_run(features, out):
+    cfg = load_preset("tiny-vae", ["model.tokens=4", "model.latent_dim=8", "model.enc_width=32",
+                                   "model.enc_depth=1", "model.enc_heads=2", "model.dec_width=32",
+                                   "model.dec_depth=1", "model.dec_heads=2", "train.max_steps=1",
+                                   "train.batch_size=4", "val_count=2"])
+    train_vae(cfg, out, CPU, features=features)
+    return out
+
+
+def _tiny_dit(epochs: int, **over):
+    sets = ["model.tokens=4", "model.in_dim=8", "model.width=32", "model.depth=1", "model.heads=2",
+            "model.mlp_hidden=64", "model.num_classes=2", f"train.epochs={epochs}", "train.batch_size=4",
+            "train.warmup_epochs=0", "train.decay_epochs=1", "train.ckpt_every_steps=1000"]
+    return load_preset("tiny-dit", sets + [f"{k}={v}" for k, v in over.items()])
+
+
+def test_two_views_from_extract_to_train_dit_with_bitwise_resume(tmp_path, monkeypatch):
+    from flatdino_cli.encoders import load_encoder
+    from flatdino_cli.extract import extract_features, extract_latents
+    import flatdino_cli.stages.dit as dit_stage
+
+    src = _images(tmp_path / "train", 12)
+    cfg = ExtractConfig(encoder="tiny", dtype="float32", batch_size=5, mirror=True)
+    extract_features(src, tmp_path / "feats", cfg, CPU)
+    feats = Store.open(tmp_path / "feats")
+    assert feats.views == 2 and feats.all_views.shape == (12, 2, 36, 64) and feats.data.shape == (12, 36, 64)
+    # view 1 is the feature of the mirrored crop, which is NOT the mirrored feature grid
+    enc = load_encoder("tiny")
+    t = EncoderTransform(48, 48, "bicubic")
+    crop = t.pixels(load_rgb(feats.paths[3]))[None]
+    with torch.no_grad():
+        want = enc(t.finish(crop.flip(-1)))[0].numpy()
+    np.testing.assert_allclose(feats.all_views[3, 1], want, rtol=1e-4, atol=1e-4)
+    grid = feats.all_views[3, 0].reshape(6, 6, 64)[:, ::-1].reshape(36, 64)
+    assert np.abs(grid - feats.all_views[3, 1]).mean() > 0.1
+
+    extract_latents(tmp_path / "feats", _tiny_vae_run(tmp_path / "feats", tmp_path / "vae"), tmp_path / "lat", CPU)
+    lat = Store.open(tmp_path / "lat", expect_kind="latents")
+    assert lat.views == 2 and lat.all_views.shape == (12, 2, 4, 8)
+    _, vae, _ = load_run(tmp_path / "vae", "vae")
+    with torch.no_grad():
+        mu = vae.encode(torch.from_numpy(np.array(feats.all_views[5], dtype=np.float32)))[0]
+    np.testing.assert_allclose(lat.all_views[5], mu.numpy(), rtol=1e-4, atol=1e-5)
+
+    # train-dit: each epoch shows each image as crop or mirror, drawn from (seed, epoch, row)
+    seen: list[np.ndarray] = []
+    real_loss = dit_stage.flow_loss
+
+    def recording(net, z, y, flow):
+        seen.append(z.detach().numpy().copy())
+        return real_loss(net, z, y, flow)
+
+    monkeypatch.setattr(dit_stage, "flow_loss", recording)
+    full = tmp_path / "dit-full"
+    train_dit(_tiny_dit(4), full, CPU, tmp_path / "lat")
+    rows = np.concatenate(seen).reshape(4, 12, 4, 8)  # (epoch, row in epoch order, T, d)
+    both = np.asarray(lat.all_views, dtype=np.float32)  # (12, 2, 4, 8)
+    views = np.full((4, 12), -1)
+    for e in range(4):
+        for z in rows[e]:
+            hit = np.argwhere(np.abs(both - z).reshape(12, 2, -1).max(-1) == 0)
+            assert len(hit) == 1
+            r, v = hit[0]
+            views[e, r] = v
+            assert v == epoch_views(0, e, 12, 2)[r]
+    assert (views >= 0).all() and (views == 1).any() and (views == 0).any()
+    assert (views != views[0]).any()  # the draw changes with the epoch
+
+    # killed mid-run and resumed: bitwise the same weights as the uninterrupted run
+    class Killed(BaseException):
+        pass
+
+    def kill(step, model, ema):
+        if step == 5:  # mid epoch 1 (3 steps per epoch)
+            raise Killed
+
+    part = tmp_path / "dit-part"
+    with pytest.raises(Killed):
+        train_dit(_tiny_dit(4, **{"train.ckpt_every_steps": 1}), part, CPU, tmp_path / "lat", on_step=kill)
+    train_dit(_tiny_dit(4, **{"train.ckpt_every_steps": 1}), part, CPU, tmp_path / "lat")
+    a = load_file(str(full / "checkpoints/latest/model.safetensors"))
+    b = load_file(str(part / "checkpoints/latest/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_view_store_still_trains_without_flips_and_says_so(tmp_path, capsys):
+    n = 8
+    s = Store.create(tmp_path / "lat", "latents", (4, 8), n, "float32", {"vae": "x"}, {},
+                     [f"i{i}" for i in range(n)], [i % 2 for i in range(n)])
+    s.write_rows(np.arange(n), np.random.default_rng(0).standard_normal((n, 4, 8)).astype(np.float32))
+    s.mark_done(np.arange(n))
+    s.finalize().close()
+    m = json.loads((tmp_path / "lat/manifest.json").read_text())
+    del m["views"]  # as written before the view axis existed
+    (tmp_path / "lat/manifest.json").write_text(json.dumps(m))
+    assert Store.open(tmp_path / "lat").views == 1
+    train_dit(_tiny_dit(1), tmp_path / "dit", CPU, tmp_path / "lat")
+    out = capsys.readouterr().out
+    assert "one view per image" in out and out.count("--mirror") == 1
