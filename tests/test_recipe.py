@@ -231,3 +231,70 @@ def test_one_view_store_still_trains_without_flips_and_says_so(tmp_path, capsys)
     train_dit(_tiny_dit(1), tmp_path / "dit", CPU, tmp_path / "lat")
     out = capsys.readouterr().out
     assert "one view per image" in out and out.count("--mirror") == 1
+
+
+# ----------------------------------------------------------------------------- rFID protocol (point 5)
+def write_inception(path):
+    """A random-weight Inception-v3 in clean-fid's torchscript layout (inception-2015-12-05.pt): the real
+    code path runs, the numbers it gives mean nothing."""
+    import warnings
+
+    from test_fid import random_inception
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; it is the file's format
+        torch.jit.script(random_inception()).save(str(path))
+    return path
+
+
+def tiny_decoder_run(out):
+    """A train-decoder run dir (random weights) for the tiny encoder's 6 x 6 x 64 features, 48 px out."""
+    from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, save_config
+    from flatdino_cli.train import save_checkpoint
+
+    cfg = DecoderStageConfig(model=DecoderModelConfig(in_dim=64, num_patches=36, patch_size=8, width=16, depth=1,
+                                                      heads=2, mlp_hidden=32))
+    torch.manual_seed(0)
+    out.mkdir(parents=True)
+    save_config(cfg, out / "config.yaml")
+    save_checkpoint(out, "latest", build_model(cfg), None, {"step": 0})
+    return out
+
+
+def mixed_val_folder(root):
+    """ImageNet val as it comes: mixed sizes, JPEG, a CMYK JPEG, greyscale JPEG and PNG."""
+    rng = np.random.default_rng(3)
+    d = root / "n00000000"
+    d.mkdir(parents=True)
+    pix = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    Image.fromarray(pix(60, 50)).save(d / "ILSVRC2012_val_00000001.JPEG")
+    Image.fromarray(pix(40, 70)).convert("CMYK").save(d / "ILSVRC2012_val_00000002.JPEG")
+    Image.fromarray(pix(64, 52)[..., 0]).save(d / "ILSVRC2012_val_00000003.JPEG")  # mode L
+    Image.fromarray(pix(100, 90)).save(d / "ILSVRC2012_val_00000004.JPEG")
+    Image.fromarray(pix(48, 48)[..., 1], mode="L").save(d / "ILSVRC2012_val_00000005.png")
+    return root
+
+
+def test_rfid_on_a_mixed_size_jpeg_cmyk_greyscale_val_folder(tmp_path):
+    from flatdino_cli.analysis.fid import run_fid
+    from flatdino_cli.data import adm_center_crop, list_images
+    from flatdino_cli.extract import extract_features
+    from flatdino_cli.reconstruct import run_reconstruct
+    from flatdino_cli.viz import load_png
+
+    val = mixed_val_folder(tmp_path / "val")
+    extract_features(val, tmp_path / "feats", ExtractConfig(encoder="tiny", dtype="float32", batch_size=8), CPU)
+    vae = _tiny_vae_run(tmp_path / "feats", tmp_path / "vae")
+    out = tmp_path / "recon"
+    res = run_reconstruct(val, vae, tiny_decoder_run(tmp_path / "dec"), out, progress=False)
+    assert res["count"] == 5 and not res["skipped"]
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == sorted(p.name for p in (out / "originals").iterdir()) and len(names) == 5
+    for i, path in enumerate(list_images(val).paths):  # the originals are the ADM crops PSNR compared with
+        assert np.array_equal(load_png(out / "originals" / f"{i:06d}.png"),
+                              np.asarray(adm_center_crop(load_rgb(path), 48)))
+    inception = write_inception(tmp_path / "inception-2015-12-05.pt")
+    rfid = run_fid(out / "images", out / "originals", inception_weights=inception, progress=False)
+    assert np.isfinite(rfid["fid"]) and rfid["num_samples"] == rfid["num_ref"] == 5
+    with pytest.raises(UserError, match="OUT/originals"):  # the raw folder is refused, pointing at the protocol
+        run_fid(out / "images", val, inception_weights=inception, progress=False)
