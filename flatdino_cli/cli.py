@@ -477,27 +477,37 @@ def knn(
 def noise(
     vae: Annotated[Path, typer.Option(help="A train-vae run directory.")],
     features: Annotated[Path, typer.Option(help="Feature store (its first N images are used).")],
-    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder (run dir or RAE model.pt): adds PSNR.")] = None,
+    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder (run dir or RAE model.pt): adds rFID "
+                                                         "and PSNR against the original images.")] = None,
     out: AnalysisOut = Path("analysis/noise"),
     sigmas: Annotated[str, typer.Option(help="Noise levels, comma separated.")] = "0,0.2,0.4,0.6,0.8,1.0",
-    n: Annotated[int, typer.Option("--n", help="Images to average over.")] = 1000,
+    n: Annotated[Optional[int], typer.Option("--n", help="Images to average over (default: all, as the "
+                                                         "paper's validation set).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        help="clean-fid's inception-2015-12-05.pt for rFID (default: clean-fid's cache).")] = None,
     device: Device = "auto",
     precision: Precision = "auto",
 ):
-    """Robustness of the VAE decoder to Gaussian noise on the latents (the paper's Appendix B):
-    feature cosine and relative L2 vs the clean decode and vs the DINOv2 features, next to the same
-    noise put on the DINOv2 features; with --decoder also pixel PSNR. Writes OUT/noise.json, OUT/noise.png.
+    """Robustness of the VAE decoder to Gaussian noise on the latents (the paper's Appendix B): with
+    --decoder, rFID and PSNR of the decoded images against the original images per sigma (what the
+    paper reports), for noise on the latents and on the DINOv2 features; always feature cosine and
+    relative L2 vs the clean decode and vs the DINOv2 features. Writes OUT/noise.json, OUT/noise.png.
 
     Example: flatdino noise --vae runs/vae --features stores/in1k/val --decoder rae/ViTXL_n08 --out analysis/noise
     """
     from flatdino_cli.analysis.noise import run_noise
 
     r = run_noise(vae, features, out, sigmas=_analysis_numbers(sigmas, "--sigmas"), n=n, batch_size=batch_size,
-                  decoder=decoder, seed=seed, rt=_runtime(device, precision, False))
-    for s, cos in zip(r["sigmas"], r["latent"]["cosine_vs_clean"]):
-        typer.echo(f"noise: sigma {s:4.2f}  cosine vs clean decode {cos:.4f}")
+                  decoder=decoder, seed=seed, rt=_runtime(device, precision, False), inception_weights=inception_weights)
+    lat = r["latent"]
+    for i, s in enumerate(r["sigmas"]):
+        extra = "".join(f"  {name} {lat[key][i]:.4g}" for key, name in (("rfid", "rFID"), ("psnr_vs_image", "PSNR"))
+                        if lat.get(key) and lat[key][i] is not None)
+        typer.echo(f"noise: sigma {s:4.2f}{extra}  cosine vs clean decode {lat['cosine_vs_clean'][i]:.4f}")
+    for note in r["notes"]:
+        typer.echo(f"noise: {note}")
     typer.echo(f"noise: -> {out / 'noise.json'}, {out / r['figure']}")
 
 

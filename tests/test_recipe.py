@@ -298,3 +298,54 @@ def test_rfid_on_a_mixed_size_jpeg_cmyk_greyscale_val_folder(tmp_path):
     assert np.isfinite(rfid["fid"]) and rfid["num_samples"] == rfid["num_ref"] == 5
     with pytest.raises(UserError, match="OUT/originals"):  # the raw folder is refused, pointing at the protocol
         run_fid(out / "images", val, inception_weights=inception, progress=False)
+
+
+# ----------------------------------------------------------------------------- noise: rFID + PSNR (point 6)
+def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
+    from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance
+    from flatdino_cli.analysis.noise import run_noise
+    from flatdino_cli.data import adm_center_crop
+    from flatdino_cli.extract import extract_features
+    from flatdino_cli.reconstruct import psnr
+    from flatdino_cli.viz import to_uint8
+
+    val = mixed_val_folder(tmp_path / "val")
+    feats = tmp_path / "feats"
+    extract_features(val, feats, ExtractConfig(encoder="tiny", dtype="float32", batch_size=8), CPU)
+    vae, dec = _tiny_vae_run(feats, tmp_path / "vae"), tiny_decoder_run(tmp_path / "dec")
+
+    class Pool:  # a cheap stand-in for Inception with the extractor interface: 3 pixel statistics
+        name = "pool3"
+
+        def __call__(self, images):
+            x = images.reshape(len(images), -1, 3).astype(np.float32)
+            return {"pool": np.concatenate([x.mean(1), x.std(1), np.median(x, 1)], 1)}
+
+    r = run_noise(vae, feats, tmp_path / "out", sigmas=(0.0, 1.0), n=None, batch_size=2, decoder=dec,
+                  progress=False, extractor=Pool())
+    assert r["n_images"] == 5 and r["rfid_images"] == 5 and len(r["latent"]["rfid"]) == 2
+    # sigma 0 on the latent path is the plain reconstruction: recompute its rFID and PSNR by hand
+    from flatdino_cli.models.pixel_decoder import load_decoder
+
+    store = Store.open(feats)
+    _, model, _ = load_run(vae, "vae")
+    pix = load_decoder(dec)
+    x = torch.from_numpy(np.array(store.data, dtype=np.float32))
+    with torch.no_grad():
+        img = pix(model.decode(model.encode(x)[0])).clamp(0, 1)
+    real = np.stack([np.asarray(adm_center_crop(load_rgb(p), 48)) for p in store.paths])
+    g = lambda a: Gaussian.from_features(Pool()(a)["pool"].astype(np.float64))  # noqa: E731
+    assert r["latent"]["rfid"][0] == pytest.approx(frechet_distance(g(to_uint8(img)), g(real)), rel=1e-6)
+    real_t = torch.from_numpy(real).permute(0, 3, 1, 2).double() / 255
+    assert r["latent"]["psnr_vs_image"][0] == pytest.approx(psnr(img, real_t).mean().item(), rel=1e-5)
+    assert r["latent"]["rfid"][1] != r["latent"]["rfid"][0]  # the noise reaches the images
+    assert "cosine_vs_clean" in r["latent"] and "rfid" in r["features_noise"]  # feature columns kept
+    # without Inception weights anywhere: no rFID, and a note saying why
+    import flatdino_cli.analysis.fid as fidmod
+
+    fidmod.CLEANFID_CACHE_DIR, old = tmp_path / "nowhere", fidmod.CLEANFID_CACHE_DIR
+    try:
+        r = run_noise(vae, feats, tmp_path / "out2", sigmas=(0.0,), n=2, decoder=dec, progress=False)
+    finally:
+        fidmod.CLEANFID_CACHE_DIR = old
+    assert "rfid" not in r["latent"] and "rfid omitted" in r["notes"][0]
