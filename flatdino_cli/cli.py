@@ -755,7 +755,7 @@ def fid(
     \b
     Examples:
       flatdino fid runs/dit/samples/all-n50000 --ref VIRTUAL_imagenet256_labeled.npz
-      flatdino fid runs/recon-val/images --ref imagenet/val-adm256 --json
+      flatdino fid runs/recon-val/images --ref runs/recon-val/originals --json   (rFID)
     """
     import json
 
