@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,20 +16,10 @@ from flatdino_cli.data import EncoderTransform, Store, epoch_views, load_rgb
 from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model
 from flatdino_cli.runs import load_run
-from flatdino_cli.runtime import Runtime
 from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.train import param_groups
-
-CPU = Runtime(torch.device("cpu"), "fp32", False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_train import CPU, one_thread  # noqa: F401  (one_thread: autouse, tiny models on one thread)
 
 
 def _decayed(model, cfg) -> set[str]:
