@@ -338,3 +338,27 @@ def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
     finally:
         fidmod.CLEANFID_CACHE_DIR = old
     assert "rfid" not in r["latent"] and "rfid omitted" in r["notes"][0]
+
+
+def test_rae_stats_and_store_mode_vae_use_both_views(tmp_path):
+    from flatdino_cli.stages.dit import compute_stats
+    from flatdino_cli.stages.vae import feature_splits
+
+    n = 10
+    s = Store.create(tmp_path / "f", "features", (4, 3), n, "float32", {"encoder": "x"}, {},
+                     [f"i{i}" for i in range(n)], [0] * n, views=2)
+    rows = np.random.default_rng(0).standard_normal((n, 2, 4, 3)).astype(np.float32)
+    rows[:, 1] += 5.0  # the "mirror" view sits elsewhere: a crop-only statistic would miss it
+    s.write_rows(np.arange(n), rows)
+    s.mark_done(np.arange(n))
+    s.finalize().close()
+    mean, var = compute_stats(Store.open(tmp_path / "f"))  # RAE mode normalises what it trains on
+    np.testing.assert_allclose(mean.numpy(), rows.reshape(-1, 4, 3).mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var.numpy(), rows.reshape(-1, 4, 3).var(0), rtol=1e-4, atol=1e-5)
+    train, val, _ = feature_splits(tmp_path / "f", val_count=2, seed=0)
+    train.set_epoch(3)
+    views = epoch_views(0, 3, n, 2)
+    for i in range(len(train)):
+        r = train.indices[i]
+        assert np.array_equal(train[i][0].numpy(), rows[r, views[r]])
+    assert all(np.array_equal(val[i][0].numpy(), rows[val.indices[i], 0]) for i in range(len(val)))

@@ -47,18 +47,19 @@ def open_val_features(path: str | Path, item_shape) -> FeatureDataset:
 def feature_splits(features: str | Path, val_count: int, seed: int,
                    val_features: str | Path | None = None) -> tuple[FeatureDataset, FeatureDataset, Store]:
     """Train/val datasets: `val_features` if given (all of the store trains), else the store's own val/
-    split if it has one, else `val_count` held-out rows."""
+    split if it has one, else `val_count` held-out rows. Training rows of a store with mirror views
+    show crop or mirror, drawn per (seed, epoch, row); validation uses the crop."""
     store = Store.open(features, expect_kind="features")
     if val_features is not None:
-        return FeatureDataset(store), open_val_features(val_features, store.item_shape), store
+        return FeatureDataset(store, view_seed=seed), open_val_features(val_features, store.item_shape), store
     val_dir = Path(features) / "val"
     if (val_dir / "manifest.json").exists():
         val_store = Store.open(val_dir, expect_kind="features")
-        return FeatureDataset(store), FeatureDataset(val_store), store
+        return FeatureDataset(store, view_seed=seed), FeatureDataset(val_store), store
     valid = store.valid_indices()
     n_val = min(val_count, len(valid) // 10)
     tr, va = split_indices(len(valid), n_val, seed)
-    return FeatureDataset(store, valid[tr]), FeatureDataset(store, valid[va]), store
+    return FeatureDataset(store, valid[tr], view_seed=seed), FeatureDataset(store, valid[va]), store
 
 
 def _val_fn(cfg: VAEStageConfig):
