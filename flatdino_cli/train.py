@@ -395,7 +395,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
             if task.on_step is not None and rt.is_main:
                 task.on_step(step, model, ema)
             epoch_end = step % spe == 0
-            if epoch_end and task.val_fn is not None and task.val_set is not None:
+            if epoch_end and task.val_fn is not None and task.val_set is not None and len(task.val_set):
                 ep = step // spe
                 if ep % max(1, cfg.val_every_epochs) == 0 or step == total:
                     val = _validate(task, model, rt)

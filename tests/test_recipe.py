@@ -362,3 +362,13 @@ def test_rae_stats_and_store_mode_vae_use_both_views(tmp_path):
         r = train.indices[i]
         assert np.array_equal(train[i][0].numpy(), rows[r, views[r]])
     assert all(np.array_equal(val[i][0].numpy(), rows[val.indices[i], 0]) for i in range(len(val)))
+
+
+def test_an_empty_validation_set_picks_no_best_checkpoint(tmp_path):
+    # 8 rows hold out 8 // 10 = 0: an empty validation set must not score 0 and freeze `best` at epoch 1
+    cfg = load_preset("tiny-vae", ["model.tokens=4", "model.latent_dim=8", "model.enc_width=32",
+                                   "model.enc_depth=1", "model.enc_heads=2", "model.dec_width=32",
+                                   "model.dec_depth=1", "model.dec_heads=2", "train.epochs=2",
+                                   "train.batch_size=4", "train.val_every_epochs=1"])
+    summary = train_vae(cfg, tmp_path / "run", CPU, features=_feature_store(tmp_path / "f", 8, seed=0))
+    assert summary["best_val"] == float("inf") and not (tmp_path / "run/checkpoints/best").exists()
