@@ -179,9 +179,10 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
 def _plot(r: dict, path: Path) -> None:
     from flatdino_cli import viz
 
-    has_pix = "psnr_vs_clean" in r["latent"]
-    fig = viz.new_figure(4.2 * (3 if has_pix else 2), 3.8)
-    axes = fig.subplots(1, 3 if has_pix else 2)
+    has_pix, has_fid = "psnr_vs_clean" in r["latent"], "rfid" in r["latent"]
+    panels = 2 + has_pix + has_fid
+    fig = viz.new_figure(4.2 * panels, 3.8)
+    axes = fig.subplots(1, panels)
     sig, lat, feat = r["sigmas"], r["latent"], r["features_noise"]
     series = [("latent noise, vs clean decode", lat, "clean", "-", "C0"),
               ("latent noise, vs DINOv2 features", lat, "features", "-.", "C1"),
@@ -199,5 +200,9 @@ def _plot(r: dict, path: Path) -> None:
                     capped = np.minimum(np.asarray(table[key], dtype=float), 60.0)
                     viz.curve(axes[2], sig, capped, f"{label}, {ref_label}", marker=mk, linestyle=ls, color=colour)
         viz.style_axes(axes[2], "noise σ", "PSNR (dB, capped at 60)")
+    if has_fid:  # what the paper plots: rFID against the original images
+        for label, table, colour in (("latent noise", lat, "C0"), ("noise on DINOv2 features", feat, "C2")):
+            viz.curve(axes[-1], sig, table["rfid"], label, marker="o", color=colour)
+        viz.style_axes(axes[-1], "noise σ", "rFID vs original images")
     fig.suptitle(f"Robustness to Gaussian noise ({r['n_images']} images; latent RMS {r['latent_rms']:.3g})")
     viz.save_figure(fig, path)
