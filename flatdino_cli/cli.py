@@ -500,7 +500,8 @@ def noise(
     from flatdino_cli.analysis.noise import run_noise
 
     r = run_noise(vae, features, out, sigmas=_analysis_numbers(sigmas, "--sigmas"), n=n, batch_size=batch_size,
-                  decoder=decoder, seed=seed, rt=_runtime(device, precision, False), inception_weights=inception_weights)
+                  decoder=decoder, seed=seed, rt=_runtime(device, precision, False),
+                  inception_weights=inception_weights)
     lat = r["latent"]
     for i, s in enumerate(r["sigmas"]):
         extra = "".join(f"  {name} {lat[key][i]:.4g}" for key, name in (("rfid", "rFID"), ("psnr_vs_image", "PSNR"))
