@@ -232,6 +232,8 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Images per encoder forward.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding images.")] = 0,
     val_split: Annotated[int, typer.Option(help="Hold out N images (deterministic) into OUT/val.")] = 0,
+    mirror: Annotated[bool, typer.Option(help="Also encode each crop's mirror image (a second view per row: "
+                                              "train-dit then draws crop or mirror every epoch).")] = False,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 (default for features) or float32.")] = "",
     interp: Annotated[str, typer.Option(help="Resize to the encoder input: bicubic (generator pipeline) or "
                                              "bilinear (VAE evaluation).")] = "bicubic",
@@ -276,7 +278,8 @@ def extract(
 
     cfg = ExtractConfig(encoder=encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
                         crop_size=crop_size, interp=interp, dtype=dtype or "float16", batch_size=batch_size,
-                        workers=workers, val_split=val_split, strict=strict, compile=compile, tf32=tf32)
+                        workers=workers, val_split=val_split, strict=strict, compile=compile, tf32=tf32,
+                        mirror=mirror)
     summary = extract_features(source, out, cfg, rt, overwrite=overwrite, class_index=class_index)
     typer.echo(f"extract: {summary['images']} images -> {', '.join(summary['stores'])} "
                f"({summary['skipped']} unreadable skipped)")
@@ -292,6 +295,9 @@ def train_vae(
                                                         "re-augmented every epoch as in the paper.")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="Encoder for --images mode.")] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local weights for --encoder.")] = None,
+    val_features: Annotated[Optional[Path], typer.Option(help="Validation feature store (ImageNet val, "
+                                                              "`extract --interp bilinear`) that picks "
+                                                              "checkpoints/best.")] = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
@@ -304,12 +310,17 @@ def train_vae(
 ):
     """Train the FlatDINO laminator (beta-VAE) on DINOv2 features.
 
-    beta defaults to 1e-6 * 512 / (T * d); validation logs Huber, KL per token and the mean cosine
-    similarity of reconstructed features, and keeps checkpoints/best by validation loss.
+    beta defaults to 1e-6 * 512 / (T * d); validation logs the Huber loss, Huber + beta * KL, KL per
+    token and the mean cosine similarity of reconstructed features, and keeps checkpoints/best by the
+    validation Huber loss alone (the authors' criterion).
     Multi-GPU: torchrun --nproc-per-node 8 -m flatdino_cli.cli train-vae ... (multi-node: add
     torchrun's --nnodes/--node-rank/--rdzv-endpoint flags).
 
-    Example: flatdino train-vae --preset vae-32x128 --features stores/in1k   (-> runs/vae-vae-32x128)
+    \b
+    Examples:
+      flatdino train-vae --preset vae-32x128 --features stores/in1k   (-> runs/vae-vae-32x128)
+      flatdino train-vae --preset vae-32x128 --images imagenet/train --encoder dinov2-b-reg4 \\
+        --val-features stores/in1k-val-bilinear --out runs/vae
     """
     from flatdino_cli import workspace as ws
     from flatdino_cli.config import load_preset
@@ -326,10 +337,11 @@ def train_vae(
     out = ws.run_dir("train-vae", out, "vae", preset, cfg)
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, features=features, images=images, encoder_name=encoder,
-                  encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume)
+                  encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume,
+                  val_features=val_features)
     if rt.is_main:
         ws.note_run(out, "vae", preset)
-        typer.echo(f"train-vae: {summary['step']} steps, best val loss {summary['best_val']:.4g} -> {out}")
+        typer.echo(f"train-vae: {summary['step']} steps, best val Huber {summary['best_val']:.4g} -> {out}")
 
 
 @command("train-dit")
@@ -648,27 +660,38 @@ def knn(
 def noise(
     vae: Annotated[Path, typer.Option(help="A train-vae run directory.")],
     features: Annotated[Path, typer.Option(help="Feature store (its first N images are used).")],
-    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder (run dir or RAE model.pt): adds PSNR.")] = None,
+    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder (run dir or RAE model.pt): adds rFID "
+                                                         "and PSNR against the original images.")] = None,
     out: AnalysisOut = Path("analysis/noise"),
     sigmas: Annotated[str, typer.Option(help="Noise levels, comma separated.")] = "0,0.2,0.4,0.6,0.8,1.0",
-    n: Annotated[int, typer.Option("--n", help="Images to average over.")] = 1000,
+    n: Annotated[Optional[int], typer.Option("--n", help="Images to average over (default: all, as the "
+                                                         "paper's validation set).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        help="clean-fid's inception-2015-12-05.pt for rFID (default: clean-fid's cache).")] = None,
     device: Device = "auto",
     precision: Precision = "auto",
 ):
-    """Robustness of the VAE decoder to Gaussian noise on the latents (the paper's Appendix B):
-    feature cosine and relative L2 vs the clean decode and vs the DINOv2 features, next to the same
-    noise put on the DINOv2 features; with --decoder also pixel PSNR. Writes OUT/noise.json, OUT/noise.png.
+    """Robustness of the VAE decoder to Gaussian noise on the latents (the paper's Appendix B): with
+    --decoder, rFID and PSNR of the decoded images against the original images per sigma (what the
+    paper reports), for noise on the latents and on the DINOv2 features; always feature cosine and
+    relative L2 vs the clean decode and vs the DINOv2 features. Writes OUT/noise.json, OUT/noise.png.
 
     Example: flatdino noise --vae runs/vae --features stores/in1k/val --decoder rae/ViTXL_n08 --out analysis/noise
     """
     from flatdino_cli.analysis.noise import run_noise
 
     r = run_noise(vae, features, out, sigmas=_analysis_numbers(sigmas, "--sigmas"), n=n, batch_size=batch_size,
-                  decoder=decoder, seed=seed, rt=_runtime(device, precision, False))
-    for s, cos in zip(r["sigmas"], r["latent"]["cosine_vs_clean"]):
-        typer.echo(f"noise: sigma {s:4.2f}  cosine vs clean decode {cos:.4f}")
+                  decoder=decoder, seed=seed, rt=_runtime(device, precision, False),
+                  inception_weights=inception_weights)
+    lat = r["latent"]
+    for i, s in enumerate(r["sigmas"]):
+        extra = "".join(f"  {name} {lat[key][i]:.4g}" for key, name in (("rfid", "rFID"), ("psnr_vs_image", "PSNR"))
+                        if lat.get(key) and lat[key][i] is not None)
+        typer.echo(f"noise: sigma {s:4.2f}{extra}  cosine vs clean decode {lat['cosine_vs_clean'][i]:.4f}")
+    for note in r["notes"]:
+        typer.echo(f"noise: {note}")
     typer.echo(f"noise: -> {out / 'noise.json'}, {out / r['figure']}")
 
 
@@ -970,7 +993,7 @@ def fid(
     \b
     Examples:
       flatdino fid runs/dit/samples/all-n50000 --ref VIRTUAL_imagenet256_labeled.npz
-      flatdino fid runs/recon-val/images --ref imagenet/val-adm256 --json
+      flatdino fid runs/recon-val/images --ref runs/recon-val/originals --json   (rFID)
     """
     import json
 

@@ -44,7 +44,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    decay_2d_only: bool = True  # weight decay only on >=2-D weights (not biases, norms, embeddings' 1-D)
+    decay_2d_only: bool = True  # weight decay only on 2-D weight matrices (not biases, norms, token/position tables)
     grad_clip: float = 0.0  # max global grad norm; 0 disables
     ema: float = 0.0  # EMA decay; 0 disables
     val_every_epochs: int = 1
@@ -78,6 +78,7 @@ class ExtractConfig:
     batch_size: int = 64
     workers: int = 0
     val_split: int = 0  # images held out into <OUT>/val (deterministic)
+    mirror: bool = False  # also encode each crop's mirror image (a second view per row, for train-dit)
     strict: bool = False  # fail on the first unreadable image instead of skipping it
     compile: bool = False
     tf32: bool = False

@@ -4,6 +4,8 @@ Sources -> `ImageList` (paths + labels) -> `ImageDataset` (never dies on one bad
 input tensors; encoder outputs go into a `Store` (DESIGN.md "Files on disk"): a memory-mapped
 `data.npy` + `labels.npy` + `paths.txt` + a per-row progress bitmap `done.npy` + `manifest.json`.
 An extract that is killed at any moment and rerun ends byte-identical to an uninterrupted one.
+A store may hold V > 1 views per row (view 0: the ADM centre crop, view 1: its mirror image); then
+data.npy is (count, V, *item_shape), `Store.data` is view 0 and `FeatureDataset` draws the views.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ __all__ = [
     "IMAGE_EXTS", "IMAGENET_MEAN", "IMAGENET_STD", "BadImage", "BadImageWarning", "ImageList", "list_images",
     "load_rgb", "adm_center_crop", "random_resized_crop_flip", "to_tensor", "resize", "normalize",
     "denormalize", "encoder_input", "EncoderTransform", "ImageDataset", "ImageBatch", "collate_images",
-    "Store", "FeatureDataset", "split_indices", "sha256_file", "hash_strings",
+    "Store", "FeatureDataset", "epoch_views", "first_view", "split_indices", "sha256_file", "hash_strings",
 ]
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
@@ -411,7 +413,7 @@ PENDING, DONE, SKIPPED = 0, 1, 2  # done.npy values
 _STORE_FILES = ("manifest.json", "data.npy", "labels.npy", "paths.txt", "done.npy")
 # what must agree for a rerun to resume an existing store instead of refusing it
 _IDENTITY_KEYS = ("format_version", "kind", "item_shape", "dtype", "count", "identity", "preprocessing",
-                  "source_hash")
+                  "source_hash", "views")
 
 
 def _jsonable(obj):
@@ -444,34 +446,48 @@ def _new_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     del m
 
 
+def first_view(data: np.ndarray) -> np.ndarray:
+    """(count, *item) of a store's data.npy: view 0 of a multi-view (count, V, P, C) array."""
+    return data[:, 0] if data.ndim == 4 else data
+
+
+def epoch_views(seed: int, epoch: int, count: int, views: int) -> np.ndarray:
+    """(count,) uint8: the view each store row shows in `epoch`, a function of (seed, epoch, row) only."""
+    return np.random.default_rng([seed, epoch]).integers(0, views, size=count, dtype=np.uint8)
+
+
 class Store:
     """Rows of encoder features or VAE latents on disk; see the module docstring and DESIGN.md.
 
-    Attributes: path, manifest, count, item_shape, dtype, data ((count, *item_shape) read-only
-    memmap), labels ((count,) int64), paths (list[str]), status ((count,) uint8: 0 pending, 1 done,
-    2 skipped = unreadable image, row left as zeros).
+    Attributes: path, manifest, count, item_shape, views, dtype, all_views ((count, *row_shape)
+    read-only memmap; row_shape = (views, *item_shape) if views > 1 else item_shape), data (view 0,
+    (count, *item_shape)), labels ((count,) int64), paths (list[str]), status ((count,) uint8:
+    0 pending, 1 done, 2 skipped = unreadable image, row left as zeros).
     """
 
     def __init__(self, path: Path, manifest: dict, writable: bool):
         self.path, self.manifest, self.writable = path, manifest, writable
         self.count = int(manifest["count"])
         self.item_shape = tuple(manifest["item_shape"])
+        self.views = int(manifest.get("views", 1))  # stores written before the view axis hold one
+        self.row_shape = (self.views, *self.item_shape) if self.views > 1 else self.item_shape
         self.dtype = np.dtype(manifest["dtype"])
         try:
-            self.data = np.load(path / "data.npy", mmap_mode="r")
+            self.all_views = np.load(path / "data.npy", mmap_mode="r")
             self.labels = np.load(path / "labels.npy")
             self.status = np.array(np.load(path / "done.npy", mmap_mode="r"))
             self.paths = (path / "paths.txt").read_text().split("\n")[:-1]  # not splitlines: \r is legal in names
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: store files are damaged ({e}); rerun with --overwrite") from None
-        if (self.data.shape != (self.count, *self.item_shape) or self.data.dtype != self.dtype
+        if (self.all_views.shape != (self.count, *self.row_shape) or self.all_views.dtype != self.dtype
                 or self.labels.shape != (self.count,) or self.status.shape != (self.count,)
                 or len(self.paths) != self.count):
             raise UserError(f"{path}: store files disagree with manifest.json; rerun with --overwrite")
-        self._row_bytes = self.dtype.itemsize * int(np.prod(self.item_shape))
+        self.data = first_view(self.all_views)
+        self._row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape))
         self._data_fd = self._done_fd = None
         if writable:
-            self._data_offset = self.data.offset
+            self._data_offset = self.all_views.offset
             self._done_offset = np.load(path / "done.npy", mmap_mode="r").offset
             self._data_fd = os.open(path / "data.npy", os.O_RDWR)
             self._done_fd = os.open(path / "done.npy", os.O_RDWR)
@@ -480,8 +496,9 @@ class Store:
     @classmethod
     def create(cls, path: str | Path, kind: str, item_shape: Sequence[int], count: int, dtype: str,
                identity: dict, preprocessing: dict, paths: Sequence[str], labels: Sequence[int],
-               extra: dict | None = None, overwrite: bool = False) -> "Store":
+               extra: dict | None = None, overwrite: bool = False, views: int = 1) -> "Store":
         """A writable store at `path`: a new one, or the existing one (resumed) if its manifest agrees.
+        views > 1: each row holds that many views of its image (rows of shape (views, *item_shape)).
 
         A disagreeing existing store is refused with a UserError unless overwrite=True, which
         replaces the store's own files (nothing else in the folder is touched).
@@ -499,14 +516,14 @@ class Store:
             "format_version": FORMAT_VERSION, "kind": kind, "item_shape": list(item_shape), "dtype": dtype,
             "count": count, "identity": identity, "preprocessing": preprocessing,
             "source_hash": _source_hash(paths, labels), "complete": False, "skipped": [], "skipped_count": 0,
-            "extra": extra or {},
+            "extra": extra or {}, "views": views,
         })
         if path.exists() and not path.is_dir():
             raise UserError(f"{path} is a file; a store is a folder: choose another --out")
         mf = path / "manifest.json"
         if mf.exists() and not overwrite:
             have = cls._read_manifest(path)
-            diffs = [d for k in _IDENTITY_KEYS for d in _diff(have.get(k), manifest[k], k)]
+            diffs = [d for k in _IDENTITY_KEYS for d in _diff({"views": 1, **have}.get(k), manifest[k], k)]
             if diffs:
                 raise UserError(f"{path}: an existing store differs in {'; '.join(diffs)}; pass --overwrite "
                                 f"to replace it (or choose another --out)")
@@ -521,7 +538,7 @@ class Store:
         atomic_write_bytes(path / "labels.npy", buf.getvalue())
         atomic_write_text(path / "paths.txt", "".join(f"{p}\n" for p in paths))
         # open_memmap sizes the files sparsely: untouched rows read as zeros, which is what skipped rows hold
-        _new_npy(path / "data.npy", np.dtype(dtype), (count, *item_shape))
+        _new_npy(path / "data.npy", np.dtype(dtype), (count, *((views,) if views > 1 else ()), *item_shape))
         _new_npy(path / "done.npy", np.dtype(np.uint8), (count,))
         atomic_write_json(mf, manifest)  # last: its presence means the files above are complete
         return cls(path, manifest, writable=True)
@@ -559,7 +576,7 @@ class Store:
             raise RuntimeError(f"{self.path}: store opened read-only")
 
     def write_rows(self, indices, array) -> None:
-        """Write rows `indices` (any order, unique) from `array` (len(indices), *item_shape), cast to
+        """Write rows `indices` (any order, unique) from `array` (len(indices), *row_shape), cast to
         the store dtype. Raises ValueError on non-finite values (e.g. float16 overflow)."""
         self._need_writable()
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -567,8 +584,8 @@ class Store:
             array = array.detach().to(getattr(torch, self.dtype.name)).cpu().numpy()
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught (and refused) below
             arr = np.asarray(array).astype(self.dtype, copy=False)
-        if arr.shape != (len(idx), *self.item_shape):
-            raise ValueError(f"rows have shape {arr.shape}, expected {(len(idx), *self.item_shape)}")
+        if arr.shape != (len(idx), *self.row_shape):
+            raise ValueError(f"rows have shape {arr.shape}, expected {(len(idx), *self.row_shape)}")
         if len(idx) == 0:
             return
         order = np.argsort(idx, kind="stable")
@@ -599,7 +616,7 @@ class Store:
         """Rows whose input could not be read: filled with zeros and flagged 2 (kept out of training)."""
         idx = np.unique(np.asarray(indices, dtype=np.int64).reshape(-1))
         if len(idx):
-            self.write_rows(idx, np.zeros((len(idx), *self.item_shape), self.dtype))
+            self.write_rows(idx, np.zeros((len(idx), *self.row_shape), self.dtype))
             self.mark_done(idx, SKIPPED)
 
     def pending(self) -> np.ndarray:
@@ -656,15 +673,24 @@ class Store:
 class FeatureDataset(Dataset):
     """Items ((*item_shape) float32 tensor, label) over store rows; skipped rows are left out.
 
-    Holds the store's path, not its memmap, so it pickles cheaply into DataLoader workers.
+    Of a multi-view store: view 0 (the centre crop), or with `view_seed` the view drawn for each row
+    by `epoch_views(view_seed, epoch, ...)` after `set_epoch(epoch)`; `all_views=True` gives whole
+    rows (*row_shape). Holds the store's path, not its memmap, so it pickles cheaply into workers.
     """
 
-    def __init__(self, store: Store, indices: Sequence[int] | None = None):
+    def __init__(self, store: Store, indices: Sequence[int] | None = None, view_seed: int | None = None,
+                 all_views: bool = False):
         idx = store.valid_indices() if indices is None else np.asarray(indices, dtype=np.int64)
         self.indices = idx[store.status[idx] == DONE]
         self.labels = store.labels[self.indices]
         self.data_path = store.path / "data.npy"
+        self.count, self.views, self.view_seed, self.all_views = store.count, store.views, view_seed, all_views
+        self.row_views: np.ndarray | None = None  # (count,) view per store row this epoch
         self._data = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.view_seed is not None and self.views > 1:
+            self.row_views = epoch_views(self.view_seed, epoch, self.count, self.views)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -672,7 +698,10 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self._data is None:
             self._data = np.load(self.data_path, mmap_mode="r")
-        row = np.array(self._data[self.indices[i]], dtype=np.float32)  # a writable copy
+        r = self.indices[i]
+        if self.views > 1 and not self.all_views:
+            r = (r, 0 if self.row_views is None else int(self.row_views[r]))
+        row = np.array(self._data[r], dtype=np.float32)  # a writable copy
         return torch.from_numpy(row), int(self.labels[i])
 
     def __getstate__(self):

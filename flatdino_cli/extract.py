@@ -60,14 +60,19 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
         train_idx, val_idx = split_indices(len(images), cfg.val_split, seed=0)
         parts = [(Path(out), images.subset(train_idx)), (Path(out) / "val", images.subset(val_idx))]
     summary = {"stores": [], "skipped": 0, "images": len(images)}
+
+    def encode(x):  # uint8 crops (B, 3, c, c) -> (B, P, C), or (B, 2, P, C) with the mirror image's features
+        feats = forward(transform.finish(x))
+        return torch.stack([feats, forward(transform.finish(x.flip(-1)))], 1) if cfg.mirror else feats
+
     for path, subset in parts:
         store = Store.create(path, "features", (encoder.num_patches, encoder.dim), len(subset), cfg.dtype,
                              identity=encoder_identity(encoder, cfg), preprocessing=transform.spec(),
                              paths=subset.paths, labels=subset.labels,
                              extra={"class_names": subset.class_names, "source": subset.source},
-                             overwrite=overwrite)
+                             overwrite=overwrite, views=2 if cfg.mirror else 1)
         dataset = ImageDataset(subset, transform.pixels, strict=cfg.strict)  # uint8 crops
-        _fill(store, dataset, lambda x: forward(transform.finish(x)), cfg, rt, desc=f"extract {path.name}")
+        _fill(store, dataset, encode, cfg, rt, desc=f"extract {path.name}")
         store.finalize()
         summary["stores"].append(str(path))
         summary["skipped"] += int(store.manifest["skipped_count"])
@@ -106,10 +111,11 @@ def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtim
 
 
 class _RowDataset(Dataset):
-    """Feature-store rows as ImageDataset-shaped items (index, tensor, label) for the chunked filler."""
+    """Feature-store rows (all their views) as ImageDataset-shaped items (index, tensor, label) for the
+    chunked filler."""
 
     def __init__(self, store: Store):
-        self.inner = FeatureDataset(store, np.arange(store.count))
+        self.inner = FeatureDataset(store, np.arange(store.count), all_views=True)
         self.status = store.status
 
     def __len__(self):
@@ -152,12 +158,13 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
                                  preprocessing=src.manifest["preprocessing"], paths=src.paths,
                                  labels=src.labels.tolist(),
                                  extra={**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]},
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, views=src.views)
 
-        def encode(x):
+        def encode(x, views=src.views):  # (B, P, C) or (B, V, P, C): every view is encoded
             with rt.autocast():
-                mu = vae.encode(x)[0]
-                return (vae.decode(mu) if decoded else mu).float()
+                mu = vae.encode(x.flatten(0, 1) if views > 1 else x)[0]
+                out = (vae.decode(mu) if decoded else mu).float()
+            return out.unflatten(0, (x.shape[0], views)) if views > 1 else out
 
         _fill(dst_store, _RowDataset(src), encode, cfg, rt, desc=f"latents {dst.name}")
         dst_store.finalize()

@@ -1,8 +1,10 @@
 """`flatdino reconstruct` and the image metrics every command shares (PSNR, SSIM).
 
 images -> frozen encoder -> VAE mu (first K tokens kept, the rest zeroed) -> VAE decoder -> pixel
-decoder. Writes OUT/images/<i>.png (for rFID with `flatdino fid`), original | reconstruction grids
-and reconstruct.json with per-image PSNR, SSIM and feature cosine.
+decoder. Writes OUT/images/<i>.png, the ADM-cropped originals they are compared with as
+OUT/originals/<i>.png (same names, same size, whatever the source files' sizes and colour modes), so
+rFID is `flatdino fid OUT/images --ref OUT/originals` (the authors' rfid_adm protocol), original |
+reconstruction grids, and reconstruct.json with per-image PSNR, SSIM and feature cosine.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path
                     tokens: int | None = None, encoder: str | None = None, encoder_weights: str | None = None,
                     n: int | None = None, batch_size: int = 16, rt: Runtime = CPU, progress: bool = True) -> dict:
     """images -> encoder -> VAE mu (first `tokens` kept) -> VAE decoder -> pixel decoder. Writes
-    OUT/images/<i>.png (reconstructions, for rFID), OUT/grid_<j>.png (original | reconstruction pairs)
+    OUT/images/<i>.png (reconstructions) and OUT/originals/<i>.png (their ADM-cropped originals: rFID
+    is `fid OUT/images --ref OUT/originals`), OUT/grid_<j>.png (original | reconstruction pairs)
     and OUT/reconstruct.json (per-image PSNR, SSIM, feature cosine + means); returns the JSON's content."""
     from flatdino_cli.data import BadImage, EncoderTransform, adm_center_crop, list_images, load_rgb
     from flatdino_cli.encoders import load_encoder
@@ -157,6 +160,7 @@ def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path
         cos = F.cosine_similarity(rec_feats, feats.float(), dim=-1).mean(1).tolist()  # (B,) mean over patches
         for k, (i, _) in enumerate(batch):
             save_png(recon[k], out / "images" / f"{i:06d}.png")
+            save_png(orig[k], out / "originals" / f"{i:06d}.png")
             rows.append({"index": i, "path": paths[i], "psnr": min(p[k], PSNR_CAP), "ssim": s[k],
                          "feature_cosine": cos[k]})
             pairs += [orig[k], recon[k]]

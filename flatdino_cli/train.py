@@ -59,6 +59,7 @@ class Task:
     val_set: Dataset | None = None
     val_fn: Callable[[nn.Module, Iterable, Runtime], dict[str, float]] | None = None  # needs "loss"
     collate_fn: Callable | None = None
+    val_collate_fn: Callable | None = None  # None: collate_fn
     aux: dict[str, Any] = field(default_factory=dict)  # extra state_dict() objects saved in state.pt
     # after each step; returns the path of an image it wrote (a sample grid), logged to the trackers
     on_step: Callable[[int, nn.Module, nn.Module | None], Path | None] | None = None
@@ -93,12 +94,13 @@ def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> floa
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_2d_only: bool) -> list[dict]:
-    """Weight decay on >=2-D weights only (biases, norm scales and 1-D tables are not decayed)."""
+    """decay_2d_only: weight decay on 2-D weight matrices only, the authors' `ndim == 2` rule. Biases,
+    norm scales, and the (1, T, W) learned query tokens and position tables are not decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not decay_2d_only:
         return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if p.dim() == 2]
+    rest = [p for p in params if p.dim() != 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -367,6 +369,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
     while step < total:
         epoch, pos = divmod(step, spe)
         batches = EpochBatches(n, cfg.batch_size, micro, cfg.seed, epoch, pos, rt.rank, rt.world_size)
+        if hasattr(task.train_set, "set_epoch"):  # per-epoch draws (e.g. each row's view) follow (seed, epoch)
+            task.train_set.set_epoch(epoch)
         loader = DataLoader(task.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
                             collate_fn=task.collate_fn, pin_memory=rt.pin_memory,
                             persistent_workers=False)
@@ -418,7 +422,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
                 if written is not None:
                     log.image(written, step)
             epoch_end = step % spe == 0
-            if epoch_end and task.val_fn is not None and task.val_set is not None:
+            if epoch_end and task.val_fn is not None and task.val_set is not None and len(task.val_set):
                 ep = step // spe
                 if ep % max(1, cfg.val_every_epochs) == 0 or step == total:
                     val = _validate(task, model, rt)
@@ -442,7 +446,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
 def _validate(task: Task, model: nn.Module, rt: Runtime) -> dict[str, float]:
     was = model.training
     model.eval()
-    loader = DataLoader(task.val_set, batch_size=256, shuffle=False, collate_fn=task.collate_fn)
+    loader = DataLoader(task.val_set, batch_size=256, shuffle=False, collate_fn=task.val_collate_fn or task.collate_fn)
     batches = (_to_device(b, rt) for b in loader)
     with rt.autocast():
         out = task.val_fn(model, batches, rt)

@@ -22,7 +22,7 @@ def test_every_preset_resolves():
 def test_base_preset_inheritance_and_beta():
     cfg = load_preset("vae-16x64")
     assert (cfg.model.tokens, cfg.model.latent_dim) == (16, 64)
-    assert cfg.model.dec_width == 1024 and cfg.train.epochs == 150  # inherited from vae-32x128
+    assert cfg.model.dec_width == 1024 and cfg.train.lr == 1e-4  # inherited from vae-32x128
     assert load_preset("vae-32x128").beta() == pytest.approx(1.25e-7)
     assert cfg.beta() == pytest.approx(1e-6 * 512 / (16 * 64))
 

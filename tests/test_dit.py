@@ -363,7 +363,7 @@ def dit_param_formula(m) -> tuple[int, int]:
 
 @pytest.mark.parametrize("preset, trainable, frozen", [
     ("xl-32x128", 675_478_016, 37_120),
-    ("dh-xl-32x128", 835_021_268, 37_120),
+    ("dh-xl-32x128", 835_058_132, 256),  # learned positions (32 x 1152 trainable), as the authors' DiT-DH
     ("rae-xl-256x768", 676_953_216, 295_168),
     ("rae-dh-xl-256x768", 838_380_628, 295_168),  # RAE's paper: DiT-DH-XL 839M
 ])

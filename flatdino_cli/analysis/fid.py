@@ -100,7 +100,9 @@ class Source:
                     for f, im in zip(self.files[i:], imgs):
                         if im.shape != self.shape:
                             raise UserError(f"{f}: {im.shape[1]}x{im.shape[0]} but {self.files[0]} is "
-                                            f"{self.shape[1]}x{self.shape[0]}; give all images one size (ADM crop)")
+                                            f"{self.shape[1]}x{self.shape[0]}; give all images one size (for rFID "
+                                            f"use the ADM-cropped originals `flatdino reconstruct` writes to "
+                                            f"OUT/originals)")
                     yield np.stack(imgs)
             return
         with zipfile.ZipFile(self.path) as z, z.open("arr_0.npy") as f:

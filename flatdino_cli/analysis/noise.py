@@ -7,8 +7,11 @@ the curves are smooth in sigma) is decoded and compared with
   (sigma = 0 gives exactly 1 and 0),
 - the true DINOv2 features x: the same two numbers (sigma = 0 is the VAE's reconstruction quality).
 The paper's reference point, the same noise added to the DINOv2 features themselves (x + sigma * eps),
-is measured alongside. With a pixel decoder, PSNR of the decoded images against the clean-path images
-and, where the store's source images are readable, against the images themselves.
+is measured alongside. With a pixel decoder, what the authors' noise_levels.py reports: rFID (TF
+Inception, the same extractor and Frechet distance as `flatdino fid`) and PSNR of the decoded images
+against the ADM-cropped original images, per sigma and for both noise paths; and PSNR against the
+clean-path images. rFID needs Inception weights (--inception-weights or clean-fid's cache) and
+readable source images; without them it is left out with a note.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from flatdino_cli.analysis.common import CPU, first_rows, iter_rows, load_vae, store_image, write_json
+from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.data import Store
+from flatdino_cli.errors import UserError
 from flatdino_cli.reconstruct import PSNR_CAP, psnr
 from flatdino_cli.runtime import Runtime
+from flatdino_cli.viz import to_uint8
 
 __all__ = ["SIGMAS", "feature_metrics", "psnr", "run_noise"]
 
@@ -37,6 +43,36 @@ def feature_metrics(a: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, t
     cos = F.cosine_similarity(a, ref, dim=-1).mean(1)
     rel = (a - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
     return cos, rel
+
+
+class _Moments:
+    """Streamed mean and covariance (N - 1 denominator, as np.cov) of Inception pool features."""
+
+    def __init__(self):
+        self.n, self.s, self.s2 = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.astype(np.float64)  # (B, D)
+        self.n, self.s, self.s2 = self.n + len(x), self.s + x.sum(0), self.s2 + x.T @ x
+
+    def gaussian(self) -> Gaussian:
+        mu = self.s / self.n
+        return Gaussian(mu, sigma=(self.s2 - self.n * np.outer(mu, mu)) / (self.n - 1))
+
+
+def _inception(inception_weights, device) -> tuple[object | None, str | None]:
+    """(extractor, None), or (None, why rFID is left out) when no weights file is found."""
+    from flatdino_cli.analysis.fid import find_inception_weights
+
+    try:
+        path = find_inception_weights(inception_weights)
+    except UserError as e:
+        if inception_weights is not None:
+            raise
+        return None, f"rfid omitted: {e}"
+    from flatdino_cli.analysis.inception import load_inception
+
+    return load_inception(path, device), None
 
 
 class _Means:
@@ -56,10 +92,12 @@ class _Means:
 
 
 def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas: Sequence[float] = SIGMAS,
-              n: int = 1000, batch_size: int = 64, decoder: str | Path | None = None, seed: int = 0,
-              rt: Runtime | None = None, progress: bool = True) -> dict:
-    """Latent-noise robustness over the first n images of a feature store; writes noise.json and
-    noise.png into `out` and returns the JSON's content."""
+              n: int | None = 1000, batch_size: int = 64, decoder: str | Path | None = None, seed: int = 0,
+              rt: Runtime | None = None, progress: bool = True, inception_weights: str | Path | None = None,
+              extractor=None) -> dict:
+    """Latent-noise robustness over the first n images (None: all) of a feature store; writes
+    noise.json and noise.png into `out` and returns the JSON's content. `extractor` (default: TF
+    Inception) gives the rFID features."""
     rt = rt or CPU
     out = Path(out)
     store = Store.open(features, expect_kind="features")
@@ -71,6 +109,11 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
 
         pix = load_decoder(decoder, device=rt.device)
         check_features(pix, *store.item_shape, what=f"the features of {features}")
+    notes: list[str] = []
+    if pix is not None and extractor is None:
+        extractor, why = _inception(inception_weights, rt.device)
+        notes += [why] if why else []
+    moments: dict[tuple[str, int], _Moments] = defaultdict(_Moments)  # ("real" | path, sigma index)
     gen = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
     means = _Means()
     mu_sq = mu_n = 0.0
@@ -92,6 +135,8 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
             ok = torch.tensor([im is not None for im in imgs], device=rt.device)
             real = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() if im is not None
                                 else torch.zeros(3, S, S) for im in imgs]).to(rt.device)  # (B, 3, S, S)
+            if extractor is not None and ok.any():
+                moments[("real", 0)].add(extractor(to_uint8(real[ok]))["pool"])
         for s, sigma in enumerate(sigmas):
             rec = run(vae.decode, mu + sigma * eps_z)
             xs = x + sigma * eps_x
@@ -106,6 +151,8 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
                     means.add((path, "psnr_vs_clean", s), psnr(img, ref).clamp_max(PSNR_CAP))
                     if ok.any():
                         means.add((path, "psnr_vs_image", s), psnr(img[ok], real[ok]).clamp_max(PSNR_CAP))
+                        if extractor is not None:
+                            moments[(path, s)].add(extractor(to_uint8(img[ok]))["pool"])
     result = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": sha,
               "features": str(Path(features).resolve()), "features_manifest_sha256": store.manifest_hash(),
               "decoder": str(Path(decoder).resolve()) if decoder is not None else None,
@@ -113,6 +160,16 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
               "latent_rms": (mu_sq / max(mu_n, 1)) ** 0.5,
               "latent": means.table("latent", sigmas), "features_noise": means.table("features", sigmas),
               "figure": "noise.png"}
+    if extractor is not None:
+        real = moments[("real", 0)]
+        if real.n < 2:
+            notes.append("rfid omitted: fewer than 2 readable source images")
+        else:
+            ref = real.gaussian()
+            for path, key in (("latent", "latent"), ("features", "features_noise")):
+                result[key]["rfid"] = [frechet_distance(moments[(path, s)].gaussian(), ref) for s in range(len(sigmas))]
+            result["rfid_images"], result["rfid_features"] = real.n, extractor.name
+    result["notes"] = notes
     out.mkdir(parents=True, exist_ok=True)
     _plot(result, out / "noise.png")
     write_json(out / "noise.json", result)
@@ -122,9 +179,10 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
 def _plot(r: dict, path: Path) -> None:
     from flatdino_cli import viz
 
-    has_pix = "psnr_vs_clean" in r["latent"]
-    fig = viz.new_figure(4.2 * (3 if has_pix else 2), 3.8)
-    axes = fig.subplots(1, 3 if has_pix else 2)
+    has_pix, has_fid = "psnr_vs_clean" in r["latent"], "rfid" in r["latent"]
+    panels = 2 + has_pix + has_fid
+    fig = viz.new_figure(4.2 * panels, 3.8)
+    axes = fig.subplots(1, panels)
     sig, lat, feat = r["sigmas"], r["latent"], r["features_noise"]
     series = [("latent noise, vs clean decode", lat, "clean", "-", "C0"),
               ("latent noise, vs DINOv2 features", lat, "features", "-.", "C1"),
@@ -142,5 +200,9 @@ def _plot(r: dict, path: Path) -> None:
                     capped = np.minimum(np.asarray(table[key], dtype=float), 60.0)
                     viz.curve(axes[2], sig, capped, f"{label}, {ref_label}", marker=mk, linestyle=ls, color=colour)
         viz.style_axes(axes[2], "noise σ", "PSNR (dB, capped at 60)")
+    if has_fid:  # what the paper plots: rFID against the original images
+        for label, table, colour in (("latent noise", lat, "C0"), ("noise on DINOv2 features", feat, "C2")):
+            viz.curve(axes[-1], sig, table["rfid"], label, marker="o", color=colour)
+        viz.style_axes(axes[-1], "noise σ", "rFID vs original images")
     fig.suptitle(f"Robustness to Gaussian noise ({r['n_images']} images; latent RMS {r['latent_rms']:.3g})")
     viz.save_figure(fig, path)

@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from flatdino_cli.config import DecoderLossConfig, DecoderStageConfig
-from flatdino_cli.data import (BadImage, BadImageWarning, ImageList, Store, adm_center_crop, list_images, load_rgb,
-                               normalize, resize, split_indices, to_tensor)
+from flatdino_cli.data import (BadImage, BadImageWarning, ImageList, Store, adm_center_crop, first_view, list_images,
+                               load_rgb, normalize, resize, split_indices, to_tensor)
 from flatdino_cli.errors import UserError
 from flatdino_cli.losses import adaptive_weight, build_discriminator, diff_augment, generator_loss, hinge_d_loss
 from flatdino_cli.models import build_model
@@ -81,7 +81,7 @@ class DecoderItems(Dataset):
         target = resize(pixels, self.out_size, "bicubic").clamp(0, 1)  # (3, S, S)
         if self.store_data is not None:
             if self._data is None:
-                self._data = np.load(self.store_data, mmap_mode="r")
+                self._data = first_view(np.load(self.store_data, mmap_mode="r"))
             return target, torch.from_numpy(np.array(self._data[self.rows[i]], dtype=np.float32))  # (P, C)
         return target, normalize(resize(pixels, self.enc_size, self.interp))  # (3, E, E)
 

@@ -43,16 +43,18 @@ class LatentStats(nn.Module):
 
 
 def compute_stats(store: Store, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact per-position mean and population variance over the store's valid rows (float64 sums)."""
+    """Exact per-position mean and population variance over the store's valid rows, every view of
+    them (the data trained on), with float64 sums."""
     idx = store.valid_indices()
     s = np.zeros(store.item_shape, np.float64)
     s2 = np.zeros(store.item_shape, np.float64)
     for lo in tqdm(range(0, len(idx), batch), desc="compute-stats", unit="batch"):
-        x = np.asarray(store.data[idx[lo: lo + batch]], dtype=np.float64)
+        x = np.asarray(store.all_views[idx[lo: lo + batch]], dtype=np.float64).reshape(-1, *store.item_shape)
         s += x.sum(0)
         s2 += np.square(x).sum(0)
-    mean = s / len(idx)
-    var = np.maximum(s2 / len(idx) - mean**2, 0.0)
+    n = len(idx) * store.views
+    mean = s / n
+    var = np.maximum(s2 / n - mean**2, 0.0)
     return torch.from_numpy(mean).float(), torch.from_numpy(var).float()
 
 
@@ -92,6 +94,9 @@ class LabelledRows(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
 
     def __getitem__(self, i):
         x, y = self.inner[i]
@@ -133,6 +138,10 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
 
     inputs = {"latents": {"path": str(Path(latents).resolve()), "manifest_sha256": store.manifest_hash(),
                           "kind": store.manifest["kind"], "identity": store.manifest["identity"]}}
-    task = Task(model=model, train_set=LabelledRows(FeatureDataset(store), cfg.model.num_classes), loss_fn=loss_fn,
+    if store.views == 1 and rt.is_main:
+        tqdm.write(f"train-dit: {latents} holds one view per image, so no mirror images are trained on "
+                   "(re-extract the features with --mirror, then the latents, for the paper's flips)")
+    rows = FeatureDataset(store, view_seed=cfg.train.seed)  # crop or mirror, drawn per (seed, epoch, row)
+    task = Task(model=model, train_set=LabelledRows(rows, cfg.model.num_classes), loss_fn=loss_fn,
                 config=cfg, inputs=inputs, on_step=on_step)
     return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit")

@@ -4,6 +4,10 @@ Store mode (default) reads fixed features: fast, no encoder at train time, but e
 same crop of each image. Image mode (`--images DIR --encoder NAME`) runs the frozen encoder on a
 fresh RandomResizedCrop(scale 0.3-1) + flip of every image each epoch, as the paper does: better
 augmentation, at the price of one encoder forward per sample per step.
+
+Validation (`--val-features STORE`: ImageNet val, extracted with `--interp bilinear` as the authors
+evaluate; else the store's val/ split or a hold-out of train) keeps checkpoints/best by the Huber
+reconstruction loss alone, the authors' criterion; beta * KL is logged beside it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from flatdino_cli.config import VAEStageConfig
 from flatdino_cli.data import EncoderTransform, FeatureDataset, ImageDataset, Store, collate_images, list_images, split_indices
@@ -30,31 +35,46 @@ def _with_store_shape(cfg: VAEStageConfig, store: Store) -> VAEStageConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_patches=P, feature_dim=C))
 
 
-def feature_splits(features: str | Path, val_count: int, seed: int) -> tuple[FeatureDataset, FeatureDataset, Store]:
-    """Train/val datasets: the store's own val/ split if it has one, else `val_count` held-out rows."""
+def open_val_features(path: str | Path, item_shape) -> FeatureDataset:
+    """A validation feature store (--val-features), checked to hold features of the training shape."""
+    store = Store.open(path, expect_kind="features")
+    if tuple(store.item_shape) != tuple(item_shape):
+        raise UserError(f"--val-features {path}: features of shape {tuple(store.item_shape)}, the training "
+                        f"features are {tuple(item_shape)}; extract it with the same --encoder")
+    return FeatureDataset(store)
+
+
+def feature_splits(features: str | Path, val_count: int, seed: int,
+                   val_features: str | Path | None = None) -> tuple[FeatureDataset, FeatureDataset, Store]:
+    """Train/val datasets: `val_features` if given (all of the store trains), else the store's own val/
+    split if it has one, else `val_count` held-out rows. Training rows of a store with mirror views
+    show crop or mirror, drawn per (seed, epoch, row); validation uses the crop."""
     store = Store.open(features, expect_kind="features")
+    if val_features is not None:
+        return FeatureDataset(store, view_seed=seed), open_val_features(val_features, store.item_shape), store
     val_dir = Path(features) / "val"
     if (val_dir / "manifest.json").exists():
         val_store = Store.open(val_dir, expect_kind="features")
-        return FeatureDataset(store), FeatureDataset(val_store), store
+        return FeatureDataset(store, view_seed=seed), FeatureDataset(val_store), store
     valid = store.valid_indices()
     n_val = min(val_count, len(valid) // 10)
     tr, va = split_indices(len(valid), n_val, seed)
-    return FeatureDataset(store, valid[tr]), FeatureDataset(store, valid[va]), store
+    return FeatureDataset(store, valid[tr], view_seed=seed), FeatureDataset(store, valid[va]), store
 
 
 def _val_fn(cfg: VAEStageConfig):
     beta = cfg.beta()
 
     def run(model: nn.Module, batches, rt: Runtime) -> dict[str, float]:
-        tot = {"loss": 0.0, "huber": 0.0, "kl_per_token": 0.0, "cosine": 0.0}
+        # "loss" (what checkpoints/best follows) is the Huber reconstruction alone; + beta * KL beside it
+        tot = {"loss": 0.0, "loss_with_kl": 0.0, "kl_per_token": 0.0, "cosine": 0.0}
         n = 0
         for feats, _ in batches:
             recon, mu, logvar = model(feats)  # eval mode: z = mu
             loss, st = vae_loss(recon, feats, mu, logvar, beta, "huber", cfg.loss.huber_delta, cfg.loss.free_bits)
             b = feats.shape[0]
-            tot["loss"] += loss.item() * b
-            tot["huber"] += st["recon"].item() * b
+            tot["loss"] += st["recon"].item() * b
+            tot["loss_with_kl"] += loss.item() * b
             tot["kl_per_token"] += st["kl_per_token"].item() * b
             tot["cosine"] += feature_cosine(recon, feats).item() * b
             n += b
@@ -65,11 +85,14 @@ def _val_fn(cfg: VAEStageConfig):
 
 def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path | None = None,
               images: str | Path | None = None, encoder_name: str | None = None, encoder_weights: str | None = None,
-              resume: bool = True) -> dict:
+              resume: bool = True, val_features: str | Path | None = None) -> dict:
     beta = cfg.beta()
     inputs: dict = {}
+    if val_features is not None:
+        inputs["val_features"] = {"path": str(Path(val_features).resolve()),
+                                  "manifest_sha256": Store.open(val_features).manifest_hash()}
     if features is not None:
-        train_set, val_set, store = feature_splits(features, cfg.val_count, cfg.train.seed)
+        train_set, val_set, store = feature_splits(features, cfg.val_count, cfg.train.seed, val_features)
         cfg = _with_store_shape(cfg, store)
         inputs["features"] = {"path": str(Path(features).resolve()), "manifest_sha256": store.manifest_hash()}
         encode = None
@@ -79,11 +102,13 @@ def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path 
         enc = load_encoder(encoder_name, encoder_weights, device=rt.device)
         crop = 256 if enc.spec.image_size == 224 else enc.spec.image_size
         imgs = list_images(images)
-        tr, va = split_indices(len(imgs), min(cfg.val_count, len(imgs) // 10), cfg.train.seed)
-        aug = EncoderTransform(crop, enc.spec.image_size, "bilinear", augment=True)
-        plain = EncoderTransform(crop, enc.spec.image_size, "bilinear")
-        train_set = ImageDataset(imgs.subset(tr), aug)
-        val_set = ImageDataset(imgs.subset(va), plain)
+        aug = EncoderTransform(crop, enc.spec.image_size, "bilinear", augment=True)  # the authors' bilinear
+        if val_features is not None:  # every image trains; validation reads fixed features
+            train_set, val_set = ImageDataset(imgs, aug), open_val_features(val_features, (enc.num_patches, enc.dim))
+        else:
+            tr, va = split_indices(len(imgs), min(cfg.val_count, len(imgs) // 10), cfg.train.seed)
+            train_set = ImageDataset(imgs.subset(tr), aug)
+            val_set = ImageDataset(imgs.subset(va), EncoderTransform(crop, enc.spec.image_size, "bilinear"))
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_patches=enc.num_patches,
                                                                  feature_dim=enc.dim))
         inputs["images"] = {"path": str(Path(images).resolve()), "encoder": encoder_name,
@@ -105,11 +130,12 @@ def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path 
         return loss, st
 
     val_fn = _val_fn(cfg)
-    if encode is not None:
+    if encode is not None and val_features is None:
         base_val = val_fn
         val_fn = lambda m, batches, rt_: base_val(m, ((encode(b), None) for b in batches), rt_)  # noqa: E731
     task = Task(model=model, train_set=train_set, loss_fn=loss_fn, config=cfg, val_set=val_set, val_fn=val_fn,
-                collate_fn=None if encode is None else collate_images, inputs=inputs)
+                collate_fn=None if encode is None else collate_images, inputs=inputs,
+                val_collate_fn=default_collate if val_features is not None else None)
     return fit(task, cfg.train, out, rt, resume=resume, desc="train-vae")
 
 
