@@ -1,5 +1,9 @@
+import contextlib
 import os
+import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,9 +16,29 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None):
-    """Run `python -m flatdino_cli.cli ...` in a subprocess; returns CompletedProcess."""
-    import subprocess
+    """`flatdino ...` in this process (Typer's runner: no interpreter and torch start-up per call);
+    returns a CompletedProcess (returncode, stdout, stderr kept apart). `env` is set for the call
+    only; `timeout` is for run_cli_process's signature (an in-process call cannot be cut short).
+    Use run_cli_process where a real process is the point (kill, torchrun, concurrency)."""
+    from typer.testing import CliRunner
 
+    from flatdino_cli.cli import app
+
+    argv = [str(a) for a in args]
+    with contextlib.chdir(ROOT), warnings.catch_warnings():
+        warnings.simplefilter("default")  # a warning seen by an earlier test is shown again, as in a fresh process
+        r = CliRunner().invoke(app, argv, env={k: str(v) for k, v in (env or {}).items()}, catch_exceptions=True)
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):  # what python would print
+        stderr += "".join(traceback.format_exception(r.exception))
+    p = subprocess.CompletedProcess(["flatdino", *argv], r.exit_code, r.stdout, stderr)
+    if check and p.returncode != 0:
+        raise AssertionError(f"flatdino {' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def run_cli_process(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None):
+    """Run `python -m flatdino_cli.cli ...` in a subprocess; returns CompletedProcess."""
     e = dict(os.environ)
     e.setdefault("OMP_NUM_THREADS", "2")
     if env:
