@@ -53,3 +53,13 @@ def run_cli_process(*args: str, check: bool = True, timeout: float = 600, env: d
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def toy_features(tmp_path_factory):
+    """A small toy ImageFolder (12 classes x 6) and its tiny-encoder feature store with a 12-image val
+    split, built once per session. Read-only: tests that change a store copy it first."""
+    root = tmp_path_factory.mktemp("toy_features")
+    run_cli("toy-data", root / "toy", "--per-class", "6")
+    run_cli("extract", root / "toy", root / "feats", "--encoder", "tiny", "--val-split", "12")
+    return root / "feats"
