@@ -1,6 +1,7 @@
 """ONE training loop, shared by train-vae, train-dit and train-decoder.
 
-A stage hands `fit` a `Task` (model, datasets, loss function, optional validation and extra state);
+A stage hands `fit` a `Task` (model, datasets, loss function, optional validation, extra state and
+an optional second optimizer step, `after_step`);
 the loop owns everything else: data order, gradient accumulation, DDP, autocast, AdamW, schedules,
 clipping, EMA, NaN guard, logging (tqdm + metrics.jsonl), validation, best/latest checkpoints and
 exact resume. Resume is bitwise: the data order is a function of (seed, epoch), the global RNG is
@@ -58,7 +59,10 @@ class Task:
     val_fn: Callable[[nn.Module, Iterable, Runtime], dict[str, float]] | None = None  # needs "loss"
     collate_fn: Callable | None = None
     aux: dict[str, Any] = field(default_factory=dict)  # extra state_dict() objects saved in state.pt
-    on_step: Callable[[int, nn.Module, nn.Module | None], None] | None = None  # after each step
+    on_step: Callable[[int, nn.Module, nn.Module | None], None] | None = None  # after each step, rank 0
+    # a second optimizer step (the GAN discriminator): once per optimizer step, after the model's, on
+    # every rank, outside the model's autocast and no_sync, so it is the same for any micro-batching
+    after_step: Callable[[StepInfo], dict[str, float]] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
     find_unused_parameters: bool = False
 
@@ -374,6 +378,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
                                        f"(loss={mean_loss.item()}, grad-norm={gnorm.item()}); stopped, {where}")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if task.after_step is not None:
+                torch.manual_seed(step_seed(cfg.seed, step, -1, rt.rank))  # micro index -1: any accum draws alike
+                for k, v in task.after_step(info).items():
+                    window.setdefault(k, []).append(float(v))
             if ema is not None:
                 ema_update(ema, model, cfg.ema)
             step += 1
