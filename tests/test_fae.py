@@ -84,12 +84,14 @@ def test_fae_trains_extracts_and_feeds_a_grid_dit(tmp_path, toy_features):
         mu, _ = fae.encode(torch.from_numpy(np.asarray(feats.data[:4], np.float32)))
     assert torch.allclose(torch.from_numpy(np.array(lat.data[:4])), mu, atol=1e-5)
 
-    run_cli("train-dit", "--preset", "tiny-fae-dit", "--latents", tmp_path / "lat", "--out", tmp_path / "dit",
+    # a flat-token preset: tokens, width and the 6x6 grid come from the store's manifest, not the preset
+    run_cli("train-dit", "--preset", "tiny-dit", "--latents", tmp_path / "lat", "--out", tmp_path / "dit",
             "--set", "train.max_steps=2", "--set", "train.log_every=1", "--batch-size", "8")
     log = [json.loads(ln) for ln in (tmp_path / "dit" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2] and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
     cfg, dit, _ = load_run(tmp_path / "dit", "dit")
-    assert tuple(cfg.model.grid) == (6, 6) and dit.pos_embed.shape[1] == 9  # 2x2 cells per token
+    assert (cfg.model.tokens, cfg.model.in_dim, tuple(cfg.model.grid)) == (36, 8, (6, 6))
+    assert dit.pos_embed.shape[1] == 36  # one token per grid cell (the preset's patch 1)
     with torch.no_grad():
         v = dit(mu, torch.rand(4), torch.arange(4))
     assert v.shape == mu.shape and torch.isfinite(v).all()
@@ -113,3 +115,22 @@ def test_patched_grid_dit_groups_2x2_cells_per_token():
     assert v.shape == x.shape and v.abs().sum() > 0
     with pytest.raises(UserError, match="model.patch"):
         load_preset("tiny-fae-dit", ["model.patch=4"])  # 6 is not divisible by 4
+
+
+def test_vae_validation_uses_the_presets_reconstruction_loss():
+    """FAE trains on MSE: its validation "loss" (which picks checkpoints/best) is MSE too, not Huber."""
+    from flatdino_cli.models.vae import vae_loss
+    from flatdino_cli.stages.vae import _val_fn
+
+    cfg = load_preset("tiny-fae", ["model.feature_dim=16", "model.num_patches=16", "model.dec_depth=1"])
+    assert cfg.loss.loss == "mse"
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    x = 3 * torch.randn(4, 16, 16)  # errors well above Huber's delta 1, where the two losses differ
+    with torch.no_grad():
+        out = _val_fn(cfg)(m, [(x, None)], None)
+        recon, mu, logvar = m(x)
+        mse = vae_loss(recon, x, mu, logvar, cfg.beta(), "mse")[0].item()
+        huber = vae_loss(recon, x, mu, logvar, cfg.beta(), "huber")[0].item()
+    assert out["loss"] == pytest.approx(mse, rel=1e-5) and abs(mse - huber) > 0.1 * mse
+    assert "mse" in out and "huber" not in out
