@@ -33,7 +33,7 @@ from tqdm import tqdm
 from flatdino_cli.config import TrainConfig, save_config
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.utils import atomic_write_json
+from flatdino_cli.utils import atomic_write_json, atomic_write_text
 
 LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -227,7 +227,7 @@ class MetricsLog:
         if enabled and path.exists():
             rows = [(ln, _parse(ln)) for ln in path.read_text().splitlines()]
             keep = [ln for ln, row in rows if row is not None and row.get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))  # a kill here keeps the old log
 
     def write(self, **row) -> None:
         if self.enabled:
