@@ -13,6 +13,7 @@ few points with that (binomial sd ~4.5 points): the bars keep about two of those
 measured, and the printed number says where a machine stands."""
 
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,15 +41,48 @@ def judge_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shared_inputs(tmp_path_factory):
-    """The quickstart's own first two stages (toy images, tiny-encoder feature store), run once for
-    both laminators: they do not depend on it."""
+def shared_inputs(tmp_path_factory, judge_cache):
+    """The quickstart's own first two stages (toy images, tiny-encoder feature store) and the judge,
+    made once for both laminators: none of them depends on it."""
+    from flatdino_cli.analysis.toy_classifier import cached_toy_classifier
     from flatdino_cli.quickstart import QuickstartPlan, run_quickstart
     from flatdino_cli.runtime import setup_runtime
 
     base = tmp_path_factory.mktemp("qs-inputs")
-    run_quickstart(base, setup_runtime("cpu", "auto", False), QuickstartPlan(until="extract"))
+    with one_thread():
+        run_quickstart(base, setup_runtime("cpu", "auto", False), QuickstartPlan(until="extract"))
+        cached_toy_classifier(size=QuickstartPlan.image_size, seed=QuickstartPlan.seed,
+                              cache_dir=judge_cache["XDG_CACHE_HOME"])
     return base
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The quickstart's models are tiny: a second intra-op thread buys them next to nothing, so each
+    quickstart gets one core and the two run side by side."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fae_quickstart(tmp_path_factory, shared_inputs, judge_cache):
+    """`quickstart --laminator fae` in its own process on one core, started as soon as the shared
+    inputs exist, so it runs while the flat quickstart test uses the other core (a real process is
+    the point here: concurrency). Killed at teardown if still running."""
+    out = quickstart_dir(tmp_path_factory.mktemp("qs-fae") / "qsfae", shared_inputs)
+    log = open(out.parent / "quickstart.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "flatdino_cli.cli", "quickstart", "--out", str(out),
+                          "--laminator", "fae", *TEST_SETS], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", **judge_cache))
+    yield out, p
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+    log.close()
 
 
 def quickstart_dir(path, shared):
@@ -73,11 +107,11 @@ def mean_feature_cosine(store) -> float:
     return F.cosine_similarity(val, mean.expand_as(val), dim=-1).mean().item()
 
 
-def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache, shared_inputs):
-    out = quickstart_dir(tmp_path / "qs", shared_inputs)
+def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache, shared_inputs, fae_quickstart):
+    out = quickstart_dir(tmp_path / "qs", shared_inputs)  # (fae_quickstart: runs alongside, on the other core)
     cmd = [sys.executable, "-m", "flatdino_cli.cli", "quickstart", "--out", str(out), *TEST_SETS]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, OMP_NUM_THREADS="2", **judge_cache))
+                         env=dict(os.environ, OMP_NUM_THREADS="1", **judge_cache))
     deadline = time.time() + 900
     while time.time() < deadline and not (out / "vae" / "checkpoints" / "latest").exists():  # kill during train-vae
         assert p.poll() is None, "quickstart exited early"
@@ -87,7 +121,8 @@ def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache, 
     assert not (out / ".stages" / "train-vae.json").exists()
 
     t0 = time.time()
-    r = run_cli("quickstart", "--out", out, *TEST_SETS, env=judge_cache)
+    with one_thread():
+        r = run_cli("quickstart", "--out", out, *TEST_SETS, env=judge_cache)
     log = r.stdout + r.stderr
     for stage in ("toy-data", "extract"):
         assert f"{stage}: done earlier, skipped" in log
@@ -98,7 +133,7 @@ def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache, 
           f"samples {cls['sample_accuracy']:.3f}")
     assert cls["real_test_accuracy"] >= 0.95, "the judge cannot name real images: it proves nothing"
     assert cls["sample_accuracy"] >= FLAT_SAMPLE_BAR
-    # the laminator's acceptance number, on the quickstart's own VAE run (tiny-vae preset, in full)
+    # the laminator's acceptance number, on the quickstart's own VAE run (tiny-vae, TEST_SETS epochs)
     vae_cos = last_val_cosine(out / "vae")
     mean_cos = mean_feature_cosine(out / "features")
     print(f"tiny VAE val feature cosine {vae_cos:.3f}; predict-the-mean baseline {mean_cos:.3f}")
@@ -112,10 +147,10 @@ def test_quickstart_resumes_and_samples_are_recognisable(tmp_path, judge_cache, 
     assert again["stage_minutes"] == summary["stage_minutes"] > 1 and again["minutes"] < 1
 
 
-def test_quickstart_fae_mode_samples_are_recognisable(tmp_path, judge_cache, shared_inputs):
+def test_quickstart_fae_mode_samples_are_recognisable(fae_quickstart):
     """`--laminator fae`: per-patch FAE latents, a grid DiT (2x2 cells per token), the same judge."""
-    out = quickstart_dir(tmp_path / "qsfae", shared_inputs)
-    run_cli("quickstart", "--out", out, "--laminator", "fae", *TEST_SETS, env=judge_cache)
+    out, p = fae_quickstart
+    assert p.wait(timeout=1800) == 0, (out.parent / "quickstart.log").read_text()[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     cls = next(s for s in summary["stages"] if s["stage"] == "classifier")
     vae_cos = last_val_cosine(out / "vae")
