@@ -42,18 +42,16 @@ def judge_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shared_inputs(tmp_path_factory, judge_cache):
-    """The quickstart's own first two stages (toy images, tiny-encoder feature store) and the judge,
-    made once for both laminators: none of them depends on it."""
-    from flatdino_cli.analysis.toy_classifier import cached_toy_classifier
+def shared_inputs(tmp_path_factory):
+    """The quickstart's own first two stages (toy images, tiny-encoder feature store), made once for
+    both laminators: they do not depend on it. The judge is cached by whichever quickstart reaches
+    it first (the FAE one, the shorter: it is a pure function of size and seed, so either is fine)."""
     from flatdino_cli.quickstart import QuickstartPlan, run_quickstart
     from flatdino_cli.runtime import setup_runtime
 
     base = tmp_path_factory.mktemp("qs-inputs")
     with one_thread():
         run_quickstart(base, setup_runtime("cpu", "auto", False), QuickstartPlan(until="extract"))
-        cached_toy_classifier(size=QuickstartPlan.image_size, seed=QuickstartPlan.seed,
-                              cache_dir=judge_cache["XDG_CACHE_HOME"])
     return base
 
 
