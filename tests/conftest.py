@@ -18,16 +18,23 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None):
     """`flatdino ...` in this process (Typer's runner: no interpreter and torch start-up per call);
     returns a CompletedProcess (returncode, stdout, stderr kept apart). `env` is set for the call
-    only; `timeout` is for run_cli_process's signature (an in-process call cannot be cut short).
+    only (OMP_NUM_THREADS sets torch's thread count); `timeout` is for run_cli_process's signature
+    (an in-process call cannot be cut short).
     Use run_cli_process where a real process is the point (kill, torchrun, concurrency)."""
     from typer.testing import CliRunner
 
     from flatdino_cli.cli import app
 
     argv = [str(a) for a in args]
+    env = {k: str(v) for k, v in (env or {}).items()}
+    threads = torch.get_num_threads()
     with contextlib.chdir(ROOT), warnings.catch_warnings():
         warnings.simplefilter("default")  # a warning seen by an earlier test is shown again, as in a fresh process
-        r = CliRunner().invoke(app, argv, env={k: str(v) for k, v in (env or {}).items()}, catch_exceptions=True)
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", threads)))  # what the variable does to a new process
+        try:
+            r = CliRunner().invoke(app, argv, env=env, catch_exceptions=True)
+        finally:
+            torch.set_num_threads(threads)
     stderr = r.stderr
     if r.exception is not None and not isinstance(r.exception, SystemExit):  # what python would print
         stderr += "".join(traceback.format_exception(r.exception))
