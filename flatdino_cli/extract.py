@@ -7,6 +7,7 @@ with the same batch composition, and ends byte-identical to an uninterrupted run
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -69,7 +70,8 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
         store = Store.create(path, "features", (encoder.num_patches, encoder.dim), len(subset), cfg.dtype,
                              identity=encoder_identity(encoder, cfg), preprocessing=transform.spec(),
                              paths=subset.paths, labels=subset.labels,
-                             extra={"class_names": subset.class_names, "source": subset.source},
+                             extra={"class_names": subset.class_names, "source": subset.source,
+                                    "grid": [math.isqrt(encoder.num_patches)] * 2},  # the encoder's square patch grid
                              overwrite=overwrite, views=2 if cfg.mirror else 1)
         dataset = ImageDataset(subset, transform.pixels, strict=cfg.strict)  # uint8 crops
         _fill(store, dataset, encode, cfg, rt, desc=f"extract {path.name}")
@@ -151,14 +153,16 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
         identity = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": ckpt_hash,
                     "features": str(src_path.resolve()), "features_manifest_sha256": src.manifest_hash()}
         kind, shape = "latents", vae_cfg.model.latent_shape
+        extra = {**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]}
         if decoded:  # still "features" of the same encoder, as far as a pixel decoder is concerned
             kind, shape = "features", tuple(src.item_shape)
             identity = {**src.manifest["identity"], "vae_reconstruction": identity}
+        else:  # train-dit reads the latents' layout from here: FAE keeps the patch grid, FlatDINO has none
+            side = math.isqrt(vae_cfg.model.num_patches)
+            extra["grid"] = [side, side] if vae_cfg.model.kind == "fae" else None
         dst_store = Store.create(dst, kind, shape, src.count, dtype, identity=identity,
                                  preprocessing=src.manifest["preprocessing"], paths=src.paths,
-                                 labels=src.labels.tolist(),
-                                 extra={**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]},
-                                 overwrite=overwrite, views=src.views)
+                                 labels=src.labels.tolist(), extra=extra, overwrite=overwrite, views=src.views)
 
         def encode(x, views=src.views):  # (B, P, C) or (B, V, P, C): every view is encoded
             with rt.autocast():

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from flatdino_cli.config import ExtractConfig, load_preset
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.utils import atomic_write_json
+from flatdino_cli.utils import atomic_write_json, atomic_write_text
 from flatdino_cli.workspace import note_run, shown
 
 
@@ -36,6 +36,7 @@ class QuickstartPlan:
     laminator: str = "flat"  # flat (FlatDINO) | fae (per-patch FAE)
     seed: int = 0
     overrides: tuple[str, ...] = ()  # "stage:key=value", e.g. "vae:train.epochs=2" (tests shorten runs)
+    until: str | None = None  # stop after this stage (tests build the toy data and features once)
 
     def sets(self, stage: str) -> list[str]:
         return [o.split(":", 1)[1] for o in self.overrides if o.startswith(stage + ":")]
@@ -75,32 +76,39 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
     vae_preset = "tiny-fae" if plan.laminator == "fae" else "tiny-vae"
     dit_preset = "tiny-fae-dit" if plan.laminator == "fae" else "tiny-dit"
 
-    _stage(out, "toy-data", lambda: _keys(write_toy_dataset(d["toy"], plan.per_class, plan.image_size, plan.seed),
-                                          "count", "classes"), log)
-    _stage(out, "extract", lambda: extract_features(
-        d["toy"], d["features"], ExtractConfig(encoder="tiny", val_split=plan.val_images, batch_size=128), rt), log)
-    _stage(out, "train-vae", lambda: _keys(train_vae(
-        load_preset(vae_preset, plan.sets("vae") + [f"train.seed={plan.seed}"]), d["vae"], rt,
-        features=d["features"]), "step", "best_val"), log)
-    _stage(out, "extract-latents", lambda: extract_latents(d["features"], d["vae"], d["latents"], rt), log)
-    _stage(out, "train-dit", lambda: _keys(train_dit(
-        load_preset(dit_preset, plan.sets("dit") + [f"train.seed={plan.seed}"]), d["dit"], rt, d["latents"]),
-        "step"), log)
-    # the pixel decoder learns from the VAE's reconstructions: the features it will decode at sampling time
-    _stage(out, "extract-decoded", lambda: extract_latents(d["features"], d["vae"], d["vae-features"], rt,
-                                                           decoded=True), log)
-    _stage(out, "train-decoder", lambda: _keys(train_decoder(
-        load_preset("tiny-decoder", plan.sets("decoder") + [f"train.seed={plan.seed}"]), d["decoder"], rt,
-        images=d["toy"], encoder_name="tiny", features=d["vae-features"]), "step", "val"), log)
-    _stage(out, "sample", lambda: _keys(run_sample(
-        d["dit"], d["vae"], d["decoder"], all_classes=True, per_class=plan.samples_per_class, seed=plan.seed,
-        out=d["samples"], batch_size=64, rt=rt), "out", "count", "grid", "npz"), log)
-    _stage(out, "reconstruct", lambda: _keys(run_reconstruct(
-        d["features"] / "val" / "paths.txt", d["vae"], d["decoder"], d["reconstruct"], n=24, rt=rt), "mean"), log)
-    _stage(out, "ablate-tokens", lambda: _keys(run_ablate(
-        d["vae"], d["features"] / "val", d["ablate"], n=plan.val_images, rt=rt), "figure", "heatmaps"), log)
-    _stage(out, "flops", lambda: _flops(out / "flops.txt"), log)
-    _stage(out, "classifier", lambda: _classify(d["samples"], plan), log)
+    stages = [
+        ("toy-data", lambda: _keys(write_toy_dataset(d["toy"], plan.per_class, plan.image_size, plan.seed),
+                                   "count", "classes")),
+        ("extract", lambda: extract_features(
+            d["toy"], d["features"], ExtractConfig(encoder="tiny", val_split=plan.val_images, batch_size=128), rt)),
+        ("train-vae", lambda: _keys(train_vae(
+            load_preset(vae_preset, plan.sets("vae") + [f"train.seed={plan.seed}"]), d["vae"], rt,
+            features=d["features"]), "step", "best_val")),
+        ("extract-latents", lambda: extract_latents(d["features"], d["vae"], d["latents"], rt)),
+        ("train-dit", lambda: _keys(train_dit(
+            load_preset(dit_preset, plan.sets("dit") + [f"train.seed={plan.seed}"]), d["dit"], rt, d["latents"]),
+            "step")),
+        # the pixel decoder learns from the VAE's reconstructions: the features it will decode at sampling time
+        ("extract-decoded", lambda: extract_latents(d["features"], d["vae"], d["vae-features"], rt, decoded=True)),
+        ("train-decoder", lambda: _keys(train_decoder(
+            load_preset("tiny-decoder", plan.sets("decoder") + [f"train.seed={plan.seed}"]), d["decoder"], rt,
+            images=d["toy"], encoder_name="tiny", features=d["vae-features"]), "step", "val")),
+        ("sample", lambda: _keys(run_sample(
+            d["dit"], d["vae"], d["decoder"], all_classes=True, per_class=plan.samples_per_class, seed=plan.seed,
+            out=d["samples"], batch_size=64, rt=rt), "out", "count", "grid", "npz")),
+        ("reconstruct", lambda: _keys(run_reconstruct(
+            d["features"] / "val" / "paths.txt", d["vae"], d["decoder"], d["reconstruct"], n=24, rt=rt), "mean")),
+        ("ablate-tokens", lambda: _keys(run_ablate(
+            d["vae"], d["features"] / "val", d["ablate"], n=plan.val_images, rt=rt), "figure", "heatmaps")),
+        ("flops", lambda: _flops(out / "flops.txt")),
+        ("classifier", lambda: _classify(d["samples"], plan)),
+    ]
+    if plan.until is not None and plan.until not in dict(stages):
+        raise ValueError(f"until={plan.until!r} is not a quickstart stage")
+    for name, fn in stages:
+        _stage(out, name, fn, log)
+        if name == plan.until:
+            break
 
     for stage, preset in (("vae", vae_preset), ("dit", dit_preset), ("decoder", "tiny-decoder")):
         note_run(d[stage], stage, preset)
@@ -127,7 +135,7 @@ def _flops(path: Path) -> dict:
     from flatdino_cli.analysis.flops import appendix_h_tables, format_table
 
     text = format_table(appendix_h_tables())
-    path.write_text(text + "\n")
+    atomic_write_text(path, text + "\n")
     return {"table": str(path)}
 
 

@@ -31,8 +31,6 @@ import importlib.util
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -48,7 +46,7 @@ from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file, sha256_strings
+from flatdino_cli.utils import atomic_write, atomic_write_bytes, atomic_write_json, sha256_file, sha256_strings
 from flatdino_cli.viz import load_png, save_grid, save_png, to_uint8
 
 __all__ = ["Pipeline", "load_pipeline", "generate", "sampler_batch", "CPU_CHUNK", "image_seed", "image_noise",
@@ -507,31 +505,24 @@ def _part_ok(path: Path, lo: int, hi: int, labels: np.ndarray, S: int) -> bool:
 def _write_npz_streamed(path: Path, parts: list[Path], count: int, S: int, labels: np.ndarray,
                         pick: dict[int, np.ndarray]) -> None:
     """ADM .npz (arr_0 uint8 (count, S, S, 3), arr_1 int64 labels) written part by part, never holding
-    more than one part in memory (50k x 256^2 x 3 is 9.8 GB); temp file + fsync + rename.
+    more than one part in memory (50k x 256^2 x 3 is 9.8 GB); written atomically (fsynced).
     Rows whose index is a key of `pick` are copied into it (the grid)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                         "fortran_order": False, "shape": (count, S, S, 3)})
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                           "fortran_order": False, "shape": (count, S, S, 3)})
                 for part in parts:
                     with np.load(part) as z:
                         arr, idx = z["arr_0"], z["indices"]
                     for k, i in enumerate(idx.tolist()):
                         if i in pick:
                             pick[i] = arr[k]
-                    f.write(np.ascontiguousarray(arr).tobytes())
-            with zf.open("arr_1.npy", "w") as f:
-                np.lib.format.write_array(f, labels.astype(np.int64))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the samples from other users of the machine
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                    out.write(np.ascontiguousarray(arr).tobytes())
+            with zf.open("arr_1.npy", "w") as out:
+                np.lib.format.write_array(out, labels.astype(np.int64))
+
+    atomic_write(path, write)
 
 
 def _grid_plan(labels: Sequence[int]) -> tuple[list[int], int]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from flatdino_cli.utils import atomic_write_bytes
 
 __all__ = ["CLASS_NAMES", "COLOUR_FAMILIES", "SHAPES", "render", "render_with_mask", "write_toy_dataset"]
 
@@ -125,14 +126,6 @@ def render(class_id: int, index: int, size: int = 48, seed: int = 0, split: str 
     return render_with_mask(class_id, index, size, seed, split)[0]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # temp file in the same folder, then rename: a kill never leaves a half-written PNG under the
-    # real name (no fsync: this guards against interruption, and the set is cheap to regenerate)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_toy_dataset(out: str | Path, per_class: int, size: int = 48, seed: int = 0,
                       split: str | None = None, progress: bool = True) -> dict:
     """Write an ImageFolder tree `out/[split/]<class_name>/<index:05d>.png`; skip files already there.
@@ -155,7 +148,7 @@ def write_toy_dataset(out: str | Path, per_class: int, size: int = 48, seed: int
             continue
         buf = io.BytesIO()
         render(c, i, size, seed, split).save(buf, format="PNG")
-        _write_atomic(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue(), durable=False)  # cheap to regenerate: no fsync
         written += 1
     return {"root": str(root), "count": len(jobs), "classes": len(CLASS_NAMES), "written": written,
             "existing": existing, "class_names": list(CLASS_NAMES)}

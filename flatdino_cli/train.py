@@ -1,6 +1,7 @@
 """ONE training loop, shared by train-vae, train-dit and train-decoder.
 
-A stage hands `fit` a `Task` (model, datasets, loss function, optional validation and extra state);
+A stage hands `fit` a `Task` (model, datasets, loss function, optional validation, extra state and
+an optional second optimizer step, `after_step`);
 the loop owns everything else: data order, gradient accumulation, DDP, autocast, AdamW, schedules,
 clipping, EMA, NaN guard, logging (tqdm + metrics.jsonl), validation, best/latest checkpoints and
 exact resume. Resume is bitwise: the data order is a function of (seed, epoch), the global RNG is
@@ -33,7 +34,7 @@ from flatdino_cli.config import TrainConfig, save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.track import open_trackers
-from flatdino_cli.utils import atomic_write_json
+from flatdino_cli.utils import atomic_write_json, atomic_write_text
 
 FINISHED_FILE = "finished.json"  # written when the loop ends: the workspace's "finished" mark
 LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
@@ -63,6 +64,9 @@ class Task:
     aux: dict[str, Any] = field(default_factory=dict)  # extra state_dict() objects saved in state.pt
     # after each step; returns the path of an image it wrote (a sample grid), logged to the trackers
     on_step: Callable[[int, nn.Module, nn.Module | None], Path | None] | None = None
+    # a second optimizer step (the GAN discriminator): once per optimizer step, after the model's, on
+    # every rank, outside the model's autocast and no_sync, so it is the same for any micro-batching
+    after_step: Callable[[StepInfo], dict[str, float]] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
     find_unused_parameters: bool = False
 
@@ -237,7 +241,7 @@ class MetricsLog:
         if enabled and path.exists():
             rows = [(ln, _parse(ln)) for ln in path.read_text().splitlines()]
             keep = [ln for ln, row in rows if row is not None and row.get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))  # a kill here keeps the old log
 
     def write(self, **row) -> None:
         if self.enabled:
@@ -403,6 +407,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
                                        f"(loss={mean_loss.item()}, grad-norm={gnorm.item()}); stopped, {where}")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if task.after_step is not None:
+                torch.manual_seed(step_seed(cfg.seed, step, -1, rt.rank))  # micro index -1: any accum draws alike
+                for k, v in task.after_step(info).items():
+                    window.setdefault(k, []).append(float(v))
             if ema is not None:
                 ema_update(ema, model, cfg.ema)
             step += 1

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from flatdino_cli.utils import atomic_write_bytes
 
 __all__ = ["to_uint8", "save_png", "load_png", "make_grid", "save_grid", "new_figure", "curve", "style_axes",
            "save_figure", "heatmap_grid"]
@@ -38,21 +38,9 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write a uint8 (H, W, 3) image: temp file + rename, so a kill never leaves half a PNG under `path`.
-
-    No fsync (thousands of small files): a power cut may lose a file, and readers re-check with load_png.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_png_bytes(image))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a uint8 (H, W, 3) image atomically; no fsync (thousands of small files: a power cut may
+    lose a file, and readers re-check with load_png)."""
+    atomic_write_bytes(Path(path), _png_bytes(image), durable=False)
 
 
 def load_png(path: str | Path) -> np.ndarray:
@@ -152,7 +140,6 @@ def style_axes(ax, xlabel: str, ylabel: str, title: str | None = None, logx: boo
 
 def save_figure(fig, path: str | Path) -> Path:
     """Tight layout, PNG written atomically at `path`."""
-    from flatdino_cli.utils import atomic_write_bytes
 
     path = Path(path)
     buf = io.BytesIO()
@@ -202,7 +189,6 @@ def heatmap_grid(maps: np.ndarray, path: str | Path, titles: Sequence[str] | Non
         cbar = fig.colorbar(im, cax=fig.add_axes((right + 0.08 / fig_w, 0.15, 0.12 / fig_w, 0.7)), format="%.3g")
         if colorbar_label:
             cbar.set_label(colorbar_label, fontsize=8)
-    from flatdino_cli.utils import atomic_write_bytes
 
     path = Path(path)
     buf = io.BytesIO()

@@ -1,5 +1,9 @@
+import contextlib
 import os
+import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,9 +16,41 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT):
-    """Run `python -m flatdino_cli.cli ...` in a subprocess (in folder `cwd`); returns CompletedProcess."""
-    import subprocess
+    """`flatdino ...` in this process, in folder `cwd` (Typer's runner: no interpreter and torch start-up
+    per call); returns a CompletedProcess (returncode, stdout, stderr kept apart). `env` is set for the
+    call only (OMP_NUM_THREADS sets torch's thread count), and whatever the command sets in os.environ
+    (--workspace) is undone after it; `timeout` is for run_cli_process's signature (an in-process call
+    cannot be cut short). Use run_cli_process where a real process is the point (kill, torchrun,
+    concurrency)."""
+    from typer.testing import CliRunner
 
+    from flatdino_cli.cli import app
+
+    argv = [str(a) for a in args]
+    env = {k: str(v) for k, v in (env or {}).items()}
+    threads = torch.get_num_threads()
+    saved_env = dict(os.environ)
+    with contextlib.chdir(cwd), warnings.catch_warnings():
+        warnings.simplefilter("default")  # a warning seen by an earlier test is shown again, as in a fresh process
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", threads)))  # what the variable does to a new process
+        try:
+            r = CliRunner().invoke(app, argv, env=env, catch_exceptions=True)
+        finally:
+            torch.set_num_threads(threads)
+            os.environ.clear()
+            os.environ.update(saved_env)
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):  # what python would print
+        stderr += "".join(traceback.format_exception(r.exception))
+    p = subprocess.CompletedProcess(["flatdino", *argv], r.exit_code, r.stdout, stderr)
+    if check and p.returncode != 0:
+        raise AssertionError(f"flatdino {' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def run_cli_process(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
+                    cwd: Path = ROOT):
+    """Run `python -m flatdino_cli.cli ...` in a subprocess (in folder `cwd`); returns CompletedProcess."""
     e = dict(os.environ)
     e.setdefault("OMP_NUM_THREADS", "2")
     e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))  # this checkout, from any cwd
@@ -30,3 +66,13 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | No
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def toy_features(tmp_path_factory):
+    """A small toy ImageFolder (12 classes x 6) and its tiny-encoder feature store with a 12-image val
+    split, built once per session. Read-only: tests that change a store copy it first."""
+    root = tmp_path_factory.mktemp("toy_features")
+    run_cli("toy-data", root / "toy", "--per-class", "6")
+    run_cli("extract", root / "toy", root / "feats", "--encoder", "tiny", "--val-split", "12")
+    return root / "feats"

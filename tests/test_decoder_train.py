@@ -194,6 +194,35 @@ def test_discriminator_and_optimizer_resume_exactly(toy, tmp_path, rt):
         _check_resume(tmp_path / "b", None, resume=True)
 
 
+def test_micro_batches_give_the_same_discriminator_and_decoder_updates_as_one_batch(toy, tmp_path, rt, monkeypatch):
+    """The discriminator steps once per optimizer step on the whole batch, after the decoder's step and
+    outside its micro-batch loop: 4 micro-batches of 2 train both nets as one batch of 8 does."""
+    import flatdino_cli.stages.decoder as stage
+    from flatdino_cli.extract import extract_features
+
+    # what is random per micro-batch by design is made deterministic: DiffAugment's draws (identity
+    # here), the feature noise (tau 0) and the adaptive GAN weight (a ratio of this micro-batch's
+    # gradient norms; clamped to its bound it is one constant)
+    monkeypatch.setattr(stage, "diff_augment", lambda x: x)
+    store = tmp_path / "feats"
+    extract_features(toy, store, ExtractConfig(encoder="tiny", val_split=4, dtype="float32", batch_size=16), rt)
+    sets = ["loss.gan=0.5", "loss.disc_start_epoch=0", "loss.gan_start_epoch=0", "loss.noise_tau=0",
+            "loss.max_adaptive_weight=1e-3", "train.batch_size=8", "train.max_steps=3", "train.epochs=0"]
+    states = {}
+    for micro in (8, 2):
+        task = stage.decoder_task(_cfg(*sets, f"train.micro_batch_size={micro}"), rt, toy, features=store)
+        fit(task, task.config.train, tmp_path / f"m{micro}", rt)
+        states[micro] = torch.load(tmp_path / f"m{micro}" / "checkpoints/latest/state.pt", weights_only=True)
+        states[micro]["model"] = load_file(tmp_path / f"m{micro}" / "checkpoints/latest/model.safetensors")
+    one, four = states[8], states[2]
+    assert four["micro_batch_size"] == 2 and four["step"] == 3
+    assert four["aux"]["disc_opt"]["state"][0]["step"] == 3  # one discriminator step per decoder step
+    for k, v in one["aux"]["disc"].items():
+        torch.testing.assert_close(four["aux"]["disc"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+    for k, v in one["model"].items():
+        torch.testing.assert_close(four["model"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_feature_store_rows_align_with_images(toy, tmp_path, rt):
     from flatdino_cli.extract import extract_features
     from flatdino_cli.stages.decoder import decoder_task

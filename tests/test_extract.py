@@ -86,22 +86,20 @@ def test_extract_refuses_a_different_store_and_overwrites(tmp_path):
     assert Store.open(tmp_path / "s").dtype == np.float32
 
 
-def test_latent_store_from_a_vae_run(tmp_path):
+def test_latent_store_from_a_vae_run(tmp_path, toy_features):
     from flatdino_cli.config import VAEModelConfig, VAEStageConfig, save_config
     from flatdino_cli.models import build_model
     from flatdino_cli.train import save_checkpoint
 
-    run_cli("toy-data", tmp_path / "toy", "--per-class", "3")
-    run_cli("extract", tmp_path / "toy", tmp_path / "feats", "--encoder", "tiny", "--val-split", "6")
     cfg = VAEStageConfig(model=VAEModelConfig(tokens=4, latent_dim=8, feature_dim=64, num_patches=36, enc_width=32,
                                               enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2))
     vae = build_model(cfg)
     save_config(cfg, tmp_path / "vae" / "config.yaml")
     save_checkpoint(tmp_path / "vae", "latest", vae, None, {"step": 1})
-    run_cli("extract", tmp_path / "feats", tmp_path / "lat", "--vae", tmp_path / "vae")
-    lat, feats = Store.open(tmp_path / "lat", expect_kind="latents"), Store.open(tmp_path / "feats")
-    assert lat.item_shape == (4, 8) and lat.count == feats.count == 30
-    assert Store.open(tmp_path / "lat" / "val").count == 6
+    run_cli("extract", toy_features, tmp_path / "lat", "--vae", tmp_path / "vae")
+    lat, feats = Store.open(tmp_path / "lat", expect_kind="latents"), Store.open(toy_features)
+    assert lat.item_shape == (4, 8) and lat.count == feats.count == 60
+    assert Store.open(tmp_path / "lat" / "val").count == 12
     assert lat.manifest["identity"]["features_manifest_sha256"] == feats.manifest_hash()
     with torch.no_grad():
         mu, _ = vae.eval().encode(torch.from_numpy(np.asarray(feats.data[:5], np.float32)))

@@ -65,18 +65,36 @@ def test_fae_ablation_is_per_patch(tmp_path):
     assert (np.argmax(maps, axis=1) == np.arange(16)).mean() >= 0.75  # each latent matters most at its own patch
 
 
-def test_fae_trains_extracts_and_feeds_a_grid_dit(tmp_path):
-    run_cli("toy-data", tmp_path / "toy", "--per-class", "6")
-    run_cli("extract", tmp_path / "toy", tmp_path / "feats", "--encoder", "tiny", "--val-split", "12")
-    run_cli("train-vae", "--preset", "tiny-fae", "--features", tmp_path / "feats", "--out", tmp_path / "fae",
-            "--set", "train.max_steps=3", "--batch-size", "16", env={"OMP_NUM_THREADS": "1"})
-    run_cli("extract", tmp_path / "feats", tmp_path / "lat", "--vae", tmp_path / "fae")
-    from flatdino_cli.data import Store
+def test_fae_trains_extracts_and_feeds_a_grid_dit(tmp_path, toy_features):
+    """train-vae (FAE) -> extract --vae -> train-dit on the 6x6 latent grid, each stage checked on what
+    it produced: the latent store holds the trained FAE's posterior means, per patch, and the DiT
+    trained on them takes and returns that grid."""
+    import json
 
-    assert Store.open(tmp_path / "lat").item_shape == (36, 8)
-    run_cli("train-dit", "--preset", "tiny-fae-dit", "--latents", tmp_path / "lat", "--out", tmp_path / "dit",
-            "--set", "train.max_steps=2", "--batch-size", "8", env={"OMP_NUM_THREADS": "1"})
-    assert (tmp_path / "dit" / "checkpoints" / "latest" / "ema.safetensors").is_file()
+    from flatdino_cli.data import Store
+    from flatdino_cli.runs import load_run
+
+    run_cli("train-vae", "--preset", "tiny-fae", "--features", toy_features, "--out", tmp_path / "fae",
+            "--set", "train.max_steps=3", "--batch-size", "16")
+    run_cli("extract", toy_features, tmp_path / "lat", "--vae", tmp_path / "fae")
+    lat, feats = Store.open(tmp_path / "lat", expect_kind="latents"), Store.open(toy_features)
+    assert lat.item_shape == (36, 8) and lat.count == feats.count
+    _, fae, _ = load_run(tmp_path / "fae", "vae")
+    with torch.no_grad():
+        mu, _ = fae.encode(torch.from_numpy(np.asarray(feats.data[:4], np.float32)))
+    assert torch.allclose(torch.from_numpy(np.array(lat.data[:4])), mu, atol=1e-5)
+
+    # a flat-token preset: tokens, width and the 6x6 grid come from the store's manifest, not the preset
+    run_cli("train-dit", "--preset", "tiny-dit", "--latents", tmp_path / "lat", "--out", tmp_path / "dit",
+            "--set", "train.max_steps=2", "--set", "train.log_every=1", "--batch-size", "8")
+    log = [json.loads(ln) for ln in (tmp_path / "dit" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    cfg, dit, _ = load_run(tmp_path / "dit", "dit")
+    assert (cfg.model.tokens, cfg.model.in_dim, tuple(cfg.model.grid)) == (36, 8, (6, 6))
+    assert dit.pos_embed.shape[1] == 36  # one token per grid cell (the preset's patch 1)
+    with torch.no_grad():
+        v = dit(mu, torch.rand(4), torch.arange(4))
+    assert v.shape == mu.shape and torch.isfinite(v).all()
 
 
 def test_patched_grid_dit_groups_2x2_cells_per_token():
@@ -97,3 +115,22 @@ def test_patched_grid_dit_groups_2x2_cells_per_token():
     assert v.shape == x.shape and v.abs().sum() > 0
     with pytest.raises(UserError, match="model.patch"):
         load_preset("tiny-fae-dit", ["model.patch=4"])  # 6 is not divisible by 4
+
+
+def test_vae_validation_uses_the_presets_reconstruction_loss():
+    """FAE trains on MSE: its validation "loss" (which picks checkpoints/best) is MSE too, not Huber."""
+    from flatdino_cli.models.vae import vae_loss
+    from flatdino_cli.stages.vae import _val_fn
+
+    cfg = load_preset("tiny-fae", ["model.feature_dim=16", "model.num_patches=16", "model.dec_depth=1"])
+    assert cfg.loss.loss == "mse"
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    x = 3 * torch.randn(4, 16, 16)  # errors well above Huber's delta 1, where the two losses differ
+    with torch.no_grad():
+        out = _val_fn(cfg)(m, [(x, None)], None)
+        recon, mu, logvar = m(x)
+        mse = vae_loss(recon, x, mu, logvar, cfg.beta(), "mse")[0].item()
+        huber = vae_loss(recon, x, mu, logvar, cfg.beta(), "huber")[0].item()
+    assert out["loss"] == pytest.approx(mse, rel=1e-5) and abs(mse - huber) > 0.1 * mse
+    assert "mse" in out and "huber" not in out

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from flatdino_cli.nn import (AdaLN, AdaLNBlock, Attention, Block, FinalLayer, GaussianFourierEmbedder, GeluMLP,
-                             LabelEmbedder, RMSNorm, SwiGLU, TimestepEmbedder, apply_rope, make_norm, modulate,
+                             LabelEmbedder, RMSNorm, SwiGLU, apply_rope, make_norm, modulate,
                              rope_1d, rope_2d, sincos_1d, sincos_2d)
 
 torch.manual_seed(0)
@@ -258,12 +258,6 @@ def test_gaussian_fourier_W_is_frozen_but_saved():
     assert not torch.equal(other.W, emb.W)
     other.load_state_dict(emb.state_dict())
     torch.testing.assert_close(other(t), emb(t))
-
-
-def test_timestep_embedder_shapes():
-    emb = TimestepEmbedder(12)
-    out = emb(torch.tensor([0.0, 500.0]))
-    assert out.shape == (2, 12) and not torch.allclose(out[0], out[1])
 
 
 def test_label_embedder_dropout():

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, save_config
 from flatdino_cli.errors import UserError
-from flatdino_cli.models.pixel_decoder import (PixelDecoder, check_features, denormalize_features, load_decoder,
-                                               load_rae_stats, normalize_features, ours_to_rae_state_dict,
-                                               rae_state_dict_to_ours, save_rae_stats)
+from flatdino_cli.models.pixel_decoder import (PixelDecoder, check_features, load_decoder, load_rae_stats,
+                                               ours_to_rae_state_dict, rae_state_dict_to_ours, save_rae_stats)
+from flatdino_cli.stages.dit import load_stats
 from flatdino_cli.train import save_checkpoint
 
 # tiny but asymmetric: 3x3 grid, 2x2 patches, 2 heads, input dim != width != mlp hidden
@@ -208,23 +208,23 @@ def test_stats_file_format_and_layout(tmp_path):
     z = x.transpose(1, 2).reshape(2, C, H, H)  # RAE's 2-D latent
     zn = (z - mean) / torch.sqrt(var + 1e-5)
     expected = zn.reshape(2, C, H * H).transpose(1, 2)
-    torch.testing.assert_close(normalize_features(x, m, v), expected)
-    torch.testing.assert_close(denormalize_features(normalize_features(x, m, v), m, v), x)
+    stats = load_stats(tmp_path / "stat.pt", (H, H))  # the reader sampling and training use
+    torch.testing.assert_close(stats.normalize(x), expected)
+    torch.testing.assert_close(stats.denormalize(stats.normalize(x)), x)
 
     # token-layout (P, C) stats are written in RAE's (C, H, W) layout
     tok_mean = mean.reshape(C, H * H).T
     save_rae_stats(tmp_path / "tok.pt", tok_mean, var.reshape(C, H * H).T)
     assert torch.equal(load_rae_stats(tmp_path / "tok.pt")[0], mean)
-    with pytest.raises(ValueError, match="do not fit"):  # e.g. 512-px stats (C, 2H, 2W) on 256-px features
-        normalize_features(x, torch.zeros(C, 2 * H, 2 * H), v)
 
 
 def test_stats_missing_key_and_foreign_file(tmp_path):
     mean = torch.randn(4, 2, 2)
     torch.save({"mean": mean}, tmp_path / "stat.pt")
     m, v = load_rae_stats(tmp_path / "stat.pt")
+    assert torch.equal(m, mean) and v.item() == 1.0  # RAE: a missing var is 1
     x = torch.randn(1, 4, 4)
-    torch.testing.assert_close(normalize_features(x, m, v),
+    torch.testing.assert_close(load_stats(tmp_path / "stat.pt", (2, 2)).normalize(x),
                                (x - mean.flatten(1).T) / math.sqrt(1 + 1e-5))
     torch.save({"running_mean": mean}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match=r"bad\.pt"):

@@ -22,7 +22,7 @@ from flatdino_cli.nn import Block, sincos_2d
 from flatdino_cli.train import load_into, load_weights
 
 __all__ = ["PixelDecoder", "rae_state_dict_to_ours", "ours_to_rae_state_dict", "load_decoder", "check_features",
-           "load_rae_stats", "save_rae_stats", "normalize_features", "denormalize_features"]
+           "load_rae_stats", "save_rae_stats"]
 
 # RAE's decoder widths -> heads (ViT-XL / L / B); heads cannot be read off the weights
 RAE_HEADS = {1152: 16, 1024: 16, 768: 12}
@@ -246,30 +246,8 @@ def load_rae_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def save_rae_stats(path: str | Path, mean: torch.Tensor, var: torch.Tensor) -> None:
     """Write RAE's exact format {"mean", "var"}, each (C, H, W); token-layout (P, C) input is converted."""
-    def chw(t: torch.Tensor) -> torch.Tensor:  # (P, C) -> (C, H, W), inverse of the view in _token_stats
+    def chw(t: torch.Tensor) -> torch.Tensor:  # (P, C) -> (C, H, W), inverse of stages.dit.load_stats' view
         h = math.isqrt(t.shape[0])
         return t.T.reshape(t.shape[1], h, h) if t.dim() == 2 else t
 
     torch.save({k: chw(t).detach().float().cpu().contiguous() for k, t in (("mean", mean), ("var", var))}, Path(path))
-
-
-def _token_stats(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAE's (C, H, W) stats -> (H*W, C) fp32 on x's device, matching z = x.transpose(1, 2).view(B, C, H, W);
-    (P, C), (C,) and scalar stats are used as given."""
-    m, v = ((t.flatten(1).T if t.dim() == 3 else t).to(x.device, torch.float32) for t in (mean, var))
-    for t in (m, v):
-        if t.dim() > 2 or tuple(t.shape) != tuple(x.shape[x.dim() - t.dim():]):  # e.g. 512-px stats, 256 tokens
-            raise ValueError(f"statistics of token shape {tuple(t.shape)} do not fit features {tuple(x.shape)}")
-    return m, v
-
-
-def normalize_features(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """x (B, P, C) -> (x - mean) / sqrt(var + eps), with RAE's (C, H, W) stats mapped to token n = h*W + w."""
-    m, v = _token_stats(x, mean, var)
-    return ((x.float() - m) / torch.sqrt(v + eps)).to(x.dtype)
-
-
-def denormalize_features(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Inverse of normalize_features: x * sqrt(var + eps) + mean; x (B, P, C)."""
-    m, v = _token_stats(x, mean, var)
-    return (x.float() * torch.sqrt(v + eps) + m).to(x.dtype)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["sincos_1d", "sincos_2d", "rope_1d", "rope_2d",
-           "TimestepEmbedder", "GaussianFourierEmbedder", "LabelEmbedder"]
+           "GaussianFourierEmbedder", "LabelEmbedder"]
 
 
 def _sincos(pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,27 +73,6 @@ def rope_2d(h: int, w: int, head_dim: int, theta: float = 1e4) -> tuple[torch.Te
     ang_c = _rope_angles(w, d, theta)[None, :, :].expand(h, w, d)  # (h, w, d)
     ang = torch.cat([ang_r, ang_c], dim=-1).reshape(h * w, head_dim)
     return ang.cos(), ang.sin()
-
-
-class TimestepEmbedder(nn.Module):
-    """DiT timestep embedding: t (B,) -> [cos(t f), sin(t f)] (freq_dim) -> Linear -> SiLU -> Linear -> (B, hidden).
-
-    f_k = max_period^(-k/(freq_dim/2)). t is used as given (DiT feeds 0..999; scale as you need).
-    """
-
-    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0):
-        super().__init__()
-        self.freq_dim, self.max_period = freq_dim, max_period
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)
-        args = t.float()[:, None] * freqs[None]  # (B, half)
-        emb = torch.cat([args.cos(), args.sin()], dim=-1)
-        if self.freq_dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return self.mlp(emb)
 
 
 class GaussianFourierEmbedder(nn.Module):

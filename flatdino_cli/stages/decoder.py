@@ -5,12 +5,13 @@ to sqrt(num_patches) * patch_size) plus its features: a row of a feature store (
 rows must be these images) or the frozen encoder run on the same crop every step (then with a random
 horizontal flip of both). Training only: features get Gaussian noise of sigma = noise_tau * U(0,1)
 per sample (or exactly noise_tau with loss.noise_fixed, FAE). Loss = l1 * L1 + lpips * LPIPS + gan * adaptive_weight * G-loss; the GAN term starts at
-gan_start_epoch, and from disc_start_epoch the discriminator takes one hinge-loss AdamW step inside
-each loss call (DiffAugment on both sides; the fakes are this step's reconstructions, detached and
+gan_start_epoch, and from disc_start_epoch the discriminator takes one hinge-loss AdamW step per
+optimizer step, after the decoder's (Task.after_step), on the whole batch however it was split into
+micro-batches (DiffAugment on both sides; the fakes are this step's reconstructions, detached and
 quantised to 8 bits; RAE regenerates them after the decoder's update in eval mode, one more forward).
-The discriminator and its optimizer are Task.aux, so they are checkpointed and resumed with the
-decoder. Validation (every
-epoch) logs L1 (the "loss" that picks checkpoints/best), PSNR on held-out images and the PSNR of
+The generator loss sees the discriminator in eval mode, so its spectral norms are updated only by the
+discriminator's own step. The discriminator and its optimizer are Task.aux, so they are checkpointed
+and resumed with the decoder. Validation (every epoch) logs L1 (the "loss" that picks checkpoints/best), PSNR on held-out images and the PSNR of
 predicting the training mean image, the floor a decoder has to beat.
 """
 
@@ -259,13 +260,22 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
         d_opt = rt.adamw([{"params": list(discriminator.parameters()), "weight_decay": 0.0}], cfg.train.lr,
                          cfg.train.betas, cfg.train.eps)
 
-    def disc_step(real: torch.Tensor, fake: torch.Tensor, info) -> dict[str, float]:
-        """One hinge-loss step of the discriminator on real and (detached, quantised) fake images in [-1, 1]."""
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (target, recon) micro-batches
+
+    def disc_step(info) -> dict[str, float]:
+        """One hinge-loss step of the discriminator on this step's real and (detached, quantised) fake
+        images, all micro-batches at once."""
+        if not pending:
+            return {}
+        real = torch.cat([t for t, _ in pending]) * 2 - 1  # [-1, 1]
+        fake = torch.cat([r for _, r in pending]) * 2 - 1
+        pending.clear()
         for g in d_opt.param_groups:
             g["lr"] = lr_at(info.step, info.total_steps, info.steps_per_epoch, cfg.train)
-        logits_real = discriminator(diff_augment(real))
-        logits_fake = discriminator(diff_augment(_quantize(fake.detach())))
-        d_loss = hinge_d_loss(logits_real, logits_fake)
+        with rt.autocast():
+            logits_real = discriminator(diff_augment(real))
+            logits_fake = discriminator(diff_augment(_quantize(fake)))
+            d_loss = hinge_d_loss(logits_real, logits_fake)
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         if rt.distributed:  # the discriminator is not DDP-wrapped: average its gradients by hand
@@ -291,11 +301,12 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
         loss = rec
         epoch = info.step / info.steps_per_epoch
         if discriminator is not None and epoch >= L.disc_start_epoch:
-            metrics.update(disc_step(target * 2 - 1, recon * 2 - 1, info))
+            pending.append((target, recon.detach()))  # disc_step takes them after the decoder's step
         if discriminator is not None and epoch >= L.gan_start_epoch:
-            discriminator.requires_grad_(False)  # the generator's backward must not touch D's gradients
+            # the generator's backward must not touch D's gradients, nor its forward D's spectral norms
+            discriminator.requires_grad_(False).eval()
             g = generator_loss(discriminator(diff_augment(recon * 2 - 1)))
-            discriminator.requires_grad_(True)
+            discriminator.requires_grad_(True).train()
             w = adaptive_weight(rec, g, _inner(net).pred.weight, L.max_adaptive_weight)
             loss = loss + L.gan * w * g
             metrics.update(g_loss=g.item(), gan_weight=w.item())
@@ -321,7 +332,7 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
     model = build_model(cfg)
     aux = {} if discriminator is None else {"disc": discriminator, "disc_opt": d_opt}
     return Task(model=model, train_set=train_set, loss_fn=loss_fn, config=cfg, val_set=val_set, val_fn=val_fn,
-                collate_fn=collate, aux=aux, inputs=inputs)
+                collate_fn=collate, aux=aux, inputs=inputs, after_step=disc_step if discriminator is not None else None)
 
 
 def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, images: str | Path, encoder_name: str | None = None,

@@ -8,6 +8,7 @@ be dropped in and ours can be read by RAE's code.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -74,16 +75,27 @@ def load_stats(path: Path, grid: tuple[int, int] | None) -> LatentStats:
     return LatentStats(mean, var)
 
 
-def check_store_fits(store: Store, cfg: DiTStageConfig, where) -> None:
-    want = (cfg.model.tokens, cfg.model.in_dim)
-    if tuple(store.item_shape) != want:
-        T, d = store.item_shape
-        raise UserError(f"{where}: holds items of shape {tuple(store.item_shape)} but the preset's DiT expects "
-                        f"{want}; use a matching preset or --set model.tokens={T} --set model.in_dim={d}")
+def store_grid(store: Store, preset_grid) -> tuple[int, int] | None:
+    """The 2-D layout of a store's rows as extract recorded it: the encoder's patch grid for features
+    and per-patch (FAE) latents, None for flat tokens. Stores that do not record it keep the preset's."""
+    extra = store.manifest.get("extra", {})
+    grid = extra["grid"] if "grid" in extra else preset_grid
+    return tuple(grid) if grid else None
+
+
+def with_store_shape(cfg: DiTStageConfig, store: Store, where) -> DiTStageConfig:
+    """The DiT's tokens, in_dim and grid come from the store it trains on (as train-vae's input size
+    comes from its feature store), so the preset's architecture is all the preset says."""
+    T, d = store.item_shape
+    try:
+        model = dataclasses.replace(cfg.model, tokens=T, in_dim=d, grid=store_grid(store, cfg.model.grid))
+    except UserError as e:
+        raise UserError(f"{where}: items of shape {(T, d)} do not fit this preset: {e}") from None
     top = int(store.labels.max()) if store.count else -1
-    if top >= cfg.model.num_classes:
-        raise UserError(f"{where}: has class id {top} but model.num_classes={cfg.model.num_classes}; "
+    if top >= model.num_classes:
+        raise UserError(f"{where}: has class id {top} but model.num_classes={model.num_classes}; "
                         f"--set model.num_classes={top + 1}")
+    return dataclasses.replace(cfg, model=model)
 
 
 class LabelledRows(torch.utils.data.Dataset):
@@ -107,7 +119,7 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
               recompute_stats: bool = False, on_step=None) -> dict:
     out = Path(out)
     store = Store.open(latents)
-    check_store_fits(store, cfg, latents)
+    cfg = with_store_shape(cfg, store, latents)
     grid = tuple(cfg.model.grid) if cfg.model.grid else None
     stats = None
     if cfg.normalize:

@@ -63,17 +63,21 @@ def feature_splits(features: str | Path, val_count: int, seed: int,
 
 
 def _val_fn(cfg: VAEStageConfig):
+    """Validation with the loss training uses (the preset's reconstruction loss: Huber, or MSE for
+    FAE), so "loss", which picks checkpoints/best, ranks checkpoints by what was optimised."""
     beta = cfg.beta()
 
     def run(model: nn.Module, batches, rt: Runtime) -> dict[str, float]:
-        # "loss" (what checkpoints/best follows) is the Huber reconstruction alone; + beta * KL beside it
-        tot = {"loss": 0.0, "loss_with_kl": 0.0, "kl_per_token": 0.0, "cosine": 0.0}
+        # "loss" (what checkpoints/best follows) is the reconstruction term alone (the authors' criterion),
+        # logged again under the loss's own name; + beta * KL beside it
+        tot = {"loss": 0.0, cfg.loss.loss: 0.0, "loss_with_kl": 0.0, "kl_per_token": 0.0, "cosine": 0.0}
         n = 0
         for feats, _ in batches:
             recon, mu, logvar = model(feats)  # eval mode: z = mu
-            loss, st = vae_loss(recon, feats, mu, logvar, beta, "huber", cfg.loss.huber_delta, cfg.loss.free_bits)
+            loss, st = vae_loss(recon, feats, mu, logvar, beta, cfg.loss.loss, cfg.loss.huber_delta, cfg.loss.free_bits)
             b = feats.shape[0]
             tot["loss"] += st["recon"].item() * b
+            tot[cfg.loss.loss] += st["recon"].item() * b
             tot["loss_with_kl"] += loss.item() * b
             tot["kl_per_token"] += st["kl_per_token"].item() * b
             tot["cosine"] += feature_cosine(recon, feats).item() * b
