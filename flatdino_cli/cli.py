@@ -35,14 +35,6 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def main_options(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit. Example: flatdino --version")] = False,
-):
-    pass  # global options only; the app's help describes the tool
-
-
 presets_app = typer.Typer(help="List presets, or show one resolved (`flatdino presets show xl-32x128`).",
                           invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
@@ -53,9 +45,13 @@ app.add_typer(workspace_app, name="workspace")
 
 
 @app.callback()
-def main_options(workspace: Annotated[Optional[Path], typer.Option(
+def main_options(
+    workspace: Annotated[Optional[Path], typer.Option(
         "--workspace", "-w", envvar="FLATDINO_WORKSPACE",
-        help="Project folder: where runs/ and stores/ are written and found (default: the current folder).")] = None):
+        help="Project folder: where runs/ and stores/ are written and found (default: the current folder).")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit. Example: flatdino --version")] = False,
+):
     # the environment carries the choice to workspace.root() (and to any process this one starts)
     import os
 

@@ -346,11 +346,11 @@ def pick_latents(command: str, cfg) -> Path:
     """train-dit without --latents: the newest finished store the preset can train on (latents; raw
     features for rae-* presets)."""
     from flatdino_cli.data import Store
-    from flatdino_cli.stages.dit import check_store_fits
+    from flatdino_cli.stages.dit import with_store_shape
 
     def fits(path: Path) -> bool:
         try:
-            check_store_fits(Store.open(path), cfg, path)
+            with_store_shape(cfg, Store.open(path), path)  # the preset takes the store's shape
             return True
         except UserError:
             return False
