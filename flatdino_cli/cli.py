@@ -59,7 +59,11 @@ Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                  help="torch.compile the model (default: on for CUDA, off for CPU).")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume",
                                       help="Resume from the run dir's checkpoint if it has one (default). "
-                                           "--no-resume starts over and moves old checkpoints aside.")]
+                                           "--no-resume starts over and moves the old run aside to "
+                                           "RUN.old-<time> (keeps the last train.keep_old_runs, default 1).")]
+NewData = Annotated[bool, typer.Option("--new-data", help="Accept a feature store other than the one the VAE run "
+                                                          "was trained on (fine-tuning on new data on purpose); "
+                                                          "both are recorded.")]
 Seed = Annotated[Optional[int], typer.Option(help="Training seed (overrides train.seed).")]
 Epochs = Annotated[Optional[float], typer.Option(help="Overrides train.epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Global batch (overrides train.batch_size); "
@@ -156,6 +160,8 @@ def extract(
     class_index: Annotated[Optional[Path], typer.Option(help="JSON/txt mapping ImageNet synset folders to 0-999.")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first unreadable image instead of skipping it.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store that was made differently.")] = False,
+    new_data: Annotated[bool, typer.Option("--new-data", help="With --vae: accept features of another encoder "
+                                                              "than the VAE was trained on (recorded).")] = False,
     device: Device = "auto",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the encoder.")] = False,
     tf32: Annotated[bool, typer.Option(help="Allow TF32 matmuls on CUDA (faster, slightly less exact).")] = False,
@@ -180,7 +186,7 @@ def extract(
         from flatdino_cli.extract import extract_latents
 
         summary = extract_latents(source, vae, out, rt, batch_size=batch_size, dtype=dtype or "float32",
-                                  overwrite=overwrite, decoded=decoded)
+                                  overwrite=overwrite, decoded=decoded, new_data=new_data)
         typer.echo(f"extract: {'decoded features' if decoded else 'latents'} -> {', '.join(summary['stores'])}")
         return
     if decoded:
@@ -212,6 +218,7 @@ def train_vae(
     precision: Precision = "auto",
     compile: Compile = None,
     resume: Resume = True,
+    new_data: NewData = False,
 ):
     """Train the FlatDINO laminator (beta-VAE) on DINOv2 features.
 
@@ -231,9 +238,13 @@ def train_vae(
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-vae needs a vae-* preset")
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, features=features, images=images, encoder_name=encoder,
-                  encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume)
+                  encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume,
+                  new_data=new_data)
     if rt.is_main:
-        typer.echo(f"train-vae: {summary['step']} steps, best val loss {summary['best_val']:.4g} -> {out}")
+        best = summary["best_val"]
+        val = (f"best val loss {best:.4g}" if best != float("inf")
+               else "no validation yet (it runs at each epoch end; train longer)")
+        typer.echo(f"train-vae: {summary['step']} steps, {val} -> {out}")
 
 
 @command("train-dit")

@@ -653,6 +653,15 @@ class Store:
             pass
 
 
+def store_identity(store: Store) -> dict:
+    """What makes two stores the same data: kind, encoder (+ weights hash), preprocessing, source list.
+
+    A run records it (inputs.json `data_identity`) and refuses to resume on a store that differs."""
+    m = store.manifest
+    return {"kind": m["kind"], "encoder": m["identity"], "preprocessing": m["preprocessing"],
+            "source_hash": m["source_hash"]}
+
+
 class FeatureDataset(Dataset):
     """Items ((*item_shape) float32 tensor, label) over store rows; skipped rows are left out.
 

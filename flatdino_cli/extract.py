@@ -7,6 +7,7 @@ with the same batch composition, and ends byte-identical to an uninterrupted run
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +21,9 @@ from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (BadImageWarning, EncoderTransform, FeatureDataset, ImageDataset, Store,
                                collate_images, list_images, split_indices)
 from flatdino_cli.errors import UserError
+from flatdino_cli.lock import FolderLock
 from flatdino_cli.runtime import Runtime
+from flatdino_cli.utils import disk_full_is_user_error
 
 
 def _pending_chunks(store: Store, rows: int) -> list[list[int]]:
@@ -60,19 +63,31 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
         train_idx, val_idx = split_indices(len(images), cfg.val_split, seed=0)
         parts = [(Path(out), images.subset(train_idx)), (Path(out) / "val", images.subset(val_idx))]
     summary = {"stores": [], "skipped": 0, "images": len(images)}
-    for path, subset in parts:
-        store = Store.create(path, "features", (encoder.num_patches, encoder.dim), len(subset), cfg.dtype,
-                             identity=encoder_identity(encoder, cfg), preprocessing=transform.spec(),
-                             paths=subset.paths, labels=subset.labels,
-                             extra={"class_names": subset.class_names, "source": subset.source},
-                             overwrite=overwrite)
-        dataset = ImageDataset(subset, transform.pixels, strict=cfg.strict)  # uint8 crops
-        _fill(store, dataset, lambda x: forward(transform.finish(x)), cfg, rt, desc=f"extract {path.name}")
-        store.finalize()
-        summary["stores"].append(str(path))
-        summary["skipped"] += int(store.manifest["skipped_count"])
-        store.close()
+    with FolderLock(out, "store", option="OUT"):  # one writer per store; readers need no lock
+        bad = []
+        for path, subset in parts:
+            bad += _extract_part(path, subset, encoder, forward, transform, cfg, rt, overwrite, summary)
+    if summary["skipped"] == summary["images"]:
+        raise UserError(f"{source}: none of its {summary['images']} images could be read (e.g. "
+                        f"{', '.join(repr(p) for p in bad[:3])}); the store {out} holds no data")
     return summary
+
+
+def _extract_part(path: Path, subset, encoder, forward, transform: EncoderTransform, cfg: ExtractConfig,
+                  rt: Runtime, overwrite: bool, summary: dict) -> list[str]:
+    """Fill one store (the train part or OUT/val); returns the paths of its unreadable images."""
+    store = Store.create(path, "features", (encoder.num_patches, encoder.dim), len(subset), cfg.dtype,
+                         identity=encoder_identity(encoder, cfg), preprocessing=transform.spec(),
+                         paths=subset.paths, labels=subset.labels,
+                         extra={"class_names": subset.class_names, "source": subset.source},
+                         overwrite=overwrite)
+    dataset = ImageDataset(subset, transform.pixels, strict=cfg.strict)  # uint8 crops
+    _fill(store, dataset, lambda x: forward(transform.finish(x)), cfg, rt, desc=f"extract {path.name}")
+    store.finalize()
+    summary["stores"].append(str(path))
+    summary["skipped"] += int(store.manifest["skipped_count"])
+    store.close()
+    return [s["path"] for s in store.manifest["skipped"]]
 
 
 def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtime, desc: str) -> None:
@@ -91,7 +106,9 @@ def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtim
             if batch.images is not None:
                 with torch.no_grad():
                     feats = encode(batch.images.to(rt.device, non_blocking=rt.pin_memory))  # fp32, no AMP
-                store.write_rows(batch.indices.numpy(), feats.float().cpu().numpy())
+                row_bytes = store.dtype.itemsize * int(np.prod(store.item_shape))
+                with disk_full_is_user_error(store.path / "data.npy", row_bytes * (store.count - done_rows - n)):
+                    store.write_rows(batch.indices.numpy(), feats.float().cpu().numpy())
                 store.mark_done(batch.indices.numpy())
             if len(batch.skipped):
                 for i in batch.skipped.tolist():
@@ -124,12 +141,15 @@ class _RowDataset(Dataset):
 
 def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, rt: Runtime,
                     batch_size: int = 256, dtype: str = "float32", overwrite: bool = False,
-                    decoded: bool = False) -> dict:
+                    decoded: bool = False, new_data: bool = False) -> dict:
     """Feature store -> latent store (N, T, d) of the VAE posterior mean mu (+ `out/val` if present).
 
     decoded=True writes the VAE's reconstruction decode(mu) instead: a feature store (N, P, C) that a
     pixel decoder can be fine-tuned on, so it learns the features it will see at sampling time (FAE's
     "pixel fine-tuning", seed 004).
+
+    Features of another encoder than the VAE was trained on are refused (new_data=True accepts them,
+    and the latent store records the VAE's training data beside its own source).
     """
     from flatdino_cli.runs import load_run
 
@@ -138,32 +158,53 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
     if (Path(features) / "val" / "manifest.json").exists():
         stores.append((Path(features) / "val", Path(out) / "val"))
     cfg = ExtractConfig(batch_size=batch_size, dtype=dtype)
-    summary = {"stores": []}
-    for src_path, dst in stores:
+    for src_path, _ in stores:  # every input is checked before anything is written
         src = Store.open(src_path, expect_kind="features")
         check_feature_shape(src, vae_cfg.model, src_path)
-        identity = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": ckpt_hash,
-                    "features": str(src_path.resolve()), "features_manifest_sha256": src.manifest_hash()}
-        kind, shape = "latents", vae_cfg.model.latent_shape
-        if decoded:  # still "features" of the same encoder, as far as a pixel decoder is concerned
-            kind, shape = "features", tuple(src.item_shape)
-            identity = {**src.manifest["identity"], "vae_reconstruction": identity}
-        dst_store = Store.create(dst, kind, shape, src.count, dtype, identity=identity,
-                                 preprocessing=src.manifest["preprocessing"], paths=src.paths,
-                                 labels=src.labels.tolist(),
-                                 extra={**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]},
-                                 overwrite=overwrite)
+        check_same_encoder(src, src_path, vae_run, new_data)
+    summary = {"stores": []}
+    with FolderLock(out, "store", option="OUT"):
+        for src_path, dst in stores:
+            src = Store.open(src_path, expect_kind="features")
+            identity = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": ckpt_hash,
+                        "features": str(src_path.resolve()), "features_manifest_sha256": src.manifest_hash()}
+            trained_on = check_same_encoder(src, src_path, vae_run, new_data)
+            if new_data:
+                identity["vae_training_data"] = trained_on
+            kind, shape = "latents", vae_cfg.model.latent_shape
+            if decoded:  # still "features" of the same encoder, as far as a pixel decoder is concerned
+                kind, shape = "features", tuple(src.item_shape)
+                identity = {**src.manifest["identity"], "vae_reconstruction": identity}
+            dst_store = Store.create(dst, kind, shape, src.count, dtype, identity=identity,
+                                     preprocessing=src.manifest["preprocessing"], paths=src.paths,
+                                     labels=src.labels.tolist(),
+                                     extra={**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]},
+                                     overwrite=overwrite)
 
-        def encode(x):
-            with rt.autocast():
-                mu = vae.encode(x)[0]
-                return (vae.decode(mu) if decoded else mu).float()
+            def encode(x):
+                with rt.autocast():
+                    mu = vae.encode(x)[0]
+                    return (vae.decode(mu) if decoded else mu).float()
 
-        _fill(dst_store, _RowDataset(src), encode, cfg, rt, desc=f"latents {dst.name}")
-        dst_store.finalize()
-        summary["stores"].append(str(dst))
-        dst_store.close()
+            _fill(dst_store, _RowDataset(src), encode, cfg, rt, desc=f"latents {dst.name}")
+            dst_store.finalize()
+            summary["stores"].append(str(dst))
+            dst_store.close()
     return summary
+
+
+def check_same_encoder(store: Store, where: Path, vae_run: str | Path, new_data: bool) -> dict | None:
+    """The VAE run's recorded training-data identity; UserError if `store` was made by another encoder."""
+    try:
+        trained_on = json.loads((Path(vae_run) / "inputs.json").read_text()).get("data_identity")
+    except (OSError, ValueError, AttributeError):
+        trained_on = None  # a run from before identities were recorded: nothing to compare
+    if trained_on and trained_on.get("encoder") != store.manifest["identity"] and not new_data:
+        raise UserError(f"{where}: made by encoder {store.manifest['identity'].get('encoder')} "
+                        f"(weights {store.manifest['identity'].get('weights')}), but {vae_run} was trained on "
+                        f"features of {trained_on['encoder'].get('encoder')} (weights "
+                        f"{trained_on['encoder'].get('weights')}); pass --new-data to use it anyway (recorded)")
+    return trained_on
 
 
 def check_feature_shape(store: Store, vae_model_cfg, where) -> None:

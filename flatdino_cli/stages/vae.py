@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from flatdino_cli.config import VAEStageConfig
-from flatdino_cli.data import EncoderTransform, FeatureDataset, ImageDataset, Store, collate_images, list_images, split_indices
+from flatdino_cli.data import (EncoderTransform, FeatureDataset, ImageDataset, Store, collate_images, list_images,
+                               split_indices, store_identity)
 from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model
 from flatdino_cli.models.vae import feature_cosine, vae_loss
@@ -65,13 +66,14 @@ def _val_fn(cfg: VAEStageConfig):
 
 def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path | None = None,
               images: str | Path | None = None, encoder_name: str | None = None, encoder_weights: str | None = None,
-              resume: bool = True) -> dict:
+              resume: bool = True, new_data: bool = False) -> dict:
     beta = cfg.beta()
     inputs: dict = {}
     if features is not None:
         train_set, val_set, store = feature_splits(features, cfg.val_count, cfg.train.seed)
         cfg = _with_store_shape(cfg, store)
         inputs["features"] = {"path": str(Path(features).resolve()), "manifest_sha256": store.manifest_hash()}
+        inputs["data_path"], inputs["data_identity"] = str(Path(features).resolve()), store_identity(store)
         encode = None
     elif images is not None and encoder_name is not None:
         from flatdino_cli.encoders import load_encoder
@@ -110,7 +112,7 @@ def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path 
         val_fn = lambda m, batches, rt_: base_val(m, ((encode(b), None) for b in batches), rt_)  # noqa: E731
     task = Task(model=model, train_set=train_set, loss_fn=loss_fn, config=cfg, val_set=val_set, val_fn=val_fn,
                 collate_fn=None if encode is None else collate_images, inputs=inputs)
-    return fit(task, cfg.train, out, rt, resume=resume, desc="train-vae")
+    return fit(task, cfg.train, out, rt, resume=resume, desc="train-vae", new_data=new_data)
 
 
 def mean_baseline_cosine(features: str | Path) -> float:
