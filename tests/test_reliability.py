@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from flatdino_cli.config import load_preset
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import flatdino_cli.train as train
+from flatdino_cli.config import ExtractConfig, TrainConfig, load_preset
+from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
+from flatdino_cli.extract import extract_features, extract_latents
+from flatdino_cli.lock import LOCK_NAME, FolderLock
+from flatdino_cli.runtime import Runtime
+from flatdino_cli.stages.vae import train_vae
+from flatdino_cli.train import Task, checkpoint_dir, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = Runtime(torch.device("cpu"), "fp32", False)
 
 # (preset, --set item): every one must be a one-line UserError, never a ZeroDivisionError/NaN run
 BAD_VALUES = [
@@ -78,3 +103,229 @@ def test_device_mps_is_one_line(cli, tmp_path):
     p = cli("train-vae", "--preset", "tiny-vae", "--features", tmp_path, "--out", tmp_path / "run",
             "--device", "mps", check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "--device mps" in p.stderr
+
+
+# ----------------------------------------------------------------------------- run dirs: damage, locks, aside
+def _tiny_task(n: int = 32, val: bool = True) -> Task:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    data = TensorDataset(x, x.sum(1, keepdim=True).sin())
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def loss_fn(net, batch, info):
+        loss = F.mse_loss(net(batch[0]), batch[1])
+        return loss, {}
+
+    def val_fn(net, batches, rt):
+        return {"loss": sum(F.mse_loss(net(b[0]), b[1]).item() for b in batches)}
+
+    return Task(model=model, train_set=data, loss_fn=loss_fn, config=TrainConfig(), val_set=data if val else None,
+                val_fn=val_fn if val else None, inputs={"data": "tiny"})
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+CFG = TrainConfig(epochs=2, batch_size=8, log_every=1)
+
+
+def test_damaged_run_is_refused_and_left_byte_identical(tmp_path):
+    run = tmp_path / "run"
+    fit(_tiny_task(), CFG, run, CPU)
+    (run / "checkpoints" / "latest" / "state.pt").unlink()
+    before = _files(run)
+    assert any(k.startswith("checkpoints/best/") for k in before)
+    with pytest.raises(UserError, match=r"no complete checkpoints/latest.*--no-resume.*checkpoints/best") as e:
+        fit(_tiny_task(), CFG, run, CPU)
+    assert "\n" not in str(e.value)
+    assert _files(run) == before  # best, metrics, config: nothing overwritten
+
+
+def test_no_resume_moves_the_whole_run_aside_and_keeps_the_last_k(tmp_path, capsys):
+    run = tmp_path / "run"
+    fit(_tiny_task(), CFG, run, CPU)
+    first = _files(run)
+    fit(_tiny_task(), CFG, run, CPU, resume=False)
+    aside = sorted(tmp_path.glob("run.old-*"))
+    assert len(aside) == 1 and _files(aside[0]) == first  # checkpoints + config + metrics + inputs together
+    assert f"moved the previous run to {aside[0]}" in capsys.readouterr().out
+    for _ in range(2):
+        fit(_tiny_task(), CFG, run, CPU, resume=False)
+    assert len(list(tmp_path.glob("run.old-*"))) == 1  # default keep 1
+    fit(_tiny_task(), dataclasses.replace(CFG, keep_old_runs=3), run, CPU, resume=False)
+    fit(_tiny_task(), dataclasses.replace(CFG, keep_old_runs=3), run, CPU, resume=False)
+    assert len(list(tmp_path.glob("run.old-*"))) == 3
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": "elsewhere", "started": "yesterday"}))
+    assert fit(_tiny_task(), CFG, run, CPU)["step"] == 8
+    assert f"stale lock (pid {dead.pid}" in capsys.readouterr().out
+    assert not (run / LOCK_NAME).exists()  # released at the end
+
+
+def test_lock_is_refused_while_held_and_names_the_holder(tmp_path):
+    with FolderLock(tmp_path / "run", "run directory"):
+        with pytest.raises(UserError, match=rf"in use by another flatdino process \(pid {os.getpid()} on host "):
+            fit(_tiny_task(), CFG, tmp_path / "run", CPU)
+    with FolderLock(tmp_path / "run"):  # released: free again
+        pass
+
+
+def test_two_writer_processes_one_refused_other_byte_identical_to_solo(tmp_path, cli):
+    feats = _store(tmp_path / "feats", "enc-a", n=40)
+    preset = _preset(tmp_path / "p.yaml")
+    args = ["train-vae", "--preset", preset, "--features", feats, "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_READY": str(tmp_path / "ready"),
+           "PAUSE_GO": str(tmp_path / "go")}
+    first = subprocess.Popen([sys.executable, str(Path(__file__).parent / "_paused_cli.py"), *map(str, args),
+                              "--out", tmp_path / "run"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(6000):  # generous: start-up on a loaded machine
+            if (tmp_path / "ready").exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "ready").exists(), first.communicate()
+        second = cli(*args, "--out", tmp_path / "run", check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert f"in use by another flatdino process (pid {first.pid} " in second.stderr
+        (tmp_path / "go").write_text("")
+        _, err = first.communicate(timeout=600)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+    cli(*args, "--out", tmp_path / "solo")
+    got, solo = _files(tmp_path / "run" / "checkpoints"), _files(tmp_path / "solo" / "checkpoints")
+    assert got.keys() == solo.keys()
+    for k in got:
+        if k.endswith(".safetensors"):
+            assert got[k] == solo[k], k
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == (tmp_path / "solo" / "config.yaml").read_bytes()
+
+
+def test_extract_into_a_locked_store_is_refused(tmp_path, cli):
+    toy = tmp_path / "toy"
+    cli("toy-data", toy, "--per-class", "1")
+    with FolderLock(tmp_path / "store", "store"):
+        p = cli("extract", toy, tmp_path / "store", "--encoder", "tiny", "--overwrite", "--device", "cpu", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and f"pid {os.getpid()}" in p.stderr
+    assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------- foreign data
+def _store(path: Path, encoder: str, n: int = 40, seed: int = 0) -> Path:
+    s = Store.create(path, "features", (8, 16), n, "float32", {"encoder": encoder, "weights": "w-" + encoder},
+                     {"interp": "bicubic"}, [f"img{i}.png" for i in range(n)], [i % 4 for i in range(n)])
+    s.write_rows(np.arange(n), np.random.default_rng(seed).standard_normal((n, 8, 16)).astype(np.float32))
+    s.mark_done(np.arange(n))
+    s.finalize()
+    s.close()
+    return path
+
+
+def _preset(path: Path, **train_cfg) -> Path:
+    model = {"kind": "flat", "tokens": 4, "latent_dim": 8, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
+             "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "mlp_ratio": 2.0}
+    train_cfg = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "log_every": 1, **train_cfg}
+    path.write_text(yaml.safe_dump({"stage": "vae", "model": model, "train": train_cfg, "val_count": 8}))
+    return path
+
+
+def test_foreign_store_of_the_same_shape_is_refused_then_accepted_on_purpose(tmp_path):
+    a, b = _store(tmp_path / "a", "enc-a"), _store(tmp_path / "b", "enc-b", seed=1)
+    run = tmp_path / "vae"
+    cfg = load_preset(str(_preset(tmp_path / "p.yaml")))
+    train_vae(cfg, run, CPU, features=a)
+    inputs = (run / "inputs.json").read_bytes()
+    more = load_preset(str(_preset(tmp_path / "p.yaml", epochs=2)))
+    with pytest.raises(UserError, match=r"other data.*differs in encoder.*--new-data"):
+        train_vae(more, run, CPU, features=b)
+    assert (run / "inputs.json").read_bytes() == inputs  # the record of the original store is kept
+    with pytest.raises(UserError, match=r"made by encoder enc-b .* trained on features of enc-a.*--new-data"):
+        extract_latents(b, run, tmp_path / "lat", CPU)
+    assert not (tmp_path / "lat").exists()
+    summary = extract_latents(b, run, tmp_path / "lat", CPU, new_data=True)
+    lat = Store.open(summary["stores"][0])  # records the VAE's training data beside its own source
+    assert lat.manifest["identity"]["vae_training_data"]["encoder"]["encoder"] == "enc-a"
+    assert lat.manifest["extra"]["encoder"]["encoder"] == "enc-b"
+    train_vae(more, run, CPU, features=b, new_data=True)
+    rec = json.loads((run / "inputs.json").read_text())
+    assert rec["data_identity"]["encoder"]["encoder"] == "enc-b"
+    assert rec["previous_inputs"][0]["data_identity"]["encoder"]["encoder"] == "enc-a"
+
+
+# ----------------------------------------------------------------------------- disk full
+def test_disk_full_during_a_checkpoint_is_one_line_and_resumable(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    fit(_tiny_task(val=False), dataclasses.replace(CFG, epochs=1), run, CPU)  # latest at step 4
+    real = train.save_file
+
+    def full(tensors, filename, *a, **k):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(train, "save_file", full)
+    with pytest.raises(UserError, match=r"checkpoints/\.tmp-latest: disk full .*needs about .* MB free") as e:
+        fit(_tiny_task(val=False), CFG, run, CPU)
+    assert "\n" not in str(e.value)
+    assert checkpoint_dir(run).name == "latest" and not (run / "checkpoints" / ".tmp-latest").exists()
+    monkeypatch.setattr(train, "save_file", real)
+    assert fit(_tiny_task(val=False), CFG, run, CPU)["step"] == 8
+
+
+def test_disk_full_during_extract_names_the_file(tmp_path, monkeypatch):
+    from flatdino_cli.toydata import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "toy", per_class=1, size=48, seed=0)
+
+    def full(self, indices, array):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Store, "write_rows", full)
+    with pytest.raises(UserError, match=r"store/data.npy: disk full while writing \(needs about [\d.]+ MB"):
+        extract_features(tmp_path / "toy", tmp_path / "store", ExtractConfig(encoder="tiny", batch_size=4), CPU)
+
+
+# ----------------------------------------------------------------------------- bad folders
+def _garbage_images(folder: Path, names) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes(b"not an image at all")
+
+
+def test_all_unreadable_folder_is_an_error_naming_folder_and_files(tmp_path):
+    _garbage_images(tmp_path / "bad", ["a.png", "b.jpg", "c.png", "d.png"])
+    with pytest.raises(UserError, match=r"bad: none of its 4 images could be read \(e\.g\. .*a\.png.*b\.jpg"):
+        extract_features(tmp_path / "bad", tmp_path / "store", ExtractConfig(encoder="tiny"), CPU)
+
+
+def test_store_too_small_for_the_preset_is_one_line(tmp_path):
+    feats = _store(tmp_path / "few", "enc-a", n=6)
+    with pytest.raises(UserError, match=r"few: 6 usable rows.*needs at least"):
+        train_vae(load_preset(str(_preset(tmp_path / "p.yaml"))), tmp_path / "run", CPU, features=feats)
+    assert not (tmp_path / "run").exists()
+
+
+def test_symlink_loop_and_newline_names_add_no_rows(tmp_path):
+    from flatdino_cli.data import list_images
+    from flatdino_cli.toydata import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "toy", per_class=2, size=48, seed=0)
+    cls = sorted((tmp_path / "toy").iterdir())[0]
+    n = len(list_images(tmp_path / "toy"))
+    (cls / "loop").symlink_to(cls)  # a loop
+    (cls / "again").symlink_to(tmp_path / "toy")  # the whole tree once more
+    first = sorted(cls.glob("*.png"))[0]
+    (cls / "bad\nname.png").write_bytes(first.read_bytes())
+    with pytest.warns(UserWarning) as record:
+        images = list_images(tmp_path / "toy")
+    assert len(images) == n
+    text = " ".join(str(w.message) for w in record)
+    assert "symlinks" in text and "bad\\nname.png" in text

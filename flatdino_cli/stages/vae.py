@@ -31,15 +31,23 @@ def _with_store_shape(cfg: VAEStageConfig, store: Store) -> VAEStageConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_patches=P, feature_dim=C))
 
 
-def feature_splits(features: str | Path, val_count: int, seed: int) -> tuple[FeatureDataset, FeatureDataset, Store]:
-    """Train/val datasets: the store's own val/ split if it has one, else `val_count` held-out rows."""
+def feature_splits(features: str | Path, val_count: int, seed: int,
+                   batch_size: int = 1) -> tuple[FeatureDataset, FeatureDataset, Store]:
+    """Train/val datasets: the store's own val/ split if it has one, else `val_count` held-out rows.
+
+    A store with fewer usable rows than one training batch (plus validation) is a one-line error."""
     store = Store.open(features, expect_kind="features")
     val_dir = Path(features) / "val"
-    if (val_dir / "manifest.json").exists():
+    valid = store.valid_indices()
+    own_val = (val_dir / "manifest.json").exists()
+    n_val = 0 if own_val else min(val_count, len(valid) // 10)
+    if len(valid) - n_val < batch_size:
+        raise UserError(f"{features}: {len(valid)} usable rows ({store.count - len(valid)} unreadable), but "
+                        f"train.batch_size={batch_size} needs at least {batch_size + n_val} (with {n_val} held out "
+                        "for validation); extract more images or lower --batch-size")
+    if own_val:
         val_store = Store.open(val_dir, expect_kind="features")
         return FeatureDataset(store), FeatureDataset(val_store), store
-    valid = store.valid_indices()
-    n_val = min(val_count, len(valid) // 10)
     tr, va = split_indices(len(valid), n_val, seed)
     return FeatureDataset(store, valid[tr]), FeatureDataset(store, valid[va]), store
 
@@ -70,7 +78,8 @@ def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path 
     beta = cfg.beta()
     inputs: dict = {}
     if features is not None:
-        train_set, val_set, store = feature_splits(features, cfg.val_count, cfg.train.seed)
+        train_set, val_set, store = feature_splits(features, cfg.val_count, cfg.train.seed,
+                                                   cfg.train.batch_size)
         cfg = _with_store_shape(cfg, store)
         inputs["features"] = {"path": str(Path(features).resolve()), "manifest_sha256": store.manifest_hash()}
         inputs["data_path"], inputs["data_identity"] = str(Path(features).resolve()), store_identity(store)
