@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from flatdino_cli.errors import UserError
+from flatdino_cli.utils import check_out_dir
 
 app = typer.Typer(
     name="flatdino",
@@ -236,6 +237,7 @@ def train_vae(
                                                   "train.seed": seed}))
     if cfg.stage != "vae":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-vae needs a vae-* preset")
+    check_out_dir(out)
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, features=features, images=images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume,
@@ -283,6 +285,7 @@ def train_dit(
                                                   "train.seed": seed}))
     if cfg.stage != "dit":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-dit needs a DiT preset (xl-32x128, ...)")
+    check_out_dir(out)
     rt = _runtime(device, precision, compile)
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
@@ -677,6 +680,7 @@ def train_decoder(
                                                   "train.seed": seed}))
     if cfg.stage != "decoder":
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-decoder needs decoder-xl, tiny-decoder, ...")
+    check_out_dir(out)
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,

@@ -48,7 +48,7 @@ from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file, sha256_strings
+from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, check_out_dir, sha256_file, sha256_strings
 from flatdino_cli.viz import load_png, save_grid, save_png, to_uint8
 
 __all__ = ["Pipeline", "load_pipeline", "generate", "sampler_batch", "CPU_CHUNK", "image_seed", "image_noise",
@@ -499,6 +499,9 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
     N, S = len(labels_arr), pipe.image_size
     if shard_size < 1:
         raise UserError(f"--shard-size {shard_size}: must be >= 1")
+    if seed < 0:  # checked before anything is written: a fixed rerun must not meet a half-made folder
+        raise UserError(f"--seed {seed}: must be >= 0")
+    check_out_dir(out)
     identity = {
         "dit": pipe.identity.get("dit"), "vae": pipe.identity.get("vae"), "decoder": pipe.identity.get("decoder"),
         "stats": pipe.identity.get("stats"), "seed": seed, "count": N, "image_size": S,

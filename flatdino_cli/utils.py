@@ -54,6 +54,21 @@ def sha256_strings(items) -> str:
     return h.hexdigest()
 
 
+def check_out_dir(path: Path, option: str = "--out") -> None:
+    """Refuse, before anything is written, an output folder that is a file or cannot be created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder; choose another {option}")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: cannot create this folder ({parent} is a file); choose another {option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: cannot create this folder ({parent} is not writable); "
+                        f"choose another {option}")
+
+
 def ensure_dir(path: Path, option: str = "--out") -> Path:
     """Create folder `path` (and parents), or a one-line UserError naming the option."""
     path = Path(path)
