@@ -89,7 +89,10 @@ def _runtime(device: str, precision: str, compile: Optional[bool]):
 def presets_list(ctx: typer.Context):
     """List the presets shipped with flatdino.
 
-    Example: flatdino presets; flatdino presets show vae-32x128 --set model.tokens=64
+    \b
+    Examples:
+      flatdino presets
+      flatdino presets show vae-32x128 --set model.tokens=64
     """
     if ctx.invoked_subcommand is None:
         from flatdino_cli.config import list_presets, load_preset
@@ -130,7 +133,9 @@ def toy_data(
 ):
     """Write the embedded procedural toy dataset (10+ shape x colour classes) as an ImageFolder tree.
 
-    Example: flatdino toy-data runs/toy --per-class 200
+    \b
+    Example:
+      flatdino toy-data runs/toy --per-class 200
     """
     from flatdino_cli.toydata import write_toy_dataset
 
@@ -225,10 +230,14 @@ def train_vae(
 
     beta defaults to 1e-6 * 512 / (T * d); validation logs Huber, KL per token and the mean cosine
     similarity of reconstructed features, and keeps checkpoints/best by validation loss.
-    Multi-GPU: torchrun --nproc-per-node 8 -m flatdino_cli.cli train-vae ... (multi-node: add
-    torchrun's --nnodes/--node-rank/--rdzv-endpoint flags).
 
-    Example: flatdino train-vae --preset vae-32x128 --features stores/in1k --out runs/vae
+    \b
+    Multi-GPU (multi-node: add torchrun's --nnodes/--node-rank/--rdzv-endpoint):
+      torchrun --nproc-per-node 8 -m flatdino_cli.cli train-vae ...
+
+    \b
+    Example:
+      flatdino train-vae --preset vae-32x128 --features stores/in1k --out runs/vae
     """
     from flatdino_cli.config import load_preset
     from flatdino_cli.stages.vae import train_vae as run
@@ -274,9 +283,14 @@ def train_dit(
     AdamW (0.9, 0.95), wd 1e-4, clip 1.0, constant lr 2e-4, EMA 0.9995, global batch 1024 (set
     train.micro_batch_size to accumulate on small GPUs). Logs the loss per t-bucket to metrics.jsonl;
     with --vae and --decoder (and --set sample_every=N) writes a small sample grid every N steps.
-    Multi-GPU: torchrun --nproc-per-node 8 -m flatdino_cli.cli train-dit ...
 
-    Example: flatdino train-dit --preset xl-32x128 --latents stores/in1k-latents --out runs/dit-xl
+    \b
+    Multi-GPU:
+      torchrun --nproc-per-node 8 -m flatdino_cli.cli train-dit ...
+
+    \b
+    Example:
+      flatdino train-dit --preset xl-32x128 --latents stores/in1k-latents --out runs/dit-xl
     """
     from flatdino_cli.config import load_preset
     from flatdino_cli.stages.dit import train_dit as run
@@ -405,7 +419,9 @@ def ablate_tokens(
     colour scale), OUT/token_ablation_overlay.png (the maps over an example image, when the store's
     images are readable) and OUT/ablation.json (per-token total effect, peak patch, spread).
 
-    Example: flatdino ablate-tokens --vae runs/vae --features stores/in1k/val --n 10000 --out analysis/ablation
+    \b
+    Example:
+      flatdino ablate-tokens --vae runs/vae --features stores/in1k/val --n 10000 --out analysis/ablation
     """
     from flatdino_cli.analysis.ablate import run_ablate
 
@@ -436,7 +452,9 @@ def pca(
     Exact and memory-bounded: float64 covariance accumulated chunk by chunk, then eigendecomposed.
     Writes OUT/pca.json and OUT/pca.png.
 
-    Example: flatdino pca --features stores/in1k/val --images imagenet/val --vae runs/vae --out analysis/pca
+    \b
+    Example:
+      flatdino pca --features stores/in1k/val --images imagenet/val --vae runs/vae --out analysis/pca
     """
     from flatdino_cli.analysis.pca import run_pca
 
@@ -464,7 +482,9 @@ def knn(
     """Weighted k-NN classification probe (the paper's Appendix I): per-token L2 norm, mean-pool,
     L2 norm, cosine top-k, votes weighted exp(sim / 0.07). Writes OUT/knn.json and OUT/knn.png.
 
-    Example: flatdino knn --latents stores/in1k-latents --out analysis/knn
+    \b
+    Example:
+      flatdino knn --latents stores/in1k-latents --out analysis/knn
     """
     from flatdino_cli.analysis.knn import run_knn
 
@@ -492,7 +512,9 @@ def noise(
     feature cosine and relative L2 vs the clean decode and vs the DINOv2 features, next to the same
     noise put on the DINOv2 features; with --decoder also pixel PSNR. Writes OUT/noise.json, OUT/noise.png.
 
-    Example: flatdino noise --vae runs/vae --features stores/in1k/val --decoder rae/ViTXL_n08 --out analysis/noise
+    \b
+    Example:
+      flatdino noise --vae runs/vae --features stores/in1k/val --decoder rae/ViTXL_n08 --out analysis/noise
     """
     from flatdino_cli.analysis.noise import run_noise
 
@@ -517,7 +539,9 @@ def redundancy(
     """Spatial redundancy (the paper's Figure 5): cosine similarity of patch pairs vs their distance
     on the patch grid, mean and std per bin. Writes OUT/redundancy.json and OUT/redundancy.png.
 
-    Example: flatdino redundancy --features stores/in1k/val --n 5000 --out analysis/redundancy
+    \b
+    Example:
+      flatdino redundancy --features stores/in1k/val --n 5000 --out analysis/redundancy
     """
     from flatdino_cli.analysis.redundancy import run_redundancy
 
@@ -710,7 +734,9 @@ def quickstart(
     the FLOPs table, and the class accuracy of the samples as judged by a small CNN trained on unseen
     real toy images. Rerunning skips finished stages; a killed stage resumes where it stopped.
 
-    Example: flatdino quickstart --out runs/quickstart
+    \b
+    Example:
+      flatdino quickstart --out runs/quickstart
     """
     from flatdino_cli.quickstart import QuickstartPlan, format_summary, run_quickstart
 

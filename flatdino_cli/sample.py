@@ -559,13 +559,11 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
         except OSError:  # PNGs deleted: fall back to the .npz
             with np.load(npz) as z:
                 grid_images = z["arr_0"][grid_idx]
-    names = pipe.class_names
-    captions, seen = [], set()
-    for i in grid_idx:
-        c = int(labels_arr[i])
-        captions.append("" if c in seen else class_label(c, names, pipe.cfg.model.num_classes))
-        seen.add(c)
-    save_grid(grid_images, out / "grid.png", nrow, captions)
+    # the class name in full in a column beside its row (a caption on a 48-px tile was cut to "0 00_red_ci")
+    row_classes = [int(labels_arr[i]) for i in grid_idx[::nrow]]
+    row_labels = [class_label(c, pipe.class_names, pipe.cfg.model.num_classes)
+                  if r == 0 or c != row_classes[r - 1] else "" for r, c in enumerate(row_classes)]
+    save_grid(grid_images, out / "grid.png", nrow, row_labels=row_labels)
     manifest["complete"] = True
     atomic_write_json(mf_path, manifest)
     return manifest

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -329,3 +330,64 @@ def test_symlink_loop_and_newline_names_add_no_rows(tmp_path):
     assert len(images) == n
     text = " ".join(str(w.message) for w in record)
     assert "symlinks" in text and "bad\\nname.png" in text
+
+
+# ----------------------------------------------------------------------------- what a person reads
+def test_help_examples_are_never_rewrapped():
+    """Every command line quoted in a command's docstring shows on one line of its --help at 80 columns."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from flatdino_cli.cli import app
+
+    group = get_command(app)
+    checked = 0
+    for name, cmd in group.commands.items():
+        lines = [ln.strip().removeprefix("Example:").strip() for ln in (cmd.help or "").splitlines()]
+        quoted = [ln for ln in lines if ln.startswith(("flatdino ", "torchrun "))]
+        if not quoted:
+            continue
+        shown = CliRunner().invoke(app, [name, "--help"], terminal_width=80).output
+        lines = [ln.strip() for ln in shown.splitlines()]
+        for q in quoted:
+            assert any(ln.endswith(q) for ln in lines), f"{name} --help re-wraps: {q}"
+            checked += 1
+    assert checked >= 15
+
+
+def test_sample_grid_names_each_row_in_full(tmp_path):
+    from PIL import ImageDraw
+
+    from flatdino_cli.toydata import CLASS_NAMES
+    from flatdino_cli.viz import _font, make_grid
+
+    tiles = np.full((12 * 3, 48, 48, 3), 128, np.uint8)
+    labels = [f"{c} {n}" for c, n in enumerate(CLASS_NAMES)]
+    grid = make_grid(tiles, 3, row_labels=labels)
+    plain = make_grid(tiles, 3)
+    column = grid[:, : grid.shape[1] - plain.shape[1]]
+    longest = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=_font(16)) for t in labels)
+    assert column.shape[1] >= longest * 10 / 16  # wide enough for the longest name at the smallest size
+    assert np.array_equal(grid[:, column.shape[1]:], plain)
+    for r in range(12):  # dark text beside every row
+        band = column[2 + r * 50: 2 + r * 50 + 48]
+        assert (band < 100).any(), r
+
+
+def test_quickstart_refuses_too_few_images_up_front_and_prints_full_paths(cli, tmp_path):
+    from flatdino_cli.quickstart import format_summary
+
+    p = cli("quickstart", "--out", tmp_path / "qs", "--per-class", "12", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "--per-class 14" in p.stderr
+    assert not (tmp_path / "qs").exists()
+    text = format_summary({"out": "runs/qs", "minutes": 1, "stage_minutes": 1, "stages": [
+        {"stage": "sample", "grid": "grid.png"}, {"stage": "ablate-tokens", "figure": "token_ablation.png"}]})
+    assert str((Path("runs/qs") / "samples" / "grid.png").resolve()) in text
+    assert str((Path("runs/qs") / "ablate" / "token_ablation.png").resolve()) in text
+
+
+def test_train_summary_without_validation_says_so(cli, tmp_path):
+    feats = _store(tmp_path / "f", "enc-a", n=40)
+    p = cli("train-vae", "--preset", _preset(tmp_path / "p.yaml", max_steps=1), "--features", feats,
+            "--out", tmp_path / "run", "--device", "cpu")
+    assert "inf" not in p.stdout and "no validation yet" in p.stdout
