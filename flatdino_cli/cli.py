@@ -757,7 +757,7 @@ def fid(
     ref: Annotated[Path, typer.Option(help="Reference: image folder, ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz, "
                                            "its mu/sigma used when present) or clean-fid statistics .npz.")],
     inception_weights: Annotated[Optional[Path], typer.Option(
-        help="clean-fid's inception-2015-12-05.pt (default: clean-fid's cache).")] = None,
+        help="clean-fid's inception-2015-12-05.pt (default: ~/.cache/flatdino/, or $XDG_CACHE_HOME/flatdino/).")] = None,
     dino: Annotated[Optional[str], typer.Option(help="Also FD-DINOv2 with this encoder (dinov2-b-reg4 or tiny).")] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local weights for --dino.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception forward.")] = 50,

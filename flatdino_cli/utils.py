@@ -54,6 +54,12 @@ def sha256_strings(items) -> str:
     return h.hexdigest()
 
 
+def user_cache_dir(*parts: str) -> Path:
+    """$XDG_CACHE_HOME/flatdino/... (default ~/.cache/flatdino/...): the user's own cache, never a
+    shared world-writable folder such as /tmp, where another user could plant a file."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "flatdino", *parts)
+
+
 def check_out_dir(path: Path, option: str = "--out") -> None:
     """Refuse, before anything is written, an output folder that is a file or cannot be created."""
     path = Path(path)

@@ -391,3 +391,25 @@ def test_train_summary_without_validation_says_so(cli, tmp_path):
     p = cli("train-vae", "--preset", _preset(tmp_path / "p.yaml", max_steps=1), "--features", feats,
             "--out", tmp_path / "run", "--device", "cpu")
     assert "inf" not in p.stdout and "no validation yet" in p.stdout
+
+
+def test_inception_weights_are_never_taken_from_tmp(tmp_path, monkeypatch):
+    import tempfile
+
+    from flatdino_cli.analysis import fid
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    planted = Path(tempfile.gettempdir()) / fid.INCEPTION_FILE
+    made = not planted.exists()
+    if made:
+        planted.write_bytes(b"planted by someone else")
+    try:
+        with pytest.raises(UserError, match=str(tmp_path / "cache" / "flatdino" / fid.INCEPTION_FILE)):
+            fid.find_inception_weights()
+    finally:
+        if made:
+            planted.unlink()
+    mine = tmp_path / "cache" / "flatdino" / fid.INCEPTION_FILE
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"x")
+    assert fid.find_inception_weights() == mine
