@@ -5,6 +5,7 @@ Heavy imports happen inside the commands so that `flatdino --help` is instant.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ presets_app = typer.Typer(help="List presets, or show one resolved (`flatdino pr
 app.add_typer(presets_app, name="presets")
 
 
+_ONE_LINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def command(*args, **kwargs):
     """app.command whose UserErrors become one line on stderr and exit code 1 (no traceback)."""
 
@@ -44,6 +48,12 @@ def command(*args, **kwargs):
             except KeyboardInterrupt:
                 typer.echo("flatdino: interrupted; rerun the same command to resume", err=True)
                 raise typer.Exit(130) from None
+            except OSError as e:  # a full disk or a forbidden folder met by a write no check foresaw
+                if e.errno not in _ONE_LINE_ERRNOS:
+                    raise
+                typer.echo(f"flatdino: error: {e.filename or 'writing'}: {e.strerror}; free some space or fix "
+                           "the permissions, then rerun the same command to resume", err=True)
+                raise typer.Exit(1) from None
 
         return app.command(*args, **kwargs)(inner)
 

@@ -413,3 +413,21 @@ def test_inception_weights_are_never_taken_from_tmp(tmp_path, monkeypatch):
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"x")
     assert fid.find_inception_weights() == mine
+
+
+def test_a_full_disk_anywhere_else_is_still_one_line(tmp_path, monkeypatch):
+    """Writes without their own disk-full message (metrics.jsonl, summaries) end in one line too."""
+    from typer.testing import CliRunner
+
+    from flatdino_cli.cli import app
+
+    def full(self, **row):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(train.MetricsLog, "write", full)
+    feats = _store(tmp_path / "f", "enc-a", n=40)
+    r = CliRunner().invoke(app, ["train-vae", "--preset", str(_preset(tmp_path / "p.yaml")), "--features", str(feats),
+                                 "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    last = r.stderr.strip().splitlines()[-1]  # (after the progress bar's carriage returns)
+    assert f"flatdino: error: {tmp_path / 'run' / 'metrics.jsonl'}: No space left on device" in last
