@@ -63,6 +63,7 @@ class Task:
     on_step: Callable[[int, nn.Module, nn.Module | None], None] | None = None  # after each step
     inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
     find_unused_parameters: bool = False
+    keep_files: tuple[str, ...] = ()  # run-dir files made for this run (stats.pt): --no-resume copies them aside
 
 
 class TrainingDiverged(UserError):
@@ -290,10 +291,11 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, keep_old: int) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, keep_old: int, keep_files: tuple[str, ...] = ()) -> None:
     """Before anything is written: refuse a run that has checkpoints but cannot be resumed (its files
     stay untouched); with --no-resume move the whole previous run aside (config, metrics, inputs,
-    checkpoints, samples together) to RUN.old-<time>, keeping the newest `keep_old` of those."""
+    checkpoints, samples together) to RUN.old-<time>, keeping the newest `keep_old` of those.
+    `keep_files` (inputs the stage already prepared in the run dir) are copied aside, not moved."""
     ckdir = run_dir / "checkpoints"
     leftovers = sorted(p.name for p in ckdir.iterdir() if not p.name.startswith(".tmp-")) if ckdir.is_dir() else []
     if resume:
@@ -314,7 +316,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, keep_old: int) -> None:
         dest = base.with_name(f"{base.name}.old-{stamp}-{i}")
     dest.mkdir()
     for p in old:
-        p.rename(dest / p.name)
+        if p.name in keep_files:
+            shutil.copy2(p, dest / p.name)
+        else:
+            p.rename(dest / p.name)
     tqdm.write(f"--no-resume: moved the previous run to {dest}")
     kept = sorted(base.parent.glob(f"{glob.escape(base.name)}.old-*"))  # the names sort by age
     for gone in kept[:max(0, len(kept) - keep_old)]:
@@ -357,7 +362,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
     n = len(task.train_set)
     micro, accum, spe, total = plan
     if rt.is_main:
-        prepare_run_dir(run_dir, resume, cfg.keep_old_runs)
+        prepare_run_dir(run_dir, resume, cfg.keep_old_runs, task.keep_files)
     rt.barrier()
     model = task.model.to(rt.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema > 0 else None

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -29,6 +28,7 @@ from flatdino_cli.lock import LOCK_NAME, FolderLock
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.train import Task, checkpoint_dir, fit
+from test_train import synthetic_store, write_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Runtime(torch.device("cpu"), "fp32", False)
@@ -156,8 +156,11 @@ def test_no_resume_moves_the_whole_run_aside_and_keeps_the_last_k(tmp_path, caps
         fit(_tiny_task(), CFG, run, CPU, resume=False)
     assert len(list(tmp_path.glob("run.old-*"))) == 1  # default keep 1
     fit(_tiny_task(), dataclasses.replace(CFG, keep_old_runs=3), run, CPU, resume=False)
-    fit(_tiny_task(), dataclasses.replace(CFG, keep_old_runs=3), run, CPU, resume=False)
-    assert len(list(tmp_path.glob("run.old-*"))) == 3
+    (run / "stats.pt").write_bytes(b"prepared by the stage for this run")
+    task = dataclasses.replace(_tiny_task(), keep_files=("stats.pt",))
+    fit(task, dataclasses.replace(CFG, keep_old_runs=3), run, CPU, resume=False)
+    aside = sorted(tmp_path.glob("run.old-*"))
+    assert len(aside) == 3 and (aside[-1] / "stats.pt").is_file() and (run / "stats.pt").is_file()
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
@@ -223,21 +226,11 @@ def test_extract_into_a_locked_store_is_refused(tmp_path, cli):
 
 # ----------------------------------------------------------------------------- foreign data
 def _store(path: Path, encoder: str, n: int = 40, seed: int = 0) -> Path:
-    s = Store.create(path, "features", (8, 16), n, "float32", {"encoder": encoder, "weights": "w-" + encoder},
-                     {"interp": "bicubic"}, [f"img{i}.png" for i in range(n)], [i % 4 for i in range(n)])
-    s.write_rows(np.arange(n), np.random.default_rng(seed).standard_normal((n, 8, 16)).astype(np.float32))
-    s.mark_done(np.arange(n))
-    s.finalize()
-    s.close()
-    return path
+    return synthetic_store(path, n, {"encoder": encoder, "weights": "w-" + encoder}, seed)
 
 
 def _preset(path: Path, **train_cfg) -> Path:
-    model = {"kind": "flat", "tokens": 4, "latent_dim": 8, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
-             "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "mlp_ratio": 2.0}
-    train_cfg = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "log_every": 1, **train_cfg}
-    path.write_text(yaml.safe_dump({"stage": "vae", "model": model, "train": train_cfg, "val_count": 8}))
-    return path
+    return write_preset(path, **{"epochs": 1, **train_cfg})
 
 
 def test_foreign_store_of_the_same_shape_is_refused_then_accepted_on_purpose(tmp_path):

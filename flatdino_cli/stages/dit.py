@@ -134,5 +134,5 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
     inputs = {"latents": {"path": str(Path(latents).resolve()), "manifest_sha256": store.manifest_hash(),
                           "kind": store.manifest["kind"], "identity": store.manifest["identity"]}}
     task = Task(model=model, train_set=LabelledRows(FeatureDataset(store), cfg.model.num_classes), loss_fn=loss_fn,
-                config=cfg, inputs=inputs, on_step=on_step)
+                config=cfg, inputs=inputs, on_step=on_step, keep_files=(STATS_FILE,) if stats is not None else ())
     return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit")
