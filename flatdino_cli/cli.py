@@ -72,9 +72,9 @@ Resume = Annotated[bool, typer.Option("--resume/--no-resume",
                                       help="Resume from the run dir's checkpoint if it has one (default). "
                                            "--no-resume starts over and moves the old run aside to "
                                            "RUN.old-<time> (keeps the last train.keep_old_runs, default 1).")]
-NewData = Annotated[bool, typer.Option("--new-data", help="Accept a feature store other than the one the VAE run "
-                                                          "was trained on (fine-tuning on new data on purpose); "
-                                                          "both are recorded.")]
+NewData = Annotated[bool, typer.Option("--new-data", help="Resume on a store of other data than the run was "
+                                                          "trained on (fine-tuning on new data on purpose); "
+                                                          "both are recorded in inputs.json.")]
 Seed = Annotated[Optional[int], typer.Option(help="Training seed (overrides train.seed).")]
 Epochs = Annotated[Optional[float], typer.Option(help="Overrides train.epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Global batch (overrides train.batch_size); "
@@ -287,6 +287,7 @@ def train_dit(
     precision: Precision = "auto",
     compile: Compile = None,
     resume: Resume = True,
+    new_data: NewData = False,
 ):
     """Train the LightningDiT flow-matching generator on latents (the paper's recipe by default).
 
@@ -316,7 +317,8 @@ def train_dit(
         from flatdino_cli.sample import training_grid_hook
 
         on_step = training_grid_hook(cfg, out, vae, decoder, rt)
-    summary = run(cfg, out, rt, latents, resume=resume, recompute_stats=compute_stats, on_step=on_step)
+    summary = run(cfg, out, rt, latents, resume=resume, recompute_stats=compute_stats, on_step=on_step,
+                  new_data=new_data)
     if rt.is_main:
         typer.echo(f"train-dit: {summary['step']} steps -> {out}")
 

@@ -424,3 +424,23 @@ def test_a_full_disk_anywhere_else_is_still_one_line(tmp_path, monkeypatch):
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
     last = r.stderr.strip().splitlines()[-1]  # (after the progress bar's carriage returns)
     assert f"flatdino: error: {tmp_path / 'run' / 'metrics.jsonl'}: No space left on device" in last
+
+
+def test_train_dit_refuses_to_resume_on_other_latents(tmp_path):
+    from test_dit import K, TINY_DIT_YAML, write_latents
+
+    from flatdino_cli.stages.dit import train_dit
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 4, 2)).astype(np.float32)
+    a = write_latents(tmp_path / "a", x, [i % K for i in range(32)])
+    b = write_latents(tmp_path / "b", x, [(i + 1) % K for i in range(32)])  # other images' labels: another source
+    (tmp_path / "tiny.yaml").write_text(TINY_DIT_YAML)
+    cfg = load_preset(str(tmp_path / "tiny.yaml"), ["train.max_steps=2", "train.batch_size=8"])
+    train_dit(cfg, tmp_path / "run", CPU, a)
+    more = load_preset(str(tmp_path / "tiny.yaml"), ["train.max_steps=4", "train.batch_size=8"])
+    with pytest.raises(UserError, match=r"other data.*differs in source_hash.*--new-data"):
+        train_dit(more, tmp_path / "run", CPU, b)
+    assert train_dit(more, tmp_path / "run", CPU, b, new_data=True)["step"] == 4
+    rec = json.loads((tmp_path / "run" / "inputs.json").read_text())
+    assert rec["data_path"] == str(b.resolve()) and rec["previous_inputs"][0]["data_path"] == str(a.resolve())

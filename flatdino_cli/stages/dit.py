@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flatdino_cli.config import DiTStageConfig
-from flatdino_cli.data import FeatureDataset, Store
+from flatdino_cli.data import FeatureDataset, Store, store_identity
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
@@ -99,7 +99,7 @@ class LabelledRows(torch.utils.data.Dataset):
 
 
 def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, resume: bool = True,
-              recompute_stats: bool = False, on_step=None) -> dict:
+              recompute_stats: bool = False, on_step=None, new_data: bool = False) -> dict:
     out = Path(out)
     store = Store.open(latents)
     check_store_fits(store, cfg, latents)
@@ -132,7 +132,8 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
         return loss, metrics
 
     inputs = {"latents": {"path": str(Path(latents).resolve()), "manifest_sha256": store.manifest_hash(),
-                          "kind": store.manifest["kind"], "identity": store.manifest["identity"]}}
+                          "kind": store.manifest["kind"], "identity": store.manifest["identity"]},
+              "data_path": str(Path(latents).resolve()), "data_identity": store_identity(store)}
     task = Task(model=model, train_set=LabelledRows(FeatureDataset(store), cfg.model.num_classes), loss_fn=loss_fn,
                 config=cfg, inputs=inputs, on_step=on_step, keep_files=(STATS_FILE,) if stats is not None else ())
-    return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit")
+    return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit", new_data=new_data)
