@@ -34,6 +34,17 @@ app.add_typer(presets_app, name="presets")
 _ONE_LINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+def _fail(message: str, code: int) -> None:
+    """End the command with `message` on a line of its own (open progress bars closed first)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    typer.echo(message, err=True)
+    raise typer.Exit(code) from None
+
+
 def command(*args, **kwargs):
     """app.command whose UserErrors become one line on stderr and exit code 1 (no traceback)."""
 
@@ -43,17 +54,14 @@ def command(*args, **kwargs):
             try:
                 return fn(*a, **k)
             except UserError as e:
-                typer.echo(f"flatdino: error: {e}", err=True)
-                raise typer.Exit(1) from None
+                _fail(f"flatdino: error: {e}", 1)
             except KeyboardInterrupt:
-                typer.echo("flatdino: interrupted; rerun the same command to resume", err=True)
-                raise typer.Exit(130) from None
+                _fail("flatdino: interrupted; rerun the same command to resume", 130)
             except OSError as e:  # a full disk or a forbidden folder met by a write no check foresaw
                 if e.errno not in _ONE_LINE_ERRNOS:
                     raise
-                typer.echo(f"flatdino: error: {e.filename or 'writing'}: {e.strerror}; free some space or fix "
-                           "the permissions, then rerun the same command to resume", err=True)
-                raise typer.Exit(1) from None
+                _fail(f"flatdino: error: {e.filename or 'writing'}: {e.strerror}; free some space or fix "
+                      "the permissions, then rerun the same command to resume", 1)
 
         return app.command(*args, **kwargs)(inner)
 

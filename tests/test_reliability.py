@@ -422,8 +422,8 @@ def test_a_full_disk_anywhere_else_is_still_one_line(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["train-vae", "--preset", str(_preset(tmp_path / "p.yaml")), "--features", str(feats),
                                  "--out", str(tmp_path / "run"), "--device", "cpu"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
-    last = r.stderr.strip().splitlines()[-1]  # (after the progress bar's carriage returns)
-    assert f"flatdino: error: {tmp_path / 'run' / 'metrics.jsonl'}: No space left on device" in last
+    last = r.stderr.strip().splitlines()[-1]  # on a line of its own, after the closed progress bar
+    assert last.startswith(f"flatdino: error: {tmp_path / 'run' / 'metrics.jsonl'}: No space left on device")
 
 
 def test_train_dit_refuses_to_resume_on_other_latents(tmp_path):
