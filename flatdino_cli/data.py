@@ -73,21 +73,27 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
+def _dir_key(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _images_under(folder: Path, seen: set | None = None) -> list[Path]:
     """Image files below `folder`, recursively, hidden entries skipped, in sorted order.
 
     Symlinked folders are followed, but every real folder once (`seen` holds their (device, inode)
-    across calls), so a link loop or a second link to the same folder adds no duplicates. A file
-    name with a newline cannot be recorded in a store's paths.txt: it is skipped, with a warning."""
+    across calls; `folder` itself may be in it), so a link loop or a second link to the same folder
+    adds no duplicates. A file name with a newline cannot be recorded in a store's paths.txt: it is
+    skipped, with a warning."""
     seen = set() if seen is None else seen
     found, dup_dirs, odd = [], 0, []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
+        key = _dir_key(dirpath)
+        if key in seen and dirpath != str(folder):
             dirnames[:] = []
             dup_dirs += 1
             continue
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(key)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if _is_image(Path(f)):
@@ -168,7 +174,9 @@ def list_images(source: str | Path, class_index: str | Path | None = None) -> Im
             raise UserError(f"{src}: class folder '{unknown[0]}' is not in --class-index {class_index} "
                             f"({len(unknown)} unknown folder(s)); pass the matching index file")
         ids, names = mapping, _names_from_index(mapping)
-    paths, labels, seen = [], [], set()
+    # the root and every class folder are claimed up front: a link from one class into another (or
+    # to the root) must not relabel that class's images
+    paths, labels, seen = [], [], {_dir_key(src), *(_dir_key(d) for d in class_dirs)}
     for d in class_dirs:
         found = _images_under(d, seen)
         paths += [str(p) for p in found]

@@ -321,6 +321,9 @@ def test_symlink_loop_and_newline_names_add_no_rows(tmp_path):
     with pytest.warns(UserWarning) as record:
         images = list_images(tmp_path / "toy")
     assert len(images) == n
+    for path, label in zip(images.paths, images.labels):  # every image under its own class, once
+        rel = Path(path).relative_to((tmp_path / "toy").resolve())
+        assert len(rel.parts) == 2 and rel.parts[0] == images.class_names[label], rel
     text = " ".join(str(w.message) for w in record)
     assert "symlinks" in text and "bad\\nname.png" in text
 
