@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,6 +35,11 @@ app.add_typer(presets_app, name="presets")
 _ONE_LINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+def _warning_line(message, category, *_args, **_kwargs) -> str:
+    """Warnings (skipped files, duplicate folders) as one line each, without Python's source echo."""
+    return f"flatdino: warning: {message}\n"
+
+
 def _fail(message: str, code: int) -> None:
     """End the command with `message` on a line of its own (open progress bars closed first)."""
     if "tqdm" in sys.modules:
@@ -51,6 +57,7 @@ def command(*args, **kwargs):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **k):
+            warnings.formatwarning = _warning_line
             try:
                 return fn(*a, **k)
             except UserError as e:
