@@ -291,20 +291,22 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, keep_old: int, keep_files: tuple[str, ...] = ()) -> None:
-    """Before anything is written: refuse a run that has checkpoints but cannot be resumed (its files
-    stay untouched); with --no-resume move the whole previous run aside (config, metrics, inputs,
-    checkpoints, samples together) to RUN.old-<time>, keeping the newest `keep_old` of those.
-    `keep_files` (inputs the stage already prepared in the run dir) are copied aside, not moved."""
+def refuse_damaged_run(run_dir: Path) -> None:
+    """Before anything is written: a run with checkpoints but none to resume from is refused, untouched
+    (read-only, so every DDP rank runs it and they stop together)."""
     ckdir = run_dir / "checkpoints"
     leftovers = sorted(p.name for p in ckdir.iterdir() if not p.name.startswith(".tmp-")) if ckdir.is_dir() else []
-    if resume:
-        if leftovers and checkpoint_dir(run_dir) is None:
-            raise UserError(f"{run_dir}: has checkpoints ({', '.join(leftovers)}) but no complete checkpoints/latest "
-                            "(model.safetensors + state.pt) to resume from; nothing was changed. Start over with "
-                            "--no-resume (the old run is moved aside), or copy checkpoints/best to "
-                            "checkpoints/latest to resume from the best one")
-        return
+    if leftovers and checkpoint_dir(run_dir) is None:
+        raise UserError(f"{run_dir}: has checkpoints ({', '.join(leftovers)}) but no complete checkpoints/latest "
+                        "(model.safetensors + state.pt) to resume from; nothing was changed. Start over with "
+                        "--no-resume (the old run is moved aside), or copy checkpoints/best to "
+                        "checkpoints/latest to resume from the best one")
+
+
+def move_run_aside(run_dir: Path, keep_old: int, keep_files: tuple[str, ...] = ()) -> None:
+    """--no-resume: move the whole previous run (config, metrics, inputs, checkpoints, samples together)
+    to RUN.old-<time>, keeping the newest `keep_old` of those. `keep_files` (inputs the stage already
+    prepared in the run dir for the new run) are copied aside, not moved."""
     old = sorted(p for p in run_dir.iterdir() if p.name != LOCK_NAME)
     if not old:
         return
@@ -361,8 +363,10 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
          resume: bool, desc: str, new_data: bool) -> dict:
     n = len(task.train_set)
     micro, accum, spe, total = plan
-    if rt.is_main:
-        prepare_run_dir(run_dir, resume, cfg.keep_old_runs, task.keep_files)
+    if resume:
+        refuse_damaged_run(run_dir)
+    elif rt.is_main:
+        move_run_aside(run_dir, cfg.keep_old_runs, task.keep_files)
     rt.barrier()
     model = task.model.to(rt.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema > 0 else None
