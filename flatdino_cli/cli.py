@@ -57,7 +57,7 @@ def command(*args, **kwargs):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **k):
-            warnings.formatwarning = _warning_line
+            formatwarning, warnings.formatwarning = warnings.formatwarning, _warning_line
             try:
                 return fn(*a, **k)
             except UserError as e:
@@ -69,6 +69,8 @@ def command(*args, **kwargs):
                     raise
                 _fail(f"flatdino: error: {e.filename or 'writing'}: {e.strerror}; free some space or fix "
                       "the permissions, then rerun the same command to resume", 1)
+            finally:
+                warnings.formatwarning = formatwarning
 
         return app.command(*args, **kwargs)(inner)
 
