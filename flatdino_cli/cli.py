@@ -5,8 +5,10 @@ Heavy imports happen inside the commands so that `flatdino --help` is instant.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +16,7 @@ import typer
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import resolve as resolve_model_ref
+from flatdino_cli.utils import check_out_dir
 
 app = typer.Typer(
     name="flatdino",
@@ -62,21 +65,46 @@ def main_options(
 MODEL_OPTIONS = ("vae", "dit", "decoder", "guide")  # options naming a run: also an export folder or hf:ORG/NAME
 
 
+_ONE_LINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _warning_line(message, category, *_args, **_kwargs) -> str:
+    """Warnings (skipped files, duplicate folders) as one line each, without Python's source echo."""
+    return f"flatdino: warning: {message}\n"
+
+
+def _fail(message: str, code: int) -> None:
+    """End the command with `message` on a line of its own (open progress bars closed first)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    typer.echo(message, err=True)
+    raise typer.Exit(code) from None
+
+
 def command(*args, **kwargs):
     """app.command whose UserErrors become one line on stderr and exit code 1 (no traceback)."""
 
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **k):
+            formatwarning, warnings.formatwarning = warnings.formatwarning, _warning_line
             try:
                 k = {n: resolve_model_ref(v) if n in MODEL_OPTIONS else v for n, v in k.items()}
                 return fn(*a, **k)
             except UserError as e:
-                typer.echo(f"flatdino: error: {e}", err=True)
-                raise typer.Exit(1) from None
+                _fail(f"flatdino: error: {e}", 1)
             except KeyboardInterrupt:
-                typer.echo("flatdino: interrupted; rerun the same command to resume", err=True)
-                raise typer.Exit(130) from None
+                _fail("flatdino: interrupted; rerun the same command to resume", 130)
+            except OSError as e:  # a full disk or a forbidden folder met by a write no check foresaw
+                if e.errno not in _ONE_LINE_ERRNOS:
+                    raise
+                _fail(f"flatdino: error: {e.filename or 'writing'}: {e.strerror}; free some space or fix "
+                      "the permissions, then rerun the same command to resume", 1)
+            finally:
+                warnings.formatwarning = formatwarning
 
         return app.command(*args, **kwargs)(inner)
 
@@ -93,7 +121,11 @@ Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                  help="torch.compile the model (default: on for CUDA, off for CPU).")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume",
                                       help="Resume from the run dir's checkpoint if it has one (default). "
-                                           "--no-resume starts over and moves old checkpoints aside.")]
+                                           "--no-resume starts over and moves the old run aside to "
+                                           "RUN.old-<time> (keeps the last train.keep_old_runs, default 1).")]
+NewData = Annotated[bool, typer.Option("--new-data", help="Resume on a store of other data than the run was "
+                                                          "trained on (fine-tuning on new data on purpose); "
+                                                          "both are recorded in inputs.json.")]
 Seed = Annotated[Optional[int], typer.Option(help="Training seed (overrides train.seed).")]
 RunOut = Annotated[Optional[Path], typer.Option("--out", "-o", help=(
     "Run directory (created; resumed if it has a checkpoint). Default: the workspace's runs/<stage>-<preset>, "
@@ -130,7 +162,10 @@ def _runtime(device: str, precision: str, compile: Optional[bool]):
 def presets_list(ctx: typer.Context):
     """List the presets shipped with flatdino.
 
-    Example: flatdino presets; flatdino presets show vae-32x128 --set model.tokens=64
+    \b
+    Examples:
+      flatdino presets
+      flatdino presets show vae-32x128 --set model.tokens=64
     """
     if ctx.invoked_subcommand is None:
         from flatdino_cli.config import list_presets, load_preset
@@ -202,7 +237,9 @@ def toy_data(
 ):
     """Write the embedded procedural toy dataset (10+ shape x colour classes) as an ImageFolder tree.
 
-    Example: flatdino toy-data runs/toy --per-class 200
+    \b
+    Example:
+      flatdino toy-data runs/toy --per-class 200
     """
     from flatdino_cli.toydata import write_toy_dataset
 
@@ -237,6 +274,8 @@ def extract(
     class_index: Annotated[Optional[Path], typer.Option(help="JSON/txt mapping ImageNet synset folders to 0-999.")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first unreadable image instead of skipping it.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store that was made differently.")] = False,
+    new_data: Annotated[bool, typer.Option("--new-data", help="With --vae: accept features of another encoder "
+                                                              "than the VAE was trained on (recorded).")] = False,
     device: Device = "auto",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the encoder.")] = False,
     tf32: Annotated[bool, typer.Option(help="Allow TF32 matmuls on CUDA (faster, slightly less exact).")] = False,
@@ -265,7 +304,7 @@ def extract(
         from flatdino_cli.extract import extract_latents
 
         summary = extract_latents(source, vae, out, rt, batch_size=batch_size, dtype=dtype or "float32",
-                                  overwrite=overwrite, decoded=decoded)
+                                  overwrite=overwrite, decoded=decoded, new_data=new_data)
         typer.echo(f"extract: {'decoded features' if decoded else 'latents'} -> {', '.join(summary['stores'])}")
         return
     if decoded:
@@ -303,14 +342,17 @@ def train_vae(
     compile: Compile = None,
     resume: Resume = True,
     log_to: LogTo = None,
+    new_data: NewData = False,
 ):
     """Train the FlatDINO laminator (beta-VAE) on DINOv2 features.
 
     beta defaults to 1e-6 * 512 / (T * d); validation logs the Huber loss, Huber + beta * KL, KL per
     token and the mean cosine similarity of reconstructed features, and keeps checkpoints/best by the
     validation Huber loss alone (the authors' criterion).
-    Multi-GPU: torchrun --nproc-per-node 8 -m flatdino_cli.cli train-vae ... (multi-node: add
-    torchrun's --nnodes/--node-rank/--rdzv-endpoint flags).
+
+    \b
+    Multi-GPU (multi-node: add torchrun's --nnodes/--node-rank/--rdzv-endpoint):
+      torchrun --nproc-per-node 8 -m flatdino_cli.cli train-vae ...
 
     \b
     Examples:
@@ -331,13 +373,17 @@ def train_vae(
         features = ws.pick_features("train-vae")
     encoder_weights = ws.setting("encoder-weights", encoder_weights) if images is not None else encoder_weights
     out = ws.run_dir("train-vae", out, "vae", preset, cfg)
+    check_out_dir(out)
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, features=features, images=images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume,
-                  val_features=val_features)
+                  val_features=val_features, new_data=new_data)
     if rt.is_main:
         ws.note_run(out, "vae", preset)
-        typer.echo(f"train-vae: {summary['step']} steps, best val Huber {summary['best_val']:.4g} -> {out}")
+        best = summary["best_val"]
+        val = (f"best val {'Huber' if cfg.loss.loss == 'huber' else cfg.loss.loss.upper()} {best:.4g}"
+               if best != float("inf") else "no validation yet (it runs at each epoch end; train longer)")
+        typer.echo(f"train-vae: {summary['step']} steps, {val} -> {out}")
 
 
 @command("train-dit")
@@ -361,15 +407,21 @@ def train_dit(
     compile: Compile = None,
     resume: Resume = True,
     log_to: LogTo = None,
+    new_data: NewData = False,
 ):
     """Train the LightningDiT flow-matching generator on latents (the paper's recipe by default).
 
     AdamW (0.9, 0.95), wd 1e-4, clip 1.0, constant lr 2e-4, EMA 0.9995, global batch 1024 (set
     train.micro_batch_size to accumulate on small GPUs). Logs the loss per t-bucket to metrics.jsonl;
     with --vae and --decoder (and --set sample_every=N) writes a small sample grid every N steps.
-    Multi-GPU: torchrun --nproc-per-node 8 -m flatdino_cli.cli train-dit ...
 
-    Example: flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
+    \b
+    Multi-GPU:
+      torchrun --nproc-per-node 8 -m flatdino_cli.cli train-dit ...
+
+    \b
+    Example:
+      flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
     """
     from flatdino_cli import workspace as ws
     from flatdino_cli.config import load_preset
@@ -382,13 +434,15 @@ def train_dit(
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-dit needs a DiT preset (xl-32x128, ...)")
     latents = latents if latents is not None else ws.pick_latents("train-dit", cfg)
     out = ws.run_dir("train-dit", out, "dit", preset, cfg)
+    check_out_dir(out)
     rt = _runtime(device, precision, compile)
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
         from flatdino_cli.sample import training_grid_hook
 
         on_step = training_grid_hook(cfg, out, vae, decoder, rt)
-    summary = run(cfg, out, rt, latents, resume=resume, recompute_stats=compute_stats, on_step=on_step)
+    summary = run(cfg, out, rt, latents, resume=resume, recompute_stats=compute_stats, on_step=on_step,
+                  new_data=new_data)
     if rt.is_main:
         ws.note_run(out, "dit", preset)
         typer.echo(f"train-dit: {summary['step']} steps -> {out}")
@@ -578,7 +632,9 @@ def ablate_tokens(
     colour scale), OUT/token_ablation_overlay.png (the maps over an example image, when the store's
     images are readable) and OUT/ablation.json (per-token total effect, peak patch, spread).
 
-    Example: flatdino ablate-tokens   (the newest VAE run, on its store's val split)
+    \b
+    Example:
+      flatdino ablate-tokens   (the newest VAE run, on its store's val split)
     """
     from flatdino_cli import workspace as ws
     from flatdino_cli.analysis.ablate import run_ablate
@@ -613,7 +669,9 @@ def pca(
     Exact and memory-bounded: float64 covariance accumulated chunk by chunk, then eigendecomposed.
     Writes OUT/pca.json and OUT/pca.png.
 
-    Example: flatdino pca --features stores/in1k/val --images imagenet/val --vae runs/vae --out analysis/pca
+    \b
+    Example:
+      flatdino pca --features stores/in1k/val --images imagenet/val --vae runs/vae --out analysis/pca
     """
     from flatdino_cli.analysis.pca import run_pca
 
@@ -641,7 +699,9 @@ def knn(
     """Weighted k-NN classification probe (the paper's Appendix I): per-token L2 norm, mean-pool,
     L2 norm, cosine top-k, votes weighted exp(sim / 0.07). Writes OUT/knn.json and OUT/knn.png.
 
-    Example: flatdino knn --latents stores/in1k-latents --out analysis/knn
+    \b
+    Example:
+      flatdino knn --latents stores/in1k-latents --out analysis/knn
     """
     from flatdino_cli.analysis.knn import run_knn
 
@@ -674,7 +734,9 @@ def noise(
     paper reports), for noise on the latents and on the DINOv2 features; always feature cosine and
     relative L2 vs the clean decode and vs the DINOv2 features. Writes OUT/noise.json, OUT/noise.png.
 
-    Example: flatdino noise --vae runs/vae --features stores/in1k/val --decoder rae/ViTXL_n08 --out analysis/noise
+    \b
+    Example:
+      flatdino noise --vae runs/vae --features stores/in1k/val --decoder rae/ViTXL_n08 --out analysis/noise
     """
     from flatdino_cli.analysis.noise import run_noise
 
@@ -705,7 +767,9 @@ def redundancy(
     """Spatial redundancy (the paper's Figure 5): cosine similarity of patch pairs vs their distance
     on the patch grid, mean and std per bin. Writes OUT/redundancy.json and OUT/redundancy.png.
 
-    Example: flatdino redundancy --features stores/in1k/val --n 5000 --out analysis/redundancy
+    \b
+    Example:
+      flatdino redundancy --features stores/in1k/val --n 5000 --out analysis/redundancy
     """
     from flatdino_cli.analysis.redundancy import run_redundancy
 
@@ -918,6 +982,7 @@ def train_decoder(
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-decoder needs decoder-xl, tiny-decoder, ...")
     encoder_weights = ws.setting("encoder-weights", encoder_weights) if encoder not in (None, "tiny") else encoder_weights
     out = ws.run_dir("train-decoder", out, "decoder", preset, cfg)
+    check_out_dir(out)
     rt = _runtime(device, precision, compile)
     summary = run(cfg, out, rt, images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,
@@ -949,7 +1014,9 @@ def quickstart(
     the FLOPs table, and the class accuracy of the samples as judged by a small CNN trained on unseen
     real toy images. Rerunning skips finished stages; a killed stage resumes where it stopped.
 
-    Example: flatdino quickstart --out runs/quickstart
+    \b
+    Example:
+      flatdino quickstart --out runs/quickstart
     """
     from flatdino_cli import workspace as ws
     from flatdino_cli.quickstart import QuickstartPlan, format_summary, run_quickstart
@@ -972,7 +1039,7 @@ def fid(
                                                      "its mu/sigma used when present) or clean-fid statistics .npz "
                                                      "(default: `workspace set reference-batch`).")] = None,
     inception_weights: Annotated[Optional[Path], typer.Option(
-        help="clean-fid's inception-2015-12-05.pt (default: clean-fid's cache).")] = None,
+        help="clean-fid's inception-2015-12-05.pt (default: ~/.cache/flatdino/, or $XDG_CACHE_HOME/flatdino/).")] = None,
     dino: Annotated[Optional[str], typer.Option(help="Also FD-DINOv2 with this encoder (dinov2-b-reg4 or tiny).")] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local weights for --dino.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception forward.")] = 50,

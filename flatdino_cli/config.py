@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     log_to: tuple[str, ...] = ()  # experiment trackers beside metrics.jsonl: tensorboard, wandb (track.py)
+    keep_old_runs: int = 1  # --no-resume moves the old run aside to RUN.old-<time>; keep this many
 
     def __post_init__(self):
         _check(self.schedule in ("constant", "wsd", "cosine"), "train.schedule", "constant, wsd or cosine")
@@ -61,8 +62,11 @@ class TrainConfig:
         _check(self.epochs > 0 or self.max_steps, "train.epochs", "positive (or set train.max_steps)")
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "positive")
         _check(0.0 <= self.ema < 1.0, "train.ema", "in [0, 1)")
-        for key in ("ckpt_every_steps", "log_every", "val_every_epochs"):
-            _check(getattr(self, key) >= 1, f"train.{key}", "a positive integer")
+        _positive(self, "train", "ckpt_every_steps", "log_every", "val_every_epochs", "lr", "eps")
+        _non_negative(self, "train", "epochs", "warmup_epochs", "warmup_start_lr", "decay_epochs", "final_lr",
+                      "weight_decay", "grad_clip", "seed", "num_workers", "keep_old_runs")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "a positive integer (or null)")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", "two values in [0, 1)")
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -86,6 +90,9 @@ class ExtractConfig:
     def __post_init__(self):
         _check(self.interp in ("bicubic", "bilinear"), "interp", "bicubic or bilinear")
         _check(self.dtype in ("float16", "float32"), "dtype", "float16 or float32")
+        _positive(self, "", "batch_size")
+        _non_negative(self, "", "workers", "val_split")
+        _check(self.crop_size is None or self.crop_size >= 1, "crop_size", "a positive integer")
 
 
 # ----------------------------------------------------------------------------- laminator (VAE)
@@ -113,6 +120,8 @@ class VAEModelConfig:
 
     def __post_init__(self):
         _check(self.kind in ("flat", "fae"), "model.kind", "flat or fae")
+        _positive(self, "model", "tokens", "latent_dim", "feature_dim", "num_patches", "enc_width", "enc_depth",
+                  "enc_heads", "dec_width", "dec_depth", "dec_heads", "mlp_ratio")
         _check(self.enc_width % self.enc_heads == 0, "model.enc_width", "divisible by model.enc_heads")
         _check(self.dec_width % self.dec_heads == 0, "model.dec_width", "divisible by model.dec_heads")
 
@@ -131,6 +140,9 @@ class VAELossConfig:
 
     def __post_init__(self):
         _check(self.loss in ("huber", "mse"), "loss.loss", "huber or mse")
+        _positive(self, "loss", "huber_delta")
+        _non_negative(self, "loss", "free_bits")
+        _check(self.beta is None or (math.isfinite(self.beta) and self.beta >= 0), "loss.beta", "finite and >= 0")
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,9 @@ class VAEStageConfig:
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     val_count: int = 10000  # validation rows held out of the store when it has no val split
+
+    def __post_init__(self):
+        _non_negative(self, "", "val_count")
 
     def beta(self) -> float:
         if self.loss.beta is not None:
@@ -173,6 +188,11 @@ class DiTModelConfig:
 
     def __post_init__(self):
         _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed", "sincos or learned")
+        _positive(self, "model", "tokens", "in_dim", "width", "depth", "heads", "mlp_hidden", "num_classes",
+                  "head_heads", "patch")
+        _non_negative(self, "model", "head_width", "head_depth", "head_mlp_hidden")
+        _check(0.0 <= self.class_dropout < 1.0, "model.class_dropout", "in [0, 1)")
+        _check(self.head_width % self.head_heads == 0, "model.head_width", "divisible by model.head_heads")
         _check(self.width % self.heads == 0, "model.width", "divisible by model.heads")
         _check(self.grid is None or self.grid[0] * self.grid[1] == self.tokens, "model.grid",
                "(h, w) with h * w == model.tokens")
@@ -199,6 +219,9 @@ class DiTStageConfig:
     normalize: bool = False  # RAE mode: (x - mean) / sqrt(var + 1e-5) with per-position stats
     sample_every: int = 0  # write a small sample grid every N steps (needs --vae/--decoder)
 
+    def __post_init__(self):
+        _non_negative(self, "", "sample_every")
+
 
 # ----------------------------------------------------------------------------- pixel decoder
 @dataclass(frozen=True)
@@ -213,6 +236,12 @@ class DecoderModelConfig:
     heads: int = 16
     mlp_hidden: int = 4096
     ln_eps: float = 1e-12
+
+    def __post_init__(self):
+        _positive(self, "model", "in_dim", "num_patches", "patch_size", "width", "depth", "heads", "mlp_hidden",
+                  "ln_eps")
+        _check(self.width % self.heads == 0, "model.width", "divisible by model.heads")
+        _check(math.isqrt(self.num_patches) ** 2 == self.num_patches, "model.num_patches", "a square number")
 
     @property
     def image_size(self) -> int:
@@ -230,6 +259,10 @@ class DecoderLossConfig:
     noise_tau: float = 0.8  # feature noise sigma ~ noise_tau * U(0,1), training only
     noise_fixed: bool = False  # sigma = noise_tau exactly (FAE's Gaussian embedding decoder)
 
+    def __post_init__(self):
+        _non_negative(self, "loss", "l1", "lpips", "gan", "disc_start_epoch", "gan_start_epoch",
+                      "max_adaptive_weight", "noise_tau")
+
 
 @dataclass(frozen=True)
 class DecoderStageConfig:
@@ -246,6 +279,22 @@ STAGES: dict[str, type] = {"vae": VAEStageConfig, "dit": DiTStageConfig, "decode
 def _check(ok: Any, key: str, want: str) -> None:
     if not ok:
         raise UserError(f"config: {key} must be {want}")
+
+
+def _in_range(obj: Any, section: str, names: tuple[str, ...], ok: Callable[[float], bool], want: str) -> None:
+    """Range-check numeric fields; NaN and infinities are always refused."""
+    for name in names:
+        v = getattr(obj, name)
+        if not (math.isfinite(v) and ok(v)):
+            raise UserError(f"config: {section + '.' if section else ''}{name} must be {want}, got {v!r}")
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    _in_range(obj, section, names, lambda v: v > 0, "finite and > 0")
+
+
+def _non_negative(obj: Any, section: str, *names: str) -> None:
+    _in_range(obj, section, names, lambda v: v >= 0, "finite and >= 0")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -348,8 +397,7 @@ def load_yaml(path: Path) -> Any:
         with open(path) as f:
             return yaml.safe_load(f)
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{path}: not valid YAML for yaml.safe_load ({first}); python tags are refused") from None
+        raise yaml_error(e, str(path)) from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -405,7 +453,18 @@ def _parse_preset(text: str, source: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"{source}: not valid YAML ({str(e).splitlines()[0]}); python tags are refused") from None
+        raise yaml_error(e, source) from None
+
+
+def yaml_error(e: yaml.YAMLError, source: str) -> UserError:
+    """One line: the YAML problem and its line; python/object tags are named as refused on purpose."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if isinstance(e, yaml.constructor.ConstructorError) and "tag" in problem:
+        return UserError(f"{source}:{where}: {problem}: python tags are refused (plain YAML only)")
+    context = getattr(e, "context", None)
+    return UserError(f"{source}:{where}: invalid YAML: {context + ', ' if context else ''}{problem}")
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -75,12 +75,36 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image files below `folder`, recursively, hidden entries skipped, in sorted order."""
-    found = []
+def _dir_key(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _images_under(folder: Path, seen: set | None = None) -> list[Path]:
+    """Image files below `folder`, recursively, hidden entries skipped, in sorted order.
+
+    Symlinked folders are followed, but every real folder once (`seen` holds their (device, inode)
+    across calls; `folder` itself may be in it), so a link loop or a second link to the same folder
+    adds no duplicates. A file name with a newline cannot be recorded in a store's paths.txt: it is
+    skipped, with a warning."""
+    seen = set() if seen is None else seen
+    found, dup_dirs, odd = [], 0, []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        key = _dir_key(dirpath)
+        if key in seen and dirpath != str(folder):
+            dirnames[:] = []
+            dup_dirs += 1
+            continue
+        seen.add(key)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if _is_image(Path(f))]
+        for f in sorted(filenames):
+            if _is_image(Path(f)):
+                (odd if "\n" in f or "\n" in dirpath else found).append(Path(dirpath) / f)
+    if dup_dirs:
+        warnings.warn(f"{folder}: skipped {dup_dirs} folder(s) reached again through symlinks (each real folder "
+                      "is read once)")
+    for p in odd:
+        warnings.warn(f"{str(p)!r}: skipped, a newline in a file name cannot be recorded; rename the file")
     return found
 
 
@@ -152,9 +176,11 @@ def list_images(source: str | Path, class_index: str | Path | None = None) -> Im
             raise UserError(f"{src}: class folder '{unknown[0]}' is not in --class-index {class_index} "
                             f"({len(unknown)} unknown folder(s)); pass the matching index file")
         ids, names = mapping, _names_from_index(mapping)
-    paths, labels = [], []
+    # the root and every class folder are claimed up front: a link from one class into another (or
+    # to the root) must not relabel that class's images
+    paths, labels, seen = [], [], {_dir_key(src), *(_dir_key(d) for d in class_dirs)}
     for d in class_dirs:
-        found = _images_under(d)
+        found = _images_under(d, seen)
         paths += [str(p) for p in found]
         labels += [ids[d.name]] * len(found)
     if not paths:
@@ -668,6 +694,15 @@ class Store:
             self.close()
         except Exception:
             pass
+
+
+def store_identity(store: Store) -> dict:
+    """What makes two stores the same data: kind, encoder (+ weights hash), preprocessing, source list.
+
+    A run records it (inputs.json `data_identity`) and refuses to resume on a store that differs."""
+    m = store.manifest
+    return {"kind": m["kind"], "encoder": m["identity"], "preprocessing": m["preprocessing"],
+            "source_hash": m["source_hash"]}
 
 
 class FeatureDataset(Dataset):

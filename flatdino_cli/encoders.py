@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from flatdino_cli.errors import UserError
+from flatdino_cli.utils import sha256_file
 
 __all__ = ["NUM_REGISTERS", "NUM_PREFIX_TOKENS", "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "EncoderSpec",
            "ENCODERS", "get_spec", "FrozenEncoder", "load_encoder", "read_state_dict", "hf_cache_dir"]
@@ -332,7 +333,8 @@ def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, dev
     spec = name if isinstance(name, EncoderSpec) else get_spec(name)
     if weights is not None:
         path = Path(weights).expanduser()
-        sd, source, wid = read_state_dict(path), f"--encoder-weights {path}", str(path.resolve())
+        # the content hash, not the path: a store refuses other weights, and accepts a moved file
+        sd, source, wid = read_state_dict(path), f"--encoder-weights {path}", f"sha256:{sha256_file(path)}"
     elif spec.hub_repos:
         path = _pretrained_file(spec)  # resolved before building the model: a miss fails fast
         sd, source = read_state_dict(path, "cached weights"), f"cached weights {path}"

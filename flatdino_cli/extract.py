@@ -7,6 +7,7 @@ with the same batch composition, and ends byte-identical to an uninterrupted run
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -21,7 +22,9 @@ from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (BadImageWarning, EncoderTransform, FeatureDataset, ImageDataset, Store,
                                collate_images, list_images, split_indices)
 from flatdino_cli.errors import UserError
+from flatdino_cli.lock import FolderLock
 from flatdino_cli.runtime import Runtime
+from flatdino_cli.utils import disk_full_is_user_error
 
 
 def _pending_chunks(store: Store, rows: int) -> list[list[int]]:
@@ -66,20 +69,32 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
         feats = forward(transform.finish(x))
         return torch.stack([feats, forward(transform.finish(x.flip(-1)))], 1) if cfg.mirror else feats
 
-    for path, subset in parts:
-        store = Store.create(path, "features", (encoder.num_patches, encoder.dim), len(subset), cfg.dtype,
-                             identity=encoder_identity(encoder, cfg), preprocessing=transform.spec(),
-                             paths=subset.paths, labels=subset.labels,
-                             extra={"class_names": subset.class_names, "source": subset.source,
-                                    "grid": [math.isqrt(encoder.num_patches)] * 2},  # the encoder's square patch grid
-                             overwrite=overwrite, views=2 if cfg.mirror else 1)
-        dataset = ImageDataset(subset, transform.pixels, strict=cfg.strict)  # uint8 crops
-        _fill(store, dataset, encode, cfg, rt, desc=f"extract {path.name}")
-        store.finalize()
-        summary["stores"].append(str(path))
-        summary["skipped"] += int(store.manifest["skipped_count"])
-        store.close()
+    with FolderLock(out, "store", option="OUT"):  # one writer per store; readers need no lock
+        bad = []
+        for path, subset in parts:
+            bad += _extract_part(path, subset, encoder, encode, transform, cfg, rt, overwrite, summary)
+    if summary["skipped"] == summary["images"]:
+        raise UserError(f"{source}: none of its {summary['images']} images could be read (e.g. "
+                        f"{', '.join(repr(p) for p in bad[:3])}); the store {out} holds no data")
     return summary
+
+
+def _extract_part(path: Path, subset, encoder, encode, transform: EncoderTransform, cfg: ExtractConfig,
+                  rt: Runtime, overwrite: bool, summary: dict) -> list[str]:
+    """Fill one store (the train part or OUT/val); returns the paths of its unreadable images."""
+    store = Store.create(path, "features", (encoder.num_patches, encoder.dim), len(subset), cfg.dtype,
+                         identity=encoder_identity(encoder, cfg), preprocessing=transform.spec(),
+                         paths=subset.paths, labels=subset.labels,
+                         extra={"class_names": subset.class_names, "source": subset.source,
+                                "grid": [math.isqrt(encoder.num_patches)] * 2},  # the encoder's square patch grid
+                         overwrite=overwrite, views=2 if cfg.mirror else 1)
+    dataset = ImageDataset(subset, transform.pixels, strict=cfg.strict)  # uint8 crops
+    _fill(store, dataset, encode, cfg, rt, desc=f"extract {path.name}")
+    store.finalize()
+    summary["stores"].append(str(path))
+    summary["skipped"] += int(store.manifest["skipped_count"])
+    store.close()
+    return [s["path"] for s in store.manifest["skipped"]]
 
 
 def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtime, desc: str) -> None:
@@ -98,7 +113,9 @@ def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtim
             if batch.images is not None:
                 with torch.no_grad():
                     feats = encode(batch.images.to(rt.device, non_blocking=rt.pin_memory))  # fp32, no AMP
-                store.write_rows(batch.indices.numpy(), feats.float().cpu().numpy())
+                row_bytes = store.dtype.itemsize * store.views * int(np.prod(store.item_shape))
+                with disk_full_is_user_error(store.path / "data.npy", row_bytes * (store.count - done_rows - n)):
+                    store.write_rows(batch.indices.numpy(), feats.float().cpu().numpy())
                 store.mark_done(batch.indices.numpy())
             if len(batch.skipped):
                 for i in batch.skipped.tolist():
@@ -132,12 +149,15 @@ class _RowDataset(Dataset):
 
 def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, rt: Runtime,
                     batch_size: int = 256, dtype: str = "float32", overwrite: bool = False,
-                    decoded: bool = False) -> dict:
+                    decoded: bool = False, new_data: bool = False) -> dict:
     """Feature store -> latent store (N, T, d) of the VAE posterior mean mu (+ `out/val` if present).
 
     decoded=True writes the VAE's reconstruction decode(mu) instead: a feature store (N, P, C) that a
     pixel decoder can be fine-tuned on, so it learns the features it will see at sampling time (FAE's
     "pixel fine-tuning", seed 004).
+
+    Features of another encoder than the VAE was trained on are refused (new_data=True accepts them,
+    and the latent store records the VAE's training data beside its own source).
     """
     from flatdino_cli.runs import load_run
 
@@ -146,35 +166,56 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
     if (Path(features) / "val" / "manifest.json").exists():
         stores.append((Path(features) / "val", Path(out) / "val"))
     cfg = ExtractConfig(batch_size=batch_size, dtype=dtype)
-    summary = {"stores": []}
-    for src_path, dst in stores:
+    for src_path, _ in stores:  # every input is checked before anything is written
         src = Store.open(src_path, expect_kind="features")
         check_feature_shape(src, vae_cfg.model, src_path)
-        identity = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": ckpt_hash,
-                    "features": str(src_path.resolve()), "features_manifest_sha256": src.manifest_hash()}
-        kind, shape = "latents", vae_cfg.model.latent_shape
-        extra = {**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]}
-        if decoded:  # still "features" of the same encoder, as far as a pixel decoder is concerned
-            kind, shape = "features", tuple(src.item_shape)
-            identity = {**src.manifest["identity"], "vae_reconstruction": identity}
-        else:  # train-dit reads the latents' layout from here: FAE keeps the patch grid, FlatDINO has none
-            side = math.isqrt(vae_cfg.model.num_patches)
-            extra["grid"] = [side, side] if vae_cfg.model.kind == "fae" else None
-        dst_store = Store.create(dst, kind, shape, src.count, dtype, identity=identity,
-                                 preprocessing=src.manifest["preprocessing"], paths=src.paths,
-                                 labels=src.labels.tolist(), extra=extra, overwrite=overwrite, views=src.views)
+        check_same_encoder(src, src_path, vae_run, new_data)
+    summary = {"stores": []}
+    with FolderLock(out, "store", option="OUT"):
+        for src_path, dst in stores:
+            src = Store.open(src_path, expect_kind="features")
+            identity = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": ckpt_hash,
+                        "features": str(src_path.resolve()), "features_manifest_sha256": src.manifest_hash()}
+            trained_on = check_same_encoder(src, src_path, vae_run, new_data)
+            if new_data:
+                identity["vae_training_data"] = trained_on
+            kind, shape = "latents", vae_cfg.model.latent_shape
+            extra = {**src.manifest.get("extra", {}), "encoder": src.manifest["identity"]}
+            if decoded:  # still "features" of the same encoder, as far as a pixel decoder is concerned
+                kind, shape = "features", tuple(src.item_shape)
+                identity = {**src.manifest["identity"], "vae_reconstruction": identity}
+            else:  # train-dit reads the latents' layout from here: FAE keeps the patch grid, FlatDINO has none
+                side = math.isqrt(vae_cfg.model.num_patches)
+                extra["grid"] = [side, side] if vae_cfg.model.kind == "fae" else None
+            dst_store = Store.create(dst, kind, shape, src.count, dtype, identity=identity,
+                                     preprocessing=src.manifest["preprocessing"], paths=src.paths,
+                                     labels=src.labels.tolist(), extra=extra, overwrite=overwrite, views=src.views)
 
-        def encode(x, views=src.views):  # (B, P, C) or (B, V, P, C): every view is encoded
-            with rt.autocast():
-                mu = vae.encode(x.flatten(0, 1) if views > 1 else x)[0]
-                out = (vae.decode(mu) if decoded else mu).float()
-            return out.unflatten(0, (x.shape[0], views)) if views > 1 else out
+            def encode(x, views=src.views):  # (B, P, C) or (B, V, P, C): every view is encoded
+                with rt.autocast():
+                    mu = vae.encode(x.flatten(0, 1) if views > 1 else x)[0]
+                    out = (vae.decode(mu) if decoded else mu).float()
+                return out.unflatten(0, (x.shape[0], views)) if views > 1 else out
 
-        _fill(dst_store, _RowDataset(src), encode, cfg, rt, desc=f"latents {dst.name}")
-        dst_store.finalize()
-        summary["stores"].append(str(dst))
-        dst_store.close()
+            _fill(dst_store, _RowDataset(src), encode, cfg, rt, desc=f"latents {dst.name}")
+            dst_store.finalize()
+            summary["stores"].append(str(dst))
+            dst_store.close()
     return summary
+
+
+def check_same_encoder(store: Store, where: Path, vae_run: str | Path, new_data: bool) -> dict | None:
+    """The VAE run's recorded training-data identity; UserError if `store` was made by another encoder."""
+    try:
+        trained_on = json.loads((Path(vae_run) / "inputs.json").read_text()).get("data_identity")
+    except (OSError, ValueError, AttributeError):
+        trained_on = None  # a run from before identities were recorded: nothing to compare
+    if trained_on and trained_on.get("encoder") != store.manifest["identity"] and not new_data:
+        raise UserError(f"{where}: made by encoder {store.manifest['identity'].get('encoder')} "
+                        f"(weights {store.manifest['identity'].get('weights')}), but {vae_run} was trained on "
+                        f"features of {trained_on['encoder'].get('encoder')} (weights "
+                        f"{trained_on['encoder'].get('weights')}); pass --new-data to use it anyway (recorded)")
+    return trained_on
 
 
 def check_feature_shape(store: Store, vae_model_cfg, where) -> None:

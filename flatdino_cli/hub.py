@@ -12,7 +12,6 @@ Nothing is downloaded here: a repository missing from the cache is a one-line er
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path

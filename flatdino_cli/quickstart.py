@@ -22,15 +22,17 @@ from typing import Callable
 from tqdm import tqdm
 
 from flatdino_cli.config import ExtractConfig, load_preset
+from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.utils import atomic_write_json, atomic_write_text
+from flatdino_cli.toydata import CLASS_NAMES
+from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir
 from flatdino_cli.workspace import note_run, shown
 
 
 @dataclass(frozen=True)
 class QuickstartPlan:
     per_class: int = 250  # toy images per class (12 classes)
-    val_images: int = 300  # held out for VAE validation, reconstructions and ablations
+    val_images: int | None = None  # held out for VAE validation, reconstructions, ablations; None: see held_out
     image_size: int = 48  # the tiny encoder's input size (patch 8 -> 6x6 grid)
     samples_per_class: int = 10
     laminator: str = "flat"  # flat (FlatDINO) | fae (per-patch FAE)
@@ -40,6 +42,29 @@ class QuickstartPlan:
 
     def sets(self, stage: str) -> list[str]:
         return [o.split(":", 1)[1] for o in self.overrides if o.startswith(stage + ":")]
+
+    def held_out(self, per_class: int | None = None) -> int:
+        """val_images, or a fifth of the toy images up to 300: the split scales with --per-class."""
+        n = len(CLASS_NAMES) * (per_class or self.per_class)
+        return self.val_images if self.val_images is not None else min(300, n // 5)
+
+    def presets(self) -> dict[str, str]:
+        fae = self.laminator == "fae"
+        return {"vae": "tiny-fae" if fae else "tiny-vae", "dit": "tiny-fae-dit" if fae else "tiny-dit",
+                "decoder": "tiny-decoder"}
+
+    def check(self) -> None:
+        """Refuse up front (before anything is written) a plan whose data cannot fill a training batch."""
+        need = max(load_preset(name, self.sets(stage)).train.batch_size for stage, name in self.presets().items())
+
+        def enough(p: int) -> bool:
+            return 0 < self.held_out(p) < len(CLASS_NAMES) * p and len(CLASS_NAMES) * p - self.held_out(p) >= need
+
+        if not enough(self.per_class):
+            smallest = next(p for p in range(1, 100_000) if enough(p))
+            raise UserError(f"--per-class {self.per_class}: too few toy images ({len(CLASS_NAMES)} classes, "
+                            f"{self.held_out()} held out) for a training batch of {need}; use --per-class {smallest} "
+                            "or more")
 
 
 def _stage(out: Path, name: str, fn: Callable[[], dict], log: list) -> dict:
@@ -68,19 +93,19 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
     from flatdino_cli.toydata import write_toy_dataset
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    plan.check()
+    ensure_dir(out)
     d = {k: out / k for k in ("toy", "features", "vae", "latents", "vae-features", "dit", "decoder", "samples",
                               "reconstruct", "ablate")}
     log: list[dict] = []
     t_start = time.perf_counter()
-    vae_preset = "tiny-fae" if plan.laminator == "fae" else "tiny-vae"
-    dit_preset = "tiny-fae-dit" if plan.laminator == "fae" else "tiny-dit"
+    vae_preset, dit_preset = plan.presets()["vae"], plan.presets()["dit"]
 
     stages = [
         ("toy-data", lambda: _keys(write_toy_dataset(d["toy"], plan.per_class, plan.image_size, plan.seed),
                                    "count", "classes")),
         ("extract", lambda: extract_features(
-            d["toy"], d["features"], ExtractConfig(encoder="tiny", val_split=plan.val_images, batch_size=128), rt)),
+            d["toy"], d["features"], ExtractConfig(encoder="tiny", val_split=plan.held_out(), batch_size=128), rt)),
         ("train-vae", lambda: _keys(train_vae(
             load_preset(vae_preset, plan.sets("vae") + [f"train.seed={plan.seed}"]), d["vae"], rt,
             features=d["features"]), "step", "best_val")),
@@ -99,7 +124,7 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
         ("reconstruct", lambda: _keys(run_reconstruct(
             d["features"] / "val" / "paths.txt", d["vae"], d["decoder"], d["reconstruct"], n=24, rt=rt), "mean")),
         ("ablate-tokens", lambda: _keys(run_ablate(
-            d["vae"], d["features"] / "val", d["ablate"], n=plan.val_images, rt=rt), "figure", "heatmaps")),
+            d["vae"], d["features"] / "val", d["ablate"], n=plan.held_out(), rt=rt), "figure", "heatmaps")),
         ("flops", lambda: _flops(out / "flops.txt")),
         ("classifier", lambda: _classify(d["samples"], plan)),
     ]
@@ -163,11 +188,12 @@ def format_summary(summary: dict) -> str:
              f"in all) -> {summary['out']}"]
     for s in summary["stages"]:
         lines.append(f"  {s['stage']:16s} {s.get('seconds', 0):7.1f} s")
-    lines += [
-        f"  samples grid      {by.get('sample', {}).get('grid', '')}",
-        f"  reconstructions   {summary['out']}/reconstruct (PSNR/SSIM in reconstruct.json)",
-        f"  token ablation    {by.get('ablate-tokens', {}).get('figure', '')}",
-        f"  FLOPs table       {summary['out']}/flops.txt",
+    out = Path(summary["out"]).resolve()
+    lines += [  # full paths: the summary is read from wherever the user happens to be
+        f"  samples grid      {out / 'samples' / by.get('sample', {}).get('grid', 'grid.png')}",
+        f"  reconstructions   {out / 'reconstruct'} (PSNR/SSIM in reconstruct.json)",
+        f"  token ablation    {out / 'ablate' / by.get('ablate-tokens', {}).get('figure', 'token_ablation.png')}",
+        f"  FLOPs table       {out / 'flops.txt'}",
         f"  class accuracy of samples: {cls.get('sample_accuracy', float('nan')):.1%} (chance 8.3%; the "
         f"classifier scores {cls.get('real_test_accuracy', float('nan')):.1%} on unseen real toy images, "
         f"{cls.get('blurred_real_test_accuracy', float('nan')):.1%} on them blurred by 1 px)",

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.sample import decoder_identity, run_inputs, store_manifest
-from flatdino_cli.utils import atomic_write_json
+from flatdino_cli.utils import atomic_write_json, check_out_dir
 from flatdino_cli.viz import save_grid, save_png, to_uint8
 
 CPU = Runtime(torch.device("cpu"), "fp32", False)
@@ -115,6 +115,11 @@ def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path
     from flatdino_cli.models.pixel_decoder import check_features, load_decoder
     from flatdino_cli.runs import load_run
 
+    if n is not None and n < 1:
+        raise UserError(f"-n {n}: must be >= 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+    check_out_dir(out)
     vae_cfg, vae, vae_sha = load_run(vae_run, "vae", device=rt.device)
     T, P, C = vae_cfg.model.latent_shape[0], vae_cfg.model.num_patches, vae_cfg.model.feature_dim
     if tokens is not None and not 0 <= tokens <= T:

@@ -74,9 +74,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise UserError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:1)") from None
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: untested here, and several ops lack kernels there
+        raise UserError(f"--device {device}: not supported (flatdino runs on cpu or cuda); use --device cpu")
+    return dev
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto", compile: bool | None = None,

@@ -46,7 +46,8 @@ from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.utils import atomic_write, atomic_write_bytes, atomic_write_json, sha256_file, sha256_strings
+from flatdino_cli.utils import (atomic_write, atomic_write_bytes, atomic_write_json, check_out_dir, sha256_file,
+                                 sha256_strings)
 from flatdino_cli.viz import load_png, save_grid, save_png, to_uint8
 
 __all__ = ["Pipeline", "load_pipeline", "generate", "sampler_batch", "CPU_CHUNK", "image_seed", "image_noise",
@@ -577,6 +578,9 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
     N, S = len(labels_arr), pipe.image_size
     if shard_size < 1:
         raise UserError(f"--shard-size {shard_size}: must be >= 1")
+    if seed < 0:  # checked before anything is written: a fixed rerun must not meet a half-made folder
+        raise UserError(f"--seed {seed}: must be >= 0")
+    check_out_dir(out)
     identity = {
         "dit": pipe.identity.get("dit"), "vae": pipe.identity.get("vae"), "decoder": pipe.identity.get("decoder"),
         "stats": pipe.identity.get("stats"), "guide": pipe.identity.get("guide"), "seed": seed, "count": N, "image_size": S,
@@ -635,13 +639,11 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
         except OSError:  # PNGs deleted: fall back to the .npz
             with np.load(npz) as z:
                 grid_images = z["arr_0"][grid_idx]
-    names = pipe.class_names
-    captions, seen = [], set()
-    for i in grid_idx:
-        c = int(labels_arr[i])
-        captions.append("" if c in seen else class_label(c, names, pipe.cfg.model.num_classes))
-        seen.add(c)
-    save_grid(grid_images, out / "grid.png", nrow, captions)
+    # the class name in full in a column beside its row (a caption on a 48-px tile was cut to "0 00_red_ci")
+    row_classes = [int(labels_arr[i]) for i in grid_idx[::nrow]]
+    row_labels = [class_label(c, pipe.class_names, pipe.cfg.model.num_classes)
+                  if r == 0 or c != row_classes[r - 1] else "" for r, c in enumerate(row_classes)]
+    save_grid(grid_images, out / "grid.png", nrow, row_labels=row_labels)
     manifest["complete"] = True
     atomic_write_json(mf_path, manifest)
     return manifest

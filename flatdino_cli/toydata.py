@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from flatdino_cli.utils import atomic_write_bytes
+from flatdino_cli.errors import UserError
+from flatdino_cli.utils import atomic_write_bytes, check_out_dir
 
 __all__ = ["CLASS_NAMES", "COLOUR_FAMILIES", "SHAPES", "render", "render_with_mask", "write_toy_dataset"]
 
@@ -134,9 +135,12 @@ def write_toy_dataset(out: str | Path, per_class: int, size: int = 48, seed: int
     stream) and writes under `out/<split>/`. Returns a summary dict (root, count, classes, written,
     existing, class_names).
     """
-    if per_class < 1 or size < 8:
-        raise ValueError(f"need per_class >= 1 and size >= 8, got {per_class}, {size}")
+    if per_class < 1:
+        raise UserError(f"--per-class {per_class}: must be >= 1")
+    if size < 8:
+        raise UserError(f"--size {size}: must be >= 8")
     root = Path(out) / split if split else Path(out)
+    check_out_dir(Path(out), "OUT")
     written = existing = 0
     jobs = [(c, i) for c in range(len(CLASS_NAMES)) for i in range(per_class)]
     for name in CLASS_NAMES:

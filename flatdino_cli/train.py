@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import json
 import math
 import shutil
@@ -32,9 +33,10 @@ from tqdm import tqdm
 
 from flatdino_cli.config import TrainConfig, save_config, to_dict
 from flatdino_cli.errors import UserError
+from flatdino_cli.lock import LOCK_NAME, FolderLock
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.track import open_trackers
-from flatdino_cli.utils import atomic_write_json, atomic_write_text
+from flatdino_cli.utils import atomic_write_json, atomic_write_text, disk_full_is_user_error
 
 FINISHED_FILE = "finished.json"  # written when the loop ends: the workspace's "finished" mark
 LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
@@ -69,6 +71,7 @@ class Task:
     after_step: Callable[[StepInfo], dict[str, float]] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
     find_unused_parameters: bool = False
+    keep_files: tuple[str, ...] = ()  # run-dir files made for this run (stats.pt): --no-resume copies them aside
 
 
 class TrainingDiverged(UserError):
@@ -166,10 +169,17 @@ def save_checkpoint(run_dir: Path, which: str, model: nn.Module, ema: nn.Module 
     tmp, final, old = base / f".tmp-{which}", base / which, base / f".old-{which}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_state_to_cpu(model.state_dict()), str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file(_state_to_cpu(ema.state_dict()), str(tmp / "ema.safetensors"))
-    torch.save(state, tmp / "state.pt")
+    weights = _state_to_cpu(model.state_dict())
+    needed = sum(t.numel() * t.element_size() for t in weights.values()) * (2 if ema is not None else 1)
+    try:
+        with disk_full_is_user_error(tmp, needed * 2):  # weights + EMA, and AdamW's two moments in state.pt
+            save_file(weights, str(tmp / "model.safetensors"))
+            if ema is not None:
+                save_file(_state_to_cpu(ema.state_dict()), str(tmp / "ema.safetensors"))
+            torch.save(state, tmp / "state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the one to resume from
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -309,23 +319,90 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)
 
 
+def refuse_damaged_run(run_dir: Path) -> None:
+    """Before anything is written: a run with checkpoints but none to resume from is refused, untouched
+    (read-only, so every DDP rank runs it and they stop together)."""
+    ckdir = run_dir / "checkpoints"
+    leftovers = sorted(p.name for p in ckdir.iterdir() if not p.name.startswith(".tmp-")) if ckdir.is_dir() else []
+    if leftovers and checkpoint_dir(run_dir) is None:
+        raise UserError(f"{run_dir}: has checkpoints ({', '.join(leftovers)}) but no complete checkpoints/latest "
+                        "(model.safetensors + state.pt) to resume from; nothing was changed. Start over with "
+                        "--no-resume (the old run is moved aside), or copy checkpoints/best to "
+                        "checkpoints/latest to resume from the best one")
+
+
+def move_run_aside(run_dir: Path, keep_old: int, keep_files: tuple[str, ...] = ()) -> None:
+    """--no-resume: move the whole previous run (config, metrics, inputs, checkpoints, samples together)
+    to RUN.old-<time>, keeping the newest `keep_old` of those. `keep_files` (inputs the stage already
+    prepared in the run dir for the new run) are copied aside, not moved."""
+    old = sorted(p for p in run_dir.iterdir() if p.name != LOCK_NAME)
+    if not old:
+        return
+    base = run_dir.resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, i = base.with_name(f"{base.name}.old-{stamp}"), 0
+    while dest.exists():
+        i += 1
+        dest = base.with_name(f"{base.name}.old-{stamp}-{i}")
+    dest.mkdir()
+    for p in old:
+        if p.name in keep_files:
+            shutil.copy2(p, dest / p.name)
+        else:
+            p.rename(dest / p.name)
+    tqdm.write(f"--no-resume: moved the previous run to {dest}")
+    kept = sorted(base.parent.glob(f"{glob.escape(base.name)}.old-*"))  # the names sort by age
+    for gone in kept[:max(0, len(kept) - keep_old)]:
+        shutil.rmtree(gone)
+        tqdm.write(f"--no-resume: removed {gone} (keeping the last train.keep_old_runs={keep_old})")
+
+
+def merge_inputs(run_dir: Path, inputs: dict, new_data: bool) -> dict:
+    """inputs.json for a resumed run: the same `data_identity` as before, or (new_data) both recorded."""
+    f = run_dir / "inputs.json"
+    try:
+        old = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    history = old.pop("previous_inputs", []) if isinstance(old, dict) else []
+    was, now = old.get("data_identity"), inputs.get("data_identity")
+    if was is None or now is None or was == now:
+        return {**inputs, **({"previous_inputs": history} if history else {})}
+    if not new_data:
+        differs = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        raise UserError(f"{run_dir}: was trained on other data than {inputs.get('data_path', 'this input')} "
+                        f"(differs in {', '.join(differs)}); pass --new-data to fine-tune on it on purpose "
+                        f"(both are recorded in inputs.json), or use another --out")
+    return {**inputs, "previous_inputs": history + [old]}
+
+
 def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool = True,
-        desc: str = "train") -> dict:
-    """Train `task.model` in place; returns a summary {step, best_val, run_dir, ...}."""
+        desc: str = "train", new_data: bool = False) -> dict:
+    """Train `task.model` in place; returns a summary {step, best_val, run_dir, ...}.
+
+    The run dir is locked against a second writer for the whole run (rank 0 holds the lock)."""
     run_dir = Path(run_dir)
+    plan = _plan(len(task.train_set), cfg, rt)
+    with FolderLock(run_dir, "run directory") if rt.is_main else contextlib.nullcontext():
+        return _fit(task, cfg, run_dir, rt, plan, resume, desc, new_data)
+
+
+def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[int, int, int, int],
+         resume: bool, desc: str, new_data: bool) -> dict:
     n = len(task.train_set)
-    micro, accum, spe, total = _plan(n, cfg, rt)
+    micro, accum, spe, total = plan
+    if resume:
+        refuse_damaged_run(run_dir)
+    elif rt.is_main:
+        move_run_aside(run_dir, cfg.keep_old_runs, task.keep_files)
+    rt.barrier()
     model = task.model.to(rt.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema > 0 else None
     opt = rt.adamw(param_groups(model, cfg.weight_decay, cfg.decay_2d_only), cfg.lr, cfg.betas, cfg.eps)
 
     step, best_val = 0, math.inf
     ckpt = checkpoint_dir(run_dir) if resume else None
-    if not resume and checkpoint_dir(run_dir) is not None and rt.is_main:
-        keep = run_dir / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        (run_dir / "checkpoints").rename(keep)  # --no-resume never destroys a finished run
-        tqdm.write(f"--no-resume: moved the previous checkpoints to {keep}")
-    rt.barrier()
+    inputs = merge_inputs(run_dir, task.inputs, new_data) if ckpt is not None else task.inputs
     if ckpt is not None:
         load_into(model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors")
         if ema is not None:
@@ -342,10 +419,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
             tqdm.write(f"resuming {run_dir} from step {step}/{total}")
 
     if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FINISHED_FILE).unlink(missing_ok=True)  # training again: not finished until the loop ends
         save_config(task.config, run_dir / "config.yaml")
-        atomic_write_json(run_dir / "inputs.json", task.inputs)
+        atomic_write_json(run_dir / "inputs.json", inputs)
     trackers = open_trackers(cfg.log_to, run_dir, to_dict(task.config), step, rt.is_main)
     log = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, step, trackers)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from flatdino_cli.errors import UserError
 
 
 def _umask() -> int:
@@ -66,3 +71,58 @@ def sha256_strings(items) -> str:
         h.update(str(s).encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """$XDG_CACHE_HOME/flatdino/... (default ~/.cache/flatdino/...): the user's own cache, never a
+    shared world-writable folder such as /tmp, where another user could plant a file."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "flatdino", *parts)
+
+
+def check_out_dir(path: Path, option: str = "--out") -> None:
+    """Refuse, before anything is written, an output folder that is a file or cannot be created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder; choose another {option}")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: cannot create this folder ({parent} is a file); choose another {option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: cannot create this folder ({parent} is not writable); "
+                        f"choose another {option}")
+
+
+def ensure_dir(path: Path, option: str = "--out") -> Path:
+    """Create folder `path` (and parents), or a one-line UserError naming the option."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder; choose another {option}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot create this folder ({e.strerror}); choose another {option}") from None
+    return path
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error(path: Path, needed_bytes: int):
+    """Turn a write that failed for lack of space into one line: the file, the space needed and free.
+
+    Some writers do not say ENOSPC (torch.save reports a short write as "unexpected pos"), so a failed
+    write with less free space than `needed_bytes` counts as disk full too.
+    """
+    try:
+        yield
+    except Exception as e:
+        where = Path(path)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+                or free < needed_bytes)
+        if not full:
+            raise
+        raise UserError(f"{path}: disk full while writing (needs about {needed_bytes / 1e6:.1f} MB, "
+                        f"{free / 1e6:.1f} MB free); free some space and rerun the same command to resume") from None

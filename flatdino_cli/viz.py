@@ -70,9 +70,10 @@ def _caption(tile: Image.Image, text: str) -> None:
 
 
 def make_grid(images: np.ndarray, nrow: int, labels: Sequence[str] | None = None, pad: int = 2,
-              pad_value: int = 255) -> np.ndarray:
+              pad_value: int = 255, row_labels: Sequence[str] | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) uint8 image, `nrow` images per
-    row (torchvision's meaning), filled row by row; labels[i] (if given and non-empty) captions image i."""
+    row (torchvision's meaning), filled row by row; labels[i] (if given and non-empty) captions image i.
+    row_labels[r] (if given) is written in full in a column left of row r, as wide as the longest."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"make_grid expects uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
@@ -91,13 +92,29 @@ def make_grid(images: np.ndarray, nrow: int, labels: Sequence[str] | None = None
             tile = np.asarray(pil)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         grid[y: y + h, x: x + w] = tile
-    return grid
+    return grid if not row_labels else _label_column(grid, row_labels, h, pad, pad_value)
 
 
-def save_grid(images: np.ndarray, path: str | Path, nrow: int, labels: Sequence[str] | None = None) -> Path:
-    """make_grid(images, nrow, labels) written as a PNG at `path` (atomically); returns the path."""
+def _label_column(grid: np.ndarray, row_labels: Sequence[str], h: int, pad: int, pad_value: int) -> np.ndarray:
+    """`grid` with a column on its left holding row_labels[r] beside row r (black on the pad colour)."""
+    font = _font(max(10, min(16, h // 3)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = int(max(measure.textlength(str(t), font=font) for t in row_labels)) + 2 * pad + 4
+    column = Image.new("RGB", (width, grid.shape[0]), (pad_value,) * 3)
+    draw = ImageDraw.Draw(column)
+    for r, text in enumerate(row_labels):
+        if text:
+            _, top, _, bottom = draw.textbbox((0, 0), str(text), font=font)
+            y = pad + r * (h + pad) + (h - (bottom - top)) // 2 - top
+            draw.text((pad + 2, y), str(text), fill=(0, 0, 0), font=font)
+    return np.concatenate([np.asarray(column), grid], axis=1)
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int, labels: Sequence[str] | None = None,
+              row_labels: Sequence[str] | None = None) -> Path:
+    """make_grid(images, nrow, labels, row_labels=...) written as a PNG at `path` (atomically)."""
     path = Path(path)
-    save_png(make_grid(images, nrow, labels), path)
+    save_png(make_grid(images, nrow, labels, row_labels=row_labels), path)
     return path
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from flatdino_cli.encoders import (ENCODERS, NUM_PREFIX_TOKENS, RANDOM_INIT_POSITION_SCALE, EncoderSpec,
                                    FrozenEncoder, _build_vit, _give_position, load_encoder, read_state_dict)
 from flatdino_cli.errors import UserError
+from flatdino_cli.utils import sha256_file
 from flatdino_cli.nn.embed import sincos_2d
 
 # a second small spec, so layouts are checked at a size other than `tiny`'s
@@ -92,7 +93,7 @@ def test_timm_pth_roundtrip_ignores_final_affine_and_strips_wrappers(tmp_path):
     torch.testing.assert_close(enc(x), ref, atol=1e-6, rtol=0)
     # the perturbed final-norm affine must not leak into the features
     assert (src.forward_features(x)[:, 5:] - ref).abs().max() > 0.05
-    assert enc.weights_id == str((tmp_path / "enc.pth").resolve())
+    assert enc.weights_id == f"sha256:{sha256_file(tmp_path / 'enc.pth')}"
 
 
 def test_timm_layout_pos_embed_is_resampled_to_the_spec_grid(tmp_path):

@@ -4,6 +4,7 @@ The Inception is a random-weight torchvision Inception-v3 re-laid out like clean
 port (so the real extractor code runs on it), fed 75 px instead of 299 px to keep the tests fast.
 """
 
+import os
 import json
 import subprocess
 import sys
@@ -282,13 +283,13 @@ def test_json_output_and_fd_dinov2(data, ext, tmp_path):
 
 # ============================================================================ Inception weights
 def test_missing_weights_fail_fast_naming_both_options(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(fidmod, "CLEANFID_CACHE_DIR", tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     t = time.perf_counter()
     with pytest.raises(UserError) as e:
         run_fid(data["x"], data["x"])
     assert time.perf_counter() - t < 5
     msg = str(e.value)
-    assert "--inception-weights" in msg and str(tmp_path / fidmod.INCEPTION_FILE) in msg and "\n" not in msg
+    assert "--inception-weights" in msg and str(tmp_path / "flatdino" / fidmod.INCEPTION_FILE) in msg and "\n" not in msg
     with pytest.raises(UserError, match="nope.pt"):
         run_fid(data["x"], data["x"], inception_weights=tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torchscript file")
@@ -299,11 +300,11 @@ def test_missing_weights_fail_fast_naming_both_options(data, tmp_path, monkeypat
 
 def test_missing_weights_fail_before_torch_is_imported(data, tmp_path):
     code = ("import sys\nfrom flatdino_cli.analysis import fid\nfrom flatdino_cli.errors import UserError\n"
-            f"fid.CLEANFID_CACHE_DIR = fid.Path({str(tmp_path)!r})\n"
             f"try:\n    fid.run_fid({str(data['x'])!r}, {str(data['x'])!r})\n"
             "except UserError as e:\n    print('torch' in sys.modules, e)\n    sys.exit(1)\n")
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     assert p.returncode == 1 and p.stdout.startswith("False Inception weights not found"), p.stdout + p.stderr
     assert time.perf_counter() - t < 5
 
@@ -319,16 +320,18 @@ class _TinyMixed6(nn.Module):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torchscript_file_from_cleanfid_cache(tmp_path, monkeypatch):
-    """A file laid out like inception-2015-12-05.pt (cheap layers) is found in clean-fid's cache,
+    """A file laid out like inception-2015-12-05.pt (cheap layers) is found in the user's cache,
     loaded without network access, verified, and gives ADM's feature sizes at 299 px."""
     torch.manual_seed(0)
     layers = OrderedDict((n, nn.Identity()) for n in inception._LAYERS)
     layers.update(conv=nn.AdaptiveAvgPool2d(17), mixed_6=_TinyMixed6(), mixed_10=nn.Conv2d(16, 2048, 1),
                   pool2=nn.AdaptiveAvgPool2d(1))
     net = PortLayout(nn.Sequential(layers), nn.Linear(2048, 1008))
-    torch.jit.script(net).save(str(tmp_path / fidmod.INCEPTION_FILE))
-    monkeypatch.setattr(fidmod, "CLEANFID_CACHE_DIR", tmp_path)
-    assert fidmod.find_inception_weights(tmp_path) == tmp_path / fidmod.INCEPTION_FILE  # a folder works too
+    cache = tmp_path / "flatdino"
+    cache.mkdir()
+    torch.jit.script(net).save(str(cache / fidmod.INCEPTION_FILE))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert fidmod.find_inception_weights(cache) == cache / fidmod.INCEPTION_FILE  # a folder works too
     ext = load_inception(fidmod.find_inception_weights())
     assert ext.adm_compatible and ext.cache_tag.startswith("tfinception-")
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)

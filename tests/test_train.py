@@ -113,18 +113,21 @@ def metrics(run: Path) -> tuple[list[dict], list[dict]]:
 
 
 # ----------------------------------------------------------------------------- CLI fixtures
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """136 rows of (8 patches, 16 dims); train-vae holds 8 out for validation (val_count)."""
-    path = tmp_path_factory.mktemp("feats") / "store"
-    n = 136
-    s = Store.create(path, "features", (8, 16), n, "float32", {"encoder": "synthetic"}, {},
+def synthetic_store(path: Path, n: int, identity: dict, seed: int = 0) -> Path:
+    """A finished feature store of n random rows of (8 patches, 16 dims), labels i % 4."""
+    s = Store.create(path, "features", (8, 16), n, "float32", identity, {},
                      [f"img{i}.png" for i in range(n)], [i % 4 for i in range(n)])
-    s.write_rows(np.arange(n), np.random.default_rng(0).standard_normal((n, 8, 16)).astype(np.float32))
+    s.write_rows(np.arange(n), np.random.default_rng(seed).standard_normal((n, 8, 16)).astype(np.float32))
     s.mark_done(np.arange(n))
     s.finalize()
     s.close()
     return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """136 rows; train-vae holds 8 out for validation (val_count)."""
+    return synthetic_store(tmp_path_factory.mktemp("feats") / "store", 136, {"encoder": "synthetic"})
 
 
 def write_preset(path: Path, **train_cfg) -> Path:

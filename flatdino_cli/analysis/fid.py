@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance, inception_score, precision_recall
 from flatdino_cli.errors import UserError
-from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file
+from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file, user_cache_dir
 
 if TYPE_CHECKING:
     from flatdino_cli.analysis.inception import FeatureExtractor
@@ -43,12 +42,11 @@ CACHE_VERSION = 1
 STATS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM's names in a reference .npz
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
-# where clean-fid's feature_extractor() keeps (and would download) the file: cleanfid/features.py
-CLEANFID_CACHE_DIR = Path("./" if platform.system() == "Windows" else "/tmp")
 
 
 def find_inception_weights(path: str | Path | None = None) -> Path:
-    """The weights file: `path` (a file, or a folder holding INCEPTION_FILE), else clean-fid's cache."""
+    """The weights file: `path` (a file, or a folder holding INCEPTION_FILE), else the user's cache
+    (user_cache_dir(), not clean-fid's /tmp: a file there could have been put by anyone)."""
     if path is not None:
         p = Path(path).expanduser()
         p = p / INCEPTION_FILE if p.is_dir() else p
@@ -56,10 +54,10 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
             raise UserError(f"--inception-weights {path}: no such file (clean-fid's torchscript "
                             f"{INCEPTION_FILE}, from {INCEPTION_URL})")
         return p
-    p = CLEANFID_CACHE_DIR / INCEPTION_FILE
+    p = user_cache_dir() / INCEPTION_FILE
     if not p.is_file():
         raise UserError(f"Inception weights not found: pass --inception-weights FILE or put {INCEPTION_FILE} "
-                        f"in clean-fid's cache at {p} (download it from {INCEPTION_URL}; nothing is downloaded here)")
+                        f"at {p} (download it from {INCEPTION_URL}; nothing is downloaded here)")
     return p
 
 
@@ -203,7 +201,7 @@ def cache_path(src: Source, tag: str) -> Path:
     full = src.path.resolve()
     folder = full.parent
     if not os.access(folder, os.W_OK):
-        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flatdino" / "fid"
+        folder = user_cache_dir("fid")
     return folder / f"{full.name}.flatdino-stats-{src.digest()[:16]}-{tag}.npz"
 
 
@@ -256,7 +254,7 @@ def run_fid(samples: str | Path, ref: str | Path, extractor: FeatureExtractor | 
             dino_encoder=None, json_out: str | Path | None = None, k: int = 3, progress: bool = True) -> dict:
     """All metrics of SAMPLES against REF as a JSON-ready dict (also written to `json_out` if given).
 
-    extractor: defaults to the TF Inception from `inception_weights` or clean-fid's cache (checked
+    extractor: defaults to the TF Inception from `inception_weights` or the user's cache (checked
     first, so a missing file fails in about a second). dino_encoder: our frozen encoder, for FD-DINOv2.
     Metrics that cannot be computed (e.g. precision/recall against statistics-only REF) are absent,
     and `notes` says why.

@@ -13,7 +13,6 @@ its shape. Its accuracy on blurred real images is reported beside the sharp one.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from torchvision.transforms.functional import gaussian_blur
 from tqdm import tqdm
 
 from flatdino_cli.toydata import CLASS_NAMES, render
-from flatdino_cli.utils import atomic_write_bytes
+from flatdino_cli.utils import atomic_write_bytes, user_cache_dir
 from flatdino_cli.viz import to_uint8
 
 
@@ -90,7 +89,7 @@ def cached_toy_classifier(size: int = 48, seed: int = 0, cache_dir: str | Path |
     """train_toy_classifier(size, seed), trained once per machine: the judge is a pure function of
     (size, seed, JUDGE_VERSION), so its weights are kept in the user cache (XDG_CACHE_HOME/flatdino)
     and a second quickstart (e.g. `--laminator fae`) is judged by the very same network."""
-    cache = Path(cache_dir or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flatdino"
+    cache = Path(cache_dir) / "flatdino" if cache_dir else user_cache_dir()
     path = cache / f"toy-judge-v{JUDGE_VERSION}-size{size}-seed{seed}.safetensors"
     if path.exists():
         try:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flatdino_cli.config import DiTStageConfig
-from flatdino_cli.data import FeatureDataset, Store
+from flatdino_cli.data import FeatureDataset, Store, store_identity
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
@@ -116,7 +116,7 @@ class LabelledRows(torch.utils.data.Dataset):
 
 
 def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, resume: bool = True,
-              recompute_stats: bool = False, on_step=None) -> dict:
+              recompute_stats: bool = False, on_step=None, new_data: bool = False) -> dict:
     out = Path(out)
     store = Store.open(latents)
     cfg = with_store_shape(cfg, store, latents)
@@ -149,11 +149,12 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
         return loss, metrics
 
     inputs = {"latents": {"path": str(Path(latents).resolve()), "manifest_sha256": store.manifest_hash(),
-                          "kind": store.manifest["kind"], "identity": store.manifest["identity"]}}
+                          "kind": store.manifest["kind"], "identity": store.manifest["identity"]},
+              "data_path": str(Path(latents).resolve()), "data_identity": store_identity(store)}
     if store.views == 1 and rt.is_main:
         tqdm.write(f"train-dit: {latents} holds one view per image, so no mirror images are trained on "
                    "(re-extract the features with --mirror, then the latents, for the paper's flips)")
     rows = FeatureDataset(store, view_seed=cfg.train.seed)  # crop or mirror, drawn per (seed, epoch, row)
     task = Task(model=model, train_set=LabelledRows(rows, cfg.model.num_classes), loss_fn=loss_fn,
-                config=cfg, inputs=inputs, on_step=on_step)
-    return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit")
+                config=cfg, inputs=inputs, on_step=on_step, keep_files=(STATS_FILE,) if stats is not None else ())
+    return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit", new_data=new_data)

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from flatdino_cli.config import VAEStageConfig
-from flatdino_cli.data import EncoderTransform, FeatureDataset, ImageDataset, Store, collate_images, list_images, split_indices
+from flatdino_cli.data import (EncoderTransform, FeatureDataset, ImageDataset, Store, collate_images, list_images,
+                               split_indices, store_identity)
 from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model
 from flatdino_cli.models.vae import feature_cosine, vae_loss
@@ -44,20 +45,27 @@ def open_val_features(path: str | Path, item_shape) -> FeatureDataset:
     return FeatureDataset(store)
 
 
-def feature_splits(features: str | Path, val_count: int, seed: int,
-                   val_features: str | Path | None = None) -> tuple[FeatureDataset, FeatureDataset, Store]:
+def feature_splits(features: str | Path, val_count: int, seed: int, val_features: str | Path | None = None,
+                   batch_size: int = 1) -> tuple[FeatureDataset, FeatureDataset, Store]:
     """Train/val datasets: `val_features` if given (all of the store trains), else the store's own val/
     split if it has one, else `val_count` held-out rows. Training rows of a store with mirror views
-    show crop or mirror, drawn per (seed, epoch, row); validation uses the crop."""
+    show crop or mirror, drawn per (seed, epoch, row); validation uses the crop.
+
+    A store with fewer usable rows than one training batch (plus validation) is a one-line error."""
     store = Store.open(features, expect_kind="features")
     if val_features is not None:
         return FeatureDataset(store, view_seed=seed), open_val_features(val_features, store.item_shape), store
     val_dir = Path(features) / "val"
-    if (val_dir / "manifest.json").exists():
+    valid = store.valid_indices()
+    own_val = (val_dir / "manifest.json").exists()
+    n_val = 0 if own_val else min(val_count, len(valid) // 10)
+    if len(valid) - n_val < batch_size:
+        raise UserError(f"{features}: {len(valid)} usable rows ({store.count - len(valid)} unreadable), but "
+                        f"train.batch_size={batch_size} needs at least {batch_size + n_val} (with {n_val} held out "
+                        "for validation); extract more images or lower --batch-size")
+    if own_val:
         val_store = Store.open(val_dir, expect_kind="features")
         return FeatureDataset(store, view_seed=seed), FeatureDataset(val_store), store
-    valid = store.valid_indices()
-    n_val = min(val_count, len(valid) // 10)
     tr, va = split_indices(len(valid), n_val, seed)
     return FeatureDataset(store, valid[tr], view_seed=seed), FeatureDataset(store, valid[va]), store
 
@@ -89,16 +97,18 @@ def _val_fn(cfg: VAEStageConfig):
 
 def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path | None = None,
               images: str | Path | None = None, encoder_name: str | None = None, encoder_weights: str | None = None,
-              resume: bool = True, val_features: str | Path | None = None) -> dict:
+              resume: bool = True, val_features: str | Path | None = None, new_data: bool = False) -> dict:
     beta = cfg.beta()
     inputs: dict = {}
     if val_features is not None:
         inputs["val_features"] = {"path": str(Path(val_features).resolve()),
                                   "manifest_sha256": Store.open(val_features).manifest_hash()}
     if features is not None:
-        train_set, val_set, store = feature_splits(features, cfg.val_count, cfg.train.seed, val_features)
+        train_set, val_set, store = feature_splits(features, cfg.val_count, cfg.train.seed, val_features,
+                                                   cfg.train.batch_size)
         cfg = _with_store_shape(cfg, store)
         inputs["features"] = {"path": str(Path(features).resolve()), "manifest_sha256": store.manifest_hash()}
+        inputs["data_path"], inputs["data_identity"] = str(Path(features).resolve()), store_identity(store)
         encode = None
     elif images is not None and encoder_name is not None:
         from flatdino_cli.encoders import load_encoder
@@ -140,7 +150,7 @@ def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path 
     task = Task(model=model, train_set=train_set, loss_fn=loss_fn, config=cfg, val_set=val_set, val_fn=val_fn,
                 collate_fn=None if encode is None else collate_images, inputs=inputs,
                 val_collate_fn=default_collate if val_features is not None else None)
-    return fit(task, cfg.train, out, rt, resume=resume, desc="train-vae")
+    return fit(task, cfg.train, out, rt, resume=resume, desc="train-vae", new_data=new_data)
 
 
 def mean_baseline_cosine(features: str | Path) -> float:
