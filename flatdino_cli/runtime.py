@@ -50,8 +50,9 @@ class Runtime:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
-        return torch.compile(model) if self.compile else model
+    def maybe_compile(self, model: torch.nn.Module, dynamic: bool | None = None) -> torch.nn.Module:
+        """torch.compile(model) when compiling; dynamic=False for callers whose shapes are few and fixed."""
+        return torch.compile(model, dynamic=dynamic) if self.compile else model
 
     def adamw(self, param_groups, lr: float, betas, eps: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps, fused=self.is_cuda or None)
