@@ -27,6 +27,13 @@ from flatdino_cli.runtime import measure_matmul_flops
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TRAIN_FACTOR = 3  # forward + backward ~ 3 x forward
 FLOPS_PER_MAC = 2
+# DiT sizes (width, depth, heads, SwiGLU hidden) for --size: a preset's model at another size
+SIZES = {"S": (384, 12, 6, 1024), "B": (768, 12, 12, 2048), "L": (1024, 24, 16, 2731), "XL": (1152, 28, 16, 3072)}
+
+
+def size_overrides(size: str) -> list[str]:
+    w, d, h, m = SIZES[size]
+    return [f"model.width={w}", f"model.depth={d}", f"model.heads={h}", f"model.mlp_hidden={m}"]
 
 
 def count_forward_macs(build: Callable[[], nn.Module], inputs: Callable[[], tuple]) -> int:

@@ -15,19 +15,11 @@ import argparse
 
 import torch
 
-from _common import DTYPES, FLOPS_PER_MAC, count_forward_macs, g, matmul_peak
+from _common import DTYPES, FLOPS_PER_MAC, SIZES, count_forward_macs, g, matmul_peak, size_overrides
 from flatdino_cli.analysis.flops import dit_forward_flops, measure_throughput
 from flatdino_cli.config import load_preset
 from flatdino_cli.models.dit import DiT
 from flatdino_cli.runtime import resolve_device
-
-SIZES = {"S": (384, 12, 6, 1024), "B": (768, 12, 12, 2048), "L": (1024, 24, 16, 2731), "XL": (1152, 28, 16, 3072)}
-
-
-def size_overrides(size: str) -> list[str]:
-    w, d, h, m = SIZES[size]
-    return [f"model.width={w}", f"model.depth={d}", f"model.heads={h}", f"model.mlp_hidden={m}"]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
