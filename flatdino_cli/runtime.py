@@ -27,10 +27,16 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    jpeg_on_device: bool | None = None  # decode JPEGs where the encoder runs; None: on CUDA (nvJPEG)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def decode_jpeg_on_device(self) -> bool:
+        """extract decodes JPEGs on the device in batches (CPU decoding limits a GPU's extract rate)."""
+        return self.is_cuda if self.jpeg_on_device is None else self.jpeg_on_device
 
     @property
     def is_main(self) -> bool:
