@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import g, matmul_peak, sync
+from _common import g, matmul_peak, peak_memory, reset_peak_memory, sync
 from flatdino_cli import encoders
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (DeviceJpegDataset, EncoderTransform, ImageList, collate_device_jpegs,
@@ -131,22 +131,24 @@ def main() -> None:
             sync(rt.device)
             enc_rate = done / (time.perf_counter() - t0)
             cfg = ExtractConfig(encoder=name, batch_size=batch, workers=args.workers, tf32=args.tf32)
+            reset_peak_memory(rt.device)
             t0 = time.perf_counter()
             extract_features(src, work / f"store-{name}", cfg, rt)
             sync(rt.device)
             e2e_rate = n / (time.perf_counter() - t0)
+            memory = peak_memory(rt.device)
             per_core, on_device = decode_rates(images.subset(range(min(n, 256))), crop, rt.device, min(batch, 64))
-            rows.append((name, enc_rate, e2e_rate, per_core, on_device, n, crop))
+            rows.append((name, enc_rate, e2e_rate, per_core, on_device, n, crop, memory))
             shutil.rmtree(src, ignore_errors=True)
     finally:
         encoders.load_encoder = real_load_encoder
         shutil.rmtree(work, ignore_errors=True)
     peak1 = matmul_peak(rt.device, torch.float32)
     print(f"measured matmul rate after : {g(peak1)} (float32)")
-    for name, enc_rate, e2e_rate, per_core, on_device, n, crop in rows:
+    for name, enc_rate, e2e_rate, per_core, on_device, n, crop, memory in rows:
         path = "JPEGs decoded on the GPU" if rt.decode_jpeg_on_device else "JPEGs decoded by Pillow"
         print(f"{name:14s}: encoder only {enc_rate:9.1f} images/s; extract end to end {e2e_rate:9.1f} images/s "
-              f"({n} images, {path}); ratio {e2e_rate / enc_rate:.3f} ({dname})")
+              f"({n} images, {path}); ratio {e2e_rate / enc_rate:.3f} ({dname}); extract {memory}")
         print(f"{'':14s}  decode + ADM crop to {crop}: {per_core:.1f} images/s per CPU core (Pillow), "
               f"{on_device:.1f} images/s batched on {rt.device} (decode_jpeg + tensor crop); CPU cores to keep "
               f"this encoder fed: {enc_rate / per_core:.1f}")

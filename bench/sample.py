@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import DTYPES, SIZES, g, matmul_peak, size_overrides, sync
+from _common import DTYPES, SIZES, g, matmul_peak, peak_memory, reset_peak_memory, size_overrides, sync
 from flatdino_cli import sample as S
 from flatdino_cli.analysis.flops import dit_forwards_per_image, sample_flops
 from flatdino_cli.config import load_preset
@@ -183,10 +183,11 @@ def main() -> None:
             modes = [False, True] if args.compile else [False]
             for compiled in modes:
                 mode_rt = dataclasses.replace(rt, compile=compiled)
+                reset_peak_memory(rt.device)
                 first = warm_up(pipe, flow, batch, mode_rt)
                 r = run_pipeline(pipe, labels, flow, batch, mode_rt, work)
                 r.update(flops=flops, forwards=dit_forwards_per_image(flow), warm_up=first, shift=flow.shift,
-                         latent=" x ".join(map(str, pipe.latent_shape)))
+                         latent=" x ".join(map(str, pipe.latent_shape)), memory=peak_memory(rt.device))
                 results[(kind, compiled)] = r
             pipe = None  # free before building the next one
     finally:
@@ -202,7 +203,7 @@ def main() -> None:
         print(f"    analytic {f['total'] / 1e9:.1f} GFLOPs/image (DiT {r['forwards']:.0f} forwards at shift "
               f"{r['shift']:.2f}: {f['dit'] / 1e9:.1f}, VAE decoder {f['vae_decoder'] / 1e9:.1f}, pixel decoder "
               f"{f['pixel_decoder'] / 1e9:.1f}); achieved {g(achieved)} = {achieved / peak:.0%} of the {dname} "
-              f"matmul rate")
+              f"matmul rate; {r['memory']}")
         if compiled:
             eager = results[(kind, False)]
             print(f"    torch.compile: first calls {r['warm_up']:.1f} s (eager {eager['warm_up']:.1f} s), steady "
