@@ -14,6 +14,10 @@ the CPU every network forward then runs on a fixed CPU_CHUNK images (see `genera
 gives bit-identical images whatever the batch size, the resume point or the image's place in its
 batch; other devices give the same images up to float rounding.
 
+Speed (bench/sample.py): the guided and unguided halves share one DiT forward (flow.guided_velocity);
+each image goes through the decoders once, at the sampler batch; PNGs are encoded on a writer thread
+while the next batch runs (png_writer); `--compile` compiles the DiT once per pipeline (sampling_dit).
+
 A sample set in OUT: images/<class>_<index>.png, parts/part_<lo>-<hi>.npz (one per shard, written
 atomically while the run goes; deleted once the final file exists), samples_<N>x<S>x<S>x3.npz (ADM
 format: uint8 NHWC under arr_0, labels under arr_1), grid.png and samples.json (what made it: dit / vae
