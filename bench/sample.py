@@ -132,7 +132,7 @@ def print_run(name: str, r: dict, n: int, dname: str) -> None:
     parts = ", ".join(f"{k} {v / total:.1%}" for k, v in r["stages"].items() if v)
     print(f"{name}: {r['images_per_s']:.3f} images/s ({n} images in {total:.1f} s, {dname}); time: {parts}, "
           f"other (noise, uint8, files, PNG-thread waits) {r['other'] / total:.1%}; a PNG on the critical path "
-          f"would add {r['png_per_image'] * n / total:.1%} ({1e3 * r['png_per_image']:.1f} ms/image)")
+          f"would add {r['png_per_image'] * n / total:.1%} ({1e3 * r['png_per_image']:.1f} ms/image)", flush=True)
 
 
 def main() -> None:
@@ -168,9 +168,10 @@ def main() -> None:
 
     peak0 = matmul_peak(rt.device, dtype)
     what = "tiny models" if args.tiny else f"DiT-{size}, pixel decoder {decoder}"
-    print(f"device {rt.device}, dtype {dname}, torch threads {torch.get_num_threads()}, {what}, {n} images per pipeline, sampler batch {batch}, euler {steps} steps, CFG {args.cfg} on "
-          f"0.225 < t < 1; random weights. On a machine shared with other jobs, compare only ratios of one run.")
-    print(f"measured matmul rate before: {g(peak0)} ({dname})")
+    print(f"device {rt.device}, dtype {dname}, torch threads {torch.get_num_threads()}, {what}, {n} images per "
+          f"pipeline, sampler batch {batch}, euler {steps} steps, CFG {args.cfg} on 0.225 < t < 1; random weights. "
+          "On a machine shared with other jobs, compare only ratios of one run.")
+    print(f"measured matmul rate before: {g(peak0)} ({dname})", flush=True)
     work = Path(tempfile.mkdtemp(prefix="flatdino-bench-sample-"))
     results = {}
     try:
@@ -180,34 +181,29 @@ def main() -> None:
                                        cfg_interval=(0.225, 1.0), cfg_interval_inclusive=False)
             flops = sample_flops(pipe.cfg, flow, dec_cfg, vae_cfg if kind == "flatdino" else None)
             labels = [i % pipe.cfg.model.num_classes for i in range(n)]
-            modes = [False, True] if args.compile else [False]
-            for compiled in modes:
+            for compiled in [False, True] if args.compile else [False]:
                 mode_rt = dataclasses.replace(rt, compile=compiled)
                 reset_peak_memory(rt.device)
                 first = warm_up(pipe, flow, batch, mode_rt)
                 r = run_pipeline(pipe, labels, flow, batch, mode_rt, work)
-                r.update(flops=flops, forwards=dit_forwards_per_image(flow), warm_up=first, shift=flow.shift,
-                         latent=" x ".join(map(str, pipe.latent_shape)), memory=peak_memory(rt.device))
                 results[(kind, compiled)] = r
+                name = f"{'FlatDINO' if kind == 'flatdino' else 'RAE'} {' x '.join(map(str, pipe.latent_shape))}"
+                print_run(f"{name}{' compiled' if compiled else ''}", r, n, dname)
+                achieved = r["images_per_s"] * 2 * flops["total"]  # paper FLOPs count a MAC once, the rate twice
+                print(f"    analytic {flops['total'] / 1e9:.1f} GFLOPs/image (DiT {dit_forwards_per_image(flow):.0f} "
+                      f"forwards at shift {flow.shift:.2f}: {flops['dit'] / 1e9:.1f}, VAE decoder "
+                      f"{flops['vae_decoder'] / 1e9:.1f}, pixel decoder {flops['pixel_decoder'] / 1e9:.1f}); achieved "
+                      f"{g(achieved)} = {achieved / peak0:.0%} of the {dname} matmul rate before; "
+                      f"{peak_memory(rt.device)}", flush=True)
+                if compiled:
+                    eager = results[(kind, False)]
+                    print(f"    torch.compile: first calls {first:.1f} s (eager {eager['warm_up']:.1f} s), steady "
+                          f"state {r['images_per_s'] / eager['images_per_s']:.2f}x eager", flush=True)
+                r.update(flops=flops, warm_up=first)
             pipe = None  # free before building the next one
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    peak1 = matmul_peak(rt.device, dtype)
-    peak = 0.5 * (peak0 + peak1)
-    print(f"measured matmul rate after : {g(peak1)} ({dname}); fractions below use the mean {g(peak)}")
-    for (kind, compiled), r in results.items():
-        name = f"{'FlatDINO' if kind == 'flatdino' else 'RAE'} {r['latent']}{' compiled' if compiled else ''}"
-        f = r["flops"]
-        achieved = r["images_per_s"] * 2 * f["total"]  # paper FLOPs count a MAC once; the matmul rate twice
-        print_run(name, r, n, dname)
-        print(f"    analytic {f['total'] / 1e9:.1f} GFLOPs/image (DiT {r['forwards']:.0f} forwards at shift "
-              f"{r['shift']:.2f}: {f['dit'] / 1e9:.1f}, VAE decoder {f['vae_decoder'] / 1e9:.1f}, pixel decoder "
-              f"{f['pixel_decoder'] / 1e9:.1f}); achieved {g(achieved)} = {achieved / peak:.0%} of the {dname} "
-              f"matmul rate; {r['memory']}")
-        if compiled:
-            eager = results[(kind, False)]
-            print(f"    torch.compile: first calls {r['warm_up']:.1f} s (eager {eager['warm_up']:.1f} s), steady "
-                  f"state {r['images_per_s'] / eager['images_per_s']:.2f}x eager")
+    print(f"measured matmul rate after : {g(matmul_peak(rt.device, dtype))} ({dname})")
     if ("flatdino", False) in results and ("rae", False) in results:
         a, b = results[("flatdino", False)], results[("rae", False)]
         measured, analytic = a["images_per_s"] / b["images_per_s"], b["flops"]["total"] / a["flops"]["total"]
