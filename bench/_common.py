@@ -15,6 +15,7 @@ matmul units' utilisation.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -27,6 +28,14 @@ from flatdino_cli.runtime import measure_matmul_flops
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TRAIN_FACTOR = 3  # forward + backward ~ 3 x forward
 FLOPS_PER_MAC = 2
+# DiT sizes (width, depth, heads, SwiGLU hidden) for --size: a preset's model at another size
+SIZES = {"S": (384, 12, 6, 1024), "B": (768, 12, 12, 2048), "L": (1024, 24, 16, 2731), "XL": (1152, 28, 16, 3072),
+         "tiny": (64, 2, 4, 171)}  # tiny: smoke runs (bench/gpu.sh --cpu-smoke)
+
+
+def size_overrides(size: str) -> list[str]:
+    w, d, h, m = SIZES[size]
+    return [f"model.width={w}", f"model.depth={d}", f"model.heads={h}", f"model.mlp_hidden={m}"]
 
 
 def count_forward_macs(build: Callable[[], nn.Module], inputs: Callable[[], tuple]) -> int:
@@ -57,8 +66,10 @@ def count_forward_macs(build: Callable[[], nn.Module], inputs: Callable[[], tupl
     return total
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """This machine's measured dense matmul rate (FLOP/s) in `dtype`: 1024^2 on CPU, 4096^2 on CUDA."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float | None = None) -> float:
+    """This machine's measured dense matmul rate (FLOP/s) in `dtype`: 1024^2 on CPU, 4096^2 on CUDA;
+    timed for `seconds` (default 2, or $BENCH_PEAK_SECONDS: smoke runs shorten it)."""
+    seconds = seconds if seconds is not None else float(os.environ.get("BENCH_PEAK_SECONDS", "2"))
     return measure_matmul_flops(device, dtype, n=4096 if device.type == "cuda" else 1024, seconds=seconds)
 
 
@@ -82,6 +93,18 @@ def timed(fn: Callable[[], object], device: torch.device, seconds: float, warmup
             return n, elapsed
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> str:
+    """Peak device memory since the last reset_peak_memory (CUDA), for printing beside a figure."""
+    if device.type != "cuda":
+        return "peak memory n/a on CPU"
+    return f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
 def g(flops: float) -> str:
     return f"{flops / 1e9:.1f} GFLOP/s"
 
@@ -98,7 +121,7 @@ def report_train_step(header: str, dname: str, peaks: tuple[float, float], elaps
     for name, macs in macs_per_sample.items():
         achieved = sps * train_factor * flops_per_mac * macs
         print(f"  {name:{width}s}: {train_factor} x {macs / 1e9:.2f} GMAC x {flops_per_mac} per sample -> achieved "
-              f"{g(achieved)} = {achieved / peak:.1%} of the measured {dname} matmul rate {g(peak)}")
+              f"{g(achieved)}: MFU {achieved / peak:.1%} of the measured {dname} matmul rate {g(peak)}")
 
 
 def step_header(device: torch.device, dtype_name: str, rt, preset: str, model: nn.Module, batch: int) -> str:

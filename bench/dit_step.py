@@ -12,11 +12,12 @@ divided by the measured dense matmul rate in the same dtype, measured in the sam
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from _common import (FLOPS_PER_MAC, TRAIN_FACTOR, add_step_options, count_forward_macs, matmul_peak,
-                     report_train_step, step_header, step_runtime, timed)
+from _common import (FLOPS_PER_MAC, TRAIN_FACTOR, add_step_options, count_forward_macs, matmul_peak, peak_memory,
+                     report_train_step, reset_peak_memory, step_header, step_runtime, sync, timed)
 from flatdino_cli.analysis.flops import dit_forward_flops
 from flatdino_cli.config import load_preset
 from flatdino_cli.flow import flow_loss
@@ -57,7 +58,13 @@ def main() -> None:
         if ema is not None:
             ema_update(ema, model, tc.ema)
 
+    reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    step()  # the first step compiles when --compile
+    sync(dev)
+    first = time.perf_counter() - t0
     n, elapsed = timed(step, dev, args.seconds, warmup=1)
+    memory = peak_memory(dev)
     peak1 = matmul_peak(dev, dtype)
     paper = dit_forward_flops(m)
     counted = count_forward_macs(lambda: build_model(cfg), lambda: (torch.randn(1, m.tokens, m.in_dim), torch.rand(1),
@@ -66,6 +73,7 @@ def main() -> None:
     report_train_step(header, dname, (peak0, peak1), elapsed, n, batch,
                       {"paper (flops.py, 1 MAC = 1 FLOP there)": paper, "counted (every Linear + attention)": counted},
                       TRAIN_FACTOR, FLOPS_PER_MAC)
+    print(f"first step {first:.1f} s ({'with' if rt.compile else 'no'} compilation); {memory} (batch {batch}, {dname})")
 
 
 if __name__ == "__main__":

@@ -15,19 +15,12 @@ import argparse
 
 import torch
 
-from _common import DTYPES, FLOPS_PER_MAC, count_forward_macs, g, matmul_peak
+from _common import (DTYPES, FLOPS_PER_MAC, SIZES, count_forward_macs, g, matmul_peak, peak_memory,
+                     reset_peak_memory, size_overrides)
 from flatdino_cli.analysis.flops import dit_forward_flops, measure_throughput
 from flatdino_cli.config import load_preset
 from flatdino_cli.models.dit import DiT
 from flatdino_cli.runtime import resolve_device
-
-SIZES = {"S": (384, 12, 6, 1024), "B": (768, 12, 12, 2048), "L": (1024, 24, 16, 2731), "XL": (1152, 28, 16, 3072)}
-
-
-def size_overrides(size: str) -> list[str]:
-    w, d, h, m = SIZES[size]
-    return [f"model.width={w}", f"model.depth={d}", f"model.heads={h}", f"model.mlp_hidden={m}"]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,12 +49,14 @@ def main() -> None:
     rows = []
     for label, preset in (("FlatDINO 32 x 128", "xl-32x128"), ("RAE 256 x 768", "rae-xl-256x768")):
         m = load_preset(preset, size_overrides(size)).model
+        reset_peak_memory(device)
         (res,) = measure_throughput(lambda: DiT(m), [batch], m.tokens, m.in_dim, device, dtype, seconds,
                                     warmup=2 if cuda else 1)
         if res.get("oom"):
             raise SystemExit(f"{label}: out of memory at batch {batch}; lower --batch")
         counted = count_forward_macs(lambda: DiT(m), lambda: (torch.randn(1, m.tokens, m.in_dim), torch.rand(1),
                                                               torch.zeros(1, dtype=torch.long)))
+        res["memory"] = peak_memory(device)
         rows.append((label, m, res, dit_forward_flops(m), counted))
     peak1 = matmul_peak(device, dtype)
     peak = 0.5 * (peak0 + peak1)
@@ -71,7 +66,7 @@ def main() -> None:
         a_paper, a_count = (sps * FLOPS_PER_MAC * f for f in (paper, counted))
         print(f"{label:18s}: {sps:9.2f} samples/s ({res['ms_per_forward']:.0f} ms/forward, {res['iters']} timed, "
               f"{dname}); achieved {g(a_paper)} paper / {g(a_count)} counted = "
-              f"{a_paper / peak:.0%} / {a_count / peak:.0%} of the {dname} matmul rate {g(peak)}")
+              f"{a_paper / peak:.0%} / {a_count / peak:.0%} of the {dname} matmul rate {g(peak)}; {res['memory']}")
     (fl, _, rf, pf, cf), (rl, _, rr, pr, cr) = rows
     print(f"measured speedup (samples/s, {fl} over {rl}) : {rf['samples_per_s'] / rr['samples_per_s']:.2f}x ({dname})")
     print(f"analytic forward FLOPs ratio (analysis/flops.py)  : {pr / pf:.2f}x "

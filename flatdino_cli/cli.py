@@ -829,6 +829,9 @@ def sample(
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="EMA weights (default) or the raw ones.")] = True,
     device: Device = "auto",
     precision: SamplePrecision = "fp32",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help=(
+        "torch.compile the DiT: a one-off compile (about a minute) that pays off over a large FID set "
+        "(bench/sample.py measures both)."))] = False,
 ):
     """Sample images from a trained DiT: latents -> VAE decoder -> pixel decoder -> PNGs, grid, ADM .npz.
 
@@ -854,7 +857,7 @@ def sample(
     all_classes = classes is not None and classes.strip().lower() == "all"
     if classes is not None and not all_classes:
         names += [c.strip() for c in classes.split(",") if c.strip()]
-    rt = _runtime(device, precision, False)
+    rt = _runtime(device, precision, compile)
     m = run_sample(dit, vae, decoder, names, all_classes, n=n, per_class=per_class, cfg_scale=cfg, steps=steps,
                    sampler=sampler, interval=interval, seed=seed, out=out, batch_size=batch_size,
                    shard_size=shard_size, ema=ema, rt=rt, stats=stats, guide=guide, guide_scale=guide_scale, grid=grid)

@@ -32,8 +32,9 @@ from flatdino_cli.utils import sha256_strings as hash_strings
 
 __all__ = [
     "IMAGE_EXTS", "IMAGENET_MEAN", "IMAGENET_STD", "BadImage", "BadImageWarning", "ImageList", "list_images",
-    "load_rgb", "adm_center_crop", "random_resized_crop_flip", "to_tensor", "resize", "normalize",
+    "load_rgb", "adm_center_crop", "adm_center_crop_tensor", "random_resized_crop_flip", "to_tensor", "resize", "normalize",
     "denormalize", "encoder_input", "EncoderTransform", "ImageDataset", "ImageBatch", "collate_images",
+    "JpegFile", "device_decodable", "DeviceJpegDataset", "collate_device_jpegs", "crops_on_device",
     "Store", "FeatureDataset", "epoch_views", "first_view", "split_indices", "sha256_file", "hash_strings",
 ]
 
@@ -281,6 +282,67 @@ def adm_center_crop(img: Image.Image, size: int = 256) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+# The ADM crop on uint8 tensors, for images decoded where the encoder runs (nvJPEG on a GPU): Pillow's
+# resampling (Resample.c) reproduced integer for integer, so a crop equals adm_center_crop's on any
+# device. Pillow turns each output pixel's filter weights into 22-bit fixed point, sums weight x pixel
+# in integers, rounds (+2^21, >> 22) and clips to 0..255, horizontally then vertically (uint8 between
+# the passes). The integer sums (< 2^40) are exact in float64 matmuls.
+_PIL_BITS = 22
+_PIL_FILTERS = {  # name -> (support, filter), Pillow's box and bicubic (a = -0.5)
+    "box": (0.5, lambda x: ((x > -0.5) & (x <= 0.5)).astype(np.float64)),
+    "bicubic": (2.0, lambda x: np.where(np.abs(x) < 1.0, (1.5 * np.abs(x) - 2.5) * x * x + 1,
+                                        np.where(np.abs(x) < 2.0,
+                                                 (((np.abs(x) - 5) * np.abs(x) + 8) * np.abs(x) - 4) * -0.5, 0.0))),
+}
+
+
+@functools.lru_cache(maxsize=512)
+def _pil_weights(in_size: int, out_size: int, kind: str, device: torch.device) -> torch.Tensor:
+    """(out_size, in_size) float64: Pillow's fixed-point coefficients resizing in_size -> out_size."""
+    support, filt = _PIL_FILTERS[kind]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    k = np.zeros((out_size, in_size), np.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)  # C casts truncate; lo is clamped at 0 anyway
+        hi = min(int(center + support + 0.5), in_size)
+        w = filt((np.arange(hi - lo) + lo - center + 0.5) * (1.0 / filterscale))
+        w = w / w.sum() if w.sum() != 0.0 else w
+        k[xx, lo:hi] = np.trunc(w * (1 << _PIL_BITS) + np.where(w < 0, -0.5, 0.5))
+    return torch.from_numpy(k).to(device)
+
+
+def _pil_resize(x: torch.Tensor, width: int, height: int, kind: str) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, height, width), bit-identical to PIL's Image.resize(..., BOX/BICUBIC)."""
+
+    def fix(v: torch.Tensor) -> torch.Tensor:  # Pillow's clip8: round, drop the fraction bits, clip
+        return torch.floor((v + (1 << (_PIL_BITS - 1))) / (1 << _PIL_BITS)).clamp_(0, 255)
+
+    y = x.double()
+    if width != x.shape[2]:
+        y = fix(y @ _pil_weights(x.shape[2], width, kind, x.device).T)
+    if height != x.shape[1]:
+        y = fix(_pil_weights(x.shape[1], height, kind, x.device) @ y)
+    return y.to(torch.uint8)
+
+
+def adm_center_crop_tensor(x: torch.Tensor, size: int = 256) -> torch.Tensor:
+    """adm_center_crop on a uint8 (3, H, W) tensor on any device: the same steps, the same pixels."""
+    h, w = x.shape[1:]
+    if (w, h) == (size, size):
+        return x
+    while min(w, h) >= 2 * size:
+        w, h = w // 2, h // 2
+        x = _pil_resize(x, w, h, "box")
+    scale = size / min(w, h)
+    w, h = round(w * scale), round(h * scale)
+    x = _pil_resize(x, w, h, "bicubic")
+    left, top = (w - size) // 2, (h - size) // 2
+    return x[:, top: top + size, left: left + size]
+
+
 def random_resized_crop_flip(img: Image.Image, size: int, scale: tuple[float, float] = (0.3, 1.0),
                              ratio: tuple[float, float] = (3 / 4, 4 / 3),
                              generator: torch.Generator | None = None) -> Image.Image:
@@ -431,6 +493,88 @@ def collate_images(batch: list[tuple[int, torch.Tensor | None, int]]) -> ImageBa
         labels=torch.tensor([b[2] for b in good], dtype=torch.long),
         skipped=torch.tensor([b[0] for b in batch if b[1] is None], dtype=torch.long),
     )
+
+
+# ---------------------------------------------------------------------------- JPEGs decoded on the device
+class JpegFile(NamedTuple):
+    """An encoded JPEG, left for decoding where the encoder runs (a DeviceJpegDataset item)."""
+
+    data: torch.Tensor  # (n,) uint8, the file's bytes
+
+
+def device_decodable(data: bytes) -> bool:
+    """A baseline/progressive JPEG of 1 or 3 components without EXIF: nvJPEG's pixels are then the
+    ones Pillow decodes (EXIF may rotate, CMYK/YCCK convert differently: those stay on the CPU)."""
+    if data[:2] != b"\xff\xd8" or b"Exif\x00\x00" in data[:65536]:
+        return False
+    i = 2
+    while i + 9 < len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2: i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):  # start of frame: the component count is its 8th byte
+            return data[i + 9] in (1, 3)
+        i += 2 + length
+    return False
+
+
+class DeviceJpegDataset(ImageDataset):
+    """ImageDataset whose device-decodable JPEGs come as JpegFile (file bytes, read in the worker);
+    every other file takes ImageDataset's CPU path (Pillow decode + transform)."""
+
+    def __getitem__(self, i: int):
+        path, label = self.images[i]
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return super().__getitem__(i)  # reported as unreadable there
+        if device_decodable(data):
+            return i, JpegFile(torch.frombuffer(bytearray(data), dtype=torch.uint8)), label
+        return super().__getitem__(i)
+
+
+def collate_device_jpegs(batch: list) -> ImageBatch:
+    """collate_images for DeviceJpegDataset: `images` is the list of crops and JpegFiles (decoded by
+    crops_on_device)."""
+    good = [b for b in batch if b[1] is not None]
+    return ImageBatch(indices=torch.tensor([b[0] for b in good], dtype=torch.long),
+                      images=[b[1] for b in good] if good else None,
+                      labels=torch.tensor([b[2] for b in good], dtype=torch.long),
+                      skipped=torch.tensor([b[0] for b in batch if b[1] is None], dtype=torch.long))
+
+
+def crops_on_device(batch: ImageBatch, crop_size: int, device: torch.device) -> ImageBatch:
+    """A collate_device_jpegs batch with its JPEGs decoded on `device` in one batched call (nvJPEG on
+    CUDA) and ADM-cropped there: images (B, 3, crop, crop) uint8 on `device`, the same pixels as the
+    CPU path. A JPEG the batch call cannot decode is retried alone, then with Pillow; an unreadable one
+    joins `skipped`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    items = batch.images
+    if items is None:
+        return batch
+    jpegs = [k for k, it in enumerate(items) if isinstance(it, JpegFile)]
+    try:
+        decoded = decode_jpeg([items[k].data for k in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+    except RuntimeError:  # one bad file fails the whole call
+        decoded = []
+        for k in jpegs:
+            try:
+                decoded.append(decode_jpeg(items[k].data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(None)
+    crops, bad = list(items), []
+    for k, img in zip(jpegs, decoded):
+        if img is None:
+            try:
+                img = torch.from_numpy(np.asarray(load_rgb(io.BytesIO(items[k].data.numpy().tobytes())),
+                                                  dtype=np.uint8).copy()).permute(2, 0, 1).to(device)
+            except BadImage:
+                bad.append(k)
+                continue
+        crops[k] = adm_center_crop_tensor(img, crop_size)
+    keep = [k for k in range(len(items)) if k not in bad]
+    images = torch.stack([crops[k].to(device) for k in keep]) if keep else None
+    return ImageBatch(batch.indices[keep], images, batch.labels[keep],
+                      torch.cat([batch.skipped, batch.indices[bad]]))
 
 
 # ============================================================================ the store

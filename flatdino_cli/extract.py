@@ -7,6 +7,7 @@ with the same batch composition, and ends byte-identical to an uninterrupted run
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -19,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from flatdino_cli.config import ExtractConfig
-from flatdino_cli.data import (BadImageWarning, EncoderTransform, FeatureDataset, ImageDataset, Store,
-                               collate_images, list_images, split_indices)
+from flatdino_cli.data import (BadImageWarning, DeviceJpegDataset, EncoderTransform, FeatureDataset, ImageDataset,
+                               Store, collate_device_jpegs, collate_images, crops_on_device, list_images,
+                               split_indices)
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import FolderLock
 from flatdino_cli.runtime import Runtime
@@ -88,8 +90,13 @@ def _extract_part(path: Path, subset, encoder, encode, transform: EncoderTransfo
                          extra={"class_names": subset.class_names, "source": subset.source,
                                 "grid": [math.isqrt(encoder.num_patches)] * 2},  # the encoder's square patch grid
                          overwrite=overwrite, views=2 if cfg.mirror else 1)
-    dataset = ImageDataset(subset, transform.pixels, strict=cfg.strict)  # uint8 crops
-    _fill(store, dataset, encode, cfg, rt, desc=f"extract {path.name}")
+    if rt.decode_jpeg_on_device:  # JPEG bytes through the loader, decoded + cropped on the device
+        dataset = DeviceJpegDataset(subset, transform.pixels, strict=cfg.strict)
+        collate, prepare = collate_device_jpegs, functools.partial(crops_on_device, crop_size=transform.crop_size,
+                                                                    device=rt.device)
+    else:  # uint8 crops
+        dataset, collate, prepare = ImageDataset(subset, transform.pixels, strict=cfg.strict), collate_images, None
+    _fill(store, dataset, encode, cfg, rt, desc=f"extract {path.name}", collate=collate, prepare=prepare)
     store.finalize()
     summary["stores"].append(str(path))
     summary["skipped"] += int(store.manifest["skipped_count"])
@@ -97,12 +104,14 @@ def _extract_part(path: Path, subset, encoder, encode, transform: EncoderTransfo
     return [s["path"] for s in store.manifest["skipped"]]
 
 
-def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtime, desc: str) -> None:
-    """Compute all pending chunks of `store` from `dataset` (unreadable rows are marked skipped)."""
+def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtime, desc: str,
+          collate=collate_images, prepare=None) -> None:
+    """Compute all pending chunks of `store` from `dataset` (unreadable rows are marked skipped);
+    prepare(batch) finishes a collated batch where the encoder runs (JPEGs decoded on the device)."""
     chunks = _pending_chunks(store, cfg.batch_size)
     if not chunks:
         return
-    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=cfg.workers, collate_fn=collate_images,
+    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=cfg.workers, collate_fn=collate,
                         pin_memory=rt.pin_memory)
     done_rows = store.count - len(store.pending())
     bar = tqdm(total=store.count, initial=done_rows, desc=desc, unit="img", dynamic_ncols=True)
@@ -110,6 +119,8 @@ def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtim
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadImageWarning)  # reported below, once per file
         for batch in loader:
+            if prepare is not None:
+                batch = prepare(batch)
             if batch.images is not None:
                 with torch.no_grad():
                     feats = encode(batch.images.to(rt.device, non_blocking=rt.pin_memory))  # fp32, no AMP

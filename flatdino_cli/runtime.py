@@ -27,10 +27,16 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    jpeg_on_device: bool | None = None  # decode JPEGs where the encoder runs; None: on CUDA (nvJPEG)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def decode_jpeg_on_device(self) -> bool:
+        """extract decodes JPEGs on the device in batches (CPU decoding limits a GPU's extract rate)."""
+        return self.is_cuda if self.jpeg_on_device is None else self.jpeg_on_device
 
     @property
     def is_main(self) -> bool:
@@ -50,8 +56,9 @@ class Runtime:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
-        return torch.compile(model) if self.compile else model
+    def maybe_compile(self, model: torch.nn.Module, dynamic: bool | None = None) -> torch.nn.Module:
+        """torch.compile(model) when compiling; dynamic=False for callers whose shapes are few and fixed."""
+        return torch.compile(model, dynamic=dynamic) if self.compile else model
 
     def adamw(self, param_groups, lr: float, betas, eps: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps, fused=self.is_cuda or None)

@@ -104,3 +104,64 @@ def test_latent_store_from_a_vae_run(tmp_path, toy_features):
     with torch.no_grad():
         mu, _ = vae.eval().encode(torch.from_numpy(np.asarray(feats.data[:5], np.float32)))
     assert torch.allclose(torch.from_numpy(np.array(lat.data[:5])), mu, atol=1e-5)
+
+
+def _smooth_noise(rng, h, w):
+    """Random pixels with edges and gradients: every resampling tap matters."""
+    a = rng.integers(0, 256, (h, w, 3)).astype(int) - 127
+    return np.clip(np.cumsum(a, axis=1) // 4 + 128, 0, 255).astype(np.uint8)
+
+
+def test_tensor_adm_crop_is_pillows_pixel_for_pixel():
+    """adm_center_crop_tensor (the crop of JPEGs decoded on the device) replays Pillow's BOX halving and
+    BICUBIC resize in integers: equal crops for sizes that halve, odd sizes, upscales, exact fits."""
+    from flatdino_cli.data import adm_center_crop, adm_center_crop_tensor
+
+    rng = np.random.default_rng(0)
+    for h, w in [(375, 500), (333, 517), (1031, 600), (257, 256), (256, 300), (200, 150), (256, 256), (97, 64)]:
+        for a in (_smooth_noise(rng, h, w), rng.integers(0, 256, (h, w, 3), dtype=np.uint8)):
+            want = np.asarray(adm_center_crop(Image.fromarray(a), 256))
+            got = adm_center_crop_tensor(torch.from_numpy(a).permute(2, 0, 1), 256).permute(1, 2, 0).numpy()
+            assert got.shape == want.shape and np.array_equal(got, want), (h, w)
+
+
+def test_extract_with_jpegs_decoded_on_the_device_writes_the_same_store(tmp_path):
+    """The GPU path (JPEG bytes through the loader, one batched decode_jpeg on the device, the tensor
+    ADM crop) run on the CPU through the same functions gives the CPU path's store byte for byte; EXIF,
+    CMYK, PNG and broken files take the CPU path or are skipped the same way."""
+    import dataclasses
+
+    from flatdino_cli import data as D
+    from flatdino_cli.config import ExtractConfig
+    from flatdino_cli.extract import extract_features
+    from flatdino_cli.runtime import setup_runtime
+
+    rng = np.random.default_rng(1)
+    for c, sizes in enumerate([[(75, 100), (48, 48), (120, 61)], [(64, 90), (100, 100), (50, 49)]]):
+        d = tmp_path / "imgs" / f"c{c}"
+        d.mkdir(parents=True)
+        for k, (h, w) in enumerate(sizes):
+            Image.fromarray(_smooth_noise(rng, h, w)).save(d / f"{k}.jpg", quality=90, subsampling=k % 3)
+    d = tmp_path / "imgs" / "c1"
+    Image.fromarray(_smooth_noise(rng, 60, 80)).convert("L").save(d / "grey.jpg")
+    Image.fromarray(_smooth_noise(rng, 60, 80)).convert("CMYK").save(d / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: Pillow's path turns it upright
+    Image.fromarray(_smooth_noise(rng, 60, 80)).save(d / "exif.jpg", exif=exif)
+    Image.fromarray(_smooth_noise(rng, 60, 80)).save(d / "png.png")
+    (d / "broken.jpg").write_bytes((d / "0.jpg").read_bytes()[:200])
+
+    decoded = []
+    real = D.adm_center_crop_tensor
+    D.adm_center_crop_tensor = lambda x, size: (decoded.append(tuple(x.shape)), real(x, size))[1]
+    try:
+        cfg = ExtractConfig(encoder="tiny", batch_size=4, dtype="float32")
+        cpu = setup_runtime("cpu", "fp32", False)
+        extract_features(tmp_path / "imgs", tmp_path / "cpu", cfg, cpu)
+        assert not decoded
+        extract_features(tmp_path / "imgs", tmp_path / "dev", cfg, dataclasses.replace(cpu, jpeg_on_device=True))
+    finally:
+        D.adm_center_crop_tensor = real
+    assert len(decoded) == 7  # the six colour JPEGs and the grey one; not EXIF, CMYK, PNG or the broken file
+    assert _store_bytes(tmp_path / "dev") == _store_bytes(tmp_path / "cpu")
+    assert Store.open(tmp_path / "cpu").manifest["skipped_count"] == 1

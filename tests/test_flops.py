@@ -152,3 +152,34 @@ def test_measure_throughput_and_plot(tmp_path):
 def test_measure_throughput_bf16_autocast_runs():
     res = F.measure_throughput(TinyDiT, [2], tokens=4, in_dim=8, dtype=torch.bfloat16, seconds=0.0)
     assert res[0]["iters"] == 1 and res[0]["forward_per_s"] > 0
+
+
+def test_sampling_pipeline_flops_count_the_forwards_the_sampler_runs():
+    """dit_forwards_per_image equals the rows a counting model sees per image in flow.sample (guided
+    steps feed [x, x]), for Euler and Heun, a shifted grid and no guidance; sample_flops adds the
+    decoders (the VAE decoder only for FlatDINO): at XL with CFG on (0.225, 1), 50 steps, each model's
+    own shift, the RAE pipeline costs ~6x FlatDINO's."""
+    from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
+
+    rows = []
+
+    def model(x, t, y):
+        rows.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    for flow in [FlowConfig(steps=7, shift=3.0, cfg_scale=4.5, cfg_interval=(0.225, 1.0)),
+                 FlowConfig(steps=5, shift=1.0, cfg_scale=2.0, cfg_interval=(0.2, 0.8), sampler="heun"),
+                 FlowConfig(steps=6, shift=6.9, cfg_scale=1.0)]:
+        rows.clear()
+        sample(make_velocity_fn(model, torch.zeros(2, dtype=torch.long), flow, 10), torch.zeros(2, 3), flow.steps,
+               flow.shift, flow.sampler)
+        assert F.dit_forwards_per_image(flow) == sum(rows) / 2
+    vae, dec = load_preset("vae-32x128"), load_preset("decoder-xl")
+    flat, rae = load_preset("xl-32x128"), load_preset("rae-xl-256x768")
+    guided = dict(cfg_scale=4.5, cfg_interval=(0.225, 1.0), cfg_interval_inclusive=False, steps=50)
+    a = F.sample_flops(flat, replace(flat.flow, **guided), dec, vae)
+    b = F.sample_flops(rae, replace(rae.flow, **guided), dec)
+    assert b["vae_decoder"] == 0 and a["pixel_decoder"] == b["pixel_decoder"] == 28 * F.layer_flops(257, 1152)
+    assert a["vae_decoder"] == 24 * F.layer_flops(288, 1024)
+    assert a["total"] == a["dit"] + a["vae_decoder"] + a["pixel_decoder"]
+    assert 5.5 < b["total"] / a["total"] < 6.5

@@ -326,6 +326,43 @@ def test_sharded_fid_set_resumes_after_a_kill(w, tmp_path, monkeypatch):
     assert "seed" in line and "other settings" in line
 
 
+def test_pngs_are_written_off_the_sampling_thread_and_write_errors_surface(w, tmp_path, monkeypatch):
+    """PNG encoding runs on the writer thread while the next batch is generated: every PNG is written
+    there, not on the thread that runs the networks, and the images equal the .npz. A failed write
+    (disk full) is not lost in the thread: the command fails with it."""
+    import threading
+
+    real, threads = S.save_png, set()
+    monkeypatch.setattr(S, "save_png", lambda img, path: (threads.add(threading.current_thread().name),
+                                                          real(img, path)))
+    cli(*base(w, tmp_path / "s", "-c", "0", "-n", "17", "--batch-size", "8"))
+    assert len(threads) == 1 and threading.current_thread().name not in threads
+    arr, _ = npz_of(tmp_path / "s")
+    assert all(np.array_equal(viz.load_png(p), arr[int(p.stem.split("_")[1])])
+               for p in (tmp_path / "s" / "images").glob("*.png"))
+
+    def full(img, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(S, "save_png", full)
+    with pytest.raises(OSError, match="No space left"):
+        S.write_sample_set(S.load_pipeline(w["dit"], w["vae"], w["dec"]), [0] * 9, tmp_path / "f", 0, FLOW,
+                           progress=False)
+
+
+def test_compiled_sampling_dit_keeps_images_and_batch_invariance(w):
+    """--compile: the DiT is torch.compile'd once per pipeline (static shapes: a chunk and its guided
+    double) and gives the eager images up to one grey level, still independent of the batch."""
+    pipe = S.load_pipeline(w["dit"], w["vae"], w["dec"])
+    rt = dataclasses.replace(S.CPU, compile=True)
+    eager = S.generate(pipe, [0, 1, 2], [0, 1, 2], 0)
+    compiled = S.generate(pipe, [0, 1, 2], [0, 1, 2], 0, rt=rt)
+    wrapper = pipe.compiled[1]
+    assert wrapper is not pipe.dit and S.sampling_dit(pipe, rt) is wrapper and S.sampling_dit(pipe, S.CPU) is pipe.dit
+    assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1
+    assert np.array_equal(S.generate(pipe, [2, 1, 0, 1], [2, 1, 0, 5], 0, rt=rt)[:3], compiled[::-1])
+
+
 def test_grid_plan_one_row_per_class():
     idx, nrow = S._grid_plan([0] * 3 + [1] * 3 + [2] * 3)
     assert nrow == 3 and idx == list(range(9))

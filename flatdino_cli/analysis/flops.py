@@ -103,6 +103,44 @@ def train_flops_per_image(dit_cfg: Any, vae_cfg: Any | None = None, dino: bool =
     return train_step_flops(dit_forward_flops(dit_cfg), encoder_flops(vae_cfg, dino=dino))
 
 
+# ----------------------------------------------------------------------------- sampling
+def vae_decoder_flops(vae_cfg: Any) -> float:
+    """The laminator's decoder on one latent: dec_depth layers of dec_width over num_patches + tokens
+    (models/vae.py: the P patch queries attend with the T latent tokens)."""
+    m = _model(vae_cfg)
+    return m.dec_depth * layer_flops(m.num_patches + m.tokens, m.dec_width)
+
+
+def pixel_decoder_flops(dec_cfg: Any) -> float:
+    """The pixel decoder on one image: depth layers of width over the P patches + CLS."""
+    m = _model(dec_cfg)
+    return m.depth * layer_flops(m.num_patches + 1, m.width)
+
+
+def dit_forwards_per_image(flow: Any) -> float:
+    """DiT forwards per image of one sampling run: one per velocity evaluation of the sampler, two
+    (conditional + unconditional halves) where guidance is on (cfg_scale != 1 and t in the interval)."""
+    from flatdino_cli.flow import _in_interval, time_grid
+
+    grid = time_grid(flow.steps, flow.shift)
+    times = list(grid[:-1])
+    if flow.sampler == "heun":  # the corrector at t_{i+1} on every step but the last (flow.sample)
+        times += list(grid[1:-1])
+    t = torch.tensor([float(x) for x in times])
+    guided = _in_interval(t, flow.cfg_interval, flow.cfg_interval_inclusive) if flow.cfg_scale != 1.0 \
+        else torch.zeros_like(t, dtype=torch.bool)
+    return float(len(times) + int(guided.sum()))
+
+
+def sample_flops(dit_cfg: Any, flow: Any, dec_cfg: Any, vae_cfg: Any | None = None) -> dict[str, float]:
+    """FLOPs of the whole sampling pipeline per image, by stage: DiT forwards x forwards per image,
+    the VAE decoder (FlatDINO; None for an RAE-mode DiT) and the pixel decoder."""
+    parts = {"dit": dit_forward_flops(dit_cfg) * dit_forwards_per_image(flow),
+             "vae_decoder": vae_decoder_flops(vae_cfg) if vae_cfg is not None else 0.0,
+             "pixel_decoder": pixel_decoder_flops(dec_cfg)}
+    return {**parts, "total": sum(parts.values())}
+
+
 # ----------------------------------------------------------------------------- tables
 def is_raw_feature_dit(model_cfg: Any) -> bool:
     """An RAE-style generator: a 2-D grid of raw 768-d DINOv2 features (no VAE in the loop)."""
