@@ -484,14 +484,14 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
         noise = image_noise(seed, idx, pipe.latent_shape).to(rt.device)  # (B, N, d)
         y = torch.tensor(lab, dtype=torch.long, device=rt.device)
 
-        def run(model):
+        def run(net):
             def forward(x, t, y_):
                 with rt.autocast():
-                    return model(x, t, y_).float()
+                    return net(x, t, y_).float()
             return forward
 
         guide = run(pipe.guide) if pipe.guide is not None else None
-        velocity = make_velocity_fn(run(pipe.dit), y, flow, pipe.cfg.model.num_classes, guide)
+        velocity = make_velocity_fn(run(model), y, flow, pipe.cfg.model.num_classes, guide)
         x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid)  # (B, N, d)
         out.append(pipe.decode(x, rt)[:k])
     S = pipe.image_size
