@@ -62,8 +62,9 @@ class TrainConfig:
         _check(self.epochs > 0 or self.max_steps, "train.epochs", "positive (or set train.max_steps)")
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "positive")
         _check(0.0 <= self.ema < 1.0, "train.ema", "in [0, 1)")
-        _positive(self, "train", "ckpt_every_steps", "log_every", "val_every_epochs", "lr", "eps")
-        _non_negative(self, "train", "epochs", "warmup_epochs", "warmup_start_lr", "decay_epochs", "final_lr",
+        _positive(self, "train", "ckpt_every_steps", "log_every", "val_every_epochs", "eps")
+        # lr 0 is allowed: it freezes the weights (a fine-tuning check, a data-pipeline dry run)
+        _non_negative(self, "train", "lr", "epochs", "warmup_epochs", "warmup_start_lr", "decay_epochs", "final_lr",
                       "weight_decay", "grad_clip", "seed", "num_workers", "keep_old_runs")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "a positive integer (or null)")
         _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", "two values in [0, 1)")

@@ -11,26 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from flatdino_cli.errors import UserError
+from flatdino_cli.utils import disk_use, human_bytes
 
 RAE_LOADS = {
     "decoder": "RAE's pixel decoder (features -> pixels): pass it as --decoder FILE (sample, reconstruct, train-dit)",
     "stats": "RAE's latent statistics (mean/var per position): copy it into an rae-* DiT run as stats.pt",
     "dit": "an RAE stage-2 DiT checkpoint (model/ema state dicts)",
 }
-
-
-def disk_use(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
 
 
 def matching_preset(cfg: Any) -> str | None:

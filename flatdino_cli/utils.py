@@ -126,3 +126,26 @@ def disk_full_is_user_error(path: Path, needed_bytes: int):
             raise
         raise UserError(f"{path}: disk full while writing (needs about {needed_bytes / 1e6:.1f} MB, "
                         f"{free / 1e6:.1f} MB free); free some space and rerun the same command to resume") from None
+
+
+def disk_use(path: Path) -> int:
+    """Bytes of a file, or of every file below a folder (links not followed; vanished files skipped)."""
+    if not Path(path).is_dir():
+        return Path(path).stat().st_size
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for n in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks are sold)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""

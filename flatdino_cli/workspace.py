@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.train import FINISHED_FILE
-from flatdino_cli.utils import atomic_write_json
+from flatdino_cli.utils import atomic_write_json, disk_use, human_bytes
 
 ENV_VAR = "FLATDINO_WORKSPACE"
 INDEX_FILE = ".flatdino/index.json"
@@ -153,17 +153,6 @@ def _scan(ws: Path):
             dirnames[:] = [n for n in dirnames if not n.startswith(".") and n not in _PRUNE and depth < _MAX_DEPTH]
 
 
-def _folder_size(d: Path) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(d):
-        for n in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, n)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text())
@@ -212,7 +201,7 @@ def _run_entry(ws: Path, d: Path) -> dict | None:
     done_at = finished.get("finished") or (_mtime_iso(last) if progress >= 1 else None)  # runs older than finished.json
     return {"kind": "run", "stage": cfg["stage"], "preset": run.get("preset") or re.sub(r"^(vae|dit|decoder)-", "", d.name),
             "progress": progress, "step": finished.get("step", step), "finished": done_at,
-            "time": last.stat().st_mtime, "metric": list(metric) if metric else None, "size": _folder_size(d),
+            "time": last.stat().st_mtime, "metric": list(metric) if metric else None, "size": disk_use(d),
             "from": [_rel(ws, s) for s in sources if isinstance(s, str)], "val": None}
 
 
@@ -228,7 +217,7 @@ def _store_entry(ws: Path, d: Path) -> dict | None:
             "preset": Path(made_by["vae_run"]).name if made_by.get("vae_run") else ident.get("encoder"),
             "progress": 1.0 if m.get("complete") else _done_fraction(d), "step": None,
             "finished": _mtime_iso(d / "manifest.json") if m.get("complete") else None,
-            "time": (d / "manifest.json").stat().st_mtime, "metric": None, "size": _folder_size(d),
+            "time": (d / "manifest.json").stat().st_mtime, "metric": None, "size": disk_use(d),
             "from": [_rel(ws, p) for p in sources if p], "val": "val" if (d / "val" / "manifest.json").is_file() else None}
 
 
@@ -422,14 +411,6 @@ def pick_ablate(vae: Path | None, features: Path | None) -> tuple[Path, Path]:
 
 
 # ============================================================================ `flatdino workspace`
-def _size(n: int) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if n < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return ""
-
-
 def listing() -> str:
     """The table `flatdino workspace` prints: newest first, with where each came from."""
     ws = root()
@@ -441,10 +422,10 @@ def listing() -> str:
         return "\n".join(lines)
     names = {rel: rel + (" (+val)" if e.get("val") else "") for rel, e in entries.items()}
     w = max(map(len, names.values()))
-    lines.append(f"  {'path':{w}s} {'stage':8s} {'preset':14s} {'progress':>8s} {'best':>16s} {'size':>7s}  from")
+    lines.append(f"  {'path':{w}s} {'stage':8s} {'preset':14s} {'progress':>8s} {'best':>16s} {'size':>9s}  from")
     for rel, e in entries.items():
         metric = f"{e['metric'][0]} {e['metric'][1]:.4g}" if e.get("metric") and e["metric"][1] is not None else ""
         progress = "done" if e.get("finished") else f"{e['progress']:.0%}"
         lines.append(f"  {names[rel]:{w}s} {e['stage']:8s} {str(e.get('preset') or ''):14s} {progress:>8s} "
-                     f"{metric:>16s} {_size(e['size']):>7s}  {' + '.join(e['from']) if e['from'] else '-'}")
+                     f"{metric:>16s} {human_bytes(e['size']):>9s}  {' + '.join(e['from']) if e['from'] else '-'}")
     return "\n".join(lines)

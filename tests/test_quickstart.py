@@ -171,7 +171,7 @@ def test_quickstart_printed_lines_run_as_typed_in_its_folder(flat_out, judge_cac
     said = [run_cli(*shlex.split(line)[1:], cwd=flat_out, timeout=1200, env=judge_cache).stdout for line in lines]
     assert "sample: dit dit (step" in said[0] and "decoder decoder (step" in said[0]
     assert list((flat_out / "dit" / "samples").glob("3-*/grid.png"))
-    assert "ablate-tokens: vae vae (step" in said[1] and "features features/val" in said[1]
+    assert "ablate-tokens: vae vae (step" in said[1] and "features/val" in said[1]
     assert (flat_out / "vae" / "analysis" / "ablation" / "heatmaps.npy").is_file()
     assert "train-dit: latents latents" in said[2] and "new run runs/dit-tiny-dit" in said[2]
     assert (flat_out / "runs" / "dit-tiny-dit" / "finished.json").is_file()

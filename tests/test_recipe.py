@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -330,13 +331,15 @@ def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
     assert r["latent"]["rfid"][1] != r["latent"]["rfid"][0]  # the noise reaches the images
     assert "cosine_vs_clean" in r["latent"] and "rfid" in r["features_noise"]  # feature columns kept
     # without Inception weights anywhere: no rFID, and a note saying why
-    import flatdino_cli.analysis.fid as fidmod
-
-    fidmod.CLEANFID_CACHE_DIR, old = tmp_path / "nowhere", fidmod.CLEANFID_CACHE_DIR
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path / "nowhere")  # the only place Inception is looked up
     try:
         r = run_noise(vae, feats, tmp_path / "out2", sigmas=(0.0,), n=2, decoder=dec, progress=False)
     finally:
-        fidmod.CLEANFID_CACHE_DIR = old
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
     assert "rfid" not in r["latent"] and "rfid omitted" in r["notes"][0]
 
 
