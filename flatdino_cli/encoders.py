@@ -3,7 +3,7 @@
 The feature every stage consumes (DESIGN.md "Conventions", INTEROP.md A1): last block output ->
 LayerNorm WITHOUT affine (eps 1e-6) -> drop CLS + 4 registers -> (B, N, C) float32, N = grid h*w.
 Input: images already resized to `spec.image_size` and normalised with ImageNet mean/std
-(`flatdino_cli.data.normalize`; data.py owns the transforms).
+(`flatdino_cli.data.normalize`; data/transforms.py owns the transforms).
 
 Weights for `load_encoder(name, weights)`:
 - `weights=FILE` (.safetensors, or .pth/.pt/.bin read with torch.load(weights_only=True)) in the timm,
