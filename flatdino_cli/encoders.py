@@ -33,7 +33,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.utils import sha256_file
 
 __all__ = ["NUM_REGISTERS", "NUM_PREFIX_TOKENS", "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "EncoderSpec",
-           "ENCODERS", "get_spec", "FrozenEncoder", "load_encoder", "read_state_dict", "hf_cache_dir", "cached_hub_weights"]
+           "ENCODERS", "get_spec", "FrozenEncoder", "default_crop_size", "load_encoder", "read_state_dict", "hf_cache_dir", "cached_hub_weights"]
 
 NUM_REGISTERS = 4
 NUM_PREFIX_TOKENS = 1 + NUM_REGISTERS  # CLS + registers; FrozenEncoder checks timm's own count against it
@@ -146,6 +146,11 @@ class FrozenEncoder(nn.Module):
             raise ValueError(f"encoder {self.spec.name} expects (B, 3, {s}, {s}) images, got {tuple(images.shape)}")
         x = self.model.forward_features(images)  # (B, P + N, C), already non-affine LayerNormed
         return x[:, self.num_prefix_tokens:].float()  # (B, N, C)
+
+
+def default_crop_size(encoder) -> int:
+    """ADM center crop to 256 for the 224-px DINOv2 (REFERENCE.md); the input size for smaller encoders."""
+    return 256 if encoder.spec.image_size == 224 else encoder.spec.image_size
 
 
 # ============================================================================ weight files
