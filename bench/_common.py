@@ -24,6 +24,7 @@ from torch import nn
 
 from flatdino_cli.nn.attention import Attention
 from flatdino_cli.runtime import measure_matmul_flops
+from flatdino_cli.runtime import synchronize as sync  # the bench scripts' name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TRAIN_FACTOR = 3  # forward + backward ~ 3 x forward
@@ -71,11 +72,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float | None 
     timed for `seconds` (default 2, or $BENCH_PEAK_SECONDS: smoke runs shorten it)."""
     seconds = seconds if seconds is not None else float(os.environ.get("BENCH_PEAK_SECONDS", "2"))
     return measure_matmul_flops(device, dtype, n=4096 if device.type == "cuda" else 1024, seconds=seconds)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device: torch.device, seconds: float, warmup: int = 1) -> tuple[int, float]:

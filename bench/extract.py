@@ -30,7 +30,8 @@ from flatdino_cli import encoders
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (DeviceJpegDataset, EncoderTransform, ImageList, collate_device_jpegs,
                                crops_on_device, list_images, load_rgb)
-from flatdino_cli.extract import default_crop_size, extract_features
+from flatdino_cli.encoders import default_crop_size
+from flatdino_cli.extract import extract_features
 from flatdino_cli.runtime import setup_runtime
 
 ENCODERS = ("tiny", "dinov2-b-reg4")

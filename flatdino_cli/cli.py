@@ -16,7 +16,7 @@ import typer
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import resolve as resolve_model_ref
-from flatdino_cli.utils import check_out_dir
+from flatdino_cli.utils import check_out_dir, comma_list
 
 app = typer.Typer(
     name="flatdino",
@@ -155,6 +155,24 @@ def _runtime(device: str, precision: str, compile: Optional[bool]):
     from flatdino_cli.runtime import setup_runtime
 
     return setup_runtime(device, precision, compile)
+
+
+def _train_start(command: str, stage: str, wanted: str, preset: str, sets, epochs, batch_size, seed, log_to,
+                 out: Optional[Path], device: str, precision: str, compile: Optional[bool], pick=None):
+    """What every train-* command does first: the preset with its overrides, the stage check, the
+    inputs `pick(cfg)` resolves (in the workspace), the run dir (--out or the workspace's), the out-dir
+    check, the runtime. Returns (cfg, picked, out, rt)."""
+    from flatdino_cli import workspace as ws
+    from flatdino_cli.config import load_preset
+
+    cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
+                                                  "train.seed": seed, "train.log_to": _log_to(log_to)}))
+    if cfg.stage != stage:
+        raise UserError(f"--preset {preset}: is a {cfg.stage} preset; {command} needs {wanted}")
+    picked = pick(cfg) if pick is not None else None
+    out = ws.run_dir(command, out, stage, preset, cfg)
+    check_out_dir(out)
+    return cfg, picked, out, _runtime(device, precision, compile)
 
 
 # presets -------------------------------------------------------------------------------------------
@@ -361,20 +379,15 @@ def train_vae(
         --val-features stores/in1k-val-bilinear --out runs/vae
     """
     from flatdino_cli import workspace as ws
-    from flatdino_cli.config import load_preset
     from flatdino_cli.stages.vae import train_vae as run
 
-    cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed,
-                                                  "train.log_to": _log_to(log_to)}))
-    if cfg.stage != "vae":
-        raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-vae needs a vae-* preset")
-    if features is None and images is None:
-        features = ws.pick_features("train-vae")
-    encoder_weights = ws.setting("encoder-weights", encoder_weights) if images is not None else encoder_weights
-    out = ws.run_dir("train-vae", out, "vae", preset, cfg)
-    check_out_dir(out)
-    rt = _runtime(device, precision, compile)
+    def pick(cfg):
+        picked = features if features is not None or images is not None else ws.pick_features("train-vae")
+        return picked, ws.setting("encoder-weights", encoder_weights) if images is not None else encoder_weights
+
+    cfg, (features, encoder_weights), out, rt = _train_start(
+        "train-vae", "vae", "a vae-* preset", preset, sets, epochs, batch_size, seed, log_to, out, device, precision,
+        compile, pick)
     summary = run(cfg, out, rt, features=features, images=images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, resume=resume,
                   val_features=val_features, new_data=new_data)
@@ -424,18 +437,11 @@ def train_dit(
       flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
     """
     from flatdino_cli import workspace as ws
-    from flatdino_cli.config import load_preset
     from flatdino_cli.stages.dit import train_dit as run
 
-    cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed,
-                                                  "train.log_to": _log_to(log_to)}))
-    if cfg.stage != "dit":
-        raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-dit needs a DiT preset (xl-32x128, ...)")
-    latents = latents if latents is not None else ws.pick_latents("train-dit", cfg)
-    out = ws.run_dir("train-dit", out, "dit", preset, cfg)
-    check_out_dir(out)
-    rt = _runtime(device, precision, compile)
+    cfg, latents, out, rt = _train_start(
+        "train-dit", "dit", "a DiT preset (xl-32x128, ...)", preset, sets, epochs, batch_size, seed, log_to, out,
+        device, precision, compile, lambda cfg: latents if latents is not None else ws.pick_latents("train-dit", cfg))
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
         from flatdino_cli.sample import training_grid_hook
@@ -477,46 +483,18 @@ def flops(
     import json
 
     from flatdino_cli.analysis import flops as F
-    from flatdino_cli.config import load_preset
 
-    vae_cfg = load_preset(vae).model if vae else None
-    if preset is None and vs is None:
-        tables = F.appendix_h_tables(paper_rounding=not exact)
-    else:
-        a, b = (load_preset(n) for n in (preset or "xl-32x128", vs or "rae-xl-256x768"))
-        for name, c in ((preset, a), (vs, b)):
-            if c.stage != "dit":
-                raise UserError(f"flops: preset {name} is a {c.stage} preset; pass DiT presets")
-        # the paper's layout: the baseline (--vs) first, ratio = baseline / preset = the preset's speedup
-        tables = [F.flops_table(b, a, vae_cfg, paper_rounding=not exact)]
-    result: dict = {"tables": tables}
-    if measure:
-        import torch
-
-        from flatdino_cli.models import build_model
-
-        rt = _runtime(device, precision, False)
-        dtype = torch.bfloat16 if rt.precision == "bf16" else torch.float32
-        sizes = [int(x) for x in batches.split(",") if x.strip()]
-        names = (preset or "xl-32x128", vs or "rae-xl-256x768")
-        runs = []
-        for name in names:
-            cfg = load_preset(name)
-            runs.append(F.measure_throughput(lambda c=cfg: build_model(c).eval(), sizes, cfg.model.tokens,
-                                             cfg.model.in_dim, rt.device, dtype, seconds))
-        out.mkdir(parents=True, exist_ok=True)
-        F.plot_throughput(runs[0], runs[1], list(names), out / "throughput.png")
-        result["measured"] = {"dtype": str(dtype), "device": str(rt.device), names[0]: runs[0], names[1]: runs[1]}
-        speed = [ra["forward_per_s"] / rb["forward_per_s"] for ra, rb in zip(*runs)
-                 if "forward_per_s" in ra and "forward_per_s" in rb]  # preset over --vs
-        result["measured"]["speedup"] = speed
-        (out / "flops.json").write_text(json.dumps(result, indent=2))
+    sizes = comma_list(batches, "--batches", int) if measure else None
+    rt = _runtime(device, precision, False) if measure else None
+    result = F.run_flops(preset, vs, vae, exact=exact, sizes=sizes, seconds=seconds, out=out, rt=rt)
+    tables = result["tables"]
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(F.format_table(tables))
     if measure:
         analytic = tables[0]["ratio"]["forward"]
+        dtype = result["measured"]["dtype"]
         for bsz, sp in zip(sizes, result["measured"]["speedup"]):
             typer.echo(f"batch {bsz:5d}: measured forward speedup {sp:5.2f}x  (analytic {analytic:.2f}x, {dtype})")
         typer.echo(f"flops: plot -> {out / 'throughput.png'}")
@@ -597,17 +575,6 @@ def info(
 
 # analyses ------------------------------------------------------------------------------------------
 AnalysisOut = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the JSON, figures and arrays.")]
-
-
-def _analysis_numbers(text: str, option: str, cast=float) -> list:
-    """'10,20,100' -> [10, 20, 100]; a one-line UserError naming the option otherwise."""
-    try:
-        values = [cast(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. 10,20,100") from None
-    if not values:
-        raise UserError(f"{option}: give at least one value")
-    return values
 
 
 @command("ablate-tokens")
@@ -705,7 +672,7 @@ def knn(
     """
     from flatdino_cli.analysis.knn import run_knn
 
-    r = run_knn(latents, out, val=val, ks=_analysis_numbers(k, "--k", int), temperature=temperature,
+    r = run_knn(latents, out, val=val, ks=comma_list(k, "--k", int), temperature=temperature,
                 val_count=val_count, seed=seed, batch_size=batch_size, rt=_runtime(device, "fp32", False))
     for kk, acc in r["k"].items():
         typer.echo(f"knn: k={kk:>4s} top-1 {acc['top1']:6.2f}%  top-5 {acc['top5']:6.2f}%")
@@ -740,7 +707,7 @@ def noise(
     """
     from flatdino_cli.analysis.noise import run_noise
 
-    r = run_noise(vae, features, out, sigmas=_analysis_numbers(sigmas, "--sigmas"), n=n, batch_size=batch_size,
+    r = run_noise(vae, features, out, sigmas=comma_list(sigmas, "--sigmas", float), n=n, batch_size=batch_size,
                   decoder=decoder, seed=seed, rt=_runtime(device, precision, False),
                   inception_weights=inception_weights)
     lat = r["latent"]
@@ -856,7 +823,7 @@ def sample(
     names = list(class_ or [])
     all_classes = classes is not None and classes.strip().lower() == "all"
     if classes is not None and not all_classes:
-        names += [c.strip() for c in classes.split(",") if c.strip()]
+        names += comma_list(classes, "--classes", allow_empty=True)
     rt = _runtime(device, precision, compile)
     m = run_sample(dit, vae, decoder, names, all_classes, n=n, per_class=per_class, cfg_scale=cfg, steps=steps,
                    sampler=sampler, interval=interval, seed=seed, out=out, batch_size=batch_size,
@@ -975,18 +942,12 @@ def train_decoder(
       flatdino train-decoder --preset tiny-decoder --images runs/toy --encoder tiny --out runs/toy-decoder
     """
     from flatdino_cli import workspace as ws
-    from flatdino_cli.config import load_preset
     from flatdino_cli.stages.decoder import train_decoder as run
 
-    cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
-                                                  "train.seed": seed,
-                                                  "train.log_to": _log_to(log_to)}))
-    if cfg.stage != "decoder":
-        raise UserError(f"--preset {preset}: is a {cfg.stage} preset; train-decoder needs decoder-xl, tiny-decoder, ...")
-    encoder_weights = ws.setting("encoder-weights", encoder_weights) if encoder not in (None, "tiny") else encoder_weights
-    out = ws.run_dir("train-decoder", out, "decoder", preset, cfg)
-    check_out_dir(out)
-    rt = _runtime(device, precision, compile)
+    cfg, encoder_weights, out, rt = _train_start(
+        "train-decoder", "decoder", "decoder-xl, tiny-decoder, ...", preset, sets, epochs, batch_size, seed, log_to,
+        out, device, precision, compile,
+        lambda cfg: ws.setting("encoder-weights", encoder_weights) if encoder not in (None, "tiny") else encoder_weights)
     summary = run(cfg, out, rt, images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,
                   no_lpips=no_lpips, lpips_weights=lpips_weights, resume=resume, vgg_weights=vgg_weights,

@@ -21,6 +21,7 @@ import yaml
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig
+from flatdino_cli.utils import grid_side
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -242,11 +243,11 @@ class DecoderModelConfig:
         _positive(self, "model", "in_dim", "num_patches", "patch_size", "width", "depth", "heads", "mlp_hidden",
                   "ln_eps")
         _check(self.width % self.heads == 0, "model.width", "divisible by model.heads")
-        _check(math.isqrt(self.num_patches) ** 2 == self.num_patches, "model.num_patches", "a square number")
+        grid_side(self.num_patches, "config: model.num_patches")
 
     @property
     def image_size(self) -> int:
-        return int(math.isqrt(self.num_patches)) * self.patch_size
+        return grid_side(self.num_patches) * self.patch_size
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The feature every stage consumes (DESIGN.md "Conventions", INTEROP.md A1): last block output ->
 LayerNorm WITHOUT affine (eps 1e-6) -> drop CLS + 4 registers -> (B, N, C) float32, N = grid h*w.
 Input: images already resized to `spec.image_size` and normalised with ImageNet mean/std
-(`flatdino_cli.data.normalize`; data.py owns the transforms).
+(`flatdino_cli.data.normalize`; data/transforms.py owns the transforms).
 
 Weights for `load_encoder(name, weights)`:
 - `weights=FILE` (.safetensors, or .pth/.pt/.bin read with torch.load(weights_only=True)) in the timm,
@@ -33,7 +33,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.utils import sha256_file
 
 __all__ = ["NUM_REGISTERS", "NUM_PREFIX_TOKENS", "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "EncoderSpec",
-           "ENCODERS", "get_spec", "FrozenEncoder", "load_encoder", "read_state_dict", "hf_cache_dir"]
+           "ENCODERS", "get_spec", "FrozenEncoder", "default_crop_size", "load_encoder", "read_state_dict", "hf_cache_dir", "cached_hub_weights"]
 
 NUM_REGISTERS = 4
 NUM_PREFIX_TOKENS = 1 + NUM_REGISTERS  # CLS + registers; FrozenEncoder checks timm's own count against it
@@ -146,6 +146,11 @@ class FrozenEncoder(nn.Module):
             raise ValueError(f"encoder {self.spec.name} expects (B, 3, {s}, {s}) images, got {tuple(images.shape)}")
         x = self.model.forward_features(images)  # (B, P + N, C), already non-affine LayerNormed
         return x[:, self.num_prefix_tokens:].float()  # (B, N, C)
+
+
+def default_crop_size(encoder) -> int:
+    """ADM center crop to 256 for the 224-px DINOv2 (REFERENCE.md); the input size for smaller encoders."""
+    return 256 if encoder.spec.image_size == 224 else encoder.spec.image_size
 
 
 # ============================================================================ weight files
@@ -273,6 +278,19 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def cached_hub_weights(*repos: str) -> Path | None:
+    """The first cached weights file (model.safetensors, else pytorch_model.bin) of `repos`, in order;
+    None when none is cached. Never downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in repos:
+        for fname in ("model.safetensors", "pytorch_model.bin"):
+            hit = try_to_load_from_cache(repo, fname, cache_dir=hf_cache_dir())
+            if isinstance(hit, str):
+                return Path(hit)
+    return None
+
+
 def _hub_offline() -> bool:
     return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -304,14 +322,10 @@ def _hub_serves(url: str, timeout: float = 2.0) -> bool:
 
 def _pretrained_file(spec: EncoderSpec) -> Path:
     """The cached weights file of spec's hub repos; downloads only when the hub is provably reachable."""
-    from huggingface_hub import try_to_load_from_cache
-
+    cached = cached_hub_weights(*spec.hub_repos)
+    if cached is not None:
+        return cached
     cache = hf_cache_dir()
-    for repo in spec.hub_repos:
-        for fname in ("model.safetensors", "pytorch_model.bin"):
-            hit = try_to_load_from_cache(repo, fname, cache_dir=cache)
-            if isinstance(hit, str):
-                return Path(hit)
     repo, endpoint = spec.hub_repos[0], _hub_endpoint()
     if _hub_offline():
         why = "HF_HUB_OFFLINE is set"

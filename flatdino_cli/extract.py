@@ -40,11 +40,6 @@ def _pending_chunks(store: Store, rows: int) -> list[list[int]]:
     return chunks
 
 
-def default_crop_size(encoder) -> int:
-    """ADM center crop to 256 for the 224-px DINOv2 (REFERENCE.md); the input size for smaller encoders."""
-    return 256 if encoder.spec.image_size == 224 else encoder.spec.image_size
-
-
 def encoder_identity(encoder, cfg: ExtractConfig) -> dict:
     return {"encoder": cfg.encoder, "weights": getattr(encoder, "weights_id", cfg.encoder_weights),
             "num_patches": encoder.num_patches, "dim": encoder.dim}
@@ -53,7 +48,7 @@ def encoder_identity(encoder, cfg: ExtractConfig) -> dict:
 def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt: Runtime,
                      overwrite: bool = False, class_index: str | Path | None = None) -> dict:
     """Encode every image of `source` into a feature store at `out` (+ `out/val` with --val-split)."""
-    from flatdino_cli.encoders import load_encoder
+    from flatdino_cli.encoders import default_crop_size, load_encoder
 
     images = list_images(source, class_index)
     encoder = load_encoder(cfg.encoder, cfg.encoder_weights, device=rt.device)

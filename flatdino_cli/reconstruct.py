@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from flatdino_cli.errors import UserError
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.sample import decoder_identity, run_inputs, store_manifest
 from flatdino_cli.utils import atomic_write_json, check_out_dir
 from flatdino_cli.viz import save_grid, save_png, to_uint8
 
-CPU = Runtime(torch.device("cpu"), "fp32", False)
 PSNR_CAP = 100.0  # dB reported for identical images (PSNR is +inf there), so JSON stays standard
 
 
@@ -110,8 +109,7 @@ def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path
     is `fid OUT/images --ref OUT/originals`), OUT/grid_<j>.png (original | reconstruction pairs)
     and OUT/reconstruct.json (per-image PSNR, SSIM, feature cosine + means); returns the JSON's content."""
     from flatdino_cli.data import BadImage, EncoderTransform, adm_center_crop, list_images, load_rgb
-    from flatdino_cli.encoders import load_encoder
-    from flatdino_cli.extract import default_crop_size
+    from flatdino_cli.encoders import default_crop_size, load_encoder
     from flatdino_cli.models.pixel_decoder import check_features, load_decoder
     from flatdino_cli.runs import load_run
 

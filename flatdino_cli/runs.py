@@ -23,7 +23,7 @@ from flatdino_cli.hub import WEIGHTS as EXPORT_WEIGHTS
 from flatdino_cli.hub import is_export
 from flatdino_cli.models import build_model
 from flatdino_cli.train import checkpoint_dir, load_into, load_weights
-from flatdino_cli.utils import sha256_file
+from flatdino_cli.utils import grid_side, sha256_file
 
 _STAGE_NAMES = {"vae": "train-vae", "dit": "train-dit", "decoder": "train-decoder"}
 
@@ -148,9 +148,7 @@ def _infer_rae_config(sd: dict[str, torch.Tensor], source: Path) -> DiTModelConf
     trunk = need("s_embedder.proj.weight" if dh else "x_embedder.proj.weight")  # (W, d, p, p)
     W, d, p = trunk.shape[0], trunk.shape[1], trunk.shape[-1]
     n = need("pos_embed").shape[1]  # trunk tokens
-    side = math.isqrt(n)
-    if side * side != n:
-        raise UserError(f"{source}: pos_embed has {n} tokens, not a square grid")
+    side = grid_side(n, f"{source}: pos_embed")
     blocks = sorted({int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
     cos = need("enc_feat_rope.freqs_cos" if dh else "feat_rope.freqs_cos")
     head_dim = cos.shape[-1]

@@ -75,6 +75,9 @@ class Runtime:
         return x
 
 
+CPU = Runtime(torch.device("cpu"), "fp32", False)  # the runtime of library calls given none
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,18 +122,19 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    synchronize(device)
     reps, start = 0, time.perf_counter()
     while True:
         a @ b
         reps += 1
         if reps % 4 == 0:
-            _sync(device)
+            synchronize(device)
             if time.perf_counter() - start > seconds:
                 break
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing); a no-op on the CPU."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)

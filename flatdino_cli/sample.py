@@ -52,7 +52,7 @@ from tqdm import tqdm
 from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import (atomic_write, atomic_write_bytes, atomic_write_json, check_out_dir, sha256_file,
                                  sha256_strings)
 from flatdino_cli.viz import load_png, save_grid, save_png, to_uint8
@@ -62,7 +62,6 @@ __all__ = ["Pipeline", "load_pipeline", "generate", "sampler_batch", "CPU_CHUNK"
            "imagenet_class_names", "resolve_classes", "class_plan", "write_sample_set", "run_sample",
            "training_grid_hook"]
 
-CPU = Runtime(torch.device("cpu"), "fp32", False)
 GRID_ROWS, GRID_COLS, GRID_SINGLE = 16, 8, 64  # sample grid caps: classes x images, or images of one class
 # Images per network forward on the CPU, whatever --batch-size says. The DiT's per-image
 # conditioning (time embedder, adaLN projections) runs GEMMs with one row per image, and MKL rounds a

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -126,6 +127,27 @@ def disk_full_is_user_error(path: Path, needed_bytes: int):
             raise
         raise UserError(f"{path}: disk full while writing (needs about {needed_bytes / 1e6:.1f} MB, "
                         f"{free / 1e6:.1f} MB free); free some space and rerun the same command to resume") from None
+
+
+def comma_list(text: str, option: str, cast: Callable = str, allow_empty: bool = False) -> list:
+    """'10,20,100' -> [10, 20, 100] (each item stripped and cast; empty items dropped); a one-line
+    UserError naming `option` for an item `cast` refuses, or for no items unless allow_empty."""
+    try:
+        values = [cast(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. 10,20,100") from None
+    if not values and not allow_empty:
+        raise UserError(f"{option}: give at least one value")
+    return values
+
+
+def grid_side(num_tokens: int, where: str = "the features") -> int:
+    """Side of the square token grid of `num_tokens` (16 for DINOv2-B at 224 px, 6 for `tiny`); a
+    UserError naming `where` when the tokens do not form one."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise UserError(f"{where}: {num_tokens} tokens do not form a square grid")
+    return side
 
 
 def disk_use(path: Path) -> int:

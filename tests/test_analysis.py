@@ -278,7 +278,7 @@ def test_cli_analyses_write_figures(toy, tmp_path):
 
     from flatdino_cli.cli import app
     from flatdino_cli.extract import extract_latents
-    from flatdino_cli.analysis.common import CPU
+    from flatdino_cli.runtime import CPU
 
     feats, vae = str(toy["features"]), str(toy["vae"])
     extract_latents(feats, vae, tmp_path / "lat", CPU, batch_size=16)

@@ -141,3 +141,18 @@ def test_real_processes_print_no_traceback(cli, bad, tmp_path):
         p = cli(*args, check=False)
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
         assert p.stderr.strip().splitlines()[-1].startswith("flatdino: error:"), p.stderr
+
+
+@pytest.mark.parametrize("command,preset,wanted", [
+    ("train-vae", "tiny-dit", "a vae-* preset"),
+    ("train-dit", "tiny-decoder", "a DiT preset (xl-32x128, ...)"),
+    ("train-decoder", "tiny-vae", "decoder-xl, tiny-decoder, ..."),
+])
+def test_train_commands_refuse_another_stages_preset_before_anything_else(command, preset, wanted, tmp_path):
+    """The train commands' shared start checks the preset's stage first: one line, and no run dir made."""
+    args = [command, "--preset", preset, "--out", tmp_path / "run", "--device", "cpu", "--epochs", "1",
+            *(["--images", tmp_path / "none"] if command == "train-decoder" else [])]
+    stage = preset.removeprefix("tiny-")
+    line = assert_one_line_error(run(args), args)
+    assert line == f"flatdino: error: --preset {preset}: is a {stage} preset; {command} needs {wanted}"
+    assert not (tmp_path / "run").exists()

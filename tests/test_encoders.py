@@ -288,3 +288,29 @@ def test_meta_layout_of_vit_g_renames_swiglu(tmp_path):
     x = images(GIANT_SMALL)
     torch.testing.assert_close(load_encoder(GIANT_SMALL, tmp_path / "meta.pt")(x), reference_features(src, x),
                                atol=1e-5, rtol=0)
+
+
+def test_one_hf_cache_lookup_serves_encoders_and_the_discriminator(tmp_path, monkeypatch):
+    """cached_hub_weights: repos in order, model.safetensors before pytorch_model.bin, None on a miss; the
+    dino-s8 discriminator resolves its weights through the same lookup."""
+    from flatdino_cli.encoders import cached_hub_weights
+    from flatdino_cli.losses.discriminator import DINO_S8_REPO, resolve_dino_s8_weights
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def cache(repo, *files):
+        snap = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("cd" * 20)
+        snap.mkdir(parents=True)
+        (snap.parent.parent / "refs").mkdir()
+        (snap.parent.parent / "refs" / "main").write_text("cd" * 20)
+        for f in files:
+            (snap / f).write_bytes(b"weights")
+        return snap
+
+    a = cache("org/a", "pytorch_model.bin")
+    b = cache("org/b", "pytorch_model.bin", "model.safetensors")
+    assert cached_hub_weights("org/a", "org/b") == a / "pytorch_model.bin"
+    assert cached_hub_weights("org/missing", "org/b") == b / "model.safetensors"
+    assert cached_hub_weights("org/missing") is None
+    d = cache(DINO_S8_REPO, "model.safetensors")
+    assert resolve_dino_s8_weights() == d / "model.safetensors"

@@ -131,7 +131,7 @@ def test_extract_with_jpegs_decoded_on_the_device_writes_the_same_store(tmp_path
     CMYK, PNG and broken files take the CPU path or are skipped the same way."""
     import dataclasses
 
-    from flatdino_cli import data as D
+    from flatdino_cli.data import jpeg as D
     from flatdino_cli.config import ExtractConfig
     from flatdino_cli.extract import extract_features
     from flatdino_cli.runtime import setup_runtime

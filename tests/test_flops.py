@@ -183,3 +183,18 @@ def test_sampling_pipeline_flops_count_the_forwards_the_sampler_runs():
     assert a["vae_decoder"] == 24 * F.layer_flops(288, 1024)
     assert a["total"] == a["dit"] + a["vae_decoder"] + a["pixel_decoder"]
     assert 5.5 < b["total"] / a["total"] < 6.5
+
+
+def test_flops_measure_compares_two_presets_and_writes_the_result(tmp_path, cli):
+    """`flops --measure` (analysis/flops.run_flops): both presets timed over the batch sweep, the plot and
+    flops.json written, one speedup line per batch size; a bad --batches is a one-line error."""
+    p = cli("flops", "--preset", "tiny-fae-dit", "--vs", "tiny-dit", "--measure", "--batches", "1, 2", "--seconds",
+            "0", "--out", tmp_path / "m", "--device", "cpu")
+    saved = json.loads((tmp_path / "m/flops.json").read_text())
+    m = saved["measured"]
+    assert [r["batch"] for r in m["tiny-fae-dit"]] == [1, 2] == [r["batch"] for r in m["tiny-dit"]]
+    assert len(m["speedup"]) == 2 and m["dtype"] == "torch.float32" and m["device"] == "cpu"
+    assert saved["tables"][0]["ratio"]["forward"] > 0 and (tmp_path / "m/throughput.png").is_file()
+    assert p.stdout.count("measured forward speedup") == 2
+    bad = cli("flops", "--measure", "--batches", "1,x", "--out", tmp_path / "b", check=False)
+    assert bad.returncode == 1 and "--batches '1,x'" in bad.stderr and "Traceback" not in bad.stderr

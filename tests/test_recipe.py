@@ -375,3 +375,18 @@ def test_an_empty_validation_set_picks_no_best_checkpoint(tmp_path):
                                    "train.batch_size=4", "train.val_every_epochs=1"])
     summary = train_vae(cfg, tmp_path / "run", CPU, features=_feature_store(tmp_path / "f", 8, seed=0))
     assert summary["best_val"] == float("inf") and not (tmp_path / "run/checkpoints/best").exists()
+
+
+def test_vae_image_mode_crops_by_the_one_crop_size_rule(tmp_path, monkeypatch):
+    """train-vae on images takes its crop size from encoders.default_crop_size (the rule extract uses)."""
+    from flatdino_cli import encoders
+    from flatdino_cli.toydata import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "imgs", per_class=1, size=56, progress=False)
+    monkeypatch.setattr(encoders, "default_crop_size", lambda enc: enc.spec.image_size + 4)
+    cfg = load_preset("tiny-vae", ["model.tokens=4", "model.latent_dim=8", "model.enc_width=32", "model.enc_depth=1",
+                                   "model.enc_heads=2", "model.dec_width=32", "model.dec_depth=1",
+                                   "model.dec_heads=2", "train.max_steps=1", "train.batch_size=4"])
+    train_vae(cfg, tmp_path / "run", CPU, images=tmp_path / "imgs", encoder_name="tiny")
+    aug = json.loads((tmp_path / "run/inputs.json").read_text())["images"]["augmentation"]
+    assert aug["crop_size"] == 48 + 4 and aug["input_size"] == 48

@@ -45,3 +45,49 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(target, half)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_one_square_grid_check_everywhere():
+    """grid_side is the one square-grid check: the decoder config and the FAE model refuse a non-square
+    token count with its one-line message naming where."""
+    from flatdino_cli.config import DecoderModelConfig
+    from flatdino_cli.errors import UserError
+    from flatdino_cli.models import build_model
+    from flatdino_cli.utils import grid_side
+
+    assert grid_side(256) == 16 and grid_side(36, "x") == 6
+    with pytest.raises(UserError, match=r"^x: 15 tokens do not form a square grid$"):
+        grid_side(15, "x")
+    with pytest.raises(UserError, match=r"^config: model.num_patches: 15 tokens"):
+        DecoderModelConfig(num_patches=15)
+    with pytest.raises(UserError, match=r"^FAE: model.num_patches: 15 tokens"):
+        build_model(load_preset("tiny-fae", ["model.feature_dim=16", "model.num_patches=15"]))
+
+
+def test_one_comma_list_parser():
+    from flatdino_cli.errors import UserError
+    from flatdino_cli.utils import comma_list
+
+    assert comma_list("10, 20,,100", "--k", int) == [10, 20, 100]
+    assert comma_list("0.1,1", "--sigmas", float) == [0.1, 1.0]
+    assert comma_list(" red circle ,blue square", "--classes") == ["red circle", "blue square"]
+    assert comma_list(",", "--classes", allow_empty=True) == []
+    with pytest.raises(UserError, match=r"^--batches '1,x': expected comma-separated numbers"):
+        comma_list("1,x", "--batches", int)
+    with pytest.raises(UserError, match=r"^--k: give at least one value$"):
+        comma_list(" , ", "--k", int)
+
+
+def test_library_calls_default_to_the_one_cpu_runtime():
+    """One CPU runtime constant (runtime.CPU): the default of every library entry point given none."""
+    import inspect
+
+    from flatdino_cli.analysis import ablate, knn, noise, pca, redundancy
+    from flatdino_cli.reconstruct import run_reconstruct
+    from flatdino_cli.runtime import CPU
+    from flatdino_cli.sample import generate, run_sample, write_sample_set
+
+    assert all(inspect.signature(f).parameters["rt"].default is CPU
+               for f in (run_reconstruct, generate, run_sample, write_sample_set))
+    assert all(m.CPU is CPU for m in (ablate, knn, noise, pca, redundancy))  # their `rt or CPU`
+    assert (CPU.device.type, CPU.precision, CPU.compile) == ("cpu", "fp32", False)

@@ -15,9 +15,10 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from flatdino_cli.analysis.common import CPU, first_rows, grid_side, iter_rows, load_vae, store_image, write_json
+from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, store_image, write_json
 from flatdino_cli.data import Store
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU, Runtime
+from flatdino_cli.utils import grid_side
 
 __all__ = ["ablate_units", "ablation_heatmaps", "unit_name", "run_ablate"]
 

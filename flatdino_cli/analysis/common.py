@@ -4,7 +4,6 @@ find the images behind a store, write results.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterator
 
@@ -17,9 +16,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import atomic_write_json
 
-__all__ = ["CPU", "first_rows", "iter_rows", "grid_side", "load_vae", "store_image", "write_json"]
-
-CPU = Runtime(torch.device("cpu"), "fp32", False)  # what run_* functions use when given no runtime
+__all__ = ["first_rows", "iter_rows", "load_vae", "store_image", "write_json"]
 
 
 def first_rows(store: Store, n: int | None) -> np.ndarray:
@@ -45,14 +42,6 @@ def iter_rows(store: Store, rows: np.ndarray, batch_size: int, device: torch.dev
         yield idx, x
         bar.update(len(idx))
     bar.close()
-
-
-def grid_side(num_patches: int, where: str = "the features") -> int:
-    """Side of the square patch grid of `num_patches` (16 for DINOv2-B at 224 px, 6 for `tiny`)."""
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise UserError(f"{where}: {num_patches} patches do not form a square grid")
-    return side
 
 
 def load_vae(vae_run: str | Path, store: Store, rt: Runtime):

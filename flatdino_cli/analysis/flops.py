@@ -25,6 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatdino_cli.config import load_preset
+from flatdino_cli.errors import UserError
+from flatdino_cli.runtime import Runtime, synchronize
+from flatdino_cli.utils import atomic_write_json
+
 GIGA = 1e9  # decimal GFLOPs: binary 2^30 would give DiT-L 75.0 instead of the paper's 80.5
 
 # DINOv2-B/14 with 4 registers at 224 px: 256 patches + CLS + 4 registers, ViT-B.
@@ -276,11 +281,6 @@ def _parts(col: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- measured throughput
-def _sync(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
 def measure_throughput(build_model: Callable[[], nn.Module], batch_sizes: Sequence[int], tokens: int, in_dim: int,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                        seconds: float = 1.0, warmup: int = 2) -> list[dict]:
@@ -303,12 +303,12 @@ def measure_throughput(build_model: Callable[[], nn.Module], batch_sizes: Sequen
             with torch.no_grad(), torch.autocast(**amp):
                 for _ in range(warmup):
                     model(x, t, y)
-                _sync(device)
+                synchronize(device)
                 n, start = 0, time.perf_counter()
                 while True:
                     model(x, t, y)
                     n += 1
-                    _sync(device)
+                    synchronize(device)
                     elapsed = time.perf_counter() - start
                     if elapsed >= seconds:
                         break
@@ -344,3 +344,42 @@ def plot_throughput(results_a: list[dict], results_b: list[dict], labels: Sequen
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+# ----------------------------------------------------------------------------- `flatdino flops`
+def run_flops(preset: str | None = None, vs: str | None = None, vae: str | None = None, exact: bool = False,
+              sizes: Sequence[int] | None = None, seconds: float = 1.0, out: Path = Path("flops"),
+              rt: Runtime | None = None) -> dict:
+    """{"tables": ...}: the paper's three tables, or PRESET against VS (defaults xl-32x128 against
+    rae-xl-256x768). With `sizes`: also "measured", the forward throughput of both presets over that
+    batch sweep on `rt`, plotted to OUT/throughput.png; the whole result goes to OUT/flops.json."""
+    from flatdino_cli.models import build_model
+
+    vae_cfg = load_preset(vae).model if vae else None
+    names = (preset or "xl-32x128", vs or "rae-xl-256x768")
+    if preset is None and vs is None:
+        tables = appendix_h_tables(paper_rounding=not exact)
+    else:
+        a, b = (load_preset(n) for n in names)
+        for name, c in ((preset, a), (vs, b)):
+            if c.stage != "dit":
+                raise UserError(f"flops: preset {name} is a {c.stage} preset; pass DiT presets")
+        # the paper's layout: the baseline (--vs) first, ratio = baseline / preset = the preset's speedup
+        tables = [flops_table(b, a, vae_cfg, paper_rounding=not exact)]
+    result: dict = {"tables": tables}
+    if sizes is None:
+        return result
+    dtype = torch.bfloat16 if rt.precision == "bf16" else torch.float32
+    runs = []
+    for name in names:
+        cfg = load_preset(name)
+        runs.append(measure_throughput(lambda c=cfg: build_model(c).eval(), sizes, cfg.model.tokens,
+                                       cfg.model.in_dim, rt.device, dtype, seconds))
+    out.mkdir(parents=True, exist_ok=True)
+    plot_throughput(runs[0], runs[1], list(names), out / "throughput.png")
+    speed = [ra["forward_per_s"] / rb["forward_per_s"] for ra, rb in zip(*runs)
+             if "forward_per_s" in ra and "forward_per_s" in rb]  # preset over --vs
+    result["measured"] = {"dtype": str(dtype), "device": str(rt.device), names[0]: runs[0], names[1]: runs[1],
+                          "speedup": speed}
+    atomic_write_json(out / "flops.json", result)
+    return result

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flatdino_cli.analysis.common import CPU, iter_rows, write_json
+from flatdino_cli.analysis.common import iter_rows, write_json
 from flatdino_cli.data import Store, split_indices
 from flatdino_cli.errors import UserError
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU, Runtime
 
 __all__ = ["pooled_embedding", "knn_classify", "run_knn"]
 

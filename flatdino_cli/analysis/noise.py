@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flatdino_cli.analysis.common import CPU, first_rows, iter_rows, load_vae, store_image, write_json
+from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, store_image, write_json
 from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.reconstruct import PSNR_CAP, psnr
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.viz import to_uint8
 
 __all__ = ["SIGMAS", "feature_metrics", "psnr", "run_noise"]

@@ -16,10 +16,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from flatdino_cli.analysis.common import CPU, first_rows, grid_side, iter_rows, load_vae, write_json
+from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, write_json
 from flatdino_cli.data import EncoderTransform, ImageDataset, ImageList, Store, collate_images, list_images
 from flatdino_cli.errors import UserError
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU, Runtime
+from flatdino_cli.utils import grid_side
 
 __all__ = ["StreamingCovariance", "explained_variance", "dims_for", "patchify", "run_pca"]
 

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flatdino_cli.analysis.common import CPU, first_rows, grid_side, iter_rows, write_json
+from flatdino_cli.analysis.common import first_rows, iter_rows, write_json
 from flatdino_cli.data import Store
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU, Runtime
+from flatdino_cli.utils import grid_side
 
 __all__ = ["pair_distances", "similarity_by_distance", "default_max_distance", "run_redundancy"]
 

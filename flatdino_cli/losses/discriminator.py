@@ -127,17 +127,13 @@ def resolve_dino_s8_weights(weights: str | Path | None = None) -> Path:
         if not path.is_file():
             raise UserError(f"--disc-weights {path}: no such file")
         return path
-    from huggingface_hub import try_to_load_from_cache
+    from flatdino_cli.encoders import cached_hub_weights, hf_cache_dir
 
-    from flatdino_cli.encoders import hf_cache_dir
-
-    cache = hf_cache_dir()
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        hit = try_to_load_from_cache(DINO_S8_REPO, fname, cache_dir=cache)
-        if isinstance(hit, str):
-            return Path(hit)
-    raise UserError(f"--disc dino-s8: no weights of {DINO_S8_REPO} in the Hugging Face cache {cache} (nothing is "
-                    f"downloaded); pass --disc-weights FILE (DINO ViT-S/8 .pth/.safetensors), or use --disc patch")
+    cached = cached_hub_weights(DINO_S8_REPO)
+    if cached is not None:
+        return cached
+    raise UserError(f"--disc dino-s8: no weights of {DINO_S8_REPO} in the Hugging Face cache {hf_cache_dir()} "
+                    f"(nothing is downloaded); pass --disc-weights FILE (DINO ViT-S/8 .pth/.safetensors), or use --disc patch")
 
 
 def _dino_s8(weights: str | Path | None) -> nn.Module:

@@ -16,20 +16,12 @@ fused qkv with bias, output projection, latent head); the paper does not spell o
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from flatdino_cli.config import VAEModelConfig
 from flatdino_cli.nn import Attention, Block, RMSNorm, rope_2d
-
-
-def _grid_side(num_patches: int) -> int:
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"FAE needs a square patch grid, got {num_patches} patches")
-    return side
+from flatdino_cli.utils import grid_side
 
 
 class FAE(nn.Module):
@@ -38,7 +30,7 @@ class FAE(nn.Module):
     def __init__(self, cfg: VAEModelConfig):
         super().__init__()
         self.cfg = cfg
-        C, W, side = cfg.feature_dim, cfg.dec_width, _grid_side(cfg.num_patches)
+        C, W, side = cfg.feature_dim, cfg.dec_width, grid_side(cfg.num_patches, "FAE: model.num_patches")
         self.enc_norm = RMSNorm(C, eps=1e-6)
         self.enc_attn = Attention(C, cfg.enc_heads, qkv_bias=True, inner_dim=cfg.enc_width)
         self.enc_out = nn.Linear(C, 2 * cfg.latent_dim)

@@ -20,6 +20,7 @@ from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
 from flatdino_cli.errors import UserError
 from flatdino_cli.nn import Block, sincos_2d
 from flatdino_cli.train import load_into, load_weights
+from flatdino_cli.utils import grid_side
 
 __all__ = ["PixelDecoder", "rae_state_dict_to_ours", "ours_to_rae_state_dict", "load_decoder", "check_features",
            "load_rae_stats", "save_rae_stats"]
@@ -33,9 +34,7 @@ class PixelDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.in_dim, self.num_patches, self.patch_size = cfg.in_dim, cfg.num_patches, cfg.patch_size
-        self.grid = math.isqrt(cfg.num_patches)
-        if self.grid ** 2 != cfg.num_patches:
-            raise ValueError(f"num_patches {cfg.num_patches} is not a square grid")
+        self.grid = grid_side(cfg.num_patches, "pixel decoder: model.num_patches")
         self.embed = nn.Linear(cfg.in_dim, cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         # fixed, but a Parameter (not a buffer) so it is in the state dict exactly as RAE stores it

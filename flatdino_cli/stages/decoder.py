@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -40,6 +39,7 @@ from flatdino_cli.models import build_model
 from flatdino_cli.reconstruct import PSNR_CAP, psnr
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.train import Task, checkpoint_dir, fit, lr_at, read_metrics
+from flatdino_cli.utils import grid_side
 
 VAL_COUNT = 500  # held-out images (at most a tenth of the set) when the store has no val/ split
 MEAN_IMAGES = 512  # training images averaged into the mean-image baseline
@@ -216,8 +216,7 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
         crop, enc_size, interp = (store.manifest["preprocessing"][k] for k in ("crop_size", "input_size", "interp"))
         inputs["encoder"] = store.manifest["identity"]
     elif encoder_name is not None:
-        from flatdino_cli.encoders import load_encoder
-        from flatdino_cli.extract import default_crop_size
+        from flatdino_cli.encoders import default_crop_size, load_encoder
 
         encoder = load_encoder(encoder_name, encoder_weights, device=rt.device)
         P, C = encoder.num_patches, encoder.dim
@@ -226,8 +225,7 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
     else:
         raise UserError("train-decoder: pass --encoder NAME (features computed on the fly) or --features STORE")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_dim=C, num_patches=P))
-    if math.isqrt(P) ** 2 != P:
-        raise UserError(f"train-decoder: {P} feature tokens do not form a square grid")
+    grid_side(P, "train-decoder: the features")
     S = cfg.model.image_size
 
     if features is not None:

@@ -111,10 +111,10 @@ def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path 
         inputs["data_path"], inputs["data_identity"] = str(Path(features).resolve()), store_identity(store)
         encode = None
     elif images is not None and encoder_name is not None:
-        from flatdino_cli.encoders import load_encoder
+        from flatdino_cli.encoders import default_crop_size, load_encoder
 
         enc = load_encoder(encoder_name, encoder_weights, device=rt.device)
-        crop = 256 if enc.spec.image_size == 224 else enc.spec.image_size
+        crop = default_crop_size(enc)
         imgs = list_images(images)
         aug = EncoderTransform(crop, enc.spec.image_size, "bilinear", augment=True)  # the authors' bilinear
         if val_features is not None:  # every image trains; validation reads fixed features
