@@ -94,7 +94,8 @@ def train_command(stage: str, inputs: dict) -> str:
 
 def run_summary(run_dir: Path) -> dict:
     """Steps done / planned (from the latest checkpoint), last training row, best and last validation row."""
-    from flatdino_cli.train import checkpoint_dir, load_state, read_metrics
+    from flatdino_cli.checkpoint import checkpoint_dir, load_state
+    from flatdino_cli.train import read_metrics
 
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]

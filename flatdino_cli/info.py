@@ -152,7 +152,7 @@ def describe_store(path: Path) -> list[tuple[str, Any]]:
 
 
 def describe_rae_file(path: Path) -> list[tuple[str, Any]]:
-    from flatdino_cli.train import load_weights
+    from flatdino_cli.checkpoint import load_weights
 
     sd = load_weights(path)
     keys = set(sd)

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatdino_cli.checkpoint import checkpoint_dir, load_into, load_weights
 from flatdino_cli.config import DiTModelConfig, load_config, load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import default_shift
 from flatdino_cli.hub import WEIGHTS as EXPORT_WEIGHTS
 from flatdino_cli.hub import is_export
 from flatdino_cli.models import build_model
-from flatdino_cli.train import checkpoint_dir, load_into, load_weights
 from flatdino_cli.utils import sha256_file
 
 _STAGE_NAMES = {"vae": "train-vae", "dit": "train-dit", "decoder": "train-decoder"}

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, save_config
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.pixel_decoder import (PixelDecoder, check_features, load_decoder, load_rae_stats,
                                                ours_to_rae_state_dict, rae_state_dict_to_ours, save_rae_stats)
 from flatdino_cli.stages.dit import load_stats
-from flatdino_cli.train import save_checkpoint
 
 # tiny but asymmetric: 3x3 grid, 2x2 patches, 2 heads, input dim != width != mlp hidden
 IN, W, HEADS, DEPTH, HID, GRID, PATCH = 12, 16, 2, 2, 24, 3, 2

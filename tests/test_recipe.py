@@ -240,7 +240,7 @@ def write_inception(path):
 def tiny_decoder_run(out):
     """A train-decoder run dir (random weights) for the tiny encoder's 6 x 6 x 64 features, 48 px out."""
     from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, save_config
-    from flatdino_cli.train import save_checkpoint
+    from flatdino_cli.checkpoint import save_checkpoint
 
     cfg = DecoderStageConfig(model=DecoderModelConfig(in_dim=64, num_patches=36, patch_size=8, width=16, depth=1,
                                                       heads=2, mlp_hidden=32))

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from flatdino_cli import reconstruct as R
 from flatdino_cli import sample as S
 from flatdino_cli import viz
+from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
 from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig,
                                  VAEModelConfig, VAEStageConfig, save_config)
@@ -28,7 +29,6 @@ from flatdino_cli.flow import FlowConfig, make_velocity_fn
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
 from flatdino_cli.stages.dit import load_stats, save_stats
-from flatdino_cli.train import save_checkpoint
 from flatdino_cli.utils import atomic_write_json, sha256_file
 
 P, C = 36, 64  # the `tiny` encoder: 48 px, patch 8 -> 6 x 6 patches of width 64

@@ -145,7 +145,7 @@ def _dino_s8(weights: str | Path | None) -> nn.Module:
     import timm
 
     from flatdino_cli.encoders import read_state_dict
-    from flatdino_cli.train import load_into
+    from flatdino_cli.checkpoint import load_into
 
     sd = read_state_dict(path, "--disc-weights")
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.")) and k not in ("x_scale", "x_shift")}

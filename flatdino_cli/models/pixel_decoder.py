@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flatdino_cli.checkpoint import load_into, load_weights
 from flatdino_cli.config import DecoderModelConfig
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
 from flatdino_cli.errors import UserError
 from flatdino_cli.nn import Block, sincos_2d
-from flatdino_cli.train import load_into, load_weights
 
 __all__ = ["PixelDecoder", "rae_state_dict_to_ours", "ours_to_rae_state_dict", "load_decoder", "check_features",
            "load_rae_stats", "save_rae_stats"]

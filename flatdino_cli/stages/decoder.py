@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from flatdino_cli.checkpoint import checkpoint_dir
 from flatdino_cli.config import DecoderLossConfig, DecoderStageConfig
 from flatdino_cli.data import (BadImage, BadImageWarning, ImageList, Store, adm_center_crop, first_view, list_images,
                                load_rgb, normalize, resize, split_indices, to_tensor)
@@ -39,7 +40,7 @@ from flatdino_cli.losses import adaptive_weight, build_discriminator, diff_augme
 from flatdino_cli.models import build_model
 from flatdino_cli.reconstruct import PSNR_CAP, psnr
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.train import Task, checkpoint_dir, fit, lr_at, read_metrics
+from flatdino_cli.train import Task, fit, lr_at, read_metrics
 
 VAL_COUNT = 500  # held-out images (at most a tenth of the set) when the store has no val/ split
 MEAN_IMAGES = 512  # training images averaged into the mean-image baseline
