@@ -144,7 +144,7 @@ def export_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) ->
     from flatdino_cli.models import count_parameters
     from flatdino_cli.runs import run_config, weights_file
     from flatdino_cli.sample import run_inputs
-    from flatdino_cli.stages.dit import STATS_FILE
+    from flatdino_cli.models.stats import STATS_FILE
     from flatdino_cli.utils import atomic_write_json, atomic_write_text, sha256_file
 
     run_dir, out = Path(run_dir), Path(out)

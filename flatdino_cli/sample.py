@@ -208,7 +208,7 @@ class Pipeline:
     dit: nn.Module
     decoder: nn.Module  # PixelDecoder
     vae: nn.Module | None = None
-    stats: nn.Module | None = None  # stages.dit.LatentStats
+    stats: nn.Module | None = None  # models.stats.LatentStats
     identity: dict = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
     guide: nn.Module | None = None  # AutoGuidance's weaker DiT: v = v_guide + w (v_main - v_guide)
@@ -297,7 +297,7 @@ class LoadedDiT:
     cfg: DiTStageConfig
     model: nn.Module
     identity: dict  # path, weights, sha256, ema (+ format "rae")
-    stats: nn.Module | None  # stages.dit.LatentStats when cfg.normalize
+    stats: nn.Module | None  # models.stats.LatentStats when cfg.normalize
     stats_id: dict | None
     inputs: dict  # the run's inputs.json "latents" entry ({"kind": "features"} for RAE files)
 
@@ -324,7 +324,7 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", ema: bool = T
     """A train-dit run (EMA weights unless ema=False; RUN/stats.pt) or RAE's stage2_model.pt (file or its
     folder; stats from `stats`, else stat.pt beside it, else `default_stats`); one-line UserErrors."""
     from flatdino_cli.runs import RAE_STATS_FILES, load_run, read_rae_dit, weights_file
-    from flatdino_cli.stages.dit import STATS_FILE, load_stats
+    from flatdino_cli.models.stats import STATS_FILE, load_stats
 
     path = Path(path)
     if not path.exists():
@@ -738,7 +738,7 @@ def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path
     """on_step(step, model, ema) for train-dit: every cfg.sample_every steps, OUT/samples/step_XXXXXXX.png
     with one image of each of the first 8 classes (EMA weights when there are some). The VAE and decoder
     are loaded (and checked against cfg) now, so a mismatch fails before training starts."""
-    from flatdino_cli.stages.dit import STATS_FILE, load_stats
+    from flatdino_cli.models.stats import STATS_FILE, load_stats
 
     out = Path(out)
     vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, rt.device, "this DiT preset", _on_features(cfg))

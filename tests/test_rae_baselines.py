@@ -21,7 +21,7 @@ from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTMode
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, time_grid
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
-from flatdino_cli.models.pixel_decoder import save_rae_stats
+from flatdino_cli.models.stats import save_rae_stats
 from flatdino_cli.utils import atomic_write_json
 
 C, SIDE, K = 8, 4, 5  # feature dim, grid side (16 tokens), classes

@@ -28,7 +28,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
-from flatdino_cli.stages.dit import load_stats, save_stats
+from flatdino_cli.models.stats import load_stats, save_stats
 from flatdino_cli.utils import atomic_write_json, sha256_file
 
 P, C = 36, 64  # the `tiny` encoder: 48 px, patch 8 -> 6 x 6 patches of width 64

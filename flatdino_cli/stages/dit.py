@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from flatdino_cli.config import DiTStageConfig
@@ -21,26 +20,11 @@ from flatdino_cli.data import FeatureDataset, Store, store_identity
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
+from flatdino_cli.models.stats import STATS_FILE, load_stats, save_stats
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.train import Task, fit
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
-STATS_FILE = "stats.pt"
-
-
-class LatentStats(nn.Module):
-    """Per-position mean/var of the training data, (N, C) in our token layout; RAE's eps 1e-5."""
-
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5):
-        super().__init__()
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("std", (var.float() + eps).sqrt())
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.std + self.mean
 
 
 def compute_stats(store: Store, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,22 +41,6 @@ def compute_stats(store: Store, batch: int = 1024) -> tuple[torch.Tensor, torch.
     mean = s / n
     var = np.maximum(s2 / n - mean**2, 0.0)
     return torch.from_numpy(mean).float(), torch.from_numpy(var).float()
-
-
-def save_stats(path: Path, mean: torch.Tensor, var: torch.Tensor, grid: tuple[int, int] | None) -> None:
-    """(N, C) stats -> RAE's (C, H, W) file; a 1-D token sequence (grid None) is stored as (C, N, 1)."""
-    from flatdino_cli.models.pixel_decoder import save_rae_stats
-
-    h, w = grid or (mean.shape[0], 1)
-    save_rae_stats(path, *(t.T.reshape(-1, h, w) for t in (mean, var)))
-
-
-def load_stats(path: Path, grid: tuple[int, int] | None) -> LatentStats:
-    """RAE's (C, H, W) file -> per-token stats (H*W, C); scalar / (C,) stats are used as given."""
-    from flatdino_cli.models.pixel_decoder import load_rae_stats
-
-    mean, var = (t.reshape(t.shape[0], -1).T if t.dim() == 3 else t for t in load_rae_stats(path))
-    return LatentStats(mean, var)
 
 
 def store_grid(store: Store, preset_grid) -> tuple[int, int] | None:
