@@ -1,4 +1,5 @@
-"""Checkpoint I/O: the run dir's checkpoints/{latest,best}/ folders and weight files.
+"""Checkpoint I/O: the run dir's checkpoints/{latest,best}/ folders, weight files, and which of them
+(and which config.yaml) a run is read from.
 
 Weights are read from .safetensors or from .pt/.pth with weights_only=True (a pickled object is refused,
 never executed); a folder is written through a temporary directory and renames, so a kill never leaves
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flatdino_cli.config import load_config
 from flatdino_cli.errors import UserError
+from flatdino_cli.hub import WEIGHTS as EXPORT_WEIGHTS
+from flatdino_cli.hub import is_export
 from flatdino_cli.utils import disk_full_is_user_error
 
 
@@ -92,3 +97,35 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], source: Path | str
         unexpected = [k for k in sd if k not in module.state_dict()][:3]
         detail = f"missing {missing}, unexpected {unexpected}" if missing or unexpected else str(e).splitlines()[-1].strip()
         raise UserError(f"{source}: weights do not fit this model ({detail}); check the preset/run it came from") from None
+
+
+# ----------------------------------------------------------------------------- which weights a run is read from
+_STAGE_NAMES = {"vae": "train-vae", "dit": "train-dit", "decoder": "train-decoder"}
+
+
+def run_config(run_dir: str | Path, expect_stage: str | None = None) -> Any:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        hint = f" (make one with `flatdino {_STAGE_NAMES[expect_stage]}`)" if expect_stage else ""
+        raise UserError(f"{run_dir}: not a flatdino run directory (no config.yaml){hint}")
+    cfg = load_config(run_dir / "config.yaml")
+    if expect_stage and cfg.stage != expect_stage:
+        raise UserError(f"{run_dir}: is a {cfg.stage} run, expected a {expect_stage} run")
+    return cfg
+
+
+def weights_file(run_dir: str | Path, stage: str, prefer_ema: bool | None = None) -> Path:
+    """The checkpoint file a run is read from: the VAE's best-validation checkpoint when there is one (as
+    the authors do), the EMA weights of the latest checkpoint for the DiT and the pixel decoder."""
+    run_dir = Path(run_dir)
+    if is_export(run_dir):  # a Hugging Face model folder from `flatdino export`: its one weights file
+        return run_dir / EXPORT_WEIGHTS
+    if prefer_ema is None:
+        prefer_ema = stage != "vae"
+    order = ("best", "latest") if stage == "vae" else ("latest",)
+    for which in order:
+        d = checkpoint_dir(run_dir, which)
+        if d is not None:
+            ema = d / "ema.safetensors"
+            return ema if prefer_ema and ema.is_file() else d / "model.safetensors"
+    raise UserError(f"{run_dir}: has no checkpoint yet; train it first (rerun the train command to resume)")

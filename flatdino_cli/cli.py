@@ -562,7 +562,7 @@ def export(
       flatdino export runs/vae exports/flatdino-vae-32x128
       flatdino sample --dit hf:me/flatdino-xl --vae hf:me/flatdino-vae --decoder rae/model.pt -c 207
     """
-    from flatdino_cli.hub import export_run
+    from flatdino_cli.export import export_run
 
     r = export_run(run, out, overwrite=overwrite)
     typer.echo(f"export: {r['stage']} run at step {r['step']} ({r['weights']['source']}) -> {r['out']} "

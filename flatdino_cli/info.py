@@ -95,9 +95,9 @@ def _data_identity(inputs: dict) -> str | None:
 
 
 def describe_run(path: Path) -> list[tuple[str, Any]]:
-    from flatdino_cli.hub import is_export, run_summary
-    from flatdino_cli.runs import run_config, weights_file
-    from flatdino_cli.sample import run_inputs
+    from flatdino_cli.checkpoint import run_config, weights_file
+    from flatdino_cli.hub import is_export
+    from flatdino_cli.runs import run_inputs, run_summary
 
     cfg = run_config(path)
     export = is_export(path)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.sample import decoder_identity, run_inputs, store_manifest
+from flatdino_cli.runs import decoder_identity, run_inputs, store_manifest
 from flatdino_cli.utils import atomic_write_json, check_out_dir
 from flatdino_cli.viz import save_grid, save_png, to_uint8
 

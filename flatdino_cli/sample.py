@@ -49,9 +49,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from flatdino_cli.checkpoint import weights_file
 from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
+from flatdino_cli.models.pixel_decoder import check_features, load_decoder
+from flatdino_cli.models.stats import STATS_FILE, load_stats
+from flatdino_cli.runs import (RAE_DIT_FILE, RAE_STATS_FILES, decoder_identity, file_identity, load_run, read_rae_dit,
+                               run_inputs, store_manifest)
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import (atomic_write, atomic_write_bytes, atomic_write_json, check_out_dir, sha256_file,
                                  sha256_strings)
@@ -72,42 +77,6 @@ GRID_ROWS, GRID_COLS, GRID_SINGLE = 16, 8, 64  # sample grid caps: classes x ima
 # 1 and 2 threads, with and without DDT head, Euler/Heun, CFG). 8 rows stay clear of the few-row
 # kernels and keep CPU GEMMs efficient; on CUDA, speed matters more and the user's batch is used.
 CPU_CHUNK = 8
-
-
-# ============================================================================ provenance
-def run_inputs(run_dir: Path) -> dict:
-    """A run's inputs.json ({} when absent: a copied or hand-made run still loads)."""
-    try:
-        return json.loads((Path(run_dir) / "inputs.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _file_id(path: Path) -> dict:
-    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
-
-
-def decoder_identity(decoder: str | Path) -> dict:
-    """{"path": what the user named, "weights": the file read, "sha256": its hash}."""
-    w = decoder_weights_path(decoder)
-    return {"path": str(Path(decoder).resolve()), "weights": str(w.resolve()), "sha256": sha256_file(w)}
-
-
-def decoder_weights_path(decoder: str | Path) -> Path:
-    """The file load_decoder reads for `decoder` (run dir -> EMA weights, RAE release dir -> model.pt)."""
-    p = Path(decoder)
-    if p.is_dir() and (p / "config.yaml").is_file():
-        from flatdino_cli.runs import weights_file
-
-        return weights_file(p, "decoder", prefer_ema=True)
-    return p / "model.pt" if p.is_dir() else p
-
-
-def store_manifest(path: str | None) -> dict:
-    try:
-        return json.loads((Path(path) / "manifest.json").read_text()) if path else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 # ============================================================================ class names
@@ -243,9 +212,6 @@ def _on_features(cfg: DiTStageConfig, store_kind: str | None = None) -> bool:
 def _decoding_parts(cfg: DiTStageConfig, vae_run: str | Path | None, decoder: str | Path, device,
                     where: str, on_features: bool) -> tuple[nn.Module | None, nn.Module, dict]:
     """(VAE or None, pixel decoder, identity) for a DiT config, with every compatibility check."""
-    from flatdino_cli.models.pixel_decoder import check_features, load_decoder
-    from flatdino_cli.runs import load_run, weights_file
-
     T, d = cfg.model.tokens, cfg.model.in_dim
     identity: dict = {"vae": None}
     vae = None
@@ -304,8 +270,6 @@ class LoadedDiT:
 
 def _rae_checkpoint(path: Path) -> Path | None:
     """The RAE stage-2 file `path` names (the file, or a folder holding one), None for a run dir."""
-    from flatdino_cli.runs import RAE_DIT_FILE
-
     if path.is_file():
         return path
     if not path.is_dir() or (path / "config.yaml").is_file():
@@ -323,9 +287,6 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", ema: bool = T
              default_stats: Path | None = None, option: str = "--dit") -> LoadedDiT:
     """A train-dit run (EMA weights unless ema=False; RUN/stats.pt) or RAE's stage2_model.pt (file or its
     folder; stats from `stats`, else stat.pt beside it, else `default_stats`); one-line UserErrors."""
-    from flatdino_cli.runs import RAE_STATS_FILES, load_run, read_rae_dit, weights_file
-    from flatdino_cli.models.stats import STATS_FILE, load_stats
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{option} {path}: no such file or directory")
@@ -357,7 +318,7 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", ema: bool = T
             raise UserError(f"--stats {stats}: {option} {path} does not normalise its inputs (drop --stats)")
         return LoadedDiT(cfg, model, identity, None, None, inputs)
     grid = tuple(cfg.model.grid) if cfg.model.grid else None
-    return LoadedDiT(cfg, model, identity, load_stats(Path(stats), grid).to(device), _file_id(Path(stats)), inputs)
+    return LoadedDiT(cfg, model, identity, load_stats(Path(stats), grid).to(device), file_identity(Path(stats)), inputs)
 
 
 def check_guide(main: LoadedDiT, guide: LoadedDiT, where: str) -> None:
@@ -738,8 +699,6 @@ def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path
     """on_step(step, model, ema) for train-dit: every cfg.sample_every steps, OUT/samples/step_XXXXXXX.png
     with one image of each of the first 8 classes (EMA weights when there are some). The VAE and decoder
     are loaded (and checked against cfg) now, so a mismatch fails before training starts."""
-    from flatdino_cli.models.stats import STATS_FILE, load_stats
-
     out = Path(out)
     vae, dec, identity = _decoding_parts(cfg, vae_run, decoder, rt.device, "this DiT preset", _on_features(cfg))
     labels = list(range(min(8, cfg.model.num_classes)))

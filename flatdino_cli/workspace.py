@@ -369,7 +369,7 @@ def pick_decoder(ws: Path) -> tuple[Path | None, str]:
 
 def pick_sample(dit: Path | None, vae: Path | None, decoder: Path | None) -> tuple[Path, Path | None, Path]:
     """sample's DiT (newest finished run), VAE (the one its latents came from) and pixel decoder."""
-    from flatdino_cli.sample import run_inputs
+    from flatdino_cli.runs import run_inputs
 
     ws, parts = root(), []
     if dit is None:
@@ -393,7 +393,7 @@ def pick_sample(dit: Path | None, vae: Path | None, decoder: Path | None) -> tup
 
 def pick_ablate(vae: Path | None, features: Path | None) -> tuple[Path, Path]:
     """ablate-tokens' VAE (newest finished run) and the validation split of the store it trained on."""
-    from flatdino_cli.sample import run_inputs
+    from flatdino_cli.runs import run_inputs
 
     ws, parts = root(), []
     if vae is None:

@@ -394,23 +394,23 @@ def test_train_summary_without_validation_says_so(cli, tmp_path):
 def test_inception_weights_are_never_taken_from_tmp(tmp_path, monkeypatch):
     import tempfile
 
-    from flatdino_cli.analysis import fid
+    from flatdino_cli.analysis import inception_weights
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    planted = Path(tempfile.gettempdir()) / fid.INCEPTION_FILE
+    planted = Path(tempfile.gettempdir()) / inception_weights.INCEPTION_FILE
     made = not planted.exists()
     if made:
         planted.write_bytes(b"planted by someone else")
     try:
-        with pytest.raises(UserError, match=str(tmp_path / "cache" / "flatdino" / fid.INCEPTION_FILE)):
-            fid.find_inception_weights()
+        with pytest.raises(UserError, match=str(tmp_path / "cache" / "flatdino" / inception_weights.INCEPTION_FILE)):
+            inception_weights.find_inception_weights()
     finally:
         if made:
             planted.unlink()
-    mine = tmp_path / "cache" / "flatdino" / fid.INCEPTION_FILE
+    mine = tmp_path / "cache" / "flatdino" / inception_weights.INCEPTION_FILE
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"x")
-    assert fid.find_inception_weights() == mine
+    assert inception_weights.find_inception_weights() == mine
 
 
 def test_a_full_disk_anywhere_else_is_still_one_line(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ class _Moments:
 
 def _inception(inception_weights, device) -> tuple[object | None, str | None]:
     """(extractor, None), or (None, why rFID is left out) when no weights file is found."""
-    from flatdino_cli.analysis.fid import find_inception_weights
+    from flatdino_cli.analysis.inception_weights import find_inception_weights
 
     try:
         path = find_inception_weights(inception_weights)

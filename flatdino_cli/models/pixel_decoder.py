@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flatdino_cli.checkpoint import load_into, load_weights
+from flatdino_cli.checkpoint import load_into, load_weights, run_config, weights_file
 from flatdino_cli.config import DecoderModelConfig
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
 from flatdino_cli.errors import UserError
@@ -199,8 +199,6 @@ def load_decoder(path: str | Path, cfg: DecoderModelConfig | None = None, device
     if path.is_dir():
         if not (path / "config.yaml").is_file():
             raise UserError(f"{path}: holds neither config.yaml nor model.pt; {expected}")
-        from flatdino_cli.runs import run_config, weights_file  # lazy: runs imports models/, which imports us
-
         run_cfg = run_config(path, "decoder")
         model, wpath = PixelDecoder(run_cfg.model), weights_file(path, "decoder", prefer_ema=True)
         load_into(model, load_weights(wpath), wpath)

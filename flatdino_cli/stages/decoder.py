@@ -349,7 +349,7 @@ def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, images: str |
                         vgg_weights, disc, disc_weights)
     if init is not None:  # a resumed checkpoint, when there is one, still wins (fit loads it after this)
         from flatdino_cli.models.pixel_decoder import load_decoder
-        from flatdino_cli.sample import decoder_identity
+        from flatdino_cli.runs import decoder_identity
 
         src = load_decoder(init, cfg.model).state_dict()
         own = task.model.state_dict()
