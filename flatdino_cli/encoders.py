@@ -348,3 +348,8 @@ def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, dev
     else:
         _give_position(model, spec)
     return FrozenEncoder(model, spec, wid).to(device)
+
+
+def default_crop_size(encoder) -> int:
+    """ADM center crop to 256 for the 224-px DINOv2 (REFERENCE.md); the input size for smaller encoders."""
+    return 256 if encoder.spec.image_size == 224 else encoder.spec.image_size

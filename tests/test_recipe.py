@@ -296,7 +296,7 @@ def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
     from flatdino_cli.analysis.noise import run_noise
     from flatdino_cli.data import adm_center_crop
     from flatdino_cli.extract import extract_features
-    from flatdino_cli.reconstruct import psnr
+    from flatdino_cli.metrics import psnr
     from flatdino_cli.viz import to_uint8
 
     val = mixed_val_folder(tmp_path / "val")

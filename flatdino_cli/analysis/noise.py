@@ -28,7 +28,8 @@ from flatdino_cli.analysis.common import CPU, first_rows, iter_rows, load_vae, s
 from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
-from flatdino_cli.reconstruct import PSNR_CAP, psnr
+from flatdino_cli.metrics import PSNR_CAP, psnr
+from flatdino_cli.models.pixel_decoder import check_features, load_decoder
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.viz import to_uint8
 
@@ -105,8 +106,6 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
     rows = first_rows(store, n)
     pix = None
     if decoder is not None:
-        from flatdino_cli.models.pixel_decoder import check_features, load_decoder
-
         pix = load_decoder(decoder, device=rt.device)
         check_features(pix, *store.item_shape, what=f"the features of {features}")
     notes: list[str] = []
