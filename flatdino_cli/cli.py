@@ -438,7 +438,7 @@ def train_dit(
     rt = _runtime(device, precision, compile)
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
-        from flatdino_cli.sample import training_grid_hook
+        from flatdino_cli.stages.dit import training_grid_hook
 
         on_step = training_grid_hook(cfg, out, vae, decoder, rt)
     summary = run(cfg, out, rt, latents, resume=resume, recompute_stats=compute_stats, on_step=on_step,

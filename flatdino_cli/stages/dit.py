@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from flatdino_cli.classes import class_label
 from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.data import FeatureDataset, Store, store_identity
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
 from flatdino_cli.models.stats import STATS_FILE, load_stats, save_stats
+from flatdino_cli.pipeline import Pipeline, decoding_parts, generate, trained_on_features
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.train import Task, fit
+from flatdino_cli.viz import save_grid
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -126,3 +131,33 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
     task = Task(model=model, train_set=LabelledRows(rows, cfg.model.num_classes), loss_fn=loss_fn,
                 config=cfg, inputs=inputs, on_step=on_step, keep_files=(STATS_FILE,) if stats is not None else ())
     return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit", new_data=new_data)
+
+
+def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path | None, decoder: str | Path,
+                       rt: Runtime, seed: int = 0) -> Callable:
+    """on_step(step, model, ema) for train-dit: every cfg.sample_every steps, OUT/samples/step_XXXXXXX.png
+    with one image of each of the first 8 classes (EMA weights when there are some). The VAE and decoder
+    are loaded (and checked against cfg) now, so a mismatch fails before training starts."""
+    out = Path(out)
+    vae, dec, identity = decoding_parts(cfg, vae_run, decoder, rt.device, "this DiT preset", trained_on_features(cfg))
+    labels = list(range(min(8, cfg.model.num_classes)))
+    cache: dict = {}
+
+    def on_step(step: int, model: nn.Module, ema: nn.Module | None) -> Path | None:
+        if not cfg.sample_every or step % cfg.sample_every:
+            return None
+        if cfg.normalize and "stats" not in cache:  # written by train-dit before its first step
+            grid = tuple(cfg.model.grid) if cfg.model.grid else None
+            cache["stats"] = load_stats(out / STATS_FILE, grid).to(rt.device)
+        net = ema if ema is not None else model
+        was = net.training
+        net.eval()  # label dropout off
+        try:
+            pipe = Pipeline(cfg, net, dec, vae, cache.get("stats"), identity)
+            images = generate(pipe, labels, labels, seed, cfg.flow, len(labels), rt)
+        finally:
+            net.train(was)
+        captions = [class_label(c, [], cfg.model.num_classes) for c in labels]
+        return save_grid(images, out / "samples" / f"step_{step:07d}.png", nrow=len(labels), labels=captions)
+
+    return on_step
