@@ -22,7 +22,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.flow import default_shift
 from flatdino_cli.models import build_model
 from flatdino_cli.train import read_metrics
-from flatdino_cli.utils import sha256_file
+from flatdino_cli.utils import atomic_write_bytes, sha256_file
 
 
 def load_run(run_dir: str | Path, expect_stage: str, device: torch.device | str = "cpu",
@@ -247,8 +247,6 @@ def _rae_mlp_ratio(m: DiTModelConfig, source) -> float:
 def export_rae(run_dir: str | Path, out: str | Path, ema: bool = True) -> dict:
     """`flatdino export-rae`: a train-dit run on a square 2-D grid with RoPE -> a raw state dict that
     RAE's LightningDiT (no head) or DiTwDDTHead loads with strict=True; returns RAE's model params."""
-    from flatdino_cli.utils import atomic_write_bytes
-
     cfg = run_config(run_dir, "dit")
     m = cfg.model
     if m.grid is None or m.grid[0] != m.grid[1] or not m.rope:

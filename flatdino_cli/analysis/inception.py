@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from flatdino_cli.analysis.inception_weights import INCEPTION_FILE
+from flatdino_cli.data import normalize, resize
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import sha256_file
 
@@ -169,8 +170,6 @@ class EncoderFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        from flatdino_cli.data import normalize, resize  # the encoder's own preprocessing
-
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
         f = self.encoder(normalize(resize(x, self.size, "bicubic")))  # (B, N, D) or (B, D)
         f = f.float().mean(1) if f.dim() == 3 else f.float()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flatdino_cli import viz
 from flatdino_cli.analysis.common import CPU, first_rows, iter_rows, load_vae, store_image, write_json
 from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.data import Store
@@ -176,8 +177,6 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
 
 
 def _plot(r: dict, path: Path) -> None:
-    from flatdino_cli import viz
-
     has_pix, has_fid = "psnr_vs_clean" in r["latent"], "rfid" in r["latent"]
     panels = 2 + has_pix + has_fid
     fig = viz.new_figure(4.2 * panels, 3.8)

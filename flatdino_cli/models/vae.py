@@ -20,6 +20,7 @@ from torch import nn
 from flatdino_cli.config import VAEModelConfig
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
+from flatdino_cli.models.fae import FAE
 from flatdino_cli.nn import Block
 
 
@@ -107,8 +108,6 @@ class FlatVAE(nn.Module):
 
 def build_vae(cfg: VAEModelConfig) -> nn.Module:
     if cfg.kind == "fae":
-        from flatdino_cli.models.fae import FAE
-
         return FAE(cfg)
     return FlatVAE(cfg)
 
