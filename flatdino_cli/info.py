@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flatdino_cli.errors import UserError
-from flatdino_cli.utils import disk_use, human_bytes
+from flatdino_cli.utils import disk_use, human_bytes, read_json
 
 RAE_LOADS = {
     "decoder": "RAE's pixel decoder (features -> pixels): pass it as --decoder FILE (sample, reconstruct, train-dit)",
@@ -54,13 +54,6 @@ def _row(row: dict | None) -> str | None:
     return f"{vals} (step {row['step']})"
 
 
-def _store_manifest(path: str | None) -> dict:
-    try:
-        return json.loads((Path(path) / "manifest.json").read_text()) if path else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _encoder_name(*candidates: Any) -> str | None:
     """The first encoder name among identities ({"encoder": name, ...}) or plain names."""
     for c in candidates:
@@ -77,7 +70,7 @@ def _data_identity(inputs: dict) -> str | None:
         if v is None:
             continue
         v = v if isinstance(v, dict) else {"path": v}
-        manifest = _store_manifest(v.get("path"))
+        manifest = read_json(Path(v["path"]) / "manifest.json") if v.get("path") else {}
         ident = v.get("identity") or manifest.get("identity") or {}
         parts = [f"{key} {v.get('path') or '(path not recorded)'}"]
         if ident.get("vae_run"):

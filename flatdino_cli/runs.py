@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.flow import default_shift
 from flatdino_cli.models import build_model
 from flatdino_cli.train import read_metrics
-from flatdino_cli.utils import atomic_write_bytes, sha256_file
+from flatdino_cli.utils import atomic_write_bytes, read_json, sha256_file
 
 
 def load_run(run_dir: str | Path, expect_stage: str, device: torch.device | str = "cpu",
@@ -39,10 +38,7 @@ def load_run(run_dir: str | Path, expect_stage: str, device: torch.device | str 
 # ============================================================================ provenance
 def run_inputs(run_dir: Path) -> dict:
     """A run's inputs.json ({} when absent: a copied or hand-made run still loads)."""
-    try:
-        return json.loads((Path(run_dir) / "inputs.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json(Path(run_dir) / "inputs.json")
 
 
 def file_identity(path: Path) -> dict:
@@ -64,10 +60,8 @@ def decoder_weights_path(decoder: str | Path) -> Path:
 
 
 def store_manifest(path: str | None) -> dict:
-    try:
-        return json.loads((Path(path) / "manifest.json").read_text()) if path else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+    """The manifest.json of the store at `path` ({} when there is none)."""
+    return read_json(Path(path) / "manifest.json") if path else {}
 
 
 def run_summary(run_dir: Path) -> dict:
