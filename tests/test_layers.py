@@ -1,4 +1,5 @@
-"""Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow)
+"""Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow, encoders,
+checkpoint)
 import no command or training loop, and command modules do not import each other (quickstart excepted).
 Every import counts, function-level ones included: a lazy import still ties the two modules together."""
 
@@ -8,9 +9,10 @@ from conftest import ROOT
 
 PKG = "flatdino_cli"
 # the floor below the commands: these import nothing from the modules in COMMANDS_AND_LOOP
-BLOCKS = ("models", "losses", "nn", "data", "flow")
-COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "quickstart", "cli")
-COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "stages", "analysis")
+BLOCKS = ("models", "losses", "nn", "data", "flow", "encoders", "checkpoint")
+COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "quickstart", "cli", "analysis", "export",
+                     "info", "pipeline", "runs", "workspace")
+COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "stages", "analysis", "export", "info")
 
 
 def _modules() -> dict[str, tuple[ast.Module, bool]]:
