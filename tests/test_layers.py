@@ -1,7 +1,7 @@
-"""Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow, encoders,
-checkpoint)
-import no command or training loop, and command modules do not import each other (quickstart excepted).
-Every import counts, function-level ones included: a lazy import still ties the two modules together."""
+"""Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow,
+encoders, checkpoint) import no command or training loop, and command modules do not import each other
+(quickstart, which orchestrates, excepted). Every import counts, function-level ones included: a lazy
+import still ties the two modules together."""
 
 import ast
 
