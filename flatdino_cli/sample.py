@@ -1,12 +1,11 @@
 """`flatdino sample`: a sample set from a DiT run (the pipeline that makes the images: pipeline.py).
 
-PNGs are encoded on a writer thread while the next batch runs (png_writer).
-
 A sample set in OUT: images/<class>_<index>.png, parts/part_<lo>-<hi>.npz (one per shard, written
 atomically while the run goes; deleted once the final file exists), samples_<N>x<S>x<S>x3.npz (ADM
 format: uint8 NHWC under arr_0, labels under arr_1), grid.png and samples.json (what made it: dit / vae
 / decoder paths + weight hashes, guidance, steps, seed). A killed run, rerun, reuses finished shards
-and PNGs and only generates what is missing.
+and PNGs and only generates what is missing. PNGs are encoded on a writer thread while the next batch
+runs (png_writer).
 """
 
 from __future__ import annotations

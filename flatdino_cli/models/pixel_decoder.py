@@ -2,8 +2,8 @@
 
 embed (C -> W) -> prepend a trainable CLS token -> + fixed 2-D sin-cos table (CLS row zero) ->
 `depth` pre-LN blocks (exact GELU, LN eps 1e-12) -> LN -> pred (W -> p*p*3) -> drop CLS ->
-unpatchify -> x * std + mean (ImageNet). Loads RAE's released `model.pt` key by key (q/k/v fused),
-and reads/writes RAE's latent statistics file `stat.pt` ({"mean", "var"}, each (C, H, W)).
+unpatchify -> x * std + mean (ImageNet). Loads RAE's released `model.pt` key by key (q/k/v fused).
+RAE's latent statistics file `stat.pt` is models/stats.py's.
 """
 
 from __future__ import annotations
