@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from _common import DTYPES, SIZES, g, matmul_peak, peak_memory, reset_peak_memory, size_overrides, sync
+from flatdino_cli import pipeline as P
 from flatdino_cli import sample as S
 from flatdino_cli.analysis.flops import dit_forwards_per_image, sample_flops
 from flatdino_cli.config import load_preset
 from flatdino_cli.models import build_model
 from flatdino_cli.runtime import setup_runtime
-from flatdino_cli.stages.dit import LatentStats
+from flatdino_cli.models.stats import LatentStats
 from flatdino_cli.viz import save_png
 
 STAGES = ("dit", "vae_decoder", "pixel_decoder")
@@ -54,23 +55,23 @@ def presets(size: str, decoder: str, tiny: bool) -> dict:
             "rae": rae, "decoder": load_preset("tiny-decoder")}
 
 
-def build_pipeline(kind: str, spec: dict, device: torch.device) -> S.Pipeline:
+def build_pipeline(kind: str, spec: dict, device: torch.device) -> P.Pipeline:
     """FlatDINO (DiT on 32 x 128 latents + the VAE decoder) or RAE (DiT on 256 x 768 features + their
     statistics), both with the same pixel decoder; random weights, eval mode."""
     dec = build_model(spec["decoder"]).to(device).eval()
     if kind == "flatdino":
         cfg = spec["dit"]
         vae = build_model(spec["vae"]).to(device).eval()
-        return S.Pipeline(cfg, build_model(cfg).to(device).eval(), dec, vae=vae)
+        return P.Pipeline(cfg, build_model(cfg).to(device).eval(), dec, vae=vae)
     cfg = spec["rae"]
     m = cfg.model
     stats = LatentStats(torch.randn(m.tokens, m.in_dim), torch.rand(m.tokens, m.in_dim) + 0.5).to(device)
-    return S.Pipeline(cfg, build_model(cfg).to(device).eval(), dec, stats=stats)
+    return P.Pipeline(cfg, build_model(cfg).to(device).eval(), dec, stats=stats)
 
 
 @contextlib.contextmanager
-def stage_clock(pipe: S.Pipeline, device: torch.device):
-    """Seconds per stage of everything run inside the block: the sampler loop (S.sample: DiT forwards
+def stage_clock(pipe: P.Pipeline, device: torch.device):
+    """Seconds per stage of everything run inside the block: the sampler loop (P.sample: DiT forwards
     and the Euler updates), the VAE decoder and the pixel decoder (each timed between device syncs)."""
     spent = dict.fromkeys(STAGES, 0.0)
 
@@ -84,32 +85,32 @@ def stage_clock(pipe: S.Pipeline, device: torch.device):
             return out
         return run
 
-    real_sample, real_dec = S.sample, pipe.decoder.forward
-    S.sample = clocked("dit", real_sample)
+    real_sample, real_dec = P.sample, pipe.decoder.forward
+    P.sample = clocked("dit", real_sample)
     pipe.decoder.forward = clocked("pixel_decoder", real_dec)
     if pipe.vae is not None:
         pipe.vae.decode = clocked("vae_decoder", pipe.vae.decode)
     try:
         yield spent
     finally:
-        S.sample = real_sample
+        P.sample = real_sample
         del pipe.decoder.forward
         if pipe.vae is not None:
             del pipe.vae.decode
 
 
-def warm_up(pipe: S.Pipeline, flow, batch: int, rt) -> float:
+def warm_up(pipe: P.Pipeline, flow, batch: int, rt) -> float:
     """Seconds of one unguided and one guided single-step call (both batch shapes the sampler uses:
     a torch.compile'd DiT compiles here)."""
     t0 = time.perf_counter()
     for f in (dataclasses.replace(flow, steps=1, cfg_scale=1.0),
               dataclasses.replace(flow, steps=1, cfg_interval=(0.0, 1.0), cfg_interval_inclusive=True)):
-        S.generate(pipe, [0] * batch, list(range(batch)), 0, f, batch, rt)
+        P.generate(pipe, [0] * batch, list(range(batch)), 0, f, batch, rt)
     sync(rt.device)
     return time.perf_counter() - t0
 
 
-def run_pipeline(pipe: S.Pipeline, labels: list[int], flow, batch: int, rt, work: Path) -> dict:
+def run_pipeline(pipe: P.Pipeline, labels: list[int], flow, batch: int, rt, work: Path) -> dict:
     """One timed write_sample_set into a fresh folder: images/s and seconds per stage."""
     out = Path(tempfile.mkdtemp(dir=work))
     with stage_clock(pipe, rt.device) as spent:
@@ -159,7 +160,7 @@ def main() -> None:
     size = args.size or ("XL" if cuda else "B")
     decoder = args.decoder or ("decoder-xl" if cuda else "decoder-b")
     n = args.images or (512 if cuda else 8)
-    batch = S.sampler_batch(args.batch or (128 if cuda else S.CPU_CHUNK), rt.device)
+    batch = P.sampler_batch(args.batch or (128 if cuda else P.CPU_CHUNK), rt.device)
     steps = args.steps or (50 if cuda else 8)
     dtype = torch.bfloat16 if rt.precision == "bf16" else torch.float32
     dname = str(dtype).removeprefix("torch.")

@@ -444,7 +444,7 @@ def train_dit(
         device, precision, compile, lambda cfg: latents if latents is not None else ws.pick_latents("train-dit", cfg))
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
-        from flatdino_cli.sample import training_grid_hook
+        from flatdino_cli.stages.dit import training_grid_hook
 
         on_step = training_grid_hook(cfg, out, vae, decoder, rt)
     summary = run(cfg, out, rt, latents, resume=resume, recompute_stats=compute_stats, on_step=on_step,
@@ -540,7 +540,7 @@ def export(
       flatdino export runs/vae exports/flatdino-vae-32x128
       flatdino sample --dit hf:me/flatdino-xl --vae hf:me/flatdino-vae --decoder rae/model.pt -c 207
     """
-    from flatdino_cli.hub import export_run
+    from flatdino_cli.export import export_run
 
     r = export_run(run, out, overwrite=overwrite)
     typer.echo(f"export: {r['stage']} run at step {r['step']} ({r['weights']['source']}) -> {r['out']} "

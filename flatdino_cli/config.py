@@ -21,7 +21,7 @@ import yaml
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig
-from flatdino_cli.utils import grid_side
+from flatdino_cli.utils import atomic_write_text, grid_side
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -518,8 +518,6 @@ def _set_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
 
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from flatdino_cli.utils import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from flatdino_cli.errors import UserError
+from flatdino_cli.nn.embed import sincos_2d
 from flatdino_cli.utils import sha256_file
 
 __all__ = ["NUM_REGISTERS", "NUM_PREFIX_TOKENS", "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "EncoderSpec",
@@ -114,8 +115,6 @@ RANDOM_INIT_POSITION_SCALE = 0.5  # sin-cos entries have std ~0.7: position ~ ha
 
 def _give_position(model: nn.Module, spec: EncoderSpec) -> None:
     """A smooth 2-D sin-cos position embedding in place of timm's near-zero random one."""
-    from flatdino_cli.nn.embed import sincos_2d
-
     g = spec.image_size // spec.patch_size
     with torch.no_grad():
         model.pos_embed.copy_(RANDOM_INIT_POSITION_SCALE * sincos_2d(g, g, spec.dim).view_as(model.pos_embed))

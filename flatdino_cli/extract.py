@@ -23,8 +23,11 @@ from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (BadImageWarning, DeviceJpegDataset, EncoderTransform, FeatureDataset, ImageDataset,
                                Store, collate_device_jpegs, collate_images, crops_on_device, list_images,
                                split_indices)
+from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import FolderLock
+from flatdino_cli.models.vae import check_feature_shape
+from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import disk_full_is_user_error
 
@@ -48,8 +51,6 @@ def encoder_identity(encoder, cfg: ExtractConfig) -> dict:
 def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt: Runtime,
                      overwrite: bool = False, class_index: str | Path | None = None) -> dict:
     """Encode every image of `source` into a feature store at `out` (+ `out/val` with --val-split)."""
-    from flatdino_cli.encoders import default_crop_size, load_encoder
-
     images = list_images(source, class_index)
     encoder = load_encoder(cfg.encoder, cfg.encoder_weights, device=rt.device)
     if cfg.tf32 and rt.is_cuda:
@@ -165,8 +166,6 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
     Features of another encoder than the VAE was trained on are refused (new_data=True accepts them,
     and the latent store records the VAE's training data beside its own source).
     """
-    from flatdino_cli.runs import load_run
-
     vae_cfg, vae, ckpt_hash = load_run(vae_run, "vae", device=rt.device)
     stores = [(Path(features), Path(out))]
     if (Path(features) / "val" / "manifest.json").exists():
@@ -222,10 +221,3 @@ def check_same_encoder(store: Store, where: Path, vae_run: str | Path, new_data:
                         f"features of {trained_on['encoder'].get('encoder')} (weights "
                         f"{trained_on['encoder'].get('weights')}); pass --new-data to use it anyway (recorded)")
     return trained_on
-
-
-def check_feature_shape(store: Store, vae_model_cfg, where) -> None:
-    want = (vae_model_cfg.num_patches, vae_model_cfg.feature_dim)
-    if tuple(store.item_shape) != want:
-        raise UserError(f"{where}: features of shape {tuple(store.item_shape)}, but the VAE expects {want} "
-                        "(was it trained on another encoder's store?)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flatdino_cli.errors import UserError
-from flatdino_cli.utils import disk_use, human_bytes
+from flatdino_cli.utils import disk_use, human_bytes, read_json
 
 RAE_LOADS = {
     "decoder": "RAE's pixel decoder (features -> pixels): pass it as --decoder FILE (sample, reconstruct, train-dit)",
@@ -54,13 +54,6 @@ def _row(row: dict | None) -> str | None:
     return f"{vals} (step {row['step']})"
 
 
-def _store_manifest(path: str | None) -> dict:
-    try:
-        return json.loads((Path(path) / "manifest.json").read_text()) if path else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _encoder_name(*candidates: Any) -> str | None:
     """The first encoder name among identities ({"encoder": name, ...}) or plain names."""
     for c in candidates:
@@ -77,7 +70,7 @@ def _data_identity(inputs: dict) -> str | None:
         if v is None:
             continue
         v = v if isinstance(v, dict) else {"path": v}
-        manifest = _store_manifest(v.get("path"))
+        manifest = read_json(Path(v["path"]) / "manifest.json") if v.get("path") else {}
         ident = v.get("identity") or manifest.get("identity") or {}
         parts = [f"{key} {v.get('path') or '(path not recorded)'}"]
         if ident.get("vae_run"):
@@ -95,9 +88,9 @@ def _data_identity(inputs: dict) -> str | None:
 
 
 def describe_run(path: Path) -> list[tuple[str, Any]]:
-    from flatdino_cli.hub import is_export, run_summary
-    from flatdino_cli.runs import run_config, weights_file
-    from flatdino_cli.sample import run_inputs
+    from flatdino_cli.checkpoint import run_config, weights_file
+    from flatdino_cli.hub import is_export
+    from flatdino_cli.runs import run_inputs, run_summary
 
     cfg = run_config(path)
     export = is_export(path)
@@ -152,7 +145,7 @@ def describe_store(path: Path) -> list[tuple[str, Any]]:
 
 
 def describe_rae_file(path: Path) -> list[tuple[str, Any]]:
-    from flatdino_cli.train import load_weights
+    from flatdino_cli.checkpoint import load_weights
 
     sd = load_weights(path)
     keys = set(sd)

@@ -21,10 +21,19 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from flatdino_cli.analysis.ablate import run_ablate
+from flatdino_cli.analysis.flops import appendix_h_tables, format_table
+from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, predict, real_accuracy
 from flatdino_cli.config import ExtractConfig, load_preset
 from flatdino_cli.errors import UserError
+from flatdino_cli.extract import extract_features, extract_latents
+from flatdino_cli.reconstruct import run_reconstruct
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.toydata import CLASS_NAMES
+from flatdino_cli.sample import run_sample
+from flatdino_cli.stages.decoder import train_decoder
+from flatdino_cli.stages.dit import train_dit
+from flatdino_cli.stages.vae import train_vae
+from flatdino_cli.toydata import CLASS_NAMES, write_toy_dataset
 from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir
 from flatdino_cli.workspace import note_run, shown
 
@@ -83,15 +92,6 @@ def _stage(out: Path, name: str, fn: Callable[[], dict], log: list) -> dict:
 
 
 def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = QuickstartPlan()) -> dict:
-    from flatdino_cli.analysis.ablate import run_ablate
-    from flatdino_cli.extract import extract_features, extract_latents
-    from flatdino_cli.reconstruct import run_reconstruct
-    from flatdino_cli.sample import run_sample
-    from flatdino_cli.stages.decoder import train_decoder
-    from flatdino_cli.stages.dit import train_dit
-    from flatdino_cli.stages.vae import train_vae
-    from flatdino_cli.toydata import write_toy_dataset
-
     out = Path(out)
     plan.check()
     ensure_dir(out)
@@ -157,8 +157,6 @@ def _keys(result: dict, *keys: str) -> dict:
 
 
 def _flops(path: Path) -> dict:
-    from flatdino_cli.analysis.flops import appendix_h_tables, format_table
-
     text = format_table(appendix_h_tables())
     atomic_write_text(path, text + "\n")
     return {"table": str(path)}
@@ -167,8 +165,6 @@ def _flops(path: Path) -> dict:
 def _classify(samples: Path, plan: QuickstartPlan) -> dict:
     """Train the toy classifier on unseen real images, then label the generated samples."""
     import numpy as np
-
-    from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, predict, real_accuracy
 
     data = np.load(next(samples.glob("*.npz")))
     images, labels = data["arr_0"], data["arr_1"]  # ADM layout: labels in arr_1

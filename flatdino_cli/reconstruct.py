@@ -1,4 +1,4 @@
-"""`flatdino reconstruct` and the image metrics every command shares (PSNR, SSIM).
+"""`flatdino reconstruct` (the image metrics, PSNR and SSIM, are in metrics.py).
 
 images -> frozen encoder -> VAE mu (first K tokens kept, the rest zeroed) -> VAE decoder -> pixel
 decoder. Writes OUT/images/<i>.png, the ADM-cropped originals they are compared with as
@@ -17,13 +17,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from flatdino_cli.data import BadImage, EncoderTransform, adm_center_crop, list_images, load_rgb
+from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
+from flatdino_cli.metrics import PSNR_CAP, psnr, ssim
+from flatdino_cli.models.pixel_decoder import check_features, load_decoder
 from flatdino_cli.runtime import CPU, Runtime
-from flatdino_cli.sample import decoder_identity, run_inputs, store_manifest
+from flatdino_cli.runs import decoder_identity, load_run, run_inputs, store_manifest
 from flatdino_cli.utils import atomic_write_json, check_out_dir
 from flatdino_cli.viz import save_grid, save_png, to_uint8
 
-PSNR_CAP = 100.0  # dB reported for identical images (PSNR is +inf there), so JSON stays standard
 
 
 def keep_prefix(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,37 +34,6 @@ def keep_prefix(z: torch.Tensor, k: int) -> torch.Tensor:
     z = z.clone()
     z[:, k:] = 0
     return z
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image of (B, 3, H, W) pixels in [0, 1] (peak 1); +inf where the images are equal."""
-    mse = (a.double() - b.double()).square().flatten(1).mean(1)  # (B,)
-    return 10 * torch.log10(1.0 / mse)  # mse 0 -> +inf
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x.square() / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]  # (size, size), sums to 1
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """SSIM per image of (B, 3, H, W) pixels in [0, 1] (Wang et al. 2004): 11x11 Gaussian window,
-    sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 1, statistics over 'valid' windows only (no
-    padding), the SSIM map averaged per channel, then over the 3 channels. Images smaller than the
-    window use the largest odd window that fits."""
-    a, b = a.double(), b.double()
-    size = min(window, min(a.shape[-2:]) - (1 - min(a.shape[-2:]) % 2))
-    w = _gaussian_window(size, sigma).to(a.device).expand(a.shape[1], 1, size, size)
-    blur = lambda x: F.conv2d(x, w, groups=a.shape[1])  # noqa: E731  (B, C, H', W')
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a.square()
-    var_b = blur(b * b) - mu_b.square()
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2))
-    return s.flatten(2).mean(2).mean(1)  # per channel, then over channels: (B,)
 
 
 def vae_encoder(vae_run: str | Path) -> dict:
@@ -108,11 +80,6 @@ def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path
     OUT/images/<i>.png (reconstructions) and OUT/originals/<i>.png (their ADM-cropped originals: rFID
     is `fid OUT/images --ref OUT/originals`), OUT/grid_<j>.png (original | reconstruction pairs)
     and OUT/reconstruct.json (per-image PSNR, SSIM, feature cosine + means); returns the JSON's content."""
-    from flatdino_cli.data import BadImage, EncoderTransform, adm_center_crop, list_images, load_rgb
-    from flatdino_cli.encoders import default_crop_size, load_encoder
-    from flatdino_cli.models.pixel_decoder import check_features, load_decoder
-    from flatdino_cli.runs import load_run
-
     if n is not None and n < 1:
         raise UserError(f"-n {n}: must be >= 1")
     if batch_size < 1:

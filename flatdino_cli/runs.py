@@ -1,7 +1,6 @@
-"""Reading trained run directories back: config.yaml + a checkpoint -> an eval-mode model.
-
-Which weights: the VAE uses its best-validation checkpoint when there is one (as the authors do);
-the DiT and the pixel decoder use the EMA weights of the latest checkpoint.
+"""Reading trained run directories back: config.yaml + a checkpoint -> an eval-mode model (which
+weights: checkpoint.weights_file), a run's provenance (inputs.json, store manifests, file identities)
+and summary, and RAE stage-2 checkpoints in and out.
 """
 
 from __future__ import annotations
@@ -16,43 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatdino_cli.config import DiTModelConfig, load_config, load_preset
+from flatdino_cli.checkpoint import checkpoint_dir, load_into, load_state, load_weights, run_config, weights_file
+from flatdino_cli.config import DiTModelConfig, load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import default_shift
-from flatdino_cli.hub import WEIGHTS as EXPORT_WEIGHTS
-from flatdino_cli.hub import is_export
 from flatdino_cli.models import build_model
-from flatdino_cli.train import checkpoint_dir, load_into, load_weights
-from flatdino_cli.utils import grid_side, sha256_file
-
-_STAGE_NAMES = {"vae": "train-vae", "dit": "train-dit", "decoder": "train-decoder"}
-
-
-def run_config(run_dir: str | Path, expect_stage: str | None = None) -> Any:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        hint = f" (make one with `flatdino {_STAGE_NAMES[expect_stage]}`)" if expect_stage else ""
-        raise UserError(f"{run_dir}: not a flatdino run directory (no config.yaml){hint}")
-    cfg = load_config(run_dir / "config.yaml")
-    if expect_stage and cfg.stage != expect_stage:
-        raise UserError(f"{run_dir}: is a {cfg.stage} run, expected a {expect_stage} run")
-    return cfg
-
-
-def weights_file(run_dir: str | Path, stage: str, prefer_ema: bool | None = None) -> Path:
-    """The checkpoint file a run is read from (see module docstring)."""
-    run_dir = Path(run_dir)
-    if is_export(run_dir):  # a Hugging Face model folder from `flatdino export`: its one weights file
-        return run_dir / EXPORT_WEIGHTS
-    if prefer_ema is None:
-        prefer_ema = stage != "vae"
-    order = ("best", "latest") if stage == "vae" else ("latest",)
-    for which in order:
-        d = checkpoint_dir(run_dir, which)
-        if d is not None:
-            ema = d / "ema.safetensors"
-            return ema if prefer_ema and ema.is_file() else d / "model.safetensors"
-    raise UserError(f"{run_dir}: has no checkpoint yet; train it first (rerun the train command to resume)")
+from flatdino_cli.train import read_metrics
+from flatdino_cli.utils import atomic_write_bytes, grid_side, read_json, sha256_file
 
 
 def load_run(run_dir: str | Path, expect_stage: str, device: torch.device | str = "cpu",
@@ -64,6 +33,48 @@ def load_run(run_dir: str | Path, expect_stage: str, device: torch.device | str 
     load_into(model, load_weights(path), path)
     model.requires_grad_(False).eval().to(device)
     return cfg, model, sha256_file(path)
+
+
+# ============================================================================ provenance
+def run_inputs(run_dir: Path) -> dict:
+    """A run's inputs.json ({} when absent: a copied or hand-made run still loads)."""
+    return read_json(Path(run_dir) / "inputs.json")
+
+
+def file_identity(path: Path) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+
+
+def decoder_identity(decoder: str | Path) -> dict:
+    """{"path": what the user named, "weights": the file read, "sha256": its hash}."""
+    w = decoder_weights_path(decoder)
+    return {"path": str(Path(decoder).resolve()), "weights": str(w.resolve()), "sha256": sha256_file(w)}
+
+
+def decoder_weights_path(decoder: str | Path) -> Path:
+    """The file load_decoder reads for `decoder` (run dir -> EMA weights, RAE release dir -> model.pt)."""
+    p = Path(decoder)
+    if p.is_dir() and (p / "config.yaml").is_file():
+        return weights_file(p, "decoder", prefer_ema=True)
+    return p / "model.pt" if p.is_dir() else p
+
+
+def store_manifest(path: str | None) -> dict:
+    """The manifest.json of the store at `path` ({} when there is none)."""
+    return read_json(Path(path) / "manifest.json") if path else {}
+
+
+def run_summary(run_dir: Path) -> dict:
+    """Steps done / planned (from the latest checkpoint), last training row, best and last validation row."""
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val/loss" in r]
+    ckpt = checkpoint_dir(run_dir)
+    state = load_state(ckpt / "state.pt") if ckpt is not None else {}
+    return {"step": int(state.get("step", 0)), "planned_steps": state.get("total_steps"),
+            "checkpoint": str(ckpt) if ckpt else None, "last_train": train[-1] if train else None,
+            "best_val": min(val, key=lambda r: r["val/loss"]) if val else None, "last_val": val[-1] if val else None}
+
 
 
 # ============================================================================ RAE stage-2 checkpoints
@@ -228,8 +239,6 @@ def _rae_mlp_ratio(m: DiTModelConfig, source) -> float:
 def export_rae(run_dir: str | Path, out: str | Path, ema: bool = True) -> dict:
     """`flatdino export-rae`: a train-dit run on a square 2-D grid with RoPE -> a raw state dict that
     RAE's LightningDiT (no head) or DiTwDDTHead loads with strict=True; returns RAE's model params."""
-    from flatdino_cli.utils import atomic_write_bytes
-
     cfg = run_config(run_dir, "dit")
     m = cfg.model
     if m.grid is None or m.grid[0] != m.grid[1] or not m.rope:

@@ -18,6 +18,7 @@ from typing import Any
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import atomic_write_json
+from flatdino_cli.viz import load_png
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log-to name -> the package it needs
 TB_DIR = "tensorboard"
@@ -66,8 +67,6 @@ class TensorBoard:
         self.writer.flush()  # a killed run keeps what it logged
 
     def image(self, tag: str, path: Path, step: int) -> None:
-        from flatdino_cli.viz import load_png
-
         self.writer.add_image(tag, load_png(path), step, dataformats="HWC")
         self.writer.flush()
 

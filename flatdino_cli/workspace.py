@@ -20,7 +20,11 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from flatdino_cli.config import to_dict
+from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
+from flatdino_cli.runs import run_inputs
+from flatdino_cli.stages.dit import with_store_shape
 from flatdino_cli.train import FINISHED_FILE
 from flatdino_cli.utils import atomic_write_json, disk_use, human_bytes
 
@@ -85,8 +89,6 @@ def preset_slug(preset: str) -> str:
 
 
 def _same_config(run_dir: Path, cfg) -> bool:
-    from flatdino_cli.config import to_dict
-
     try:
         have = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -334,9 +336,6 @@ def pick_features(command: str) -> Path:
 def pick_latents(command: str, cfg) -> Path:
     """train-dit without --latents: the newest finished store the preset can train on (latents; raw
     features for rae-* presets)."""
-    from flatdino_cli.data import Store
-    from flatdino_cli.stages.dit import with_store_shape
-
     def fits(path: Path) -> bool:
         try:
             with_store_shape(cfg, Store.open(path), path)  # the preset takes the store's shape
@@ -369,8 +368,6 @@ def pick_decoder(ws: Path) -> tuple[Path | None, str]:
 
 def pick_sample(dit: Path | None, vae: Path | None, decoder: Path | None) -> tuple[Path, Path | None, Path]:
     """sample's DiT (newest finished run), VAE (the one its latents came from) and pixel decoder."""
-    from flatdino_cli.sample import run_inputs
-
     ws, parts = root(), []
     if dit is None:
         dit, said = _pick(ws, "sample", "dit", "DiT run", "--dit", "flatdino train-dit --preset xl-32x128")
@@ -393,8 +390,6 @@ def pick_sample(dit: Path | None, vae: Path | None, decoder: Path | None) -> tup
 
 def pick_ablate(vae: Path | None, features: Path | None) -> tuple[Path, Path]:
     """ablate-tokens' VAE (newest finished run) and the validation split of the store it trained on."""
-    from flatdino_cli.sample import run_inputs
-
     ws, parts = root(), []
     if vae is None:
         vae, said = _pick(ws, "ablate-tokens", "vae", "VAE run", "--vae", "flatdino train-vae --preset vae-32x128")

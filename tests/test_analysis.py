@@ -13,11 +13,11 @@ from flatdino_cli.analysis.knn import knn_classify, pooled_embedding, run_knn
 from flatdino_cli.analysis.noise import run_noise
 from flatdino_cli.analysis.pca import StreamingCovariance, dims_for, explained_variance, patchify, run_pca, streamed_pca
 from flatdino_cli.analysis.redundancy import pair_distances, run_redundancy, similarity_by_distance
+from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, VAEModelConfig, VAEStageConfig, save_config
 from flatdino_cli.data import Store
 from flatdino_cli.models.pixel_decoder import PixelDecoder
 from flatdino_cli.models.vae import FlatVAE
-from flatdino_cli.train import save_checkpoint
 
 SIDE, PATCH, C = 6, 8, 24  # a 6x6 grid of 8-px patches on 48-px images, as the tiny encoder makes
 P, SIZE = SIDE * SIDE, SIDE * PATCH

@@ -308,7 +308,7 @@ def test_fixed_noise_sigma_for_faes_gaussian_embedding_decoder():
 
 def test_init_starts_from_another_decoder_run(toy, tmp_path, rt):
     """--init: FAE's pixel fine-tuning continues the stage-1 decoder (here with lr 0: weights unchanged)."""
-    from flatdino_cli.runs import weights_file
+    from flatdino_cli.checkpoint import weights_file
     from flatdino_cli.stages.decoder import train_decoder
 
     base = ("loss.gan=0", "loss.lpips=0", "train.max_steps=1", "train.batch_size=8")

@@ -400,7 +400,8 @@ def test_rae_preset_trains_with_raes_time_distribution_mirrored():
 
 def test_normalize_writes_rae_stats_chw_and_reading_them_back_standardises(tmp_path):
     from flatdino_cli.runtime import setup_runtime
-    from flatdino_cli.stages.dit import STATS_FILE, load_stats, train_dit
+    from flatdino_cli.models.stats import STATS_FILE, load_stats
+    from flatdino_cli.stages.dit import train_dit
 
     h, w, C, n = 2, 3, 4, 64
     rng = np.random.default_rng(0)
@@ -429,7 +430,8 @@ def test_normalize_writes_rae_stats_chw_and_reading_them_back_standardises(tmp_p
 def test_normalize_on_flat_tokens_round_trips(tmp_path):
     """A 1-D token sequence (no grid) with normalize: true is stored as (C, T, 1), RAE's 3-D format."""
     from flatdino_cli.runtime import setup_runtime
-    from flatdino_cli.stages.dit import STATS_FILE, load_stats, train_dit
+    from flatdino_cli.models.stats import STATS_FILE, load_stats
+    from flatdino_cli.stages.dit import train_dit
 
     rng = np.random.default_rng(1)
     x = (rng.normal(0, 2, (1, 4, 2)) + rng.uniform(0.5, 2, (1, 4, 2)) * rng.standard_normal((32, 4, 2))).astype(np.float32)

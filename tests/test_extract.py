@@ -89,7 +89,7 @@ def test_extract_refuses_a_different_store_and_overwrites(tmp_path):
 def test_latent_store_from_a_vae_run(tmp_path, toy_features):
     from flatdino_cli.config import VAEModelConfig, VAEStageConfig, save_config
     from flatdino_cli.models import build_model
-    from flatdino_cli.train import save_checkpoint
+    from flatdino_cli.checkpoint import save_checkpoint
 
     cfg = VAEStageConfig(model=VAEModelConfig(tokens=4, latent_dim=8, feature_dim=64, num_patches=36, enc_width=32,
                                               enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2))

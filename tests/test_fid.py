@@ -20,8 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from flatdino_cli.analysis import fid as fidmod
-from flatdino_cli.analysis import inception
+from flatdino_cli.analysis import inception, inception_weights
 from flatdino_cli.analysis.fid import open_source, run_fid, source_summary
 from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance, inception_score, precision_recall
 from flatdino_cli.analysis.inception import TFInception, load_inception, tf1_resize
@@ -289,11 +288,11 @@ def test_missing_weights_fail_fast_naming_both_options(data, tmp_path, monkeypat
         run_fid(data["x"], data["x"])
     assert time.perf_counter() - t < 5
     msg = str(e.value)
-    assert "--inception-weights" in msg and str(tmp_path / "flatdino" / fidmod.INCEPTION_FILE) in msg and "\n" not in msg
+    assert "--inception-weights" in msg and str(tmp_path / "flatdino" / inception_weights.INCEPTION_FILE) in msg and "\n" not in msg
     with pytest.raises(UserError, match="nope.pt"):
         run_fid(data["x"], data["x"], inception_weights=tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torchscript file")
-    assert fidmod.find_inception_weights(tmp_path / "junk.pt") == tmp_path / "junk.pt"
+    assert inception_weights.find_inception_weights(tmp_path / "junk.pt") == tmp_path / "junk.pt"
     with pytest.raises(UserError, match="cannot load as torchscript"):
         load_inception(tmp_path / "junk.pt")
 
@@ -329,10 +328,10 @@ def test_torchscript_file_from_cleanfid_cache(tmp_path, monkeypatch):
     net = PortLayout(nn.Sequential(layers), nn.Linear(2048, 1008))
     cache = tmp_path / "flatdino"
     cache.mkdir()
-    torch.jit.script(net).save(str(cache / fidmod.INCEPTION_FILE))
+    torch.jit.script(net).save(str(cache / inception_weights.INCEPTION_FILE))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert fidmod.find_inception_weights(cache) == cache / fidmod.INCEPTION_FILE  # a folder works too
-    ext = load_inception(fidmod.find_inception_weights())
+    assert inception_weights.find_inception_weights(cache) == cache / inception_weights.INCEPTION_FILE  # a folder works too
+    ext = load_inception(inception_weights.find_inception_weights())
     assert ext.adm_compatible and ext.cache_tag.startswith("tfinception-")
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
     f = ext(images)

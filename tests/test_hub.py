@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
 from flatdino_cli.config import load_preset, save_config
 from flatdino_cli.hub import is_export, parse_ref, resolve
 from flatdino_cli.errors import UserError
 from flatdino_cli.info import describe
 from flatdino_cli.models import build_model
-from flatdino_cli.train import save_checkpoint
 
 TINY_STORE = ["model.num_patches=36", "model.feature_dim=64"]  # the tiny encoder's features
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, save_config
 from flatdino_cli.errors import UserError
-from flatdino_cli.models.pixel_decoder import (PixelDecoder, check_features, load_decoder, load_rae_stats,
-                                               ours_to_rae_state_dict, rae_state_dict_to_ours, save_rae_stats)
-from flatdino_cli.stages.dit import load_stats
-from flatdino_cli.train import save_checkpoint
+from flatdino_cli.models.pixel_decoder import (PixelDecoder, check_features, load_decoder, ours_to_rae_state_dict,
+                                               rae_state_dict_to_ours)
+from flatdino_cli.models.stats import load_rae_stats, load_stats, save_rae_stats
 
 # tiny but asymmetric: 3x3 grid, 2x2 patches, 2 heads, input dim != width != mlp hidden
 IN, W, HEADS, DEPTH, HID, GRID, PATCH = 12, 16, 2, 2, 24, 3, 2
@@ -229,3 +229,23 @@ def test_stats_missing_key_and_foreign_file(tmp_path):
     torch.save({"running_mean": mean}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match=r"bad\.pt"):
         load_rae_stats(tmp_path / "bad.pt")
+
+
+def test_stats_file_written_atomically(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous stat.pt intact and no stray file; the new file
+    gets a plain open()'s mode (0644 under the usual umask), not a temp file's 0600."""
+    path = tmp_path / "stat.pt"
+    save_rae_stats(path, torch.zeros(2, 1, 1), torch.ones(2, 1, 1))
+    before = path.read_bytes()
+
+    def torn_save(obj, f, *a, **k):
+        f.write(b"half a pickle")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        save_rae_stats(path, torch.ones(2, 1, 1), torch.ones(2, 1, 1))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["stat.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from flatdino_cli import sample as S
+from flatdino_cli import pipeline as P
+from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
 from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig, save_config)
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, time_grid
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
-from flatdino_cli.models.pixel_decoder import save_rae_stats
-from flatdino_cli.train import save_checkpoint
+from flatdino_cli.models.stats import save_rae_stats
 from flatdino_cli.utils import atomic_write_json
 
 C, SIDE, K = 8, 4, 5  # feature dim, grid side (16 tokens), classes
@@ -202,7 +202,7 @@ def one_line_error(r) -> str:
 def test_rae_checkpoint_velocity_is_minus_u_at_mirrored_time(w, name, arch, wrapped):
     path = w["root"] / (f"{name}_train_ckpt.pt" if wrapped else name)  # the file, or the folder holding it
     stats = w["root"] / name / "stat.pt" if wrapped else None  # the wrapped file has no stat.pt beside it
-    dit = S.load_dit(path, stats=stats)
+    dit = P.load_dit(path, stats=stats)
     m = dit.cfg.model
     assert (m.tokens, m.in_dim, m.grid, m.width, m.depth, m.heads, m.num_classes) == (
         SIDE * SIDE, C, (SIDE, SIDE), arch["width"], arch["depth"], arch["heads"], K)
@@ -224,7 +224,7 @@ def test_rae_checkpoint_velocity_is_minus_u_at_mirrored_time(w, name, arch, wrap
 
 def test_rae_grid_sampling_equals_raes_euler_in_its_own_frame(w):
     """Our sampler on the converted DiT, grid rae, = RAE's odeint Euler on u over its own 50-point grid."""
-    dit = S.load_dit(w["root"] / "ddt")
+    dit = P.load_dit(w["root"] / "ddt")
     sd64 = {k: v.double() for k, v in w["ddt"].items()}
     flow = FlowConfig(steps=6, shift=math.sqrt(48), grid="rae")
     noise = torch.randn(2, SIDE * SIDE, C, generator=torch.Generator().manual_seed(5))
@@ -250,7 +250,7 @@ def test_rae_grid_sampling_equals_raes_euler_in_its_own_frame(w):
 def test_exported_file_round_trips(w, tmp_path):
     """export-rae of a run made from an RAE checkpoint writes RAE's key set, shapes and values back."""
     for name in ("lightning", "ddt"):
-        dit = S.load_dit(w["root"] / name)
+        dit = P.load_dit(w["root"] / name)
         run = tmp_path / f"run-{name}"
         run.mkdir()
         save_config(dit.cfg, run / "config.yaml")
@@ -265,7 +265,7 @@ def test_exported_file_round_trips(w, tmp_path):
             assert back[k].shape == orig[k].shape, k
             torch.testing.assert_close(back[k], orig[k], rtol=0, atol=2e-6)
         # and the exported file loads back as the same network
-        again = S.load_dit(out, stats=w["root"] / name / "stat.pt")
+        again = P.load_dit(out, stats=w["root"] / name / "stat.pt")
         x, t, y = torch.randn(2, SIDE * SIDE, C), torch.tensor([0.2, 0.9]), torch.tensor([0, 1])
         torch.testing.assert_close(again.model(x, t, y), dit.model(x, t, y), rtol=1e-4, atol=1e-4)
 
@@ -299,13 +299,13 @@ def test_bad_rae_inputs_are_one_line_errors(w, tmp_path):
 # ----------------------------------------------------------------------------- 2. AutoGuidance
 def test_guide_changes_samples_exactly_as_the_formula_says(w, tmp_path):
     flow = FlowConfig(steps=4, shift=2.0, cfg_scale=1.7, cfg_interval=(0.0, 1.0), cfg_interval_inclusive=True)
-    pipe = S.load_pipeline(w["root"] / "ddt", decoder=w["decoder"], guide=w["root"] / "weak")
+    pipe = P.load_pipeline(w["root"] / "ddt", decoder=w["decoder"], guide=w["root"] / "weak")
     assert pipe.identity["guide"]["format"] == "rae" and pipe.guide is not None
     labels, idx = [0, 3], [0, 1]
-    got = S.generate(pipe, labels, idx, seed=0, flow=flow)
+    got = P.generate(pipe, labels, idx, seed=0, flow=flow)
     # the formula by hand: Euler on v = v_weak + w (v_main - v_weak), 4 steps to t = 1
-    pad = [0, 3] + [3] * (S.CPU_CHUNK - 2)
-    x = S.image_noise(0, [0, 1] + [1] * (S.CPU_CHUNK - 2), pipe.latent_shape)
+    pad = [0, 3] + [3] * (P.CPU_CHUNK - 2)
+    x = P.image_noise(0, [0, 1] + [1] * (P.CPU_CHUNK - 2), pipe.latent_shape)
     y = torch.tensor(pad)
     ts = time_grid(4, 2.0).tolist()
     with torch.no_grad():
@@ -315,8 +315,8 @@ def test_guide_changes_samples_exactly_as_the_formula_says(w, tmp_path):
             x = x + (ts[i + 1] - ts[i]) * (vg + 1.7 * (vm - vg))
     want = pipe.decode(x)[:2]
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
-    plain = S.generate(S.load_pipeline(w["root"] / "ddt", decoder=w["decoder"]), labels, idx, seed=0, flow=flow)
-    cfg = S.generate(pipe.__class__(**{**pipe.__dict__, "guide": None}), labels, idx, seed=0, flow=flow)
+    plain = P.generate(P.load_pipeline(w["root"] / "ddt", decoder=w["decoder"]), labels, idx, seed=0, flow=flow)
+    cfg = P.generate(pipe.__class__(**{**pipe.__dict__, "guide": None}), labels, idx, seed=0, flow=flow)
     assert np.abs(got.astype(int) - plain.astype(int)).mean() > 1  # guidance changed the samples
     assert np.abs(got.astype(int) - cfg.astype(int)).mean() > 1  # and it is not CFG
     # through the command line: the manifest records the guide and the weight

@@ -240,7 +240,7 @@ def write_inception(path):
 def tiny_decoder_run(out):
     """A train-decoder run dir (random weights) for the tiny encoder's 6 x 6 x 64 features, 48 px out."""
     from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, save_config
-    from flatdino_cli.train import save_checkpoint
+    from flatdino_cli.checkpoint import save_checkpoint
 
     cfg = DecoderStageConfig(model=DecoderModelConfig(in_dim=64, num_patches=36, patch_size=8, width=16, depth=1,
                                                       heads=2, mlp_hidden=32))
@@ -296,7 +296,7 @@ def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
     from flatdino_cli.analysis.noise import run_noise
     from flatdino_cli.data import adm_center_crop
     from flatdino_cli.extract import extract_features
-    from flatdino_cli.reconstruct import psnr
+    from flatdino_cli.metrics import psnr
     from flatdino_cli.viz import to_uint8
 
     val = mixed_val_folder(tmp_path / "val")

@@ -19,7 +19,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import flatdino_cli.checkpoint as checkpoint
 import flatdino_cli.train as train
+from flatdino_cli.checkpoint import checkpoint_dir
 from flatdino_cli.config import ExtractConfig, TrainConfig, load_preset
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
@@ -27,7 +29,7 @@ from flatdino_cli.extract import extract_features, extract_latents
 from flatdino_cli.lock import LOCK_NAME, FolderLock
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.stages.vae import train_vae
-from flatdino_cli.train import Task, checkpoint_dir, fit
+from flatdino_cli.train import Task, fit
 from test_train import synthetic_store, write_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,17 +262,17 @@ def test_foreign_store_of_the_same_shape_is_refused_then_accepted_on_purpose(tmp
 def test_disk_full_during_a_checkpoint_is_one_line_and_resumable(tmp_path, monkeypatch):
     run = tmp_path / "run"
     fit(_tiny_task(val=False), dataclasses.replace(CFG, epochs=1), run, CPU)  # latest at step 4
-    real = train.save_file
+    real = checkpoint.save_file
 
     def full(tensors, filename, *a, **k):
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(train, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(UserError, match=r"checkpoints/\.tmp-latest: disk full .*needs about .* MB free") as e:
         fit(_tiny_task(val=False), CFG, run, CPU)
     assert "\n" not in str(e.value)
     assert checkpoint_dir(run).name == "latest" and not (run / "checkpoints" / ".tmp-latest").exists()
-    monkeypatch.setattr(train, "save_file", real)
+    monkeypatch.setattr(checkpoint, "save_file", real)
     assert fit(_tiny_task(val=False), CFG, run, CPU)["step"] == 8
 
 
@@ -392,23 +394,23 @@ def test_train_summary_without_validation_says_so(cli, tmp_path):
 def test_inception_weights_are_never_taken_from_tmp(tmp_path, monkeypatch):
     import tempfile
 
-    from flatdino_cli.analysis import fid
+    from flatdino_cli.analysis import inception_weights
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    planted = Path(tempfile.gettempdir()) / fid.INCEPTION_FILE
+    planted = Path(tempfile.gettempdir()) / inception_weights.INCEPTION_FILE
     made = not planted.exists()
     if made:
         planted.write_bytes(b"planted by someone else")
     try:
-        with pytest.raises(UserError, match=str(tmp_path / "cache" / "flatdino" / fid.INCEPTION_FILE)):
-            fid.find_inception_weights()
+        with pytest.raises(UserError, match=str(tmp_path / "cache" / "flatdino" / inception_weights.INCEPTION_FILE)):
+            inception_weights.find_inception_weights()
     finally:
         if made:
             planted.unlink()
-    mine = tmp_path / "cache" / "flatdino" / fid.INCEPTION_FILE
+    mine = tmp_path / "cache" / "flatdino" / inception_weights.INCEPTION_FILE
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"x")
-    assert fid.find_inception_weights() == mine
+    assert inception_weights.find_inception_weights() == mine
 
 
 def test_a_full_disk_anywhere_else_is_still_one_line(tmp_path, monkeypatch):

@@ -16,8 +16,12 @@ from scipy.signal import convolve2d
 from typer.testing import CliRunner
 
 from flatdino_cli import reconstruct as R
+from flatdino_cli import classes
+from flatdino_cli import pipeline as PL
 from flatdino_cli import sample as S
 from flatdino_cli import viz
+from flatdino_cli.stages import dit as dit_stage
+from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
 from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig,
                                  VAEModelConfig, VAEStageConfig, save_config)
@@ -27,8 +31,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
-from flatdino_cli.stages.dit import load_stats, save_stats
-from flatdino_cli.train import save_checkpoint
+from flatdino_cli.models.stats import load_stats, save_stats
 from flatdino_cli.utils import atomic_write_json, sha256_file
 
 P, C = 36, 64  # the `tiny` encoder: 48 px, patch 8 -> 6 x 6 patches of width 64
@@ -144,9 +147,9 @@ def base(w, out, *extra):
 
 
 def padded(rows: list[int]) -> list[int]:
-    """rows padded to S.CPU_CHUNK with copies of the last, as generate() pads on the CPU: by-hand
+    """rows padded to PL.CPU_CHUNK with copies of the last, as generate() pads on the CPU: by-hand
     references must run the networks on the same batch shape to match it bit for bit."""
-    return rows + rows[-1:] * (S.CPU_CHUNK - len(rows))
+    return rows + rows[-1:] * (PL.CPU_CHUNK - len(rows))
 
 
 def npz_of(out):
@@ -178,10 +181,10 @@ def test_sample_writes_pngs_grid_npz_and_manifest(w, tmp_path):
 
 def test_decode_path_matches_a_direct_computation(w):
     """latents -> VAE decoder -> pixel decoder -> round, by hand, equals generate()."""
-    pipe = S.load_pipeline(w["dit"], w["vae"], w["dec"])
+    pipe = PL.load_pipeline(w["dit"], w["vae"], w["dec"])
     labels, idx = [0, 2, 1], [0, 1, 2]
-    got = S.generate(pipe, labels, idx, seed=7, batch_size=2)
-    noise = S.image_noise(7, padded(idx), (T, D))
+    got = PL.generate(pipe, labels, idx, seed=7, batch_size=2)
+    noise = PL.image_noise(7, padded(idx), (T, D))
     with torch.no_grad():
         x = flow_sample(make_velocity_fn(pipe.dit, torch.tensor(padded(labels)), FLOW, len(NAMES)), noise, 3, 2.0)
         pix = pipe.decoder(pipe.vae.decode(x))[:3]
@@ -191,12 +194,12 @@ def test_decode_path_matches_a_direct_computation(w):
 
 def test_same_seed_same_images_for_any_batch_size(w, tmp_path, monkeypatch):
     """One seed gives bit-identical images at any batch size and at any place in a batch. The noise of
-    image i is its own, and on the CPU generate() runs every forward on S.CPU_CHUNK images (the last
+    image i is its own, and on the CPU generate() runs every forward on PL.CPU_CHUNK images (the last
     chunk padded with copies): torch's CPU kernels round differently for other batch shapes (the
     DiT's adaLN GEMMs have one row per image), which made batch 1 and batch 8 differ in the last bits
     and now and then by a grey level. The float pixels before rounding are checked too: the uint8
     images of these tiny models rarely show such a difference."""
-    assert torch.equal(S.image_noise(3, range(8), (T, D))[5], S.image_noise(3, [5], (T, D))[0])
+    assert torch.equal(PL.image_noise(3, range(8), (T, D))[5], PL.image_noise(3, [5], (T, D))[0])
     for bs in (1, 3, 8, 16):
         cli(*base(w, tmp_path / f"b{bs}", "-c", "0", "-c", "2", "-n", "11", "--seed", "3", "--batch-size", bs))
     cli(*base(w, tmp_path / "s4", "-c", "0", "-c", "2", "-n", "11", "--seed", "4", "--batch-size", "8"))
@@ -206,13 +209,13 @@ def test_same_seed_same_images_for_any_batch_size(w, tmp_path, monkeypatch):
         b, lb = npz_of(tmp_path / f"b{bs}")
         assert np.array_equal(la, lb) and np.array_equal(a, b), bs
     # float pixels of all at once, each image alone, in threes, backwards: other neighbours, other places
-    monkeypatch.setattr(S, "to_uint8", lambda px: px.permute(0, 2, 3, 1).numpy())  # decode() stops before rounding
-    pipe, lab, idx = S.load_pipeline(w["dit"], w["vae"], w["dec"]), la.tolist(), list(range(11))
-    ref = S.generate(pipe, lab, idx, 3)
+    monkeypatch.setattr(PL, "to_uint8", lambda px: px.permute(0, 2, 3, 1).numpy())  # decode() stops before rounding
+    pipe, lab, idx = PL.load_pipeline(w["dit"], w["vae"], w["dec"]), la.tolist(), list(range(11))
+    ref = PL.generate(pipe, lab, idx, 3)
     assert ref.dtype == np.float32 and np.array_equal(a, viz.to_uint8(torch.from_numpy(ref).permute(0, 3, 1, 2)))
-    alone = np.concatenate([S.generate(pipe, [lab[i]], [i], 3) for i in idx])
-    threes = np.concatenate([S.generate(pipe, lab[i: i + 3], idx[i: i + 3], 3) for i in range(0, 11, 3)])
-    backwards = S.generate(pipe, lab[::-1], idx[::-1], 3)[::-1]
+    alone = np.concatenate([PL.generate(pipe, [lab[i]], [i], 3) for i in idx])
+    threes = np.concatenate([PL.generate(pipe, lab[i: i + 3], idx[i: i + 3], 3) for i in range(0, 11, 3)])
+    backwards = PL.generate(pipe, lab[::-1], idx[::-1], 3)[::-1]
     assert np.array_equal(ref, alone) and np.array_equal(ref, threes) and np.array_equal(ref, backwards)
     assert (np.abs(a.astype(int) - c.astype(int)) > 1).mean() > 0.3  # another seed: other images
 
@@ -236,12 +239,12 @@ def test_class_by_name_and_unknown_name(w, tmp_path):
     assert "'green triangle'" in line and "unknown class name" in line
     line = one_line_error(cli(*base(w, tmp_path / "x", "-c", "purple"), ok=False))
     assert "'red circle', 'blue square', 'green triangle'" in line
-    assert S.resolve_classes(["goldfinch", "Golden Retriever", "207", "Cardigan", "cardigan"], 1000) == \
+    assert classes.resolve_classes(["goldfinch", "Golden Retriever", "207", "Cardigan", "cardigan"], 1000) == \
         [11, 207, 207, 264, 474]
     with pytest.raises(UserError, match="'golden retriever'"):
-        S.resolve_classes(["golden retreiver"], 1000)
+        classes.resolve_classes(["golden retreiver"], 1000)
     with pytest.raises(UserError, match="out of range"):
-        S.resolve_classes(["3"], 3)
+        classes.resolve_classes(["3"], 3)
 
 
 def test_vae_default_from_inputs_and_provenance_warning(w, tmp_path):
@@ -251,7 +254,7 @@ def test_vae_default_from_inputs_and_provenance_warning(w, tmp_path):
         str(w["vae"].resolve())
     copy_ = shutil.copytree(w["vae"], tmp_path / "vae-copy")
     with pytest.warns(UserWarning, match="trained on latents of VAE"):
-        S.load_pipeline(w["dit"], copy_, w["dec"])
+        PL.load_pipeline(w["dit"], copy_, w["dec"])
 
 
 def test_mismatched_vae_and_decoder_are_one_line_errors(w, tmp_path):
@@ -275,19 +278,19 @@ def test_rae_mode_decodes_denormalised_features(w, tmp_path):
         "--device", "cpu", "--batch-size", "2")
     arr, labels = npz_of(out)
     assert arr.shape == (3, 48, 48, 3) and labels.tolist() == [0, 0, 0]
-    pipe = S.load_pipeline(w["rae"], None, w["dec"])
+    pipe = PL.load_pipeline(w["rae"], None, w["dec"])
     assert pipe.vae is None and pipe.stats is not None
     stats = load_stats(w["rae"] / "stats.pt", (6, 6))
-    noise = S.image_noise(0, padded([0, 1, 2]), (P, C))
+    noise = PL.image_noise(0, padded([0, 1, 2]), (P, C))
     with torch.no_grad():
-        x = flow_sample(make_velocity_fn(pipe.dit, torch.zeros(S.CPU_CHUNK, dtype=torch.long), FLOW, len(NAMES)),
+        x = flow_sample(make_velocity_fn(pipe.dit, torch.zeros(PL.CPU_CHUNK, dtype=torch.long), FLOW, len(NAMES)),
                         noise, 3, 2.0)
         pix = pipe.decoder(x * stats.std + stats.mean)[:3]
     assert np.array_equal(arr, viz.to_uint8(pix))
 
 
 def test_sharded_fid_set_resumes_after_a_kill(w, tmp_path, monkeypatch):
-    # --batch-size 1 becomes S.CPU_CHUNK = 8 on the CPU: each shard of 9 is made in batches of 8 and 1
+    # --batch-size 1 becomes PL.CPU_CHUNK = 8 on the CPU: each shard of 9 is made in batches of 8 and 1
     args = ("--classes", "all", "--per-class", "6", "--shard-size", "9", "--batch-size", "1")
     cli(*base(w, tmp_path / "ref", *args))
     ref, ref_labels = npz_of(tmp_path / "ref")
@@ -346,21 +349,21 @@ def test_pngs_are_written_off_the_sampling_thread_and_write_errors_surface(w, tm
 
     monkeypatch.setattr(S, "save_png", full)
     with pytest.raises(OSError, match="No space left"):
-        S.write_sample_set(S.load_pipeline(w["dit"], w["vae"], w["dec"]), [0] * 9, tmp_path / "f", 0, FLOW,
+        S.write_sample_set(PL.load_pipeline(w["dit"], w["vae"], w["dec"]), [0] * 9, tmp_path / "f", 0, FLOW,
                            progress=False)
 
 
 def test_compiled_sampling_dit_keeps_images_and_batch_invariance(w):
     """--compile: the DiT is torch.compile'd once per pipeline (static shapes: a chunk and its guided
     double) and gives the eager images up to one grey level, still independent of the batch."""
-    pipe = S.load_pipeline(w["dit"], w["vae"], w["dec"])
-    rt = dataclasses.replace(S.CPU, compile=True)
-    eager = S.generate(pipe, [0, 1, 2], [0, 1, 2], 0)
-    compiled = S.generate(pipe, [0, 1, 2], [0, 1, 2], 0, rt=rt)
+    pipe = PL.load_pipeline(w["dit"], w["vae"], w["dec"])
+    rt = dataclasses.replace(PL.CPU, compile=True)
+    eager = PL.generate(pipe, [0, 1, 2], [0, 1, 2], 0)
+    compiled = PL.generate(pipe, [0, 1, 2], [0, 1, 2], 0, rt=rt)
     wrapper = pipe.compiled[1]
-    assert wrapper is not pipe.dit and S.sampling_dit(pipe, rt) is wrapper and S.sampling_dit(pipe, S.CPU) is pipe.dit
+    assert wrapper is not pipe.dit and PL.sampling_dit(pipe, rt) is wrapper and PL.sampling_dit(pipe, PL.CPU) is pipe.dit
     assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1
-    assert np.array_equal(S.generate(pipe, [2, 1, 0, 1], [2, 1, 0, 5], 0, rt=rt)[:3], compiled[::-1])
+    assert np.array_equal(PL.generate(pipe, [2, 1, 0, 1], [2, 1, 0, 5], 0, rt=rt)[:3], compiled[::-1])
 
 
 def test_grid_plan_one_row_per_class():
@@ -377,7 +380,7 @@ def test_training_grid_hook(w, tmp_path):
 
     cfg, model, _ = load_run(w["dit"], "dit")
     cfg = dataclasses.replace(cfg, sample_every=2)
-    hook = S.training_grid_hook(cfg, tmp_path, w["vae"], w["dec"], S.CPU)
+    hook = dit_stage.training_grid_hook(cfg, tmp_path, w["vae"], w["dec"], PL.CPU)
     model.train()
     assert hook(1, model, None) is None
     assert not (tmp_path / "samples").exists()
@@ -386,7 +389,7 @@ def test_training_grid_hook(w, tmp_path):
     img = viz.load_png(tmp_path / "samples" / "step_0000002.png")
     assert img.shape == (2 + 50, 2 + 3 * 50, 3)  # one row, one image (48 px + 2 px padding) per class
     with pytest.raises(UserError, match="4 x 16 latents"):
-        S.training_grid_hook(cfg, tmp_path, w["vae16"], w["dec"], S.CPU)
+        dit_stage.training_grid_hook(cfg, tmp_path, w["vae16"], w["dec"], PL.CPU)
 
 
 # ----------------------------------------------------------------------------- reconstruct
@@ -468,9 +471,9 @@ def test_ssim_and_psnr():
 
 
 def test_seeds_and_uint8_rounding():
-    assert S.image_seed(0, 1) != S.image_seed(1, 0) and S.image_seed(2, 5) == S.image_seed(2, 5)
-    a = S.image_noise(3, [4, 5], (2, 3))
-    assert torch.equal(a[1], S.image_noise(3, [5], (2, 3))[0])
+    assert PL.image_seed(0, 1) != PL.image_seed(1, 0) and PL.image_seed(2, 5) == PL.image_seed(2, 5)
+    a = PL.image_noise(3, [4, 5], (2, 3))
+    assert torch.equal(a[1], PL.image_noise(3, [5], (2, 3))[0])
     px = torch.tensor([0.5 / 255 - 1e-6, 0.5 / 255 + 1e-6, 1.2, -0.3]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
     assert viz.to_uint8(px)[0, :, :, 0].tolist() == [[0, 1], [255, 0]]
     with pytest.raises(ValueError):

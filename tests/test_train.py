@@ -30,14 +30,16 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import flatdino_cli.checkpoint as checkpoint
 import flatdino_cli.train as train
+from flatdino_cli.checkpoint import checkpoint_dir, load_state
 from flatdino_cli.config import TrainConfig, load_preset
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.vae import FlatVAE
 from flatdino_cli.runtime import Runtime, setup_runtime
 from flatdino_cli.stages.vae import train_vae
-from flatdino_cli.train import Task, TrainingDiverged, checkpoint_dir, fit, load_state, lr_at
+from flatdino_cli.train import Task, TrainingDiverged, fit, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).resolve().parent / "_mean_latent_cli.py"
@@ -221,7 +223,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch, wher
 
     monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
     if where == "model.safetensors":
-        real_file = train.save_file
+        real_file = checkpoint.save_file
 
         def save_file(tensors, filename, *a, **k):
             if len(saves) == 2:
@@ -229,7 +231,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch, wher
                 raise Killed
             return real_file(tensors, filename, *a, **k)
 
-        monkeypatch.setattr(train, "save_file", save_file)
+        monkeypatch.setattr(checkpoint, "save_file", save_file)
     elif where == "state.pt":
         real_torch_save = torch.save
 

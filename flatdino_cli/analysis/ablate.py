@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from flatdino_cli import viz
 from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, store_image, write_json
 from flatdino_cli.data import Store
 from flatdino_cli.runtime import CPU, Runtime
@@ -86,8 +87,6 @@ def run_ablate(vae_run: str | Path, features: str | Path, out: str | Path, n: in
     """Token ablation over the first n images of a feature store; writes into `out`:
     heatmaps.npy (U, P) float32, token_ablation.png, token_ablation_overlay.png (when the example
     image is readable) and ablation.json. Returns the JSON's content."""
-    from flatdino_cli import viz
-
     rt = rt or CPU
     out = Path(out)
     store = Store.open(features, expect_kind="features")

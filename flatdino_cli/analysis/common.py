@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 from flatdino_cli.data import BadImage, Store, adm_center_crop, load_rgb, resize, to_tensor
 from flatdino_cli.errors import UserError
+from flatdino_cli.models.vae import check_feature_shape
+from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import atomic_write_json
 
@@ -46,9 +48,6 @@ def iter_rows(store: Store, rows: np.ndarray, batch_size: int, device: torch.dev
 
 def load_vae(vae_run: str | Path, store: Store, rt: Runtime):
     """(stage config, eval VAE on rt.device, weights sha256); UserError if it was trained on other features."""
-    from flatdino_cli.extract import check_feature_shape
-    from flatdino_cli.runs import load_run
-
     cfg, vae, sha = load_run(vae_run, "vae", device=rt.device)
     check_feature_shape(store, cfg.model, store.path)
     return cfg, vae, sha

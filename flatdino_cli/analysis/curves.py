@@ -47,7 +47,7 @@ def smooth(y: Sequence[float], weight: float) -> np.ndarray:
 
 def _vae_of_dit_run(run_dir: Path) -> Any | None:
     """The VAE config a latent DiT was trained on (via inputs.json), None for a raw-feature (RAE) run."""
-    from flatdino_cli.runs import run_config
+    from flatdino_cli.checkpoint import run_config
 
     inputs_path = run_dir / "inputs.json"
     latents = json.loads(inputs_path.read_text()).get("latents", {}) if inputs_path.is_file() else {}
@@ -75,7 +75,7 @@ def flops_per_step(run_dir: Path, cfg: Any) -> float:
 
 
 def load_curves(run_dir: str | Path, label: str, axis: str) -> RunCurves:
-    from flatdino_cli.runs import run_config
+    from flatdino_cli.checkpoint import run_config
     from flatdino_cli.train import read_metrics
 
     run_dir = Path(run_dir)

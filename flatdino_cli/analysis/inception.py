@@ -13,7 +13,7 @@ the port's modules as follows:
 
 (mixed_6.conv is the port's conv+BN+ReLU block named after TF's op, the module the PyTorch sFID
 ports hook; not checked against TF's own numbers here, as neither the real weights nor TF are at hand.)
-Finding the weights file (never downloading it) is `fid.find_inception_weights`, which needs no torch.
+Finding the weights file (never downloading it) is `inception_weights.find_inception_weights`, which needs no torch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flatdino_cli.analysis.fid import INCEPTION_FILE
+from flatdino_cli.analysis.inception_weights import INCEPTION_FILE
+from flatdino_cli.data import normalize, resize
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import sha256_file
 
@@ -129,7 +130,7 @@ class TFInception:
 
 
 def load_inception(path: str | Path, device: str | torch.device = "cpu") -> TFInception:
-    """The ADM-compatible extractor from clean-fid's torchscript file (see `fid.find_inception_weights`)."""
+    """The ADM-compatible extractor from clean-fid's torchscript file (see `inception_weights.find_inception_weights`)."""
     p = Path(path)
     try:
         with warnings.catch_warnings():  # torch >= 2.9 flags torchscript as deprecated; it is the file's format
@@ -169,8 +170,6 @@ class EncoderFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        from flatdino_cli.data import normalize, resize  # the encoder's own preprocessing
-
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
         f = self.encoder(normalize(resize(x, self.size, "bicubic")))  # (B, N, D) or (B, D)
         f = f.float().mean(1) if f.dim() == 3 else f.float()

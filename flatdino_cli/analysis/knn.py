@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flatdino_cli import viz
 from flatdino_cli.analysis.common import iter_rows, write_json
 from flatdino_cli.data import Store, split_indices
 from flatdino_cli.errors import UserError
@@ -104,8 +105,6 @@ def run_knn(latents: str | Path, out: str | Path, val: str | Path | None = None,
 
 
 def _plot(r: dict, path: Path) -> None:
-    from flatdino_cli import viz
-
     ks = list(r["k"])
     x = np.arange(len(ks))
     fig = viz.new_figure(5, 3.6)

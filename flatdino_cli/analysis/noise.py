@@ -24,11 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flatdino_cli import viz
 from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, store_image, write_json
 from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
-from flatdino_cli.reconstruct import PSNR_CAP, psnr
+from flatdino_cli.metrics import PSNR_CAP, psnr
+from flatdino_cli.models.pixel_decoder import check_features, load_decoder
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.viz import to_uint8
 
@@ -62,7 +64,7 @@ class _Moments:
 
 def _inception(inception_weights, device) -> tuple[object | None, str | None]:
     """(extractor, None), or (None, why rFID is left out) when no weights file is found."""
-    from flatdino_cli.analysis.fid import find_inception_weights
+    from flatdino_cli.analysis.inception_weights import find_inception_weights
 
     try:
         path = find_inception_weights(inception_weights)
@@ -105,8 +107,6 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
     rows = first_rows(store, n)
     pix = None
     if decoder is not None:
-        from flatdino_cli.models.pixel_decoder import check_features, load_decoder
-
         pix = load_decoder(decoder, device=rt.device)
         check_features(pix, *store.item_shape, what=f"the features of {features}")
     notes: list[str] = []
@@ -177,8 +177,6 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
 
 
 def _plot(r: dict, path: Path) -> None:
-    from flatdino_cli import viz
-
     has_pix, has_fid = "psnr_vs_clean" in r["latent"], "rfid" in r["latent"]
     panels = 2 + has_pix + has_fid
     fig = viz.new_figure(4.2 * panels, 3.8)

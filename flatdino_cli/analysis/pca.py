@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from flatdino_cli import viz
 from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, write_json
 from flatdino_cli.data import EncoderTransform, ImageDataset, ImageList, Store, collate_images, list_images
 from flatdino_cli.errors import UserError
@@ -189,8 +190,6 @@ LABELS = {"pixels": "pixel patches", "dino": "DINO features", "recon": "VAE-reco
 
 
 def _plot(result: dict, path: Path) -> None:
-    from flatdino_cli import viz
-
     fig = viz.new_figure(10, 4)
     ax_cum, ax_ratio = fig.subplots(1, 2)
     for t, ls in zip(THRESHOLDS, ("--", ":")):

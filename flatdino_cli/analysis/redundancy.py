@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flatdino_cli import viz
 from flatdino_cli.analysis.common import first_rows, iter_rows, write_json
 from flatdino_cli.data import Store
 from flatdino_cli.runtime import CPU, Runtime
@@ -99,8 +100,6 @@ def run_redundancy(features: str | Path, out: str | Path, n: int = 5000, bins: i
 
 
 def _plot(r: dict, path: Path) -> None:
-    from flatdino_cli import viz
-
     ok = [k for k, m in enumerate(r["mean"]) if m is not None]
     x = np.array(r["centers"])[ok]
     mean, std = np.array([r["mean"][k] for k in ok]), np.array([r["std"][k] for k in ok])

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from flatdino_cli.checkpoint import load_into
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
+from flatdino_cli.encoders import read_state_dict
 from flatdino_cli.errors import UserError
 
 __all__ = ["PatchDiscriminator", "ViTDiscriminator", "DISCRIMINATORS", "DINO_S8_REPO", "resolve_dino_s8_weights",
@@ -139,9 +141,6 @@ def resolve_dino_s8_weights(weights: str | Path | None = None) -> Path:
 def _dino_s8(weights: str | Path | None) -> nn.Module:
     path = resolve_dino_s8_weights(weights)  # first: a missing file fails before timm is even imported
     import timm
-
-    from flatdino_cli.encoders import read_state_dict
-    from flatdino_cli.train import load_into
 
     sd = read_state_dict(path, "--disc-weights")
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.")) and k not in ("x_scale", "x_shift")}

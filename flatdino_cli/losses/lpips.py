@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flatdino_cli.checkpoint import load_into, load_weights
 from flatdino_cli.errors import UserError
-from flatdino_cli.train import load_into, load_weights
 
 __all__ = ["LPIPS", "VGG_FILE", "LPIPS_CHANNELS", "default_vgg_path", "bundled_lpips_path",
            "resolve_lpips_files", "load_lpips"]

@@ -7,20 +7,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatdino_cli.models.dit import DiT
+from flatdino_cli.models.pixel_decoder import PixelDecoder
+from flatdino_cli.models.vae import build_vae
+
 
 def build_model(cfg: Any) -> nn.Module:
     """The trainable network of a stage config (VAE, DiT or pixel decoder)."""
     if cfg.stage == "vae":
-        from flatdino_cli.models.vae import build_vae
-
         return build_vae(cfg.model)
     if cfg.stage == "dit":
-        from flatdino_cli.models.dit import DiT
-
         return DiT(cfg.model)
     if cfg.stage == "decoder":
-        from flatdino_cli.models.pixel_decoder import PixelDecoder
-
         return PixelDecoder(cfg.model)
     raise ValueError(f"unknown stage {cfg.stage}")
 

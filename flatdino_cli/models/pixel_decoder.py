@@ -2,8 +2,8 @@
 
 embed (C -> W) -> prepend a trainable CLS token -> + fixed 2-D sin-cos table (CLS row zero) ->
 `depth` pre-LN blocks (exact GELU, LN eps 1e-12) -> LN -> pred (W -> p*p*3) -> drop CLS ->
-unpatchify -> x * std + mean (ImageNet). Loads RAE's released `model.pt` key by key (q/k/v fused),
-and reads/writes RAE's latent statistics file `stat.pt` ({"mean", "var"}, each (C, H, W)).
+unpatchify -> x * std + mean (ImageNet). Loads RAE's released `model.pt` key by key (q/k/v fused).
+RAE's latent statistics file `stat.pt` is models/stats.py's.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flatdino_cli.checkpoint import load_into, load_weights, run_config, weights_file
 from flatdino_cli.config import DecoderModelConfig
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
 from flatdino_cli.errors import UserError
 from flatdino_cli.nn import Block, sincos_2d
-from flatdino_cli.train import load_into, load_weights
 from flatdino_cli.utils import grid_side
 
-__all__ = ["PixelDecoder", "rae_state_dict_to_ours", "ours_to_rae_state_dict", "load_decoder", "check_features",
-           "load_rae_stats", "save_rae_stats"]
+__all__ = ["PixelDecoder", "rae_state_dict_to_ours", "ours_to_rae_state_dict", "load_decoder", "check_features"]
 
 # RAE's decoder widths -> heads (ViT-XL / L / B); heads cannot be read off the weights
 RAE_HEADS = {1152: 16, 1024: 16, 768: 12}
@@ -199,8 +198,6 @@ def load_decoder(path: str | Path, cfg: DecoderModelConfig | None = None, device
     if path.is_dir():
         if not (path / "config.yaml").is_file():
             raise UserError(f"{path}: holds neither config.yaml nor model.pt; {expected}")
-        from flatdino_cli.runs import run_config, weights_file  # lazy: runs imports models/, which imports us
-
         run_cfg = run_config(path, "decoder")
         model, wpath = PixelDecoder(run_cfg.model), weights_file(path, "decoder", prefer_ema=True)
         load_into(model, load_weights(wpath), wpath)
@@ -226,27 +223,3 @@ def check_features(decoder: PixelDecoder, num_patches: int, dim: int, what: str 
     if (decoder.num_patches, decoder.in_dim) != (num_patches, dim):
         raise UserError(f"pixel decoder expects {decoder.num_patches} x {decoder.in_dim} features but {what} are "
                         f"{num_patches} x {dim}; use a decoder trained on this encoder's features")
-
-
-# ----------------------------------------------------------------------------- RAE latent statistics
-def load_rae_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAE's stat.pt -> (mean, var) in its stored (C, H, W) layout; a missing key means 0 / 1, as in RAE."""
-    path = Path(path)
-    stats = load_weights(path)
-    if not {"mean", "var"} & set(stats):
-        raise UserError(f"{path}: not an RAE statistics file (expected keys 'mean' and 'var', found {list(stats)[:3]})")
-    mean, var = stats.get("mean"), stats.get("var")
-    mean, var = torch.tensor(0.0) if mean is None else mean, torch.tensor(1.0) if var is None else var
-    for name, t in (("mean", mean), ("var", var)):
-        if not isinstance(t, torch.Tensor) or t.dim() not in (0, 1, 3):
-            raise UserError(f"{path}: '{name}' must be a (C, H, W) tensor, found {getattr(t, 'shape', type(t))}")
-    return mean.float(), var.float()
-
-
-def save_rae_stats(path: str | Path, mean: torch.Tensor, var: torch.Tensor) -> None:
-    """Write RAE's exact format {"mean", "var"}, each (C, H, W); token-layout (P, C) input is converted."""
-    def chw(t: torch.Tensor) -> torch.Tensor:  # (P, C) -> (C, H, W), inverse of stages.dit.load_stats' view
-        h = math.isqrt(t.shape[0])
-        return t.T.reshape(t.shape[1], h, h) if t.dim() == 2 else t
-
-    torch.save({k: chw(t).detach().float().cpu().contiguous() for k, t in (("mean", mean), ("var", var))}, Path(path))

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatdino_cli.config import VAEModelConfig
+from flatdino_cli.data import Store
+from flatdino_cli.errors import UserError
+from flatdino_cli.models.fae import FAE
 from flatdino_cli.nn import Block
 
 
@@ -105,8 +108,6 @@ class FlatVAE(nn.Module):
 
 def build_vae(cfg: VAEModelConfig) -> nn.Module:
     if cfg.kind == "fae":
-        from flatdino_cli.models.fae import FAE
-
         return FAE(cfg)
     return FlatVAE(cfg)
 
@@ -131,3 +132,11 @@ def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar
 def feature_cosine(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over patches and batch of the cosine similarity of reconstructed vs true features."""
     return F.cosine_similarity(recon.float(), target.float(), dim=-1).mean()
+
+
+def check_feature_shape(store: Store, vae_model_cfg: VAEModelConfig, where) -> None:
+    """One-line UserError when a feature store does not have the shape this VAE was trained on."""
+    want = (vae_model_cfg.num_patches, vae_model_cfg.feature_dim)
+    if tuple(store.item_shape) != want:
+        raise UserError(f"{where}: features of shape {tuple(store.item_shape)}, but the VAE expects {want} "
+                        "(was it trained on another encoder's store?)")

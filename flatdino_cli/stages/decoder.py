@@ -30,15 +30,19 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from flatdino_cli.checkpoint import checkpoint_dir
 from flatdino_cli.config import DecoderLossConfig, DecoderStageConfig
 from flatdino_cli.data import (BadImage, BadImageWarning, ImageList, Store, adm_center_crop, first_view, list_images,
                                load_rgb, normalize, resize, split_indices, to_tensor)
+from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.losses import adaptive_weight, build_discriminator, diff_augment, generator_loss, hinge_d_loss
+from flatdino_cli.metrics import PSNR_CAP, psnr
 from flatdino_cli.models import build_model
-from flatdino_cli.reconstruct import PSNR_CAP, psnr
+from flatdino_cli.models.pixel_decoder import load_decoder
+from flatdino_cli.runs import decoder_identity
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.train import Task, checkpoint_dir, fit, lr_at, read_metrics
+from flatdino_cli.train import Task, fit, lr_at, read_metrics
 from flatdino_cli.utils import grid_side
 
 VAL_COUNT = 500  # held-out images (at most a tenth of the set) when the store has no val/ split
@@ -216,8 +220,6 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
         crop, enc_size, interp = (store.manifest["preprocessing"][k] for k in ("crop_size", "input_size", "interp"))
         inputs["encoder"] = store.manifest["identity"]
     elif encoder_name is not None:
-        from flatdino_cli.encoders import default_crop_size, load_encoder
-
         encoder = load_encoder(encoder_name, encoder_weights, device=rt.device)
         P, C = encoder.num_patches, encoder.dim
         crop, enc_size, interp = default_crop_size(encoder), encoder.spec.image_size, encoder.spec.interpolation
@@ -345,8 +347,6 @@ def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, images: str |
     task = decoder_task(cfg, rt, images, encoder_name, encoder_weights, features, no_lpips, lpips_weights,
                         vgg_weights, disc, disc_weights)
     if init is not None:  # a resumed checkpoint, when there is one, still wins (fit loads it after this)
-        from flatdino_cli.models.pixel_decoder import load_decoder
-        from flatdino_cli.sample import decoder_identity
 
         src = load_decoder(init, cfg.model).state_dict()
         own = task.model.state_dict()

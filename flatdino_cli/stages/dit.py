@@ -10,37 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from flatdino_cli.classes import class_label
 from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.data import FeatureDataset, Store, store_identity
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
+from flatdino_cli.models.stats import STATS_FILE, load_stats, save_stats
+from flatdino_cli.pipeline import Pipeline, decoding_parts, generate, trained_on_features
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.train import Task, fit
+from flatdino_cli.viz import save_grid
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
-STATS_FILE = "stats.pt"
-
-
-class LatentStats(nn.Module):
-    """Per-position mean/var of the training data, (N, C) in our token layout; RAE's eps 1e-5."""
-
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5):
-        super().__init__()
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("std", (var.float() + eps).sqrt())
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.std + self.mean
 
 
 def compute_stats(store: Store, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,22 +46,6 @@ def compute_stats(store: Store, batch: int = 1024) -> tuple[torch.Tensor, torch.
     mean = s / n
     var = np.maximum(s2 / n - mean**2, 0.0)
     return torch.from_numpy(mean).float(), torch.from_numpy(var).float()
-
-
-def save_stats(path: Path, mean: torch.Tensor, var: torch.Tensor, grid: tuple[int, int] | None) -> None:
-    """(N, C) stats -> RAE's (C, H, W) file; a 1-D token sequence (grid None) is stored as (C, N, 1)."""
-    from flatdino_cli.models.pixel_decoder import save_rae_stats
-
-    h, w = grid or (mean.shape[0], 1)
-    save_rae_stats(path, *(t.T.reshape(-1, h, w) for t in (mean, var)))
-
-
-def load_stats(path: Path, grid: tuple[int, int] | None) -> LatentStats:
-    """RAE's (C, H, W) file -> per-token stats (H*W, C); scalar / (C,) stats are used as given."""
-    from flatdino_cli.models.pixel_decoder import load_rae_stats
-
-    mean, var = (t.reshape(t.shape[0], -1).T if t.dim() == 3 else t for t in load_rae_stats(path))
-    return LatentStats(mean, var)
 
 
 def store_grid(store: Store, preset_grid) -> tuple[int, int] | None:
@@ -158,3 +131,33 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
     task = Task(model=model, train_set=LabelledRows(rows, cfg.model.num_classes), loss_fn=loss_fn,
                 config=cfg, inputs=inputs, on_step=on_step, keep_files=(STATS_FILE,) if stats is not None else ())
     return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit", new_data=new_data)
+
+
+def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path | None, decoder: str | Path,
+                       rt: Runtime, seed: int = 0) -> Callable:
+    """on_step(step, model, ema) for train-dit: every cfg.sample_every steps, OUT/samples/step_XXXXXXX.png
+    with one image of each of the first 8 classes (EMA weights when there are some). The VAE and decoder
+    are loaded (and checked against cfg) now, so a mismatch fails before training starts."""
+    out = Path(out)
+    vae, dec, identity = decoding_parts(cfg, vae_run, decoder, rt.device, "this DiT preset", trained_on_features(cfg))
+    labels = list(range(min(8, cfg.model.num_classes)))
+    cache: dict = {}
+
+    def on_step(step: int, model: nn.Module, ema: nn.Module | None) -> Path | None:
+        if not cfg.sample_every or step % cfg.sample_every:
+            return None
+        if cfg.normalize and "stats" not in cache:  # written by train-dit before its first step
+            grid = tuple(cfg.model.grid) if cfg.model.grid else None
+            cache["stats"] = load_stats(out / STATS_FILE, grid).to(rt.device)
+        net = ema if ema is not None else model
+        was = net.training
+        net.eval()  # label dropout off
+        try:
+            pipe = Pipeline(cfg, net, dec, vae, cache.get("stats"), identity)
+            images = generate(pipe, labels, labels, seed, cfg.flow, len(labels), rt)
+        finally:
+            net.train(was)
+        captions = [class_label(c, [], cfg.model.num_classes) for c in labels]
+        return save_grid(images, out / "samples" / f"step_{step:07d}.png", nrow=len(labels), labels=captions)
+
+    return on_step

@@ -23,6 +23,7 @@ from torch.utils.data import default_collate
 from flatdino_cli.config import VAEStageConfig
 from flatdino_cli.data import (EncoderTransform, FeatureDataset, ImageDataset, Store, collate_images, list_images,
                                split_indices, store_identity)
+from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model
 from flatdino_cli.models.vae import feature_cosine, vae_loss
@@ -111,8 +112,6 @@ def train_vae(cfg: VAEStageConfig, out: Path, rt: Runtime, features: str | Path 
         inputs["data_path"], inputs["data_identity"] = str(Path(features).resolve()), store_identity(store)
         encode = None
     elif images is not None and encoder_name is not None:
-        from flatdino_cli.encoders import default_crop_size, load_encoder
-
         enc = load_encoder(encoder_name, encoder_weights, device=rt.device)
         crop = default_crop_size(enc)
         imgs = list_images(images)

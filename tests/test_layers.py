@@ -1,0 +1,127 @@
+"""Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow,
+encoders, checkpoint) import no command or training loop, and command modules do not import each other
+(quickstart, which orchestrates, excepted). Every import counts, function-level ones included: a lazy
+import still ties the two modules together."""
+
+import ast
+
+from conftest import ROOT
+
+PKG = "flatdino_cli"
+# the floor below the commands: these import nothing from the modules in COMMANDS_AND_LOOP
+BLOCKS = ("models", "losses", "nn", "data", "flow", "encoders", "checkpoint")
+COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "quickstart", "cli", "analysis", "export",
+                     "info", "pipeline", "runs", "workspace")
+COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "stages", "analysis", "export", "info")
+
+
+def _modules() -> dict[str, tuple[ast.Module, bool]]:
+    """Dotted module name -> (parsed source, is package __init__)."""
+    mods = {}
+    for f in sorted((ROOT / PKG).rglob("*.py")):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        is_pkg = parts[-1] == "__init__"
+        mods[".".join(parts[:-1] if is_pkg else parts)] = (ast.parse(f.read_text(), str(f)), is_pkg)
+    return mods
+
+
+def _owner(name: str, mods) -> str | None:
+    """The module of the package that `name` (a module or a name inside one) lives in."""
+    while name not in mods and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name if name in mods else None
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at any level of the file."""
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for mod, (tree, is_pkg) in mods.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: climb from this module's package
+                    base = mod.split(".")[: None if is_pkg else -1]
+                    base = base[: len(base) - (node.level - 1)]
+                    base = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                # `from pkg import sub` imports the submodule; `from mod import name` the module
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                owner = _owner(t, mods) if t.split(".")[0] == PKG else None
+                if owner and owner != mod:
+                    graph[mod].add(owner)
+    return graph
+
+
+def _short(mod: str) -> str:
+    return mod[len(PKG) + 1:] if mod.startswith(PKG + ".") else mod
+
+
+def _in(mod: str, names) -> bool:
+    """Module `mod` is one of the top-level modules or packages in `names`."""
+    return _short(mod).split(".")[0] in names and mod != PKG
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(_short(c) for c in comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_graph_sees_lazy_and_relative_imports():
+    """The parser must see what the rules are about, or the tests below pass vacuously."""
+    graph = _import_graph()
+    assert f"{PKG}.stages.dit" in graph[f"{PKG}.cli"]  # function-level import inside a command
+    assert f"{PKG}.nn.norm" in graph[f"{PKG}.nn.attention"]  # relative import
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_circles():
+    cycles = _cycles(_import_graph())
+    assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_building_blocks_import_no_command_or_training_loop():
+    graph = _import_graph()
+    bad = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if _in(m, BLOCKS)
+                 for d in deps if _in(d, COMMANDS_AND_LOOP))
+    assert not bad, "building blocks import a command or the training loop: " + ", ".join(bad)
+
+
+def test_commands_do_not_import_each_other():
+    graph = _import_graph()
+    top = lambda m: _short(m).split(".")[0]  # noqa: E731
+    # modules of one command package (analysis/noise -> analysis/common) are parts of one floor
+    bad = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if _in(m, COMMANDS) and top(m) != "quickstart"
+                 for d in deps if _in(d, COMMANDS) and top(d) != top(m))
+    assert not bad, "command modules import each other: " + ", ".join(bad)
