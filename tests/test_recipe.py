@@ -380,10 +380,12 @@ def test_an_empty_validation_set_picks_no_best_checkpoint(tmp_path):
 def test_vae_image_mode_crops_by_the_one_crop_size_rule(tmp_path, monkeypatch):
     """train-vae on images takes its crop size from encoders.default_crop_size (the rule extract uses)."""
     from flatdino_cli import encoders
+    from flatdino_cli.stages import vae as vae_stage
     from flatdino_cli.toydata import write_toy_dataset
 
     write_toy_dataset(tmp_path / "imgs", per_class=1, size=56, progress=False)
-    monkeypatch.setattr(encoders, "default_crop_size", lambda enc: enc.spec.image_size + 4)
+    assert vae_stage.default_crop_size is encoders.default_crop_size  # the one rule, not a copy
+    monkeypatch.setattr(vae_stage, "default_crop_size", lambda enc: enc.spec.image_size + 4)  # ...and it is used
     cfg = load_preset("tiny-vae", ["model.tokens=4", "model.latent_dim=8", "model.enc_width=32", "model.enc_depth=1",
                                    "model.enc_heads=2", "model.dec_width=32", "model.dec_depth=1",
                                    "model.dec_heads=2", "train.max_steps=1", "train.batch_size=4"])
