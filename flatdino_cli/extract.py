@@ -8,7 +8,6 @@ with the same batch composition, and ends byte-identical to an uninterrupted run
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 import warnings
@@ -29,7 +28,7 @@ from flatdino_cli.lock import FolderLock
 from flatdino_cli.models.vae import check_feature_shape
 from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.utils import disk_full_is_user_error
+from flatdino_cli.utils import disk_full_is_user_error, read_json
 
 
 def _pending_chunks(store: Store, rows: int) -> list[list[int]]:
@@ -211,10 +210,9 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
 
 def check_same_encoder(store: Store, where: Path, vae_run: str | Path, new_data: bool) -> dict | None:
     """The VAE run's recorded training-data identity; UserError if `store` was made by another encoder."""
-    try:
-        trained_on = json.loads((Path(vae_run) / "inputs.json").read_text()).get("data_identity")
-    except (OSError, ValueError, AttributeError):
-        trained_on = None  # a run from before identities were recorded: nothing to compare
+    inputs = read_json(Path(vae_run) / "inputs.json")
+    # None for a run from before identities were recorded: nothing to compare
+    trained_on = inputs.get("data_identity") if isinstance(inputs, dict) else None
     if trained_on and trained_on.get("encoder") != store.manifest["identity"] and not new_data:
         raise UserError(f"{where}: made by encoder {store.manifest['identity'].get('encoder')} "
                         f"(weights {store.manifest['identity'].get('weights')}), but {vae_run} was trained on "

@@ -36,7 +36,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.lock import LOCK_NAME, FolderLock
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.track import open_trackers
-from flatdino_cli.utils import atomic_write_json, atomic_write_text
+from flatdino_cli.utils import atomic_write_json, atomic_write_text, read_json
 
 FINISHED_FILE = "finished.json"  # written when the loop ends: the workspace's "finished" mark
 LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
@@ -282,12 +282,10 @@ def move_run_aside(run_dir: Path, keep_old: int, keep_files: tuple[str, ...] = (
 
 def merge_inputs(run_dir: Path, inputs: dict, new_data: bool) -> dict:
     """inputs.json for a resumed run: the same `data_identity` as before, or (new_data) both recorded."""
-    f = run_dir / "inputs.json"
-    try:
-        old = json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, json.JSONDecodeError):
+    old = read_json(run_dir / "inputs.json")
+    if not isinstance(old, dict):
         old = {}
-    history = old.pop("previous_inputs", []) if isinstance(old, dict) else []
+    history = old.pop("previous_inputs", [])
     was, now = old.get("data_identity"), inputs.get("data_identity")
     if was is None or now is None or was == now:
         return {**inputs, **({"previous_inputs": history} if history else {})}

@@ -27,13 +27,12 @@ from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.extract import extract_features, extract_latents
 from flatdino_cli.lock import LOCK_NAME, FolderLock
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.train import Task, fit
 from test_train import synthetic_store, write_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = Runtime(torch.device("cpu"), "fp32", False)
 
 # (preset, --set item): every one must be a one-line UserError, never a ZeroDivisionError/NaN run
 BAD_VALUES = [

@@ -20,11 +20,10 @@ from torch.utils.data import TensorDataset
 
 from flatdino_cli.config import TrainConfig, load_preset
 from flatdino_cli.errors import UserError
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import CPU
 from flatdino_cli.train import Task, fit
 from flatdino_cli.viz import save_png
 
-CPU = Runtime(torch.device("cpu"), "fp32", False)
 
 
 class Killed(BaseException):

@@ -37,13 +37,12 @@ from flatdino_cli.config import TrainConfig, load_preset
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.vae import FlatVAE
-from flatdino_cli.runtime import Runtime, setup_runtime
+from flatdino_cli.runtime import CPU, setup_runtime
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.train import Task, TrainingDiverged, fit, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).resolve().parent / "_mean_latent_cli.py"
-CPU = Runtime(torch.device("cpu"), "fp32", False)
 # one thread per process (the two cores are shared); the tree under test first on the path, also for a
 # script run by torchrun (which puts the script's folder, not the cwd, on sys.path)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
