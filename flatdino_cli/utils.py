@@ -107,8 +107,7 @@ def check_out_dir(path: Path, option: str = "--out") -> None:
 def ensure_dir(path: Path, option: str = "--out") -> Path:
     """Create folder `path` (and parents), or a one-line UserError naming the option."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{option} {path}: is a file, not a folder; choose another {option}")
+    check_out_dir(path, option)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
