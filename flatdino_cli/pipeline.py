@@ -323,7 +323,15 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
         raise ValueError(f"{len(labels)} labels for {len(indices)} indices")
     fixed = rt.device.type == "cpu"
     chunk = CPU_CHUNK if fixed else max(1, batch_size)
-    model = sampling_dit(pipe, rt)
+
+    def run(net):  # a network as the sampler calls it: under the runtime's autocast, fp32 out
+        def forward(x, t, y_):
+            with rt.autocast():
+                return net(x, t, y_).float()
+        return forward
+
+    main = run(sampling_dit(pipe, rt))
+    guide = run(pipe.guide) if pipe.guide is not None else None
     out = []
     for lo in range(0, len(labels), chunk):
         idx, lab = list(indices[lo: lo + chunk]), list(labels[lo: lo + chunk])
@@ -332,15 +340,7 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
             idx, lab = idx + idx[-1:] * (chunk - k), lab + lab[-1:] * (chunk - k)
         noise = image_noise(seed, idx, pipe.latent_shape).to(rt.device)  # (B, N, d)
         y = torch.tensor(lab, dtype=torch.long, device=rt.device)
-
-        def run(net):
-            def forward(x, t, y_):
-                with rt.autocast():
-                    return net(x, t, y_).float()
-            return forward
-
-        guide = run(pipe.guide) if pipe.guide is not None else None
-        velocity = make_velocity_fn(run(model), y, flow, pipe.cfg.model.num_classes, guide)
+        velocity = make_velocity_fn(main, y, flow, pipe.cfg.model.num_classes, guide)
         x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid)  # (B, N, d)
         out.append(pipe.decode(x, rt)[:k])
     S = pipe.image_size
