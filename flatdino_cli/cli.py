@@ -782,9 +782,15 @@ def sample(
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale (default: the DiT config's "
                                                                "flow.cfg_scale; 1 = none).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: flow.steps, 50).")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="euler or heun (default: flow.sampler).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help=(
+        "euler, heun or sde (Euler-Maruyama on the reverse SDE, SiT's sampler; FAE's unguided numbers use it "
+        "with --steps 250 --cfg 1). Default: flow.sampler."))] = None,
     interval: Annotated[Optional[str], typer.Option(help="Guidance interval LO,HI in t (t=1 is data), e.g. "
                                                          "0.225,1 (default: flow.cfg_interval).")] = None,
+    cfg_schedule: Annotated[Optional[str], typer.Option(help=(
+        "Piecewise guidance LO-HI:W,... in t (t=1 is data), weight W on LO <= t < HI and none elsewhere, "
+        "e.g. FAE's three-part CFG 0-0.1:0.9,0.1-0.3:1.5,0.3-1:2.5 (default: flow.cfg_schedule, if set).")
+    )] = None,
     seed: Annotated[int, typer.Option(help="Image i's noise is seeded by (seed, i): same image for any "
                                            "batch size.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: "
@@ -827,10 +833,13 @@ def sample(
     rt = _runtime(device, precision, compile)
     m = run_sample(dit, vae, decoder, names, all_classes, n=n, per_class=per_class, cfg_scale=cfg, steps=steps,
                    sampler=sampler, interval=interval, seed=seed, out=out, batch_size=batch_size,
-                   shard_size=shard_size, ema=ema, rt=rt, stats=stats, guide=guide, guide_scale=guide_scale, grid=grid)
+                   shard_size=shard_size, ema=ema, rt=rt, stats=stats, guide=guide, guide_scale=guide_scale, grid=grid,
+                   schedule=cfg_schedule)
     flow = m["identity"]["flow"]
     guidance = "autoguidance" if m["identity"].get("guide") else "cfg"
-    typer.echo(f"sample: {m['identity']['count']} images ({guidance} {flow['cfg_scale']:g}, {flow['sampler']} "
+    weights = (" / ".join(f"{w:g} on [{lo:g}, {hi:g})" for lo, hi, w in flow["cfg_schedule"])
+               if flow.get("cfg_schedule") else f"{flow['cfg_scale']:g}")
+    typer.echo(f"sample: {m['identity']['count']} images ({guidance} {weights}, {flow['sampler']} "
                f"{flow['steps']} steps, seed {m['identity']['seed']}) -> {m['out']}/{m['npz']}, {m['out']}/grid.png")
 
 
@@ -927,6 +936,7 @@ def train_decoder(
     compile: Compile = None,
     resume: Resume = True,
     log_to: LogTo = None,
+    new_data: NewData = False,
 ):
     """Train RAE's pixel decoder (features -> pixels): L1 + LPIPS + adaptive-weight GAN, noise-augmented.
 
@@ -951,7 +961,7 @@ def train_decoder(
     summary = run(cfg, out, rt, images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,
                   no_lpips=no_lpips, lpips_weights=lpips_weights, resume=resume, vgg_weights=vgg_weights,
-                  disc=disc, disc_weights=disc_weights, init=init)
+                  disc=disc, disc_weights=disc_weights, init=init, new_data=new_data)
     if rt.is_main:
         ws.note_run(out, "decoder", preset)
         v = summary["val"]

@@ -40,6 +40,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     warmup_start_lr: float = 0.0
     decay_epochs: float = 0.0  # wsd: length of the final decay phase
+    decay_until_epoch: float | None = None  # wsd: the epoch where the decay reaches final_lr; None: the run's end
     decay_shape: str = "linear"  # wsd decay: linear | cosine
     final_lr: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -68,6 +69,8 @@ class TrainConfig:
         _non_negative(self, "train", "lr", "epochs", "warmup_epochs", "warmup_start_lr", "decay_epochs", "final_lr",
                       "weight_decay", "grad_clip", "seed", "num_workers", "keep_old_runs")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "a positive integer (or null)")
+        _check(self.decay_until_epoch is None or self.decay_until_epoch >= self.decay_epochs,
+               "train.decay_until_epoch", "null or >= train.decay_epochs (the decay starts at their difference)")
         _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", "two values in [0, 1)")
 
 
@@ -186,6 +189,7 @@ class DiTModelConfig:
     head_depth: int = 0
     head_heads: int = 16
     head_mlp_hidden: int = 0
+    head_projector: bool = True  # DiT-DH: Linear trunk -> head; False: none (RAE's nn.Identity for equal widths)
     patch: int = 1  # grid mode: p x p grid cells per DiT token (DiT-XL/2 style); RAE and FAE use 1
 
     def __post_init__(self):
@@ -196,6 +200,8 @@ class DiTModelConfig:
         _check(0.0 <= self.class_dropout < 1.0, "model.class_dropout", "in [0, 1)")
         _check(self.head_width % self.head_heads == 0, "model.head_width", "divisible by model.head_heads")
         _check(self.width % self.heads == 0, "model.width", "divisible by model.heads")
+        _check(self.head_projector or self.head_width == self.width, "model.head_projector",
+               "true unless model.head_width equals model.width (without it the trunk feeds the head as it is)")
         _check(self.grid is None or self.grid[0] * self.grid[1] == self.tokens, "model.grid",
                "(h, w) with h * w == model.tokens")
         _check(self.patch == 1 or (self.grid is not None and all(g % self.patch == 0 for g in self.grid)),

@@ -5,7 +5,8 @@ Our convention (FlatDINO's): t = 0 is noise, t = 1 is data.
     x_t = (1 - t) * eps + t * z,    eps ~ N(0, I),  z = data
     v   = dx_t/dt = z - eps         (the regression target; loss = MSE)
 
-Sampling integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) on a shifted grid.
+Sampling integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) on a shifted grid, or (sampler
+sde) the reverse SDE of the same path, SiT's Euler-Maruyama sampler (`sample`).
 
 RAE's convention is the mirror image: t_R = 0 is data, t_R = 1 is noise, x = (1 - t_R) z + t_R eps,
 target u = eps - z. The same point and the same target are reached with t = 1 - t_R and v = -u
@@ -24,12 +25,13 @@ from torch import Tensor
 
 from flatdino_cli.errors import UserError
 
-__all__ = ["FlowConfig", "FlowConfigError", "RAE_T_MAX", "default_shift", "flow_loss", "guided_velocity",
-           "interpolate", "make_velocity_fn", "ours_to_rae_time", "rae_shift_time", "rae_to_ours_time",
-           "rae_to_ours_velocity", "sample", "sample_train_time", "shift_time", "time_grid", "velocity_target"]
+__all__ = ["FlowConfig", "FlowConfigError", "RAE_T_MAX", "default_shift", "evaluation_times", "flow_loss",
+           "guidance_weights", "guided_velocity", "interpolate", "make_velocity_fn", "ours_to_rae_time",
+           "rae_shift_time", "rae_to_ours_time", "rae_to_ours_velocity", "sample", "sample_train_time", "sde_grid",
+           "shift_time", "time_grid", "velocity_target"]
 
 TIME_DISTS = ("uniform", "logit-normal", "rae")
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "sde")
 GRIDS = ("ours", "rae")
 RAE_T_MAX = 1.0 - 1.0 / 1000  # RAE truncates its training t_R to [0, 0.999] (velocity model, ODE)
 
@@ -48,12 +50,18 @@ class FlowConfig:
     shift: float = 1.0  # k in t' = t / (k - (k-1) t); k > 1 puts more time near noise (k < 1 allowed)
     logit_mean: float = 0.0  # logit-normal / rae: mean and std of logit(t) (rae: of logit(t_R))
     logit_std: float = 1.0
-    sampler: str = "euler"  # euler | heun
-    steps: int = 50  # integration steps on time_grid(steps, shift) (grid rae: time points, RAE's num_steps)
+    sampler: str = "euler"  # euler | heun | sde (Euler-Maruyama, SiT's; see `sample`)
+    steps: int = 50  # integration steps on time_grid(steps, shift) (grid rae: time points, RAE's num_steps;
+    #                  sde: network evaluations, SiT's num_sampling_steps)
     grid: str = "ours"  # ours: steps steps to t = 1 | rae: RAE's ODE grid and its rule "guide only if w > 1"
     cfg_scale: float = 1.0  # guidance weight w; 1 = no guidance (one conditional forward)
     cfg_interval: tuple[float, float] = (0.225, 1.0)  # guide where lo < t < hi; RAE's [a, b] is [1-b, 1-a]
     cfg_interval_inclusive: bool = False  # lo <= t <= hi instead (RAE's rule)
+    # piecewise guidance [[lo, hi, w], ...] (lo <= t < hi; a piece ending at 1 includes t = 1), ascending and
+    # disjoint, w = 1 between pieces; when set it replaces cfg_scale and cfg_interval (FAE's three-part CFG)
+    cfg_schedule: tuple[tuple[float, float, float], ...] = ()
+    sde_diffusion: float = 1.0  # sde: w(t) = sde_diffusion * (1 - t), SiT's diffusion_form "sigma" and its norm
+    sde_last_step: float = 0.04  # sde: the final noise-free step's length in t (SiT's last_step_size, "Mean")
 
     def __post_init__(self):
         object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
@@ -70,9 +78,21 @@ class FlowConfig:
              self.steps),
             (self.cfg_scale >= 0 and math.isfinite(self.cfg_scale), "cfg_scale", "finite and >= 0", self.cfg_scale),
             (0.0 <= lo <= hi <= 1.0, "cfg_interval", "[lo, hi] with 0 <= lo <= hi <= 1", self.cfg_interval),
+            (self.sde_diffusion >= 0 and math.isfinite(self.sde_diffusion), "sde_diffusion", "finite and >= 0",
+             self.sde_diffusion),
+            (0.0 < self.sde_last_step < 1.0, "sde_last_step", "in (0, 1)", self.sde_last_step),
+            (self.sampler != "sde" or self.grid == "ours", "grid", "ours with sampler sde", self.grid),
+            (self.sampler != "sde" or self.steps >= 2, "steps", "an integer >= 2 with sampler sde", self.steps),
         ]:
             if not ok:
                 raise FlowConfigError(f"config: flow.{key} must be {want}, got {got!r}")
+        object.__setattr__(self, "cfg_schedule", tuple(tuple(float(v) for v in p) for p in self.cfg_schedule))
+        end = 0.0
+        for piece in self.cfg_schedule:
+            if len(piece) != 3 or not (end <= piece[0] < piece[1] <= 1.0) or not (0 <= piece[2] < math.inf):
+                raise FlowConfigError(f"config: flow.cfg_schedule must be [[lo, hi, w], ...] with 0 <= lo < hi <= 1 "
+                                      f"ascending and disjoint and w finite >= 0, got {self.cfg_schedule!r}")
+            end = piece[1]
 
 
 # ----------------------------------------------------------------------------- time and frames
@@ -117,6 +137,23 @@ def time_grid(steps: int, shift: float, grid: str = "ours") -> Tensor:
     t = shift_time(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), shift)
     t[0], t[-1] = 0.0, 1.0  # exact endpoints: sampling must end on the data, not a rounding short of it
     return t
+
+
+def sde_grid(steps: int, shift: float, last_step: float) -> Tensor:
+    """(steps,) float64 times of the sde sampler: shift_time(linspace(0, 1 - last_step, steps)), SiT's
+    grid for the linear path (t0 = 0, t1 = 1 - last_step_size; shift 1 is SiT's uniform grid)."""
+    return shift_time(torch.linspace(0.0, 1.0 - last_step, steps, dtype=torch.float64), shift)
+
+
+def evaluation_times(cfg: FlowConfig) -> list[float]:
+    """The times at which `sample` evaluates the velocity under cfg (for FLOP counts), in order of use."""
+    if cfg.sampler == "sde":
+        return sde_grid(cfg.steps, cfg.shift, cfg.sde_last_step).tolist()
+    grid = time_grid(cfg.steps, cfg.shift, cfg.grid).tolist()
+    times = grid[:-1]
+    if cfg.sampler == "heun":  # the corrector at t_{i+1} on every step but the last
+        times += grid[1:-1]
+    return times
 
 
 def sample_train_time(n: int, cfg: FlowConfig, generator: torch.Generator | None = None,
@@ -178,48 +215,68 @@ def _in_interval(t: Tensor, interval: tuple[float, float], inclusive: bool) -> T
     return (t >= lo) & (t <= hi) if inclusive else (t > lo) & (t < hi)
 
 
+def guidance_weights(t: Tensor, cfg: FlowConfig) -> Tensor:
+    """(B,) float64 guidance weight per row at times t (B,); 1 = no guidance (the conditional velocity).
+
+    cfg_schedule set: the w of the piece holding t (lo <= t < hi, t = 1 in a piece ending at 1), else 1.
+    Otherwise cfg_scale inside cfg_interval, else 1; under grid rae a scale <= 1 means no guidance at
+    all, as in RAE's sample.py (we extrapolate)."""
+    t = t.double()
+    w = torch.ones_like(t)
+    if cfg.cfg_schedule:
+        for lo, hi, scale in cfg.cfg_schedule:
+            below_hi = t <= hi if hi == 1.0 else t < hi
+            w = torch.where((t >= lo) & below_hi, scale, w)
+        return w
+    scale = 1.0 if cfg.grid == "rae" and cfg.cfg_scale <= 1.0 else cfg.cfg_scale
+    return torch.where(_in_interval(t, cfg.cfg_interval, cfg.cfg_interval_inclusive), scale, w)
+
+
 def guided_velocity(model: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, t: Tensor, y: Tensor,
-                    scale: float, null_class: int, interval: tuple[float, float] = (0.225, 1.0),
+                    scale: float | Tensor, null_class: int, interval: tuple[float, float] = (0.225, 1.0),
                     inclusive: bool = False, guide_model: Callable | None = None) -> Tensor:
     """Velocity at (x (B, ...), t (B,)) for labels y (B,), with guidance where t is in `interval`.
 
     CFG:          v = v_u + w (v_c - v_u), v_c and v_u from ONE forward on [x, x] with labels [y, null].
     AutoGuidance: v = v_weak + w (v_main - v_weak), v_weak = guide_model(x, t, y) (conditional; RAE
                   also feeds a null-label half to the guide but throws it away).
-    Outside the interval (lo < t < hi, or lo <= t <= hi if inclusive) the plain conditional v_c.
-    w == 1, or no t in the interval, costs one conditional forward of the batch as it is.
+    `scale` is one w or a (B,) tensor of them (guidance_weights). Rows outside the interval (lo < t < hi,
+    or lo <= t <= hi if inclusive) or with w == 1 get the plain conditional v_c; when no row is guided
+    this costs one conditional forward of the batch as it is.
     """
-    guide = _in_interval(t, interval, inclusive)  # (B,)
-    if scale == 1.0 or not bool(guide.any()):
+    w = torch.where(_in_interval(t, interval, inclusive), torch.as_tensor(scale, dtype=torch.float64), 1.0)
+    guide = w != 1.0  # (B,)
+    if not bool(guide.any()):
         return model(x, t, y)
     if guide_model is not None:
         v_c, v_u = model(x, t, y), guide_model(x, t, y)
     else:
         null = torch.full_like(y, null_class)
         v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-    guided = v_u + scale * (v_c - v_u)
-    return torch.where(guide.view(-1, *([1] * (x.dim() - 1))), guided, v_c)
+    rows = (-1, *([1] * (x.dim() - 1)))
+    guided = v_u + w.to(v_c.dtype).view(rows) * (v_c - v_u)
+    return torch.where(guide.view(rows), guided, v_c)
 
 
 def make_velocity_fn(model: Callable, y: Tensor, cfg: FlowConfig, null_class: int,
                      guide_model: Callable | None = None) -> VelocityFn:
-    """The closure (x, t) -> guided velocity that `sample` integrates, with cfg's scale and interval.
-    Under grid rae a scale <= 1 means no guidance at all, as in RAE's sample.py (we extrapolate)."""
-    scale = 1.0 if cfg.grid == "rae" and cfg.cfg_scale <= 1.0 else cfg.cfg_scale
-
+    """The closure (x, t) -> guided velocity that `sample` integrates, with cfg's weights (guidance_weights)."""
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        return guided_velocity(model, x, t, y, scale, null_class, cfg.cfg_interval,
-                               cfg.cfg_interval_inclusive, guide_model)
+        return guided_velocity(model, x, t, y, guidance_weights(t, cfg), null_class, (0.0, 1.0), True, guide_model)
 
     return velocity
 
 
 # ----------------------------------------------------------------------------- sampling
+StepNoise = Callable[[int], Tensor]  # step i -> the (B, ...) N(0, I) draw of the sde sampler's step i
+
+
 @torch.no_grad()
 def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, method: str = "euler",
-           grid: str = "ours") -> Tensor:
+           grid: str = "ours", sde_diffusion: float = 1.0, sde_last_step: float = 0.04,
+           step_noise: StepNoise | None = None) -> Tensor:
     """Integrate dx/dt = v(x, t) from x_0 = noise (B, ...) at t = 0 to t = 1 on time_grid(steps, shift, grid)
-    (grid rae: to RAE's last time point, steps - 1 steps).
+    (grid rae: to RAE's last time point, steps - 1 steps), or (method sde) the reverse SDE.
 
     euler: x_{i+1} = x_i + h_i v(x_i, t_i)                                  (steps forwards)
     heun:  x' = x_i + h_i v_i;  x_{i+1} = x_i + h_i (v_i + v(x', t_{i+1})) / 2  (trapezoidal
@@ -227,11 +284,19 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, met
            velocity of data on a low-dimensional set is singular (one point z: v = (z - x)/(1 - t)),
            and a trained model returns the average E[z - eps | x_1 = x] = x there, not the path's own
            velocity; the guidance interval (t < 1 by default) would also switch off on a t = 1 corrector.
+    sde:   SiT's Euler-Maruyama (transport/sde.py, the linear path, diffusion_form "sigma", last_step
+           "Mean") in our frame, steps forwards on sde_grid(steps, shift, sde_last_step). With the score
+           s = (t v - x) / (1 - t) (= -eps / (1 - t) on the path) and w = sde_diffusion (1 - t):
+             x_{i+1} = x_i + h_i (v_i + w_i s_i) + sqrt(2 w_i h_i) n_i,   n_i = step_noise(i)  (steps - 1)
+             x_out   = x + (1 - t_last) (v + w s)                     (the last, noise-free step)
+           step_noise defaults to torch.randn_like (the global generator).
     t is passed as (B,) float32 (float64 if noise is float64).
     """
     if method not in SAMPLERS:
         raise FlowConfigError(f"config: flow.sampler must be {' or '.join(SAMPLERS)}, got {method!r}")
-    times = time_grid(steps, shift, grid).tolist()
+    if method == "sde" and grid != "ours":
+        raise FlowConfigError(f"config: flow.grid must be ours with sampler sde, got {grid!r}")
+    times = (sde_grid(steps, shift, sde_last_step) if method == "sde" else time_grid(steps, shift, grid)).tolist()
     n = len(times) - 1
     t_dtype = torch.promote_types(noise.dtype, torch.float32)
 
@@ -240,6 +305,17 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, met
         return velocity_fn(x, t).to(x.dtype)
 
     x = noise
+    if method == "sde":
+        draw = step_noise or (lambda i: torch.randn_like(noise))
+        for i in range(n + 1):
+            t, h = times[i], (times[i + 1] if i < n else 1.0) - times[i]
+            v = v_at(x, i)
+            w = sde_diffusion * (1 - t)
+            drift = v + w * (t * v - x) / (1 - t)
+            x = x + h * drift
+            if i < n:
+                x = x + math.sqrt(2 * w * h) * draw(i).to(device=x.device, dtype=x.dtype)
+        return x
     for i in range(n):
         h = times[i + 1] - times[i]
         v = v_at(x, i)

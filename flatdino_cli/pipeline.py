@@ -9,7 +9,8 @@ FlatDINO: N x d = 32 x 128 raw VAE means (no stats), turned into 256 x 768 featu
 RAE mode (a DiT with model.grid): N x d = 256 x 768 normalised features, de-normalised with
 RUN/stats.pt, no VAE. Either way the pixel decoder consumes raw (LN-without-affine) DINOv2 features.
 
-Noise: image i of a sample set gets eps_i ~ N(0, I) from its own generator seeded by (seed, i). On
+Noise: image i of a sample set gets eps_i ~ N(0, I) from its own generator seeded by (seed, i) (the sde
+sampler draws its per-step noise from the same generator, after eps_i). On
 the CPU every network forward then runs on a fixed CPU_CHUNK images (see `generate`), so one seed
 gives bit-identical images whatever the batch size, the resume point or the image's place in its
 batch; other devices give the same images up to float rounding.
@@ -44,7 +45,8 @@ from flatdino_cli.utils import sha256_file
 from flatdino_cli.viz import to_uint8
 
 __all__ = ["Pipeline", "load_pipeline", "generate", "sampler_batch", "CPU_CHUNK", "image_seed", "image_noise",
-           "sampling_flow", "parse_interval", "decoding_parts", "trained_on_features"]
+           "image_generators", "sampling_flow", "parse_interval", "parse_schedule", "decoding_parts",
+           "trained_on_features"]
 
 # Images per network forward on the CPU, whatever --batch-size says. The DiT's per-image
 # conditioning (time embedder, adaLN projections) runs GEMMs with one row per image, and MKL rounds a
@@ -265,20 +267,32 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
-def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """(B, *shape) float32 CPU noise, row b drawn from its own generator seeded image_seed(seed, indices[b])."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(image_seed(seed, int(i))))
-            for i in indices]
-    return torch.stack(rows)
+def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded image_seed(seed, i): its first draw is the image's eps."""
+    return [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
+
+
+def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int],
+                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """(B, *shape) float32 CPU noise, row b drawn from its own generator (image_generators; advanced)."""
+    gens = generators if generators is not None else image_generators(seed, indices)
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens])
 
 
 def sampling_flow(flow: FlowConfig, cfg_scale: float | None = None, steps: int | None = None,
                   sampler: str | None = None, interval: tuple[float, float] | None = None,
-                  grid: str | None = None) -> FlowConfig:
+                  grid: str | None = None, schedule: tuple[tuple[float, float, float], ...] | None = None
+                  ) -> FlowConfig:
     """The DiT config's flow section with the command line's overrides (validated: bad values are
-    one-line errors)."""
+    one-line errors). A scale or interval given on the command line replaces the config's cfg_schedule;
+    a schedule given there replaces both; sampler sde samples on our grid unless a grid is given."""
     changes = {k: v for k, v in (("cfg_scale", cfg_scale), ("steps", steps), ("sampler", sampler),
-                                 ("cfg_interval", interval), ("grid", grid)) if v is not None}
+                                 ("cfg_interval", interval), ("grid", grid), ("cfg_schedule", schedule))
+               if v is not None}
+    if schedule is None and (cfg_scale is not None or interval is not None):
+        changes["cfg_schedule"] = ()
+    if sampler == "sde" and grid is None:  # RAE's grid is an ODE grid (RAE checkpoints default to it)
+        changes["grid"] = "ours"
     return dataclasses.replace(flow, **changes)
 
 
@@ -291,6 +305,22 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     except ValueError:
         raise UserError(f"--interval {text}: expected LO,HI, e.g. --interval 0.225,1") from None
     return lo, hi
+
+
+def parse_schedule(text: str | None) -> tuple[tuple[float, float, float], ...] | None:
+    """'0-0.1:0.9,0.1-0.3:1.5,0.3-1:2.5' -> ((0, 0.1, 0.9), ...): weight w on lo <= t < hi (our time)."""
+    if text is None:
+        return None
+    try:
+        pieces = []
+        for part in text.split(","):
+            span, w = part.split(":")
+            lo, hi = span.split("-")
+            pieces.append((float(lo), float(hi), float(w)))
+    except ValueError:
+        raise UserError(f"--cfg-schedule {text}: expected LO-HI:W,..., e.g. --cfg-schedule 0-0.1:0.9,0.1-0.3:1.5,"
+                        "0.3-1:2.5") from None
+    return tuple(pieces)
 
 
 def sampler_batch(batch_size: int, device: torch.device | str) -> int:
@@ -338,10 +368,16 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
         k = len(idx)
         if fixed:  # pad to the fixed shape; the copies are dropped after decoding
             idx, lab = idx + idx[-1:] * (chunk - k), lab + lab[-1:] * (chunk - k)
-        noise = image_noise(seed, idx, pipe.latent_shape).to(rt.device)  # (B, N, d)
+        gens = image_generators(seed, idx)
+        noise = image_noise(seed, idx, pipe.latent_shape, gens).to(rt.device)  # (B, N, d)
         y = torch.tensor(lab, dtype=torch.long, device=rt.device)
         velocity = make_velocity_fn(main, y, flow, pipe.cfg.model.num_classes, guide)
-        x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid)  # (B, N, d)
+
+        def step_noise(i: int) -> torch.Tensor:  # the sde sampler's draws, from each image's own generator
+            return image_noise(seed, idx, pipe.latent_shape, gens)
+
+        x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid, flow.sde_diffusion,
+                   flow.sde_last_step, step_noise)  # (B, N, d)
         out.append(pipe.decode(x, rt)[:k])
     S = pipe.image_size
     return np.concatenate(out) if out else np.zeros((0, S, S, 3), np.uint8)

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,10 +179,11 @@ def _infer_rae_config(sd: dict[str, torch.Tensor], source: Path) -> DiTModelConf
               pos_embed="sincos", rope=True, qk_norm="blocks.0.attn.q_norm.weight" in sd)
     if dh:
         H = need("x_embedder.proj.weight").shape[0]
-        if H == W:
-            raise UserError(f"{source}: DiT-DH head as wide as its trunk (no s_projector) is not supported")
-        depth = sum(1 for i in blocks if need(f"blocks.{i}.norm1.weight").shape[0] == W)
-        kw.update(depth=depth, head_width=H, head_depth=len(blocks) - depth,
+        projector = "s_projector.weight" in sd  # RAE: nn.Identity (no keys) when the head is as wide as the trunk
+        if not projector and H != W:
+            need("s_projector.weight")
+        depth = _trunk_depth(sd, blocks, W, H, source)
+        kw.update(depth=depth, head_width=H, head_depth=len(blocks) - depth, head_projector=projector,
                   head_heads=H // need("dec_feat_rope.freqs_cos").shape[-1],
                   head_mlp_hidden=need(f"blocks.{depth}.mlp.w3.weight").shape[1])
     else:
@@ -190,6 +192,21 @@ def _infer_rae_config(sd: dict[str, torch.Tensor], source: Path) -> DiTModelConf
         return DiTModelConfig(**kw)
     except UserError as e:
         raise UserError(f"{source}: unsupported RAE architecture ({e})") from None
+
+
+def _trunk_depth(sd: dict[str, torch.Tensor], blocks: list[int], W: int, H: int, source: Path) -> int:
+    """How many of RAE's DiT-DH blocks.{i} are trunk blocks (the rest are the head): told by the block
+    widths, or for a head as wide as the trunk by the SwiGLU widths; when even those agree, the weights
+    cannot tell, and RAE's own configs (every one has a 2-block head) are assumed, with a warning."""
+    if H != W:
+        return sum(1 for i in blocks if sd[f"blocks.{i}.norm1.weight"].shape[0] == W)
+    hidden = [sd[f"blocks.{i}.mlp.w3.weight"].shape[1] for i in blocks]
+    if hidden[-1] != hidden[0]:
+        return next(i for i, h in enumerate(hidden) if h != hidden[0])  # the trunk is the leading run
+    warnings.warn(f"{source}: a DiT-DH head as wide as its trunk: the {len(blocks)} blocks look alike, so the "
+                  f"last 2 are taken as the head (RAE's DDT configs); a checkpoint with another split samples "
+                  "garbage", stacklevel=3)
+    return len(blocks) - 2
 
 
 def read_rae_dit(path: str | Path) -> tuple[Any, nn.Module, bool]:
@@ -244,8 +261,9 @@ def export_rae(run_dir: str | Path, out: str | Path, ema: bool = True) -> dict:
     if m.grid is None or m.grid[0] != m.grid[1] or not m.rope:
         raise UserError(f"{run_dir}: RAE's models need a square 2-D token grid with RoPE; this DiT has "
                         f"grid={m.grid}, rope={m.rope} (FlatDINO's 1-D DiTs have no RAE counterpart)")
-    if m.head_depth and m.head_width == m.width:
-        raise UserError(f"{run_dir}: RAE's DiT-DH has no s_projector when the head is as wide as the trunk")
+    if m.head_depth and m.head_projector and m.head_width == m.width:
+        raise UserError(f"{run_dir}: RAE's DiT-DH has no s_projector when the head is as wide as the trunk, and this "
+                        "run has one (model.head_projector: true); RAE's code cannot load it")
     _, model, _ = load_run(run_dir, "dit", prefer_ema=ema)
     buf = io.BytesIO()
     torch.save(to_rae_state_dict(model), buf)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from flatdino_cli.classes import class_label, class_plan, resolve_classes
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig
-from flatdino_cli.pipeline import Pipeline, generate, load_pipeline, parse_interval, sampler_batch, sampling_flow
+from flatdino_cli.pipeline import (Pipeline, generate, load_pipeline, parse_interval, parse_schedule, sampler_batch,
+                                   sampling_flow)
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import atomic_write, atomic_write_bytes, atomic_write_json, check_out_dir, sha256_strings
 from flatdino_cli.viz import load_png, save_grid, save_png
@@ -171,7 +172,11 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
         "flow": {"cfg_scale": flow.cfg_scale, "cfg_interval": list(flow.cfg_interval),
                  "cfg_interval_inclusive": flow.cfg_interval_inclusive, "steps": flow.steps,
                  "sampler": flow.sampler, "shift": flow.shift,
-                 **({"grid": flow.grid} if flow.grid != "ours" else {})},  # old sample sets stay resumable
+                 # recorded only where they act, so old sample sets stay resumable
+                 **({"grid": flow.grid} if flow.grid != "ours" else {}),
+                 **({"cfg_schedule": [list(p) for p in flow.cfg_schedule]} if flow.cfg_schedule else {}),
+                 **({"sde_diffusion": flow.sde_diffusion, "sde_last_step": flow.sde_last_step}
+                    if flow.sampler == "sde" else {})},
         "precision": rt.precision,
         "noise": "image i: eps ~ N(0, I) from torch.Generator seeded by SeedSequence([seed, i])",
     }
@@ -238,16 +243,19 @@ def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, cla
                interval: str | None = None, seed: int = 0, out: str | Path | None = None, batch_size: int = 16,
                shard_size: int = 1000, ema: bool = True, rt: Runtime = CPU, progress: bool = True,
                stats: str | Path | None = None, guide: str | Path | None = None, guide_scale: float | None = None,
-               grid: str | None = None) -> dict:
+               grid: str | None = None, schedule: str | None = None) -> dict:
     """`flatdino sample`: resolve classes, load the pipeline, write the sample set; returns the manifest.
-    With `guide`, AutoGuidance at `guide_scale` replaces CFG (same interval option)."""
+    With `guide`, AutoGuidance at `guide_scale` replaces CFG (same interval and schedule options)."""
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1")
-    if (guide is None) != (guide_scale is None):
-        raise UserError("sample: AutoGuidance needs both --guide RUN_OR_FILE and --guide-scale W")
+    if guide is None and guide_scale is not None or guide is not None and guide_scale is None and schedule is None:
+        raise UserError("sample: AutoGuidance needs both --guide RUN_OR_FILE and --guide-scale W (or --cfg-schedule)")
     if guide is not None and cfg_scale is not None:
         raise UserError("sample: --cfg and --guide-scale are two guidance methods; pass one")
     cfg_scale = guide_scale if guide is not None else cfg_scale
+    if schedule is not None and (cfg_scale is not None or interval is not None):
+        raise UserError("sample: --cfg-schedule sets the weight per time range; pass it without --cfg, --guide-scale "
+                        "and --interval")
     pipe = load_pipeline(dit, vae, decoder, rt.device, ema=ema, stats=stats, guide=guide)
     K = pipe.cfg.model.num_classes
     if all_classes:
@@ -258,11 +266,13 @@ def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, cla
     else:
         ids = resolve_classes(classes, K, pipe.class_names)
     labels = class_plan(ids, n, per_class)
-    flow = sampling_flow(pipe.cfg.flow, cfg_scale, steps, sampler, parse_interval(interval), grid)
+    flow = sampling_flow(pipe.cfg.flow, cfg_scale, steps, sampler, parse_interval(interval), grid,
+                         parse_schedule(schedule))
     if out is None:
         what = "all" if all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
         home = Path(dit) if Path(dit).is_dir() else Path(dit).parent  # an RAE file: samples beside it
-        guidance = f"ag{flow.cfg_scale:g}" if guide is not None else f"cfg{flow.cfg_scale:g}"
+        weights = "-".join(f"{w:g}" for *_, w in flow.cfg_schedule) if flow.cfg_schedule else f"{flow.cfg_scale:g}"
+        guidance = f"ag{weights}" if guide is not None else f"cfg{weights}"
         out = home / "samples" / (f"{what}-n{len(labels)}-{guidance}-{flow.sampler}{flow.steps}"
                                   f"{'-raegrid' if flow.grid == 'rae' else ''}-seed{seed}{'' if ema else '-raw'}")
     extra = {"classes": sorted(set(labels)), "per_class": per_class, "created_by": "flatdino sample"}

@@ -91,7 +91,10 @@ def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> floa
         frac = min(1.0, (step - warm) / span)
         return cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1 + math.cos(math.pi * frac))
     decay = int(round(cfg.decay_epochs * steps_per_epoch))  # wsd
-    start = total - decay
+    # the decay ends with the run, or at decay_until_epoch whatever the run's length (RAE's DiT-DH recipe
+    # decays on an 800-epoch clock, so its 80-epoch runs end at 1.9e-4, not at final_lr)
+    end = total if cfg.decay_until_epoch is None else int(round(cfg.decay_until_epoch * steps_per_epoch))
+    start = end - decay
     if decay <= 0 or step < start:
         return cfg.lr
     frac = min(1.0, (step - start + 1) / decay)
@@ -364,86 +367,90 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
             save_checkpoint(run_dir, which, model, ema, state_dict())
         rt.barrier()
 
+    # the progress bar and the trackers are closed however the loop ends (diverged, Ctrl-C, an error):
+    # a tracker closed late would lose the events still in its buffer
     bar = tqdm(total=total, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True, unit="step")
-    window: dict[str, list[float]] = {}
-    t_window, samples_window = time.perf_counter(), 0
-    while step < total:
-        epoch, pos = divmod(step, spe)
-        batches = EpochBatches(n, cfg.batch_size, micro, cfg.seed, epoch, pos, rt.rank, rt.world_size)
-        if hasattr(task.train_set, "set_epoch"):  # per-epoch draws (e.g. each row's view) follow (seed, epoch)
-            task.train_set.set_epoch(epoch)
-        loader = DataLoader(task.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
-                            collate_fn=task.collate_fn, pin_memory=rt.pin_memory,
-                            persistent_workers=False)
-        net.train()
-        it = iter(loader)
-        while step < total and step // spe == epoch:
-            info = StepInfo(step, epoch, total, spe, rt)
-            lr = lr_at(step, total, spe, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            losses = []
-            for a in range(accum):
-                batch = _to_device(next(it), rt)
-                torch.manual_seed(step_seed(cfg.seed, step, a, rt.rank))
-                sync = net.no_sync() if rt.distributed and a < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with rt.autocast():
-                        loss, metrics = task.loss_fn(net, batch, info)
-                    (loss / accum).backward()
-                losses.append(loss.detach().float())
-                for k, v in metrics.items():
-                    window.setdefault(k, []).append(float(v))
-            mean_loss = rt.all_reduce_mean(torch.stack(losses).mean())
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not (torch.isfinite(mean_loss) and torch.isfinite(gnorm)):
-                bar.close()
-                last = checkpoint_dir(run_dir)
-                where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                raise TrainingDiverged(f"{desc}: non-finite loss/gradient at step {step + 1} "
-                                       f"(loss={mean_loss.item()}, grad-norm={gnorm.item()}); stopped, {where}")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if task.after_step is not None:
-                torch.manual_seed(step_seed(cfg.seed, step, -1, rt.rank))  # micro index -1: any accum draws alike
-                for k, v in task.after_step(info).items():
-                    window.setdefault(k, []).append(float(v))
-            if ema is not None:
-                ema_update(ema, model, cfg.ema)
-            step += 1
-            samples_window += cfg.batch_size
-            window.setdefault("loss", []).append(mean_loss.item())
-            window.setdefault("grad_norm", []).append(gnorm.item())
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                dt = time.perf_counter() - t_window
-                row = {k: sum(v) / len(v) for k, v in window.items()}
-                row.update(lr=lr, samples_per_s=samples_window / max(dt, 1e-9))
-                log.write(step=step, epoch=step / spe, **row)
-                bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}")
-                window, t_window, samples_window = {}, time.perf_counter(), 0
-            if task.on_step is not None and rt.is_main:
-                written = task.on_step(step, model, ema)
-                if written is not None:
-                    log.image(written, step)
-            epoch_end = step % spe == 0
-            if epoch_end and task.val_fn is not None and task.val_set is not None and len(task.val_set):
-                ep = step // spe
-                if ep % max(1, cfg.val_every_epochs) == 0 or step == total:
-                    val = _validate(task, model, rt)
-                    log.write(step=step, epoch=step / spe, **{f"val/{k}": v for k, v in val.items()})
-                    bar.write(f"{desc} epoch {ep}: " + ", ".join(f"val {k} {v:.4g}" for k, v in val.items()))
-                    if val["loss"] < best_val:
-                        best_val = val["loss"]
-                        checkpoint("best")
-            if step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
-                checkpoint("latest")
-    bar.close()
-    if rt.is_main:  # what the workspace index reads as "finished, when, how far"
-        atomic_write_json(run_dir / FINISHED_FILE, {
-            "step": step, "best_val": best_val if math.isfinite(best_val) else None,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    log.close()
+    try:
+        window: dict[str, list[float]] = {}
+        t_window, samples_window = time.perf_counter(), 0
+        while step < total:
+            epoch, pos = divmod(step, spe)
+            batches = EpochBatches(n, cfg.batch_size, micro, cfg.seed, epoch, pos, rt.rank, rt.world_size)
+            if hasattr(task.train_set, "set_epoch"):  # per-epoch draws (e.g. each row's view) follow (seed, epoch)
+                task.train_set.set_epoch(epoch)
+            loader = DataLoader(task.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
+                                collate_fn=task.collate_fn, pin_memory=rt.pin_memory,
+                                persistent_workers=False)
+            net.train()
+            it = iter(loader)
+            while step < total and step // spe == epoch:
+                info = StepInfo(step, epoch, total, spe, rt)
+                lr = lr_at(step, total, spe, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                losses = []
+                for a in range(accum):
+                    batch = _to_device(next(it), rt)
+                    torch.manual_seed(step_seed(cfg.seed, step, a, rt.rank))
+                    sync = net.no_sync() if rt.distributed and a < accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        with rt.autocast():
+                            loss, metrics = task.loss_fn(net, batch, info)
+                        (loss / accum).backward()
+                    losses.append(loss.detach().float())
+                    for k, v in metrics.items():
+                        window.setdefault(k, []).append(float(v))
+                mean_loss = rt.all_reduce_mean(torch.stack(losses).mean())
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                if not (torch.isfinite(mean_loss) and torch.isfinite(gnorm)):
+                    last = checkpoint_dir(run_dir)
+                    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                    raise TrainingDiverged(f"{desc}: non-finite loss/gradient at step {step + 1} "
+                                           f"(loss={mean_loss.item()}, grad-norm={gnorm.item()}); stopped, {where}")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if task.after_step is not None:
+                    torch.manual_seed(step_seed(cfg.seed, step, -1, rt.rank))  # micro index -1: any accum draws alike
+                    for k, v in task.after_step(info).items():
+                        window.setdefault(k, []).append(float(v))
+                if ema is not None:
+                    ema_update(ema, model, cfg.ema)
+                step += 1
+                samples_window += cfg.batch_size
+                window.setdefault("loss", []).append(mean_loss.item())
+                window.setdefault("grad_norm", []).append(gnorm.item())
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    dt = time.perf_counter() - t_window
+                    row = {k: sum(v) / len(v) for k, v in window.items()}
+                    row.update(lr=lr, samples_per_s=samples_window / max(dt, 1e-9))
+                    log.write(step=step, epoch=step / spe, **row)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}")
+                    window, t_window, samples_window = {}, time.perf_counter(), 0
+                if task.on_step is not None and rt.is_main:
+                    written = task.on_step(step, model, ema)
+                    if written is not None:
+                        log.image(written, step)
+                epoch_end = step % spe == 0
+                if epoch_end and task.val_fn is not None and task.val_set is not None and len(task.val_set):
+                    ep = step // spe
+                    if ep % max(1, cfg.val_every_epochs) == 0 or step == total:
+                        val = _validate(task, model, rt)
+                        log.write(step=step, epoch=step / spe, **{f"val/{k}": v for k, v in val.items()})
+                        bar.write(f"{desc} epoch {ep}: " + ", ".join(f"val {k} {v:.4g}" for k, v in val.items()))
+                        if val["loss"] < best_val:
+                            best_val = val["loss"]
+                            checkpoint("best")
+                if step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
+                    checkpoint("latest")
+        if rt.is_main:  # what the workspace index reads as "finished, when, how far"
+            atomic_write_json(run_dir / FINISHED_FILE, {
+                "step": step, "best_val": best_val if math.isfinite(best_val) else None,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    finally:
+        bar.close()
+        log.close()
     return {"step": step, "best_val": best_val, "run_dir": str(run_dir), "steps_per_epoch": spe}
 
 

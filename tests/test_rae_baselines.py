@@ -6,7 +6,9 @@ src/stage2/models/{lightningDiT,DDT,model_utils}.py) computes RAE's u(x, t_R). T
 through `flatdino sample`'s loader, and the velocity our sampler sees must be -u(x, 1 - t).
 """
 
+import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -42,7 +44,8 @@ def rae_rope(side: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Te
 
 def rae_state_dict(dh: bool, width: int, depth: int, heads: int, head_width: int = 0, head_depth: int = 0,
                    head_heads: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in RAE's key layout (LightningDiT, or DiTwDDTHead when dh), mlp_ratio 4."""
+    """Random weights in RAE's key layout (LightningDiT, or DiTwDDTHead when dh), mlp_ratio 4; a head as
+    wide as the trunk has no s_projector (RAE's nn.Identity)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=0.2):
@@ -70,8 +73,9 @@ def rae_state_dict(dh: bool, width: int, depth: int, heads: int, head_width: int
         sd.update(block(f"blocks.{i}", W))
     if dh:
         sd.update({"s_embedder.proj.weight": r(W, C, 1, 1), "s_embedder.proj.bias": r(W),
-                   "x_embedder.proj.weight": r(head_width, C, 1, 1), "x_embedder.proj.bias": r(head_width),
-                   "s_projector.weight": r(head_width, W), "s_projector.bias": r(head_width)})
+                   "x_embedder.proj.weight": r(head_width, C, 1, 1), "x_embedder.proj.bias": r(head_width)})
+        if head_width != W:
+            sd.update({"s_projector.weight": r(head_width, W), "s_projector.bias": r(head_width)})
         for j in range(head_depth):
             sd.update(block(f"blocks.{depth + j}", head_width))
         for name, w, h in (("enc_feat_rope", W, heads), ("dec_feat_rope", head_width, head_heads)):
@@ -131,7 +135,8 @@ def rae_forward(sd: dict, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, dh:
         s = embed("s_embedder") + sd["pos_embed"]
         for i in range(depth):
             s = block(s, c, f"blocks.{i}", heads, "enc_feat_rope")
-        s = lin(F.silu(temb[:, None] + s), "s_projector")
+        s = F.silu(temb[:, None] + s)
+        s = lin(s, "s_projector") if "s_projector.weight" in sd else s
         h = embed("x_embedder")
         n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
         for i in range(depth, n_blocks):
@@ -270,6 +275,57 @@ def test_exported_file_round_trips(w, tmp_path):
         torch.testing.assert_close(again.model(x, t, y), dit.model(x, t, y), rtol=1e-4, atol=1e-4)
 
 
+def test_ddt_head_as_wide_as_its_trunk_loads_and_exports(tmp_path):
+    """RAE's DiT-DH builds s_projector as nn.Identity when both widths are equal: no keys. The blocks then
+    look alike, so the loader takes RAE's 2-block head and says so; velocity and export stay exact."""
+    arch = dict(dh=True, width=32, depth=2, heads=2, head_width=32, head_depth=2, head_heads=4)
+    sd = rae_state_dict(**arch, seed=4)
+    assert not any(k.startswith("s_projector") for k in sd)
+    d = tmp_path / "same"
+    d.mkdir()
+    torch.save(sd, d / "stage2_model.pt")
+    write_stats(d / "stat.pt")
+    with pytest.warns(UserWarning, match="last 2 are taken as the head"):
+        dit = P.load_dit(d)
+    m = dit.cfg.model
+    assert (m.depth, m.head_depth, m.head_width, m.head_heads, m.head_projector) == (2, 2, 32, 4, False)
+    x = torch.randn(3, SIDE * SIDE, C, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([0.1, 0.5, 0.95]), torch.tensor([1, K, 3])
+    ref = -tokens(rae_forward({k: v.double() for k, v in sd.items()}, chw(x.double()), 1 - t.double(), y,
+                              True, 2, 2, 4))
+    assert ref.abs().mean() > 0.3
+    err = (dit.model(x, t, y).double() - ref).abs().max()
+    assert err / ref.abs().max() < 1e-4, err  # fp32 rounding (about 1e-5 here); a wrong wiring is O(1)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(dit.cfg, run / "config.yaml")
+    save_checkpoint(run, "latest", dit.model, None, {"step": 1})
+    cli("export-rae", run, tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert set(back) == set(sd)  # still no s_projector: RAE's strict load of an Identity
+    for k in sd:
+        torch.testing.assert_close(back[k], sd[k], rtol=0, atol=2e-6)
+    # a run of ours with an equal-width head AND a projector has no RAE counterpart: refused in one line
+    ours = dataclasses.replace(dit.cfg, model=dataclasses.replace(m, head_projector=True))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    save_config(ours, mine / "config.yaml")
+    save_checkpoint(mine, "latest", build_model(ours), None, {"step": 1})
+    assert "s_projector" in one_line_error(cli("export-rae", mine, tmp_path / "x.pt", ok=False))
+
+
+def test_ddt_head_split_read_from_the_mlp_widths_when_the_widths_agree(tmp_path):
+    sd = rae_state_dict(dh=True, width=32, depth=3, heads=2, head_width=32, head_depth=1, head_heads=2, seed=5)
+    hid = 40  # a head block with its own SwiGLU width tells the split without any assumption
+    sd.update({"blocks.3.mlp.w12.weight": torch.randn(2 * hid, 32) * 0.2, "blocks.3.mlp.w12.bias": torch.zeros(2 * hid),
+               "blocks.3.mlp.w3.weight": torch.randn(32, hid) * 0.2})
+    torch.save(sd, tmp_path / "split.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no guess, so no warning
+        dit = P.load_dit(tmp_path / "split.pt", stats=write_stats(tmp_path / "stat.pt") or tmp_path / "stat.pt")
+    assert (dit.cfg.model.depth, dit.cfg.model.head_depth, dit.cfg.model.head_mlp_hidden) == (3, 1, hid)
+
+
 def test_export_refuses_a_1d_flatdino_dit(tmp_path):
     cfg = DiTStageConfig(model=DiTModelConfig(tokens=4, in_dim=8, width=16, depth=1, heads=2, mlp_hidden=32,
                                               num_classes=3))
@@ -356,6 +412,34 @@ def test_guide_mismatches_are_one_line_errors(w, tmp_path):
     assert "latent shape" in one_line_error(cli(*base, "--guide", flat, "--guide-scale", "1.5", ok=False))
 
 
+def test_sde_and_schedule_through_sample(w, tmp_path):
+    """`sample --sampler sde`: per-step noise from each image's own generator, so a seed gives the same
+    images at any batch size; it differs from the ODE; samples.json records the SDE and the schedule."""
+    pipe = P.load_pipeline(w["root"] / "ddt", decoder=w["decoder"])
+    sde = P.sampling_flow(pipe.cfg.flow, cfg_scale=1.0, steps=5, sampler="sde")
+    assert sde.grid == "ours"  # an RAE checkpoint's ODE grid does not carry over to the SDE
+    labels, idx = [0, 1, 2, 3, 4, 0, 1, 2, 3], list(range(9))
+    whole = P.generate(pipe, labels, idx, seed=3, flow=sde, batch_size=16)
+    one = np.concatenate([P.generate(pipe, [c], [i], seed=3, flow=sde, batch_size=1) for c, i in zip(labels, idx)])
+    assert np.array_equal(whole, one)
+    ode = P.generate(pipe, labels, idx, seed=3, flow=dataclasses.replace(sde, sampler="euler"))
+    assert np.abs(whole.astype(int) - ode.astype(int)).mean() > 1
+    r = cli("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "-c", "0", "-n", "2", "--steps", "4",
+            "--sampler", "sde", "--cfg-schedule", "0-0.5:0.9,0.5-1:2", "--out", tmp_path / "s")
+    assert "cfg 0.9 on [0, 0.5) / 2 on [0.5, 1)" in r.output and "sde 4 steps" in r.output
+    import json
+
+    flow = json.loads((tmp_path / "s" / "samples.json").read_text())["identity"]["flow"]
+    assert flow["cfg_schedule"] == [[0.0, 0.5, 0.9], [0.5, 1.0, 2.0]] and flow["sampler"] == "sde"
+    assert (flow["sde_diffusion"], flow["sde_last_step"]) == (1.0, 0.04) and "grid" not in flow
+    base = ("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "-c", "0", "-n", "1", "--out",
+            tmp_path / "bad")
+    assert "--cfg-schedule" in one_line_error(cli(*base, "--cfg-schedule", "0-1", ok=False))
+    assert "cfg_schedule" in one_line_error(cli(*base, "--cfg-schedule", "0-0.6:2,0.5-1:2", ok=False))
+    assert "without --cfg" in one_line_error(cli(*base, "--cfg-schedule", "0-1:2", "--cfg", "3", ok=False))
+    assert "grid must be ours" in one_line_error(cli(*base, "--sampler", "sde", "--grid", "rae", ok=False))
+
+
 # ----------------------------------------------------------------------------- 3. RAE's sampling grid
 def test_rae_grid_reproduces_raes_49_steps():
     """RAE's integrators.ode: t = 1 - linspace(0, 0.999, 50), then s t / (1 + (s - 1) t), s = sqrt(48)."""
@@ -397,11 +481,20 @@ def test_baseline_presets_build_and_show_their_parameter_count(name, paper_milli
 
 def test_baseline_recipes():
     from flatdino_cli.config import load_preset
+    from flatdino_cli.train import lr_at
 
     xl, dh = load_preset("rae-xl-256x768").train, load_preset("rae-dh-xl-256x768").train
     assert (xl.schedule, xl.lr, xl.ema, xl.batch_size) == ("constant", 2e-4, 0.9999, 1024)  # LightningDiT's recipe
     assert (dh.schedule, dh.lr, dh.final_lr, dh.decay_epochs, dh.ema) == ("wsd", 2e-4, 2e-5, 760, 0.9995)
+    # RAE's DiT-DH decays on an 800-epoch clock: an 80-epoch run (Table 7's 2.16 row) ends at 1.905e-4
+    spe = 10
+    short = dataclasses.replace(dh, epochs=80)
+    assert lr_at(0, 80 * spe, spe, short) == lr_at(40 * spe - 1, 80 * spe, spe, short) == 2e-4
+    assert lr_at(80 * spe - 1, 80 * spe, spe, short) == pytest.approx(2e-4 - 1.8e-4 * 40 / 760)
+    assert lr_at(800 * spe - 1, 800 * spe, spe, dh) == pytest.approx(2e-5)
+    assert lr_at(80 * spe - 1, 80 * spe, spe, dataclasses.replace(short, decay_until_epoch=None)) == pytest.approx(2e-5)
     fae_vae, fae = load_preset("fae-g-16x16x32"), load_preset("fae-g-xl-16x16x32")
     assert (fae_vae.model.feature_dim, fae_vae.model.enc_width, fae_vae.model.dec_width) == (1536, 6144, 1536)
     assert (fae.train.batch_size, fae.train.lr, fae.train.betas, fae.flow.shift) == (512, 1e-4, (0.9, 0.999), 0.4)
     assert (fae.model.tokens, fae.model.in_dim, fae.flow.cfg_scale, fae.flow.cfg_interval) == (256, 32, 2.5, (0.3, 1.0))
+    assert fae.flow.cfg_schedule == ((0.0, 0.1, 0.9), (0.1, 0.3, 1.5), (0.3, 1.0, 2.5))  # the main results' CFG

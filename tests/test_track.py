@@ -187,3 +187,40 @@ def test_train_vae_command_logs_to_tensorboard(tmp_path):
     assert [e.step for e in acc.Scalars("loss")] == [2, 4, 6, 8, 10, 12, 14, 16]
     assert [e.step for e in acc.Scalars("val/cosine")] == [8, 16]  # validation every epoch (8 steps)
     assert "log_to" in (run / "config.yaml").read_text()
+
+
+def test_trackers_are_closed_however_the_loop_ends(tmp_path, monkeypatch):
+    """A diverged run (NaN at step 6) and an interrupted one (Ctrl-C at step 3) still close their trackers:
+    W&B's finish and TensorBoard's flush run, so nothing logged before the stop is left unwritten."""
+    from flatdino_cli import train
+    from flatdino_cli.train import TrainingDiverged
+
+    class Recorder:
+        def __init__(self):
+            self.steps, self.closed = [], False
+
+        def scalars(self, step, row):
+            self.steps.append(step)
+
+        def image(self, tag, path, step):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    opened = []
+    monkeypatch.setattr(train, "open_trackers", lambda *a, **k: opened.append(Recorder()) or opened[-1:])
+
+    def stop_at(step, exc):
+        def loss_fn(net, batch, info):
+            if info.step + 1 == step and exc is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            loss, m = mse(net, batch, info)
+            return (loss * float("nan") if info.step + 1 == step else loss), m
+        return loss_fn
+
+    for n, (step, exc) in enumerate(((6, TrainingDiverged), (3, KeyboardInterrupt))):
+        with pytest.raises(exc):
+            fit(dataclasses.replace(tiny_task(), loss_fn=stop_at(step, exc)), cfg(["tensorboard"], 10),
+                tmp_path / f"run{n}", CPU)
+        assert opened[-1].closed and opened[-1].steps == list(range(1, step)), (exc, opened[-1].steps)

@@ -124,17 +124,11 @@ def pixel_decoder_flops(dec_cfg: Any) -> float:
 
 def dit_forwards_per_image(flow: Any) -> float:
     """DiT forwards per image of one sampling run: one per velocity evaluation of the sampler, two
-    (conditional + unconditional halves) where guidance is on (cfg_scale != 1 and t in the interval)."""
-    from flatdino_cli.flow import _in_interval, time_grid
+    (conditional + unconditional halves) where guidance is on (a weight != 1 at that time)."""
+    from flatdino_cli.flow import evaluation_times, guidance_weights
 
-    grid = time_grid(flow.steps, flow.shift)
-    times = list(grid[:-1])
-    if flow.sampler == "heun":  # the corrector at t_{i+1} on every step but the last (flow.sample)
-        times += list(grid[1:-1])
-    t = torch.tensor([float(x) for x in times])
-    guided = _in_interval(t, flow.cfg_interval, flow.cfg_interval_inclusive) if flow.cfg_scale != 1.0 \
-        else torch.zeros_like(t, dtype=torch.bool)
-    return float(len(times) + int(guided.sum()))
+    t = torch.tensor(evaluation_times(flow), dtype=torch.float32)  # as the sampler passes t: same boundary calls
+    return float(len(t) + int((guidance_weights(t, flow) != 1.0).sum()))
 
 
 def sample_flops(dit_cfg: Any, flow: Any, dec_cfg: Any, vae_cfg: Any | None = None) -> dict[str, float]:

@@ -51,7 +51,7 @@ class DiT(nn.Module):
         self.has_head = cfg.head_depth > 0
         if self.has_head:
             H = cfg.head_width
-            self.s_projector = nn.Linear(W, H)
+            self.s_projector = nn.Linear(W, H) if cfg.head_projector else nn.Identity()
             self.head_embedder = nn.Linear(token_dim, H)
             self.head_blocks = nn.ModuleList(AdaLNBlock(H, cfg.head_heads, cfg.head_mlp_hidden, cond_dim=H)
                                              for _ in range(cfg.head_depth))
