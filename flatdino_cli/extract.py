@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -66,13 +67,17 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
         feats = forward(transform.finish(x))
         return torch.stack([feats, forward(transform.finish(x.flip(-1)))], 1) if cfg.mirror else feats
 
+    new = not Path(out).exists()
     with FolderLock(out, "store", option="OUT"):  # one writer per store; readers need no lock
         bad = []
         for path, subset in parts:
             bad += _extract_part(path, subset, encoder, encode, transform, cfg, rt, overwrite, summary)
     if summary["skipped"] == summary["images"]:
+        if new:  # a store of zeros would pass for data: a folder made by this run goes again
+            shutil.rmtree(out, ignore_errors=True)
+        left = "nothing was written" if new else f"the store {out} holds no data"
         raise UserError(f"{source}: none of its {summary['images']} images could be read (e.g. "
-                        f"{', '.join(repr(p) for p in bad[:3])}); the store {out} holds no data")
+                        f"{', '.join(repr(p) for p in bad[:3])}); {left}")
     return summary
 
 

@@ -322,3 +322,26 @@ def test_init_starts_from_another_decoder_run(toy, tmp_path, rt):
     with pytest.raises(UserError, match="another architecture"):
         train_decoder(_cfg(*base, "model.width=16"), tmp_path / "bad", rt, toy, "tiny", no_lpips=True,
                       init=tmp_path / "stage1")
+
+
+def test_resume_on_other_images_is_refused_unless_new_data(toy, tmp_path, rt):
+    """train-decoder records what it trained on (images, encoder, store rows): resuming on another image
+    folder is a one-line refusal naming --new-data; with it, both inputs are kept in inputs.json."""
+    from flatdino_cli.stages.decoder import train_decoder
+
+    other = tmp_path / "other"
+    write_toy_dataset(other, per_class=3, progress=False)  # 36 other images
+    base = ("loss.gan=0", "loss.lpips=0", "train.batch_size=8")
+    run = tmp_path / "run"
+    train_decoder(_cfg(*base, "train.max_steps=1"), run, rt, toy, "tiny", no_lpips=True)
+    first = json.loads((run / "inputs.json").read_text())["data_identity"]
+    assert first["kind"] == "images" and first["encoder"]["encoder"] == "tiny" and first["features"] is None
+    before = (run / "checkpoints/latest/model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=r"other data than .*--new-data") as e:
+        train_decoder(_cfg(*base, "train.max_steps=2"), run, rt, other, "tiny", no_lpips=True)
+    assert "\n" not in str(e.value) and "source_hash" in str(e.value)
+    assert (run / "checkpoints/latest/model.safetensors").read_bytes() == before  # nothing touched
+    train_decoder(_cfg(*base, "train.max_steps=2"), run, rt, other, "tiny", no_lpips=True, new_data=True)
+    inputs = json.loads((run / "inputs.json").read_text())
+    assert inputs["previous_inputs"][0]["data_identity"] == first
+    assert inputs["data_identity"]["source_hash"] != first["source_hash"]

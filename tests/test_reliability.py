@@ -297,8 +297,10 @@ def _garbage_images(folder: Path, names) -> None:
 
 def test_all_unreadable_folder_is_an_error_naming_folder_and_files(tmp_path):
     _garbage_images(tmp_path / "bad", ["a.png", "b.jpg", "c.png", "d.png"])
-    with pytest.raises(UserError, match=r"bad: none of its 4 images could be read \(e\.g\. .*a\.png.*b\.jpg"):
-        extract_features(tmp_path / "bad", tmp_path / "store", ExtractConfig(encoder="tiny"), CPU)
+    with pytest.raises(UserError, match=r"bad: none of its 4 images could be read \(e\.g\. .*a\.png.*b\.jpg.*"
+                                        r"nothing was written"):
+        extract_features(tmp_path / "bad", tmp_path / "store", ExtractConfig(encoder="tiny", val_split=1), CPU)
+    assert not (tmp_path / "store").exists()  # no finished store of zeros left to be mistaken for data
 
 
 def test_store_too_small_for_the_preset_is_one_line(tmp_path):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from flatdino_cli.checkpoint import checkpoint_dir
 from flatdino_cli.config import DecoderLossConfig, DecoderStageConfig
 from flatdino_cli.data import (BadImage, BadImageWarning, ImageList, Store, adm_center_crop, first_view, list_images,
-                               load_rgb, normalize, resize, split_indices, to_tensor)
+                               load_rgb, normalize, resize, split_indices, store_identity, to_tensor)
 from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.losses import adaptive_weight, build_discriminator, diff_augment, generator_loss, hinge_d_loss
@@ -247,6 +247,9 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
         raise UserError(f"--images {images}: {len(full)} images are too few to hold any out for validation (need 10+)")
     mean_img = mean_image(train_set)
     inputs.update(train_images=len(train_set), val_images=len(val_set), image_size=S)
+    # what a resume must train on again (train.merge_inputs): the images, their encoder, the store rows
+    inputs["data_identity"] = {"kind": "images", "source_hash": imgs.source_hash(), "encoder": inputs["encoder"],
+                               "features": store_identity(parts[0][0]) if features is not None else None}
 
     @torch.no_grad()
     def feats_of(x: torch.Tensor) -> torch.Tensor:
@@ -338,8 +341,10 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
 def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, images: str | Path, encoder_name: str | None = None,
                   encoder_weights: str | None = None, features: str | Path | None = None, no_lpips: bool = False,
                   lpips_weights: str | Path | None = None, resume: bool = True, vgg_weights: str | Path | None = None,
-                  disc: str = "patch", disc_weights: str | Path | None = None, init: str | Path | None = None) -> dict:
+                  disc: str = "patch", disc_weights: str | Path | None = None, init: str | Path | None = None,
+                  new_data: bool = False) -> dict:
     """Train the pixel decoder into run dir `out`; returns fit's summary plus the last validation numbers.
+    A resume on other images (or features) than the run's is refused unless new_data says so.
     `init` (a decoder run or weights file of the same architecture) replaces the random init: FAE's pixel
     fine-tuning continues its Gaussian embedding decoder on reconstructed features."""
     disc_id = {"kind": disc} if cfg.loss.gan > 0 else None
@@ -355,7 +360,7 @@ def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, images: str |
                             f"(width {cfg.model.width}, depth {cfg.model.depth}, {cfg.model.in_dim}-d features)")
         task.model.load_state_dict(src)
         task.inputs["init"] = decoder_identity(init)
-    summary = fit(task, task.config.train, out, rt, resume=resume, desc="train-decoder")
+    summary = fit(task, task.config.train, out, rt, resume=resume, desc="train-decoder", new_data=new_data)
     summary["val"] = last_validation(out)
     return summary
 
