@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from flatdino_cli.config import to_dict
+from flatdino_cli.config import load_config, to_dict
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.runs import run_inputs
@@ -89,11 +89,13 @@ def preset_slug(preset: str) -> str:
 
 
 def _same_config(run_dir: Path, cfg) -> bool:
+    """The run's config.yaml, read as a config (so keys added since it was written take their defaults:
+    a run of an older version is still resumed), resolves to cfg."""
     try:
-        have = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        have = to_dict(load_config(run_dir / "config.yaml"))
+    except (OSError, yaml.YAMLError, UserError):
         return False
-    return have == yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return yaml.safe_load(yaml.safe_dump(have)) == yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
 
 
 def run_dir(command: str, out: Path | None, stage: str, preset: str, cfg) -> Path:

@@ -166,6 +166,13 @@ def test_default_run_dir_suffix_and_resume(tmp_path):
         assert workspace.run_dir("train-dit", None, "dit", "tiny-dit", b) == tmp_path / "runs/dit-tiny-dit-2"
         assert workspace.run_dir("train-dit", tmp_path / "mine", "dit", "tiny-dit", b) == tmp_path / "mine"
         assert workspace.run_dir("x", None, "vae", "my presets/v.yaml", b).name == "vae-v"
+        # a run written by an older version, before keys with defaults were added, is still this config
+        import yaml
+
+        old = yaml.safe_load((first / "config.yaml").read_text())
+        del old["flow"]["cfg_schedule"], old["flow"]["sde_last_step"], old["train"]["decay_until_epoch"]
+        (first / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+        assert workspace.run_dir("train-dit", None, "dit", "tiny-dit", a) == first
 
 
 def _fake_run(d: Path, stage: str, preset: str, finished: bool = True) -> None:
