@@ -23,8 +23,8 @@ from tqdm import tqdm
 from flatdino_cli.config import load_config, to_dict
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
+from flatdino_cli.models.dit import with_store_shape
 from flatdino_cli.runs import run_inputs
-from flatdino_cli.stages.dit import with_store_shape
 from flatdino_cli.train import FINISHED_FILE
 from flatdino_cli.utils import atomic_write_json, disk_use, human_bytes
 

@@ -1,6 +1,7 @@
 """Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow,
-encoders, checkpoint) import no command or training loop, and command modules do not import each other
-(quickstart, which orchestrates, excepted). Every import counts, function-level ones included: a lazy
+encoders, checkpoint) import no command or training loop, the modules the commands share (train, pipeline,
+runs, workspace, ...) import no command, and command modules do not import each other (quickstart, which
+orchestrates, excepted). Every import counts, function-level ones included: a lazy
 import still ties the two modules together."""
 
 import ast
@@ -13,6 +14,8 @@ BLOCKS = ("models", "losses", "nn", "data", "flow", "encoders", "checkpoint")
 COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "quickstart", "cli", "analysis", "export",
                      "info", "pipeline", "runs", "workspace")
 COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "stages", "analysis", "export", "info")
+# what the commands share, between them and the blocks: these import no command
+SHARED = ("train", "pipeline", "runs", "workspace", "classes", "metrics")
 
 
 def _modules() -> dict[str, tuple[ast.Module, bool]]:
@@ -125,3 +128,10 @@ def test_commands_do_not_import_each_other():
     bad = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if _in(m, COMMANDS) and top(m) != "quickstart"
                  for d in deps if _in(d, COMMANDS) and top(d) != top(m))
     assert not bad, "command modules import each other: " + ", ".join(bad)
+
+
+def test_shared_modules_import_no_command():
+    graph = _import_graph()
+    bad = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if _in(m, SHARED)
+                 for d in deps if _in(d, COMMANDS))
+    assert not bad, "modules the commands share import a command: " + ", ".join(bad)

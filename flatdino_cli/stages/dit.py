@@ -8,7 +8,6 @@ be dropped in and ours can be read by RAE's code.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ from flatdino_cli.data import FeatureDataset, Store, store_identity
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
+from flatdino_cli.models.dit import with_store_shape
 from flatdino_cli.models.stats import STATS_FILE, load_stats, save_stats
 from flatdino_cli.pipeline import Pipeline, decoding_parts, generate, trained_on_features
 from flatdino_cli.runtime import Runtime
@@ -46,29 +46,6 @@ def compute_stats(store: Store, batch: int = 1024) -> tuple[torch.Tensor, torch.
     mean = s / n
     var = np.maximum(s2 / n - mean**2, 0.0)
     return torch.from_numpy(mean).float(), torch.from_numpy(var).float()
-
-
-def store_grid(store: Store, preset_grid) -> tuple[int, int] | None:
-    """The 2-D layout of a store's rows as extract recorded it: the encoder's patch grid for features
-    and per-patch (FAE) latents, None for flat tokens. Stores that do not record it keep the preset's."""
-    extra = store.manifest.get("extra", {})
-    grid = extra["grid"] if "grid" in extra else preset_grid
-    return tuple(grid) if grid else None
-
-
-def with_store_shape(cfg: DiTStageConfig, store: Store, where) -> DiTStageConfig:
-    """The DiT's tokens, in_dim and grid come from the store it trains on (as train-vae's input size
-    comes from its feature store), so the preset's architecture is all the preset says."""
-    T, d = store.item_shape
-    try:
-        model = dataclasses.replace(cfg.model, tokens=T, in_dim=d, grid=store_grid(store, cfg.model.grid))
-    except UserError as e:
-        raise UserError(f"{where}: items of shape {(T, d)} do not fit this preset: {e}") from None
-    top = int(store.labels.max()) if store.count else -1
-    if top >= model.num_classes:
-        raise UserError(f"{where}: has class id {top} but model.num_classes={model.num_classes}; "
-                        f"--set model.num_classes={top + 1}")
-    return dataclasses.replace(cfg, model=model)
 
 
 class LabelledRows(torch.utils.data.Dataset):
