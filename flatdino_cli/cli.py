@@ -787,6 +787,9 @@ def sample(
         "with --steps 250 --cfg 1). Default: flow.sampler."))] = None,
     interval: Annotated[Optional[str], typer.Option(help="Guidance interval LO,HI in t (t=1 is data), e.g. "
                                                          "0.225,1 (default: flow.cfg_interval).")] = None,
+    shift: Annotated[Optional[float], typer.Option(help=(
+        "Time-grid shift k of the sampler, t' = t / (k - (k-1) t) (default: flow.shift, the training shift; "
+        "SiT's SDE grid is uniform: --shift 1)."))] = None,
     cfg_schedule: Annotated[Optional[str], typer.Option(help=(
         "Piecewise guidance LO-HI:W,... in t (t=1 is data), weight W on LO <= t < HI and none elsewhere, "
         "e.g. FAE's three-part CFG 0-0.1:0.9,0.1-0.3:1.5,0.3-1:2.5 (default: flow.cfg_schedule, if set).")
@@ -834,7 +837,7 @@ def sample(
     m = run_sample(dit, vae, decoder, names, all_classes, n=n, per_class=per_class, cfg_scale=cfg, steps=steps,
                    sampler=sampler, interval=interval, seed=seed, out=out, batch_size=batch_size,
                    shard_size=shard_size, ema=ema, rt=rt, stats=stats, guide=guide, guide_scale=guide_scale, grid=grid,
-                   schedule=cfg_schedule)
+                   schedule=cfg_schedule, shift=shift)
     flow = m["identity"]["flow"]
     guidance = "autoguidance" if m["identity"].get("guide") else "cfg"
     weights = (" / ".join(f"{w:g} on [{lo:g}, {hi:g})" for lo, hi, w in flow["cfg_schedule"])

@@ -281,13 +281,14 @@ def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int],
 
 def sampling_flow(flow: FlowConfig, cfg_scale: float | None = None, steps: int | None = None,
                   sampler: str | None = None, interval: tuple[float, float] | None = None,
-                  grid: str | None = None, schedule: tuple[tuple[float, float, float], ...] | None = None
-                  ) -> FlowConfig:
+                  grid: str | None = None, schedule: tuple[tuple[float, float, float], ...] | None = None,
+                  shift: float | None = None) -> FlowConfig:
     """The DiT config's flow section with the command line's overrides (validated: bad values are
     one-line errors). A scale or interval given on the command line replaces the config's cfg_schedule;
     a schedule given there replaces both; sampler sde samples on our grid unless a grid is given."""
     changes = {k: v for k, v in (("cfg_scale", cfg_scale), ("steps", steps), ("sampler", sampler),
-                                 ("cfg_interval", interval), ("grid", grid), ("cfg_schedule", schedule))
+                                 ("cfg_interval", interval), ("grid", grid), ("cfg_schedule", schedule),
+                                 ("shift", shift))
                if v is not None}
     if schedule is None and (cfg_scale is not None or interval is not None):
         changes["cfg_schedule"] = ()

@@ -243,7 +243,7 @@ def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, cla
                interval: str | None = None, seed: int = 0, out: str | Path | None = None, batch_size: int = 16,
                shard_size: int = 1000, ema: bool = True, rt: Runtime = CPU, progress: bool = True,
                stats: str | Path | None = None, guide: str | Path | None = None, guide_scale: float | None = None,
-               grid: str | None = None, schedule: str | None = None) -> dict:
+               grid: str | None = None, schedule: str | None = None, shift: float | None = None) -> dict:
     """`flatdino sample`: resolve classes, load the pipeline, write the sample set; returns the manifest.
     With `guide`, AutoGuidance at `guide_scale` replaces CFG (same interval and schedule options)."""
     if batch_size < 1:
@@ -267,14 +267,15 @@ def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, cla
         ids = resolve_classes(classes, K, pipe.class_names)
     labels = class_plan(ids, n, per_class)
     flow = sampling_flow(pipe.cfg.flow, cfg_scale, steps, sampler, parse_interval(interval), grid,
-                         parse_schedule(schedule))
+                         parse_schedule(schedule), shift)
     if out is None:
         what = "all" if all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
         home = Path(dit) if Path(dit).is_dir() else Path(dit).parent  # an RAE file: samples beside it
         weights = "-".join(f"{w:g}" for *_, w in flow.cfg_schedule) if flow.cfg_schedule else f"{flow.cfg_scale:g}"
         guidance = f"ag{weights}" if guide is not None else f"cfg{weights}"
-        out = home / "samples" / (f"{what}-n{len(labels)}-{guidance}-{flow.sampler}{flow.steps}"
-                                  f"{'-raegrid' if flow.grid == 'rae' else ''}-seed{seed}{'' if ema else '-raw'}")
+        grid_tag = ("-raegrid" if flow.grid == "rae" else "") + (f"-shift{shift:g}" if shift is not None else "")
+        out = home / "samples" / (f"{what}-n{len(labels)}-{guidance}-{flow.sampler}{flow.steps}{grid_tag}"
+                                  f"-seed{seed}{'' if ema else '-raw'}")
     extra = {"classes": sorted(set(labels)), "per_class": per_class, "created_by": "flatdino sample"}
     manifest = write_sample_set(pipe, labels, out, seed, flow, batch_size, shard_size, rt, extra, progress)
     return {**manifest, "out": str(out)}

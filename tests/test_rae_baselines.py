@@ -432,6 +432,10 @@ def test_sde_and_schedule_through_sample(w, tmp_path):
     flow = json.loads((tmp_path / "s" / "samples.json").read_text())["identity"]["flow"]
     assert flow["cfg_schedule"] == [[0.0, 0.5, 0.9], [0.5, 1.0, 2.0]] and flow["sampler"] == "sde"
     assert (flow["sde_diffusion"], flow["sde_last_step"]) == (1.0, 0.04) and "grid" not in flow
+    assert flow["shift"] == pytest.approx(math.sqrt(16 * 8 / 4096))  # the checkpoint's own shift, sqrt(T d / 4096)
+    r = cli("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "-c", "0", "-n", "1", "--steps", "3",
+            "--sampler", "sde", "--shift", "1", "--out", tmp_path / "s1")  # SiT's uniform SDE grid
+    assert json.loads((tmp_path / "s1" / "samples.json").read_text())["identity"]["flow"]["shift"] == 1.0
     base = ("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "-c", "0", "-n", "1", "--out",
             tmp_path / "bad")
     assert "--cfg-schedule" in one_line_error(cli(*base, "--cfg-schedule", "0-1", ok=False))
