@@ -27,7 +27,8 @@ from flatdino_cli.errors import UserError
 
 __all__ = ["FlowConfig", "FlowConfigError", "RAE_T_MAX", "default_shift", "evaluation_times", "flow_loss",
            "guidance_weights", "guided_velocity", "interpolate", "make_velocity_fn", "ours_to_rae_time",
-           "rae_shift_time", "rae_to_ours_time", "rae_to_ours_velocity", "sample", "sample_train_time", "sde_grid",
+           "rae_shift_time", "rae_to_ours_time", "rae_to_ours_velocity", "sample", "sample_train_time", "sampler_grid",
+           "sde_grid",
            "shift_time", "time_grid", "velocity_target"]
 
 TIME_DISTS = ("uniform", "logit-normal", "rae")
@@ -145,11 +146,16 @@ def sde_grid(steps: int, shift: float, last_step: float) -> Tensor:
     return shift_time(torch.linspace(0.0, 1.0 - last_step, steps, dtype=torch.float64), shift)
 
 
+def sampler_grid(steps: int, shift: float, method: str, grid: str, sde_last_step: float) -> Tensor:
+    """The float64 time points `sample` walks: sde_grid for the sde sampler, else time_grid."""
+    return sde_grid(steps, shift, sde_last_step) if method == "sde" else time_grid(steps, shift, grid)
+
+
 def evaluation_times(cfg: FlowConfig) -> list[float]:
     """The times at which `sample` evaluates the velocity under cfg (for FLOP counts), in order of use."""
+    grid = sampler_grid(cfg.steps, cfg.shift, cfg.sampler, cfg.grid, cfg.sde_last_step).tolist()
     if cfg.sampler == "sde":
-        return sde_grid(cfg.steps, cfg.shift, cfg.sde_last_step).tolist()
-    grid = time_grid(cfg.steps, cfg.shift, cfg.grid).tolist()
+        return grid  # every point, the last one by the noise-free final step
     times = grid[:-1]
     if cfg.sampler == "heun":  # the corrector at t_{i+1} on every step but the last
         times += grid[1:-1]
@@ -296,7 +302,7 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, met
         raise FlowConfigError(f"config: flow.sampler must be {' or '.join(SAMPLERS)}, got {method!r}")
     if method == "sde" and grid != "ours":
         raise FlowConfigError(f"config: flow.grid must be ours with sampler sde, got {grid!r}")
-    times = (sde_grid(steps, shift, sde_last_step) if method == "sde" else time_grid(steps, shift, grid)).tolist()
+    times = sampler_grid(steps, shift, method, grid, sde_last_step).tolist()
     n = len(times) - 1
     t_dtype = torch.promote_types(noise.dtype, torch.float32)
 
