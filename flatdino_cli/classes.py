@@ -6,6 +6,7 @@ import ast
 import difflib
 import functools
 import importlib.util
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -77,9 +78,12 @@ def resolve_classes(items: Sequence[str], num_classes: int, run_names: Sequence[
 
 
 def class_label(c: int, run_names: Sequence[str], num_classes: int) -> str:
-    """What a grid caption says for class c: the run's name, the ImageNet name, or the id."""
+    """What a grid caption says for class c: the run's name, the ImageNet name, or the id. The id is
+    shown once: a folder name that already starts with it (the toy data's "00_red_circle") stands alone."""
     if c < len(run_names) and run_names[c]:
-        return f"{c} {run_names[c]}"
+        name = run_names[c]
+        lead = re.match(r"\d+", name)
+        return name if lead and int(lead.group()) == c else f"{c} {name}"
     names = imagenet_class_names() if num_classes == 1000 else []
     return f"{c} {names[c]}" if c < len(names) else str(c)
 

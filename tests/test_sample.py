@@ -375,6 +375,15 @@ def test_grid_plan_one_row_per_class():
     assert nrow == S.GRID_COLS and len(idx) == S.GRID_ROWS * S.GRID_COLS
 
 
+def test_class_label_shows_the_id_once():
+    # a folder name that starts with its own id is not prefixed again; other names and ids are
+    assert classes.class_label(0, ["00_red_circle", "01_blue_square"], 2) == "00_red_circle"
+    assert classes.class_label(1, ["00_red_circle", "01_blue_square"], 2) == "01_blue_square"
+    assert classes.class_label(1, ["cat", "7_dog"], 2) == "1 7_dog"
+    assert classes.class_label(0, ["cat"], 1) == "0 cat"
+    assert classes.class_label(3, [], 12) == "3"
+
+
 def test_training_grid_hook(w, tmp_path):
     from flatdino_cli.runs import load_run
 
