@@ -44,7 +44,7 @@ from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import sha256_file
 from flatdino_cli.viz import to_uint8
 
-__all__ = ["Pipeline", "load_pipeline", "generate", "sampler_batch", "CPU_CHUNK", "image_seed", "image_noise",
+__all__ = ["Pipeline", "load_pipeline", "generate", "sample_chunks", "sampler_batch", "CPU_CHUNK", "image_seed", "image_noise",
            "image_generators", "sampling_flow", "parse_interval", "parse_schedule", "decoding_parts",
            "trained_on_features"]
 
@@ -65,7 +65,7 @@ class Pipeline:
 
     cfg: DiTStageConfig
     dit: nn.Module
-    decoder: nn.Module  # PixelDecoder
+    decoder: nn.Module | None  # PixelDecoder (None: features only, e.g. for evaluate)
     vae: nn.Module | None = None
     stats: nn.Module | None = None  # models.stats.LatentStats
     identity: dict = field(default_factory=dict)
@@ -82,14 +82,21 @@ class Pipeline:
         return self.decoder.cfg.image_size
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, rt: Runtime = CPU) -> np.ndarray:
-        """DiT samples (B, N, d) -> uint8 images (B, S, S, 3)."""
+    def features(self, x: torch.Tensor, rt: Runtime = CPU) -> torch.Tensor:
+        """DiT samples (B, N, d) -> encoder features (B, P, C) float32: de-normalised (RAE), VAE-decoded."""
         x = x.float()
         if self.stats is not None:
             x = self.stats.denormalize(x)
         with rt.autocast():
             feats = self.vae.decode(x) if self.vae is not None else x  # (B, P, C)
-            pixels = self.decoder(feats.float())  # (B, 3, S, S)
+        return feats.float()
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, rt: Runtime = CPU) -> np.ndarray:
+        """DiT samples (B, N, d) -> uint8 images (B, S, S, 3)."""
+        feats = self.features(x, rt)
+        with rt.autocast():
+            pixels = self.decoder(feats)  # (B, 3, S, S)
         return to_uint8(pixels)
 
 
@@ -342,13 +349,12 @@ def sampling_dit(pipe: Pipeline, rt: Runtime) -> nn.Module:
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
-             flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU) -> np.ndarray:
-    """uint8 images (len(labels), S, S, 3): image k is class labels[k] from the noise of image indices[k].
-
-    On the CPU the images go through the networks CPU_CHUNK at a time, the last chunk padded with
-    copies of its last image (bit-identical images at any batch size; see CPU_CHUNK); elsewhere
-    batch_size at a time, unpadded."""
+def sample_chunks(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
+                  flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU):
+    """Yield (DiT samples (B, N, d) on rt.device, k): image j < k of the chunk is class labels[.] from the
+    noise of image indices[.], in order. On the CPU every chunk has CPU_CHUNK rows, the last one padded
+    with copies of its last image (drop rows >= k; bit-identical images at any batch size, see
+    CPU_CHUNK); elsewhere batch_size rows, unpadded. The one sampling loop of generate and evaluate."""
     flow = flow or pipe.cfg.flow
     if len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} indices")
@@ -363,7 +369,6 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
 
     main = run(sampling_dit(pipe, rt))
     guide = run(pipe.guide) if pipe.guide is not None else None
-    out = []
     for lo in range(0, len(labels), chunk):
         idx, lab = list(indices[lo: lo + chunk]), list(labels[lo: lo + chunk])
         k = len(idx)
@@ -374,11 +379,18 @@ def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed
         y = torch.tensor(lab, dtype=torch.long, device=rt.device)
         velocity = make_velocity_fn(main, y, flow, pipe.cfg.model.num_classes, guide)
 
-        def step_noise(i: int) -> torch.Tensor:  # the sde sampler's draws, from each image's own generator
+        def step_noise(i: int, idx=idx, gens=gens) -> torch.Tensor:  # the sde sampler's draws, per image
             return image_noise(seed, idx, pipe.latent_shape, gens)
 
-        x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid, flow.sde_diffusion,
-                   flow.sde_last_step, step_noise)  # (B, N, d)
-        out.append(pipe.decode(x, rt)[:k])
+        yield sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid, flow.sde_diffusion,
+                     flow.sde_last_step, step_noise), k
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
+             flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU) -> np.ndarray:
+    """uint8 images (len(labels), S, S, 3): image k is class labels[k] from the noise of image indices[k]
+    (sample_chunks), each chunk decoded at once."""
+    out = [pipe.decode(x, rt)[:k] for x, k in sample_chunks(pipe, labels, indices, seed, flow, batch_size, rt)]
     S = pipe.image_size
     return np.concatenate(out) if out else np.zeros((0, S, S, 3), np.uint8)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from flatdino_cli.analysis import inception, inception_weights
 from flatdino_cli.analysis.fid import open_source, run_fid, source_summary
-from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance, inception_score, precision_recall
+from flatdino_cli.fid_metrics import Gaussian, frechet_distance, inception_score, precision_recall
 from flatdino_cli.analysis.inception import TFInception, load_inception, tf1_resize
 from flatdino_cli.errors import UserError
 

@@ -292,7 +292,7 @@ def test_rfid_on_a_mixed_size_jpeg_cmyk_greyscale_val_folder(tmp_path):
 
 # ----------------------------------------------------------------------------- noise: rFID + PSNR (point 6)
 def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
-    from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance
+    from flatdino_cli.fid_metrics import Gaussian, frechet_distance
     from flatdino_cli.analysis.noise import run_noise
     from flatdino_cli.data import adm_center_crop
     from flatdino_cli.extract import extract_features

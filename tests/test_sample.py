@@ -488,3 +488,16 @@ def test_seeds_and_uint8_rounding():
     with pytest.raises(ValueError):
         viz.make_grid(np.zeros((2, 4, 4, 3), np.uint8), 2, labels=["a"])
     assert math.isclose(R.PSNR_CAP, 100.0)
+
+
+def test_evaluate_dit_gives_fd_rep_for_flat_and_rae(w):
+    """evaluate.evaluate_dit samples through the generate path (sample_chunks) and scores features in
+    the encoder space against a store's reference; the same seed gives the same value."""
+    from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, evaluate_dit, reference_stats
+
+    ref = reference_stats(w["root"] / "feats", cache=w["root"] / "ref.npz")
+    for run in ("dit", "rae"):
+        pipe = PL.load_pipeline(w[run], vae_run=w["vae"] if run == "dit" else None, decoder=w["dec"])
+        a = evaluate_dit(pipe, ref, samples=10, seed=0)
+        assert set(a) == {FD_REP, FD_REP_NOCFG} and all(np.isfinite(v) and v > 0 for v in a.values())
+        assert evaluate_dit(pipe, ref, samples=10, seed=0) == a

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance, inception_score, precision_recall
+from flatdino_cli.fid_metrics import Gaussian, frechet_distance, inception_score, precision_recall
 from flatdino_cli.analysis.inception_weights import find_inception_weights
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file, user_cache_dir

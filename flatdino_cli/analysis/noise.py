@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from flatdino_cli import viz
 from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, store_image, write_json
-from flatdino_cli.analysis.fid_metrics import Gaussian, frechet_distance
+from flatdino_cli.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.metrics import PSNR_CAP, psnr
