@@ -15,12 +15,7 @@ from flatdino_cli.flow import FlowConfig, make_velocity_fn, network_evaluations,
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- a Gaussian with a known flow
