@@ -26,13 +26,15 @@ from torch import Tensor
 from flatdino_cli.errors import UserError
 
 __all__ = ["FlowConfig", "FlowConfigError", "RAE_T_MAX", "default_shift", "evaluation_times", "flow_loss",
-           "guidance_weights", "guided_velocity", "interpolate", "make_velocity_fn", "ours_to_rae_time",
+           "adams_bashforth_weights", "guidance_weights", "guided_velocity", "interpolate", "make_velocity_fn",
+           "network_evaluations", "ours_to_rae_time",
            "rae_shift_time", "rae_to_ours_time", "rae_to_ours_velocity", "sample", "sample_train_time", "sampler_grid",
            "sde_grid",
            "shift_time", "time_grid", "velocity_target"]
 
 TIME_DISTS = ("uniform", "logit-normal", "rae")
-SAMPLERS = ("euler", "heun", "sde")
+MULTISTEP = {"ab2": 2, "ab3": 3}  # Adams-Bashforth order of each multistep sampler (one evaluation a step)
+SAMPLERS = ("euler", "heun", "sde", *MULTISTEP, "dopri5")
 GRIDS = ("ours", "rae")
 RAE_T_MAX = 1.0 - 1.0 / 1000  # RAE truncates its training t_R to [0, 0.999] (velocity model, ODE)
 
@@ -51,7 +53,7 @@ class FlowConfig:
     shift: float = 1.0  # k in t' = t / (k - (k-1) t); k > 1 puts more time near noise (k < 1 allowed)
     logit_mean: float = 0.0  # logit-normal / rae: mean and std of logit(t) (rae: of logit(t_R))
     logit_std: float = 1.0
-    sampler: str = "euler"  # euler | heun | sde (Euler-Maruyama, SiT's; see `sample`)
+    sampler: str = "euler"  # euler | heun | sde (Euler-Maruyama, SiT's) | ab2 | ab3 | dopri5; see `sample`
     steps: int = 50  # integration steps on time_grid(steps, shift) (grid rae: time points, RAE's num_steps;
     #                  sde: network evaluations, SiT's num_sampling_steps)
     grid: str = "ours"  # ours: steps steps to t = 1 | rae: RAE's ODE grid and its rule "guide only if w > 1"
@@ -63,6 +65,8 @@ class FlowConfig:
     cfg_schedule: tuple[tuple[float, float, float], ...] = ()
     sde_diffusion: float = 1.0  # sde: w(t) = sde_diffusion * (1 - t), SiT's diffusion_form "sigma" and its norm
     sde_last_step: float = 0.04  # sde: the final noise-free step's length in t (SiT's last_step_size, "Mean")
+    ode_rtol: float = 1e-3  # dopri5: torchdiffeq's relative and absolute tolerances (steps is ignored)
+    ode_atol: float = 1e-3
 
     def __post_init__(self):
         object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
@@ -84,6 +88,9 @@ class FlowConfig:
             (0.0 < self.sde_last_step < 1.0, "sde_last_step", "in (0, 1)", self.sde_last_step),
             (self.sampler != "sde" or self.grid == "ours", "grid", "ours with sampler sde", self.grid),
             (self.sampler != "sde" or self.steps >= 2, "steps", "an integer >= 2 with sampler sde", self.steps),
+            (self.sampler != "dopri5" or self.grid == "ours", "grid", "ours with sampler dopri5", self.grid),
+            (0 < self.ode_rtol < 1, "ode_rtol", "in (0, 1)", self.ode_rtol),
+            (0 < self.ode_atol < 1, "ode_atol", "in (0, 1)", self.ode_atol),
         ]:
             if not ok:
                 raise FlowConfigError(f"config: flow.{key} must be {want}, got {got!r}")
@@ -153,13 +160,28 @@ def sampler_grid(steps: int, shift: float, method: str, grid: str, sde_last_step
 
 def evaluation_times(cfg: FlowConfig) -> list[float]:
     """The times at which `sample` evaluates the velocity under cfg (for FLOP counts), in order of use."""
+    if cfg.sampler == "dopri5":
+        raise FlowConfigError("config: flow.sampler dopri5 is adaptive: its evaluations are known only after "
+                              "sampling (pass the times `sample` recorded to network_evaluations)")
     grid = sampler_grid(cfg.steps, cfg.shift, cfg.sampler, cfg.grid, cfg.sde_last_step).tolist()
     if cfg.sampler == "sde":
         return grid  # every point, the last one by the noise-free final step
     times = grid[:-1]
     if cfg.sampler == "heun":  # the corrector at t_{i+1} on every step but the last
         times += grid[1:-1]
+    if MULTISTEP.get(cfg.sampler, 0) >= 3 and len(grid) > 2:  # ab3's Heun first step
+        times.insert(1, grid[1])
     return times
+
+
+def network_evaluations(cfg: FlowConfig, times: list[float] | None = None) -> int:
+    """Network evaluations per image of one sampling run: one DiT forward per velocity evaluation, TWO
+    where guidance is on (the guided call is one forward of twice the batch, [x, x] with [y, null], or a
+    main plus a guide network's forward under AutoGuidance). The one count that `sample`, samples.json,
+    `flops`, `info` and the benchmarks report. `times`: the evaluation times a run recorded (dopri5, whose
+    count is known only after sampling); default evaluation_times(cfg)."""
+    t = torch.tensor(evaluation_times(cfg) if times is None else times, dtype=torch.float32)  # as `sample` passes t
+    return int(len(t) + int((guidance_weights(t, cfg) != 1.0).sum()))
 
 
 def sample_train_time(n: int, cfg: FlowConfig, generator: torch.Generator | None = None,
@@ -277,10 +299,37 @@ def make_velocity_fn(model: Callable, y: Tensor, cfg: FlowConfig, null_class: in
 StepNoise = Callable[[int], Tensor]  # step i -> the (B, ...) N(0, I) draw of the sde sampler's step i
 
 
+def adams_bashforth_weights(times: list[float], i: int, order: int) -> list[float]:
+    """Weights b_j of the variable-step Adams-Bashforth step x_{i+1} = x_i + sum_j b_j v_{i-j}: the
+    integral over [t_i, t_{i+1}] of the polynomial through the last k = min(order, i + 1) velocities
+    (the first steps use the history there is: order 1 is Euler). Exact for polynomials of degree k-1."""
+    k = min(order, i + 1)
+    nodes = [times[i - j] for j in range(k)]
+    a, b = times[i], times[i + 1]
+    weights = []
+    for j, tj in enumerate(nodes):  # integral of the Lagrange basis polynomial of node j
+        basis = torch.tensor([1.0], dtype=torch.float64)  # coefficients, lowest degree first
+        for m, tm in enumerate(nodes):
+            if m != j:
+                basis = _poly_mul(basis, [-tm / (tj - tm), 1 / (tj - tm)])
+        powers = torch.arange(1, len(basis) + 1, dtype=torch.float64)
+        weights.append(float((basis / powers * (b ** powers - a ** powers)).sum()))
+    return weights
+
+
+def _poly_mul(p: Tensor, q: list[float]) -> Tensor:
+    """(p * q) for coefficient vectors, lowest degree first; q has degree 1."""
+    out = torch.zeros(len(p) + 1, dtype=torch.float64)
+    out[:-1] += p * q[0]
+    out[1:] += p * q[1]
+    return out
+
+
 @torch.no_grad()
 def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, method: str = "euler",
            grid: str = "ours", sde_diffusion: float = 1.0, sde_last_step: float = 0.04,
-           step_noise: StepNoise | None = None) -> Tensor:
+           step_noise: StepNoise | None = None, ode_rtol: float = 1e-3, ode_atol: float = 1e-3,
+           record: list[float] | None = None) -> Tensor:
     """Integrate dx/dt = v(x, t) from x_0 = noise (B, ...) at t = 0 to t = 1 on time_grid(steps, shift, grid)
     (grid rae: to RAE's last time point, steps - 1 steps), or (method sde) the reverse SDE.
 
@@ -296,21 +345,49 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, met
              x_{i+1} = x_i + h_i (v_i + w_i s_i) + sqrt(2 w_i h_i) n_i,   n_i = step_noise(i)  (steps - 1)
              x_out   = x + (1 - t_last) (v + w s)                     (the last, noise-free step)
            step_noise defaults to torch.randn_like (the global generator).
+    ab2, ab3: variable-step Adams-Bashforth of order 2 / 3 (adams_bashforth_weights) on the same grid:
+           one evaluation a step, at t_0 .. t_{n-1} like Euler (never at t = 1), the velocities of the
+           last 2 / 3 points extrapolated over the step; the first steps take the order their history
+           allows: ab2 starts with an Euler step (steps forwards), ab3 with a Heun step (steps + 1
+           forwards), as a lower-order start would cap the global order. In the log-SNR frame this is
+           the family of DPM-Solver++(2M/3M).
+    dopri5: torchdiffeq's adaptive Dormand-Prince 5(4) (an optional dependency) from t = 0 to 1 with
+           ode_rtol / ode_atol; steps is ignored, the evaluations are whatever the error control needs.
+    record: a list that receives the time of every velocity evaluation (for network_evaluations).
     t is passed as (B,) float32 (float64 if noise is float64).
     """
     if method not in SAMPLERS:
         raise FlowConfigError(f"config: flow.sampler must be {' or '.join(SAMPLERS)}, got {method!r}")
     if method == "sde" and grid != "ours":
         raise FlowConfigError(f"config: flow.grid must be ours with sampler sde, got {grid!r}")
-    times = sampler_grid(steps, shift, method, grid, sde_last_step).tolist()
-    n = len(times) - 1
     t_dtype = torch.promote_types(noise.dtype, torch.float32)
 
+    def v_of(x: Tensor, t_now: float) -> Tensor:
+        if record is not None:
+            record.append(t_now)
+        return velocity_fn(x, torch.full((x.shape[0],), t_now, dtype=t_dtype, device=x.device)).to(x.dtype)
+
+    if method == "dopri5":
+        return _dopri5(v_of, noise, ode_rtol, ode_atol)
+    times = sampler_grid(steps, shift, method, grid, sde_last_step).tolist()
+    n = len(times) - 1
+
     def v_at(x: Tensor, i: int) -> Tensor:
-        t = torch.full((x.shape[0],), times[i], dtype=t_dtype, device=x.device)  # (B,)
-        return velocity_fn(x, t).to(x.dtype)
+        return v_of(x, times[i])
 
     x = noise
+    if method in MULTISTEP:
+        history: list[Tensor] = []  # the newest velocity first
+        order = MULTISTEP[method]
+        for i in range(n):
+            history = [v_at(x, i), *history][:order]
+            if i == 0 and order >= 3 and n > 1:  # a Heun first step: an Euler start would cap the order at 2
+                h = times[1] - times[0]
+                x = x + 0.5 * h * (history[0] + v_at(x + h * history[0], 1))
+                continue
+            b = adams_bashforth_weights(times, i, order)
+            x = x + sum(bj * vj for bj, vj in zip(b, history))
+        return x
     if method == "sde":
         draw = step_noise or (lambda i: torch.randn_like(noise))
         for i in range(n + 1):
@@ -330,3 +407,13 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, met
             v = 0.5 * (v + v_next)
         x = x + h * v
     return x
+
+
+def _dopri5(v_of: Callable[[Tensor, float], Tensor], noise: Tensor, rtol: float, atol: float) -> Tensor:
+    try:
+        from torchdiffeq import odeint
+    except ImportError:
+        raise FlowConfigError("config: flow.sampler dopri5 needs torchdiffeq: pip install 'flatdino[ode]' "
+                              "(or pip install torchdiffeq)") from None
+    span = torch.tensor([0.0, 1.0], dtype=torch.float64, device=noise.device)
+    return odeint(lambda t, x: v_of(x, float(t)), noise, span, rtol=rtol, atol=atol, method="dopri5")[-1]

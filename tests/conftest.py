@@ -76,3 +76,12 @@ def toy_features(tmp_path_factory):
     run_cli("toy-data", root / "toy", "--per-class", "6")
     run_cli("extract", root / "toy", root / "feats", "--encoder", "tiny", "--val-split", "12")
     return root / "feats"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation on a shared, oversubscribed machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -125,10 +125,9 @@ def pixel_decoder_flops(dec_cfg: Any) -> float:
 def dit_forwards_per_image(flow: Any) -> float:
     """DiT forwards per image of one sampling run: one per velocity evaluation of the sampler, two
     (conditional + unconditional halves) where guidance is on (a weight != 1 at that time)."""
-    from flatdino_cli.flow import evaluation_times, guidance_weights
+    from flatdino_cli.flow import network_evaluations
 
-    t = torch.tensor(evaluation_times(flow), dtype=torch.float32)  # as the sampler passes t: same boundary calls
-    return float(len(t) + int((guidance_weights(t, flow) != 1.0).sum()))
+    return float(network_evaluations(flow))
 
 
 def sample_flops(dit_cfg: Any, flow: Any, dec_cfg: Any, vae_cfg: Any | None = None) -> dict[str, float]:
