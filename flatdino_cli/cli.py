@@ -783,8 +783,10 @@ def sample(
                                                                "flow.cfg_scale; 1 = none).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: flow.steps, 50).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help=(
-        "euler, heun or sde (Euler-Maruyama on the reverse SDE, SiT's sampler; FAE's unguided numbers use it "
-        "with --steps 250 --cfg 1). Default: flow.sampler."))] = None,
+        "euler, heun (2 evaluations a step), ab2 / ab3 (Adams-Bashforth multistep, one evaluation a step), "
+        "dopri5 (torchdiffeq's adaptive solver; `pip install flatdino[ode]`) or sde (Euler-Maruyama on the "
+        "reverse SDE, SiT's sampler; FAE's unguided numbers use it with --steps 250 --cfg 1). "
+        "Default: flow.sampler."))] = None,
     interval: Annotated[Optional[str], typer.Option(help="Guidance interval LO,HI in t (t=1 is data), e.g. "
                                                          "0.225,1 (default: flow.cfg_interval).")] = None,
     shift: Annotated[Optional[float], typer.Option(help=(
@@ -843,7 +845,8 @@ def sample(
     weights = (" / ".join(f"{w:g} on [{lo:g}, {hi:g})" for lo, hi, w in flow["cfg_schedule"])
                if flow.get("cfg_schedule") else f"{flow['cfg_scale']:g}")
     typer.echo(f"sample: {m['identity']['count']} images ({guidance} {weights}, {flow['sampler']} "
-               f"{flow['steps']} steps, seed {m['identity']['seed']}) -> {m['out']}/{m['npz']}, {m['out']}/grid.png")
+               f"{flow['steps']} steps, {m.get('network_evaluations') or '?'} network evaluations per image, seed "
+               f"{m['identity']['seed']}) -> {m['out']}/{m['npz']}, {m['out']}/grid.png")
 
 
 @command("export-rae")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from flatdino_cli.classes import class_label, class_plan, resolve_classes
 from flatdino_cli.errors import UserError
-from flatdino_cli.flow import FlowConfig
+from flatdino_cli.flow import FlowConfig, network_evaluations
 from flatdino_cli.pipeline import (Pipeline, generate, load_pipeline, parse_interval, parse_schedule, sampler_batch,
                                    sampling_flow)
 from flatdino_cli.runtime import CPU, Runtime
@@ -194,7 +194,10 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
             raise UserError(f"{out}: holds samples made with other settings ({', '.join(diffs)} differ); choose "
                             "another --out or delete it")
     npz = out / f"samples_{N}x{S}x{S}x3.npz"
-    manifest = {"identity": identity, **(extra or {}), "npz": npz.name, "grid": "grid.png", "images": "images",
+    # DiT forwards per image, guided evaluations counted twice (flow.network_evaluations); dopri5's is
+    # known only after sampling and is not recorded
+    nfe = None if flow.sampler == "dopri5" else network_evaluations(flow)
+    manifest = {"identity": identity, **(extra or {}), "network_evaluations": nfe, "npz": npz.name, "grid": "grid.png", "images": "images",
                 "complete": False}
     atomic_write_json(mf_path, manifest)
     images_dir, parts_dir = out / "images", out / "parts"

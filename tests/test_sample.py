@@ -28,7 +28,7 @@ from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTMode
 from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb
 from flatdino_cli.encoders import load_encoder
 from flatdino_cli.errors import UserError
-from flatdino_cli.flow import FlowConfig, make_velocity_fn
+from flatdino_cli.flow import FlowConfig, make_velocity_fn, network_evaluations
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
 from flatdino_cli.models.stats import load_stats, save_stats
@@ -172,6 +172,10 @@ def test_sample_writes_pngs_grid_npz_and_manifest(w, tmp_path):
     assert (out / "grid.png").is_file() and not (out / "parts").exists()  # parts go once the npz exists
     m = json.loads((out / "samples.json").read_text())
     assert m["complete"] and m["identity"]["seed"] == 0 and m["identity"]["flow"]["cfg_scale"] == 2.0
+    flow = FlowConfig(**{**dataclasses.asdict(FlowConfig()), **{k: m["identity"]["flow"][k] for k in (
+        "cfg_scale", "steps", "sampler", "shift", "cfg_interval_inclusive")},
+        "cfg_interval": tuple(m["identity"]["flow"]["cfg_interval"])})
+    assert m["network_evaluations"] == network_evaluations(flow) > flow.steps  # guided steps count twice
     assert m["identity"]["dit"]["ema"] and m["identity"]["dit"]["sha256"] == sha256_file(
         w["dit"] / "checkpoints/latest/ema.safetensors")
     assert m["identity"]["vae"]["sha256"] == sha256_file(w["vae"] / "checkpoints/latest/model.safetensors")
