@@ -5,7 +5,7 @@ A point is one setting of (cfg, interval, steps, sampler, shift). Finished point
 RESULTS (one JSON file, rewritten atomically after every point), keyed by the knob values, so a
 rerun computes only the points that are missing. The quality metric is passed in as `score`
 (fd_rep once the evaluation module lands); network evaluations per image come from
-analysis.flops.dit_forwards_per_image, the count `flops` uses, and images/s is measured per point.
+flow.network_evaluations, the count `flops` and `sample` use, and images/s is measured per point.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from flatdino_cli.analysis.flops import dit_forwards_per_image
-from flatdino_cli.flow import FlowConfig
+from flatdino_cli.flow import FlowConfig, network_evaluations
 from flatdino_cli.pipeline import parse_interval, sampling_flow
 from flatdino_cli.utils import atomic_write_json, comma_list, ensure_dir, read_json
 
@@ -67,7 +66,7 @@ def run_points(out: str | Path, points: list[tuple[str, FlowConfig]], score: Cal
         t0 = time.perf_counter()
         metrics = score(flow)
         seconds = time.perf_counter() - t0
-        table[key] = {**json.loads(key), **metrics, "nfe": dit_forwards_per_image(flow),
+        table[key] = {**json.loads(key), **metrics, "nfe": network_evaluations(flow),
                       "images_per_s": images / seconds if seconds > 0 else None}
         atomic_write_json(path, {"points": table})  # after every point: a killed sweep keeps what it finished
     return table
