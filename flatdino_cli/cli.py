@@ -117,6 +117,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a config value, dotted and type-checked: --set train.lr=1e-4 (repeatable).")]
 Device = Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda, cuda:1.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")]
+# the measuring commands (sample, reconstruct, ablate-tokens, pca, noise) run in fp32 unless asked, as the
+# authors' rFID and our FID protocol do: one default, so no number silently comes from bf16
+MeasurePrecision = Annotated[str, typer.Option(help="fp32 (default: what measured numbers assume), bf16 or auto.")]
 Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                  help="torch.compile the model (default: on for CUDA, off for CPU).")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume",
@@ -590,7 +593,7 @@ def ablate_tokens(
     unit_batch: Annotated[int, typer.Option(help="Tokens ablated per decoder call (x batch size latents).")] = 8,
     example: Annotated[int, typer.Option(help="Which of the N images the overlay figure is drawn on.")] = 0,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: MeasurePrecision = "fp32",
 ):
     """Per-token ablation heatmaps (the paper's Figure 6): zero token k of mu, decode, and map the
     per-patch L2 change of the features, averaged over N images.
@@ -628,7 +631,7 @@ def pca(
     chunk_size: Annotated[int, typer.Option(help="Vectors per float64 covariance update (bounds memory).")] = 65536,
     workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 0,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: MeasurePrecision = "fp32",
 ):
     """Linear compressibility (the paper's Table 3): PCA explained variance of pixel patches, DINO
     features and VAE-reconstructed features; dims for 95 % and 99 % of the variance.
@@ -694,7 +697,7 @@ def noise(
     inception_weights: Annotated[Optional[Path], typer.Option(
         help="clean-fid's inception-2015-12-05.pt for rFID (default: clean-fid's cache).")] = None,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: MeasurePrecision = "fp32",
 ):
     """Robustness of the VAE decoder to Gaussian noise on the latents (the paper's Appendix B): with
     --decoder, rFID and PSNR of the decoded images against the original images per sigma (what the
@@ -748,7 +751,6 @@ def redundancy(
 
 
 # generation ----------------------------------------------------------------------------------------
-SamplePrecision = Annotated[str, typer.Option(help="fp32 (default: what FID numbers assume), bf16 or auto.")]
 
 
 @command()
@@ -806,7 +808,7 @@ def sample(
     shard_size: Annotated[int, typer.Option(help="Images per resumable shard.")] = 1000,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="EMA weights (default) or the raw ones.")] = True,
     device: Device = "auto",
-    precision: SamplePrecision = "fp32",
+    precision: MeasurePrecision = "fp32",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help=(
         "torch.compile the DiT: a one-off compile (about a minute) that pays off over a large FID set "
         "(bench/sample.py measures both)."))] = False,
@@ -883,7 +885,7 @@ def reconstruct(
     n: Annotated[Optional[int], typer.Option("-n", "--n", help="Only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     device: Device = "auto",
-    precision: SamplePrecision = "fp32",
+    precision: MeasurePrecision = "fp32",
 ):
     """Images -> DINOv2 -> VAE mu -> VAE decoder -> pixel decoder, side by side with the originals.
 

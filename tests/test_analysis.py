@@ -320,3 +320,15 @@ def test_toy_judge_is_trained_once_then_loaded_from_the_cache(tmp_path, monkeypa
     f.write_bytes(b"not a safetensors file")
     J.cached_toy_classifier(16, 3, cache_dir=tmp_path)
     assert trained == [(16, 3), (16, 3)]  # a damaged cache is retrained, never trusted
+
+
+def test_measuring_commands_default_to_fp32():
+    # one default for every command whose output is a measured number: bf16 only when asked
+    import typer
+
+    from flatdino_cli.cli import app
+
+    commands = typer.main.get_command(app).commands
+    for name in ("sample", "reconstruct", "ablate-tokens", "pca", "noise"):
+        (precision,) = [p for p in commands[name].params if p.name == "precision"]
+        assert precision.default == "fp32", name
