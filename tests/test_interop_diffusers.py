@@ -78,3 +78,15 @@ def test_folder_without_statistics_is_one_line_error(tmp_path):
     make_rae(tmp_path / "nostats", stats=False)
     with pytest.raises(UserError, match="no latent statistics"):
         load_stats(tmp_path / "nostats")
+
+
+def test_extract_reads_the_folder_as_encoder_weights(tmp_path, rae_folder):
+    """`extract --encoder-weights DIR`: the store has the folder's encoder shape, no conversion step."""
+    import numpy as np
+    from conftest import run_cli
+
+    path, _ = rae_folder
+    run_cli("toy-data", tmp_path / "toy", "--per-class", "1", "--size", str(SIDE))
+    run_cli("extract", tmp_path / "toy", tmp_path / "store", "--encoder", "dinov2-b-reg4", "--encoder-weights", path)
+    data = np.load(tmp_path / "store" / "data.npy", mmap_mode="r")
+    assert data.shape[1:] == (GRID * GRID, 64)
