@@ -9,6 +9,8 @@ Weights for `load_encoder(name, weights)`:
 - `weights=FILE` (.safetensors, or .pth/.pt/.bin read with torch.load(weights_only=True)) in the timm,
   the Hugging Face `Dinov2WithRegistersModel` (old and new attention key names) or Meta's DINOv2
   layout; a pos-embed grid that differs from the spec's is resampled bicubic + antialias like HF.
+- `weights=DIR`, a diffusers AutoencoderRAE folder: its encoder, with the sizes of its config.json
+  (interop/diffusers.py).
 - no file, a spec with hub repos (dinov2-b-reg4): the Hugging Face cache (HF_HUB_CACHE / HF_HOME),
   looked up by us, never through timm's download with its minute of retries. On a cache miss we
   download only if HF_HUB_OFFLINE is unset and one HEAD request for the file succeeds within 2 s;
@@ -18,6 +20,7 @@ Weights for `load_encoder(name, weights)`:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -30,6 +33,7 @@ import torch.nn as nn
 
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from flatdino_cli.errors import UserError
+from flatdino_cli.interop import diffusers as rae_folder
 from flatdino_cli.nn.embed import sincos_2d
 from flatdino_cli.utils import sha256_file
 
@@ -344,7 +348,14 @@ def _pretrained_file(spec: EncoderSpec) -> Path:
 def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, device="cpu") -> FrozenEncoder:
     """A frozen encoder by name (or spec), with weights from `weights`, the HF cache, or the fixed seed."""
     spec = name if isinstance(name, EncoderSpec) else get_spec(name)
-    if weights is not None:
+    if weights is not None and rae_folder.is_rae_folder(Path(weights).expanduser()):
+        # an AutoencoderRAE folder: its config gives the sizes, its encoder.* tensors are HF-layout DINOv2
+        path = Path(weights).expanduser()
+        spec = dataclasses.replace(spec, **rae_folder.encoder_sizes(path), hub_repos=(),
+                                   description=f"DINOv2-with-registers encoder of the AutoencoderRAE folder {path}")
+        sd, source = rae_folder.encoder_state_dict(path), f"--encoder-weights {path}"
+        wid = f"sha256:{sha256_file(rae_folder.weights_path(path))}"
+    elif weights is not None:
         path = Path(weights).expanduser()
         # the content hash, not the path: a store refuses other weights, and accepts a moved file
         sd, source, wid = read_state_dict(path), f"--encoder-weights {path}", f"sha256:{sha256_file(path)}"

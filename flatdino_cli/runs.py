@@ -19,6 +19,7 @@ from torch import nn
 from flatdino_cli.checkpoint import checkpoint_dir, load_into, load_state, load_weights, run_config, weights_file
 from flatdino_cli.config import DiTModelConfig, load_preset
 from flatdino_cli.errors import UserError
+from flatdino_cli.interop import diffusers as rae_folder
 from flatdino_cli.flow import default_shift
 from flatdino_cli.models import build_model
 from flatdino_cli.train import read_metrics
@@ -55,6 +56,8 @@ def decoder_identity(decoder: str | Path) -> dict:
 def decoder_weights_path(decoder: str | Path) -> Path:
     """The file load_decoder reads for `decoder` (run dir -> EMA weights, RAE release dir -> model.pt)."""
     p = Path(decoder)
+    if rae_folder.is_rae_folder(p):
+        return rae_folder.weights_path(p)
     if p.is_dir() and (p / "config.yaml").is_file():
         return weights_file(p, "decoder", prefer_ema=True)
     return p / "model.pt" if p.is_dir() else p

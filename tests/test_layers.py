@@ -10,7 +10,7 @@ from conftest import ROOT
 
 PKG = "flatdino_cli"
 # the floor below the commands: these import nothing from the modules in COMMANDS_AND_LOOP
-BLOCKS = ("models", "losses", "nn", "data", "flow", "encoders", "checkpoint")
+BLOCKS = ("models", "losses", "nn", "data", "flow", "encoders", "checkpoint", "interop")
 COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "quickstart", "cli", "analysis", "export",
                      "info", "pipeline", "runs", "workspace")
 COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "stages", "analysis", "export", "info")

@@ -19,6 +19,7 @@ from flatdino_cli.checkpoint import load_into, load_weights, run_config, weights
 from flatdino_cli.config import DecoderModelConfig
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
 from flatdino_cli.errors import UserError
+from flatdino_cli.interop import diffusers as rae_folder
 from flatdino_cli.nn import Block, sincos_2d
 from flatdino_cli.utils import grid_side
 
@@ -185,14 +186,25 @@ def _infer_config(sd: dict[str, torch.Tensor], heads: int | None, ln_eps: float,
 
 def load_decoder(path: str | Path, cfg: DecoderModelConfig | None = None, device: torch.device | str = "cpu",
                  heads: int | None = None) -> PixelDecoder:
-    """An eval-mode PixelDecoder (gradients untouched) from RAE's released `model.pt`, a weights file of
-    ours, or a train-decoder run directory (EMA weights of the latest checkpoint).
+    """An eval-mode PixelDecoder (gradients untouched) from RAE's released `model.pt`, a diffusers
+    AutoencoderRAE folder, a weights file of ours, or a train-decoder run directory (EMA weights of the
+    latest checkpoint).
 
     For a weights file the architecture is read off the tensor shapes; heads come from `heads`, else
     `cfg.heads` when cfg has the same width, else RAE_HEADS. `cfg` also supplies ln_eps (default 1e-12).
     """
     path = Path(path)
-    expected = "expected RAE's decoder model.pt or a flatdino train-decoder run directory"
+    expected = ("expected RAE's decoder model.pt, a diffusers AutoencoderRAE folder or a flatdino train-decoder "
+                "run directory")
+    if rae_folder.is_rae_folder(path):
+        rae_sd, arch = rae_folder.decoder_rae_state_dict(path)
+        sd = rae_state_dict_to_ours(rae_sd, str(path))
+        grid = grid_side(rae_folder.read_config(path)["num_patches"], f"{path}: encoder patches")
+        sd["pos_embed"] = sincos_2d(grid, grid, sd["embed.weight"].shape[0], cls_token=True,  # not stored
+                                    step=rae_folder.pos_step(grid))[None]
+        model = PixelDecoder(_infer_config(sd, arch["heads"], arch["ln_eps"], str(path)))
+        load_into(model, sd, path)
+        return model.eval().to(device)
     if path.is_dir() and not (path / "config.yaml").is_file() and (path / "model.pt").is_file():
         path = path / "model.pt"  # RAE's release directory, e.g. .../ViTXL_n08/
     if path.is_dir():

@@ -15,6 +15,7 @@ from torch import nn
 
 from flatdino_cli.checkpoint import load_weights
 from flatdino_cli.errors import UserError
+from flatdino_cli.interop import diffusers as rae_folder
 from flatdino_cli.utils import atomic_write
 
 STATS_FILE = "stats.pt"  # the name train-dit writes in its run dir
@@ -27,6 +28,13 @@ class LatentStats(nn.Module):
         super().__init__()
         self.register_buffer("mean", mean.float())
         self.register_buffer("std", (var.float() + eps).sqrt())
+
+    @classmethod
+    def from_std(cls, mean: torch.Tensor, std: torch.Tensor) -> "LatentStats":
+        """Stats whose divisor is given as is (diffusers' std + 1e-5, interop/diffusers.py)."""
+        stats = cls(mean, torch.zeros_like(std), eps=0.0)
+        stats.std.copy_(std.float())
+        return stats
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -77,5 +85,9 @@ def save_stats(path: Path, mean: torch.Tensor, var: torch.Tensor, grid: tuple[in
 
 
 def load_stats(path: Path, grid: tuple[int, int] | None = None) -> LatentStats:
-    """RAE's (C, H, W) file -> per-token stats (H*W, C); scalar / (C,) stats are used as given."""
+    """RAE's (C, H, W) file -> per-token stats (H*W, C); scalar / (C,) stats are used as given. A diffusers
+    AutoencoderRAE folder gives its latents_mean / latents_std with diffusers' own epsilon (std + 1e-5,
+    where RAE's stat.pt divides by sqrt(var + 1e-5))."""
+    if rae_folder.is_rae_folder(path):
+        return LatentStats.from_std(*map(chw_to_tokens, rae_folder.stats(path)))
     return LatentStats(*map(chw_to_tokens, load_rae_stats(path)))

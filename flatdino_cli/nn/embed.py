@@ -29,16 +29,19 @@ def sincos_1d(num_pos: int, dim: int) -> torch.Tensor:
     return _sincos(torch.arange(num_pos), dim).float()
 
 
-def sincos_2d(h: int, w: int, dim: int, cls_token: bool = False) -> torch.Tensor:
+def sincos_2d(h: int, w: int, dim: int, cls_token: bool = False, step: float = 1.0) -> torch.Tensor:
     """MAE-style 2-D sin-cos table -> (h*w, dim), or (1 + h*w, dim) with a zero CLS row first.
 
     Tokens are row-major (token n = row i * w + col j). As in MAE's meshgrid(grid_w, grid_h), the
     first dim/2 channels encode the COLUMN index j and the last dim/2 the ROW index i, each as
     [sin | cos] with omega_k = 1/10000^(k/(dim/4)). Bit-matches RAE's stored decoder_pos_embed.
+    `step` spaces the positions (diffusers' rebuilt table uses 16 / side, interop/diffusers.py).
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos dim must be divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
+    if step != 1.0:
+        rows, cols = rows.float() * step, cols.float() * step
     emb = torch.cat([_sincos(cols.flatten(), dim // 2), _sincos(rows.flatten(), dim // 2)], dim=1)
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)

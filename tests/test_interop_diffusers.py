@@ -1,0 +1,92 @@
+"""diffusers' AutoencoderRAE folders read by flatdino: a tiny random AutoencoderRAE saved with
+save_pretrained gives, through flatdino's encoder / statistics / pixel decoder, what diffusers' own
+encode and decode give on the same inputs (within 1e-4)."""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from flatdino_cli.encoders import load_encoder  # noqa: E402
+from flatdino_cli.errors import UserError  # noqa: E402
+from flatdino_cli.interop.diffusers import STD_EPS, is_rae_folder  # noqa: E402
+from flatdino_cli.models.pixel_decoder import load_decoder  # noqa: E402
+from flatdino_cli.models.stats import load_stats  # noqa: E402
+
+SIDE, ENC_PATCH = 56, 14  # 4 x 4 = 16 encoder patches
+GRID = SIDE // ENC_PATCH
+
+
+def make_rae(path, stats=True, seed=0):
+    """A random AutoencoderRAE of small size (1 encoder head of 64, 2 decoder heads), saved by diffusers."""
+    torch.manual_seed(seed)
+    kw = {}
+    if stats:  # per-position statistics on the (C, H, W) grid, as in NYU's releases
+        kw = dict(latents_mean=(0.3 * torch.randn(64, GRID, GRID)).tolist(),
+                  latents_std=(0.5 + torch.rand(64, GRID, GRID)).tolist())
+    m = diffusers.AutoencoderRAE(encoder_hidden_size=64, encoder_patch_size=ENC_PATCH, encoder_num_hidden_layers=2,
+                                 decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
+                                 decoder_intermediate_size=64, patch_size=4, encoder_input_size=SIDE, **kw)
+    with torch.no_grad():  # random layer scales and decoder weights of a visible size, so a wrong map shows
+        for name, p in m.named_parameters():
+            if "lambda1" in name or "trainable_cls_token" in name or name.endswith("register_tokens"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    m.eval().save_pretrained(path)
+    return m
+
+
+@pytest.fixture(scope="module")
+def rae_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rae") / "AutoencoderRAE"
+    return path, make_rae(path)
+
+
+def test_encoder_latents_and_pixels_match_diffusers(rae_folder):
+    path, ref = rae_folder
+    assert is_rae_folder(path)
+    images = torch.rand(3, 3, SIDE, SIDE)  # [0, 1], already at the encoder's input size: no resize
+    with torch.no_grad():
+        ref_latents = ref.encode(images).latent  # (B, C, h, w), normalised
+        ref_tokens = ref._encoder_forward_fn(ref.encoder, ref._resize_and_normalize(images))  # before normalising
+        ref_pixels = ref.decode(ref_latents).sample
+
+    enc = load_encoder("dinov2-b-reg4", path)  # sizes from the folder's config, not the name's
+    assert (enc.spec.dim, enc.spec.depth, enc.spec.image_size, enc.spec.patch_size) == (64, 2, SIDE, ENC_PATCH)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    feats = enc((images - mean) / std)  # (B, 16, 64)
+    assert feats.shape == ref_tokens.shape
+    torch.testing.assert_close(feats, ref_tokens, atol=1e-4, rtol=0)
+
+    stats = load_stats(path)
+    tokens_ref = ref_latents.flatten(2).transpose(1, 2)  # (B, h*w, C), our token layout
+    torch.testing.assert_close(stats.normalize(feats), tokens_ref, atol=1e-4, rtol=0)
+
+    dec = load_decoder(path)
+    torch.testing.assert_close(dec(stats.denormalize(tokens_ref)), ref_pixels, atol=1e-4, rtol=0)
+
+
+def test_statistics_keep_diffusers_epsilon(rae_folder):
+    """diffusers divides by std + 1e-5 (RAE's stat.pt: sqrt(var + 1e-5)); the divisor is kept exactly."""
+    path, ref = rae_folder
+    stats = load_stats(path)
+    want = (ref._latents_std + STD_EPS).flatten(1).T
+    torch.testing.assert_close(stats.std, want, atol=0, rtol=0)
+    assert not torch.allclose(stats.std, (ref._latents_std ** 2 + STD_EPS).sqrt().flatten(1).T, atol=1e-7, rtol=0)
+
+
+def test_folder_without_statistics_is_one_line_error(tmp_path):
+    make_rae(tmp_path / "nostats", stats=False)
+    with pytest.raises(UserError, match="no latent statistics"):
+        load_stats(tmp_path / "nostats")
+
+
+def test_extract_reads_the_folder_as_encoder_weights(tmp_path, rae_folder):
+    """`extract --encoder-weights DIR`: the store has the folder's encoder shape, no conversion step."""
+    import numpy as np
+    from conftest import run_cli
+
+    path, _ = rae_folder
+    run_cli("toy-data", tmp_path / "toy", "--per-class", "1", "--size", str(SIDE))
+    run_cli("extract", tmp_path / "toy", tmp_path / "store", "--encoder", "dinov2-b-reg4", "--encoder-weights", path)
+    data = np.load(tmp_path / "store" / "data.npy", mmap_mode="r")
+    assert data.shape[1:] == (GRID * GRID, 64)
