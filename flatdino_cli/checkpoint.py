@@ -3,12 +3,15 @@
 
 Weights are read from .safetensors or from .pt/.pth with weights_only=True (a pickled object is refused,
 never executed); a folder is written through a temporary directory and renames, so a kill never leaves
-a broken one. Models, losses and the training loop all load through here.
+a broken one. Each checkpoint folder records the sha256 of its files (checksums.json), checked before a
+run resumes from it or a command samples with it, so damaged bytes are refused instead of loaded.
+Models, losses and the training loop all load through here.
 """
 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from flatdino_cli.config import load_config
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import WEIGHTS as EXPORT_WEIGHTS
 from flatdino_cli.hub import is_export
-from flatdino_cli.utils import disk_full_is_user_error
+from flatdino_cli.utils import atomic_write_json, disk_full_is_user_error, read_json, sha256_file
 
 
 def checkpoint_dir(run_dir: Path, which: str = "latest") -> Path | None:
@@ -52,6 +55,7 @@ def save_checkpoint(run_dir: Path, which: str, model: nn.Module, ema: nn.Module 
             if ema is not None:
                 save_file(_state_to_cpu(ema.state_dict()), str(tmp / "ema.safetensors"))
             torch.save(state, tmp / "state.pt")
+            atomic_write_json(tmp / CHECKSUMS, {f.name: sha256_file(f) for f in sorted(tmp.iterdir())})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the one to resume from
         raise
@@ -61,6 +65,44 @@ def save_checkpoint(run_dir: Path, which: str, model: nn.Module, ema: nn.Module 
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+CHECKSUMS = "checksums.json"  # {file name: sha256} of a checkpoint folder's files, written with them
+_unverified_warned: set[Path] = set()
+
+
+def _recorded(folder: Path, warn: bool) -> dict | None:
+    """The folder's checksums.json, or None (with a one-time warning) for a checkpoint written before
+    checksums were recorded."""
+    record = read_json(folder / CHECKSUMS)
+    if record or not (folder / "state.pt").is_file():  # only run checkpoints record checksums
+        return record or None
+    if warn and folder.resolve() not in _unverified_warned:
+        _unverified_warned.add(folder.resolve())
+        warnings.warn(f"{folder}: no checksums recorded (written by an older flatdino); loaded without "
+                      "verifying its bytes", stacklevel=3)
+    return None
+
+
+def verify_file(path: Path, digest: str | None = None, warn: bool = True) -> str:
+    """sha256 of `path` (`digest` if the caller already has it), refused with a one-line UserError when it
+    differs from the one recorded when its checkpoint was written."""
+    path = Path(path)
+    digest = digest or sha256_file(path)
+    want = (_recorded(path.parent, warn) or {}).get(path.name)
+    if want is not None and want != digest:
+        raise UserError(f"{path}: its bytes changed since it was written (sha256 {digest[:12]}..., recorded "
+                        f"{want[:12]}... in {CHECKSUMS}): a disk or copy error; restore the file from a copy "
+                        "(or use another checkpoint) rather than load wrong weights")
+    return digest
+
+
+def verify_checkpoint(folder: Path, warn: bool = True) -> None:
+    """Every file a checkpoint folder recorded, checked (what a resumed run reads)."""
+    for name in _recorded(folder, warn) or {}:
+        if not (folder / name).is_file():
+            raise UserError(f"{folder / name}: missing (listed in {CHECKSUMS}); restore it from a copy")
+        verify_file(folder / name, warn=warn)
 
 
 def load_state(path: Path) -> dict:

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from flatdino_cli import preempt
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import resolve as resolve_model_ref
 from flatdino_cli.utils import check_out_dir, comma_list
@@ -92,12 +93,17 @@ def command(*args, **kwargs):
         def inner(*a, **k):
             formatwarning, warnings.formatwarning = warnings.formatwarning, _warning_line
             try:
-                k = {n: resolve_model_ref(v) if n in MODEL_OPTIONS else v for n, v in k.items()}
-                return fn(*a, **k)
+                with preempt.handle_signals():
+                    k = {n: resolve_model_ref(v) if n in MODEL_OPTIONS else v for n, v in k.items()}
+                    return fn(*a, **k)
             except UserError as e:
                 _fail(f"flatdino: error: {e}", 1)
+            except preempt.Preempted as e:  # SIGTERM / SIGUSR1: what was finished is saved
+                if e.quiet:  # a torchrun rank other than 0: rank 0 says it once
+                    raise typer.Exit(preempt.PREEMPTED_EXIT) from None
+                _fail(e.message, preempt.PREEMPTED_EXIT)
             except KeyboardInterrupt:
-                _fail("flatdino: interrupted; rerun the same command to resume", 130)
+                _fail("flatdino: interrupted; rerun the same command to resume", preempt.INTERRUPTED_EXIT)
             except OSError as e:  # a full disk or a forbidden folder met by a write no check foresaw
                 if e.errno not in _ONE_LINE_ERRNOS:
                     raise

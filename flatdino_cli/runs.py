@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatdino_cli.checkpoint import checkpoint_dir, load_into, load_state, load_weights, run_config, weights_file
+from flatdino_cli.checkpoint import (checkpoint_dir, load_into, load_state, load_weights, run_config, verify_file,
+                                     weights_file)
 from flatdino_cli.config import DiTModelConfig, load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.interop import diffusers as rae_folder
@@ -31,10 +32,11 @@ def load_run(run_dir: str | Path, expect_stage: str, device: torch.device | str 
     """(stage config, eval-mode model on device, sha256 of the weights file)."""
     cfg = run_config(run_dir, expect_stage)
     path = weights_file(run_dir, expect_stage, prefer_ema)
+    sha = verify_file(path)  # damaged bytes are refused, not sampled with
     model = build_model(cfg)
     load_into(model, load_weights(path), path)
     model.requires_grad_(False).eval().to(device)
-    return cfg, model, sha256_file(path)
+    return cfg, model, sha
 
 
 # ============================================================================ provenance
@@ -50,7 +52,7 @@ def file_identity(path: Path) -> dict:
 def decoder_identity(decoder: str | Path) -> dict:
     """{"path": what the user named, "weights": the file read, "sha256": its hash}."""
     w = decoder_weights_path(decoder)
-    return {"path": str(Path(decoder).resolve()), "weights": str(w.resolve()), "sha256": sha256_file(w)}
+    return {"path": str(Path(decoder).resolve()), "weights": str(w.resolve()), "sha256": verify_file(w)}
 
 
 def decoder_weights_path(decoder: str | Path) -> Path:

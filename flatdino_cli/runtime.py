@@ -74,6 +74,15 @@ class Runtime:
             x /= self.world_size
         return x
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any (one 4-byte all-reduce; no collective, and no cost,
+        in a single process)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
 
 CPU = Runtime(torch.device("cpu"), "fp32", False)  # the runtime of library calls given none
 

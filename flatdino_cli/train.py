@@ -30,7 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from flatdino_cli.checkpoint import checkpoint_dir, load_into, load_state, load_weights, save_checkpoint
+from flatdino_cli import preempt
+from flatdino_cli.checkpoint import (checkpoint_dir, load_into, load_state, load_weights, save_checkpoint,
+                                     verify_checkpoint)
 from flatdino_cli.config import TrainConfig, save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import LOCK_NAME, FolderLock
@@ -304,10 +306,12 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
         desc: str = "train", new_data: bool = False) -> dict:
     """Train `task.model` in place; returns a summary {step, best_val, run_dir, ...}.
 
-    The run dir is locked against a second writer for the whole run (rank 0 holds the lock)."""
+    The run dir is locked against a second writer for the whole run (rank 0 holds the lock). SIGTERM /
+    SIGUSR1 finish the step in flight, save `latest` and raise preempt.Preempted (every rank stops at
+    the same step, whichever rank got the signal)."""
     run_dir = Path(run_dir)
     plan = _plan(len(task.train_set), cfg, rt)
-    with FolderLock(run_dir, "run directory") if rt.is_main else contextlib.nullcontext():
+    with FolderLock(run_dir, "run directory") if rt.is_main else contextlib.nullcontext(), preempt.deferred():
         return _fit(task, cfg, run_dir, rt, plan, resume, desc, new_data)
 
 
@@ -328,6 +332,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
     ckpt = checkpoint_dir(run_dir) if resume else None
     inputs = merge_inputs(run_dir, task.inputs, new_data) if ckpt is not None else task.inputs
     if ckpt is not None:
+        verify_checkpoint(ckpt, warn=rt.is_main)  # the bytes a run resumes from are the bytes it wrote
         load_into(model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors")
         if ema is not None:
             ema_file = ckpt / "ema.safetensors"
@@ -442,8 +447,13 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
                         if val["loss"] < best_val:
                             best_val = val["loss"]
                             checkpoint("best")
-                if step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
+                # a stop request on any rank stops every rank here, after the same step (DDP: one int all-reduce)
+                stop = step < total and rt.any_rank(preempt.requested() is not None)
+                if stop or step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
                     checkpoint("latest")
+                if stop:
+                    raise preempt.Preempted(f"{desc}: preempted at step {step:,}, saved; rerun the same command "
+                                            "to continue", quiet=not rt.is_main)
         if rt.is_main:  # what the workspace index reads as "finished, when, how far"
             atomic_write_json(run_dir / FINISHED_FILE, {
                 "step": step, "best_val": best_val if math.isfinite(best_val) else None,
