@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -36,6 +37,7 @@ from flatdino_cli.checkpoint import checkpoint_dir, load_state
 from flatdino_cli.config import TrainConfig, load_preset
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
+from flatdino_cli.preempt import PREEMPTED_EXIT
 from flatdino_cli.models.vae import FlatVAE
 from flatdino_cli.runtime import CPU, setup_runtime
 from flatdino_cli.stages.vae import train_vae
@@ -203,6 +205,54 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise(tmp_path, store, spawn, cli):
     assert [r["step"] for r in tr_a] == list(range(1, total + 1))
     assert [(r["loss"], r["grad_norm"], r["lr"]) for r in tr_a] == [(r["loss"], r["grad_norm"], r["lr"]) for r in tr_b]
     assert val_a == val_b and [r["step"] for r in val_a] == [SPE, 2 * SPE]
+
+
+def test_sigterm_saves_the_step_reached_then_resume_is_bitwise(tmp_path, store, spawn, cli):
+    # no periodic checkpoint mid-run: whatever `latest` holds after the signal, the signal wrote
+    preset = write_preset(tmp_path / "tiny.yaml", epochs=2, ckpt_every_steps=10_000, ema=0.9)
+    total = 2 * SPE
+    k = random.Random().randint(2, SPE)  # signalled once the log shows step k: a random step of epoch 1
+
+    def args(out: Path) -> list:
+        return ["train-vae", "--preset", preset, "--features", store, "--out", out, "--device", "cpu", "--seed", "3"]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref_p = spawn(_cli(*args(ref)), "ref.log")
+    victim = spawn(_cli(*args(run)), "run.log")
+    log = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while victim.poll() is None and time.monotonic() < deadline and not (
+            log.exists() and sum('"loss"' in ln for ln in log.read_text().splitlines()) >= k):
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(120) == PREEMPTED_EXIT, victim.log.read_text()[-2000:]
+    step = load_state(checkpoint_dir(run) / "state.pt")["step"]
+    assert k <= step < total
+    assert f"train-vae: preempted at step {step}, saved; rerun the same command to continue" in victim.log.read_text()
+
+    resumed = cli(*args(run), env=ENV)
+    assert f"from step {step}/{total}" in resumed.stdout
+    assert ref_p.wait(600) == 0, ref_p.log.read_text()[-2000:]
+    a, b = checkpoint_dir(run, "latest"), checkpoint_dir(ref, "latest")
+    for f in ("model.safetensors", "ema.safetensors"):
+        assert_same(load_file(a / f), load_file(b / f), f)
+    assert_same(load_state(a / "state.pt"), load_state(b / "state.pt"), "state.pt")
+    tr_a, tr_b = metrics(run)[0], metrics(ref)[0]
+    assert [r["step"] for r in tr_a] == list(range(1, total + 1))  # no doubled rows
+    assert [(r["loss"], r["lr"]) for r in tr_a] == [(r["loss"], r["lr"]) for r in tr_b]
+
+
+def test_flipped_byte_in_weights_is_refused_on_resume(tmp_path, store, cli):
+    preset = write_preset(tmp_path / "tiny.yaml", epochs=1, ckpt_every_steps=4)
+    args = ["train-vae", "--preset", preset, "--features", store, "--out", tmp_path / "run", "--device", "cpu"]
+    cli(*args, env=ENV)
+    weights = checkpoint_dir(tmp_path / "run") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    r = cli(*args, "--set", "train.epochs=2", env=ENV, check=False)
+    assert r.returncode != 0 and "model.safetensors: its bytes changed since it was written" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- 2. kill while checkpointing
