@@ -295,6 +295,15 @@ def test_cli_analyses_write_figures(toy, tmp_path):
         res = runner.invoke(app, [*args, "--out", str(out), "--device", "cpu"])
         assert res.exit_code == 0, f"{name}: {res.output}"
         assert (out / figure).stat().st_size > 5000, name
+    # the four analyses on --n 6 images saw the same seeded subset, recorded in their JSON, and it is no
+    # longer the store's first rows (rows are in class order: the first 6 are one class)
+    subsets = [json.loads((tmp_path / name / f"{js}.json").read_text())["subset"] for name, js in
+               (("ablate", "ablation"), ("pca", "pca"), ("noise", "noise"), ("redundancy", "redundancy"))]
+    assert all(sub == subsets[0] for sub in subsets) and subsets[0]["seed"] == 0
+    chosen = subsets[0]["rows"]
+    store = Store.open(feats)
+    assert len(chosen) == 6 and chosen == sorted(set(chosen)) and chosen != store.valid_indices()[:6].tolist()
+    assert len({int(store.labels[r]) for r in chosen}) > 1
     res = runner.invoke(app, ["knn", "--latents", str(tmp_path / "lat"), "--k", "ten", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "--k" in res.output
 

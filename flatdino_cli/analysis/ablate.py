@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flatdino_cli import viz
-from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, store_image, write_json
+from flatdino_cli.analysis.common import subset_rows, iter_rows, load_vae, store_image, write_json
 from flatdino_cli.data import Store
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import grid_side
@@ -91,7 +91,7 @@ def run_ablate(vae_run: str | Path, features: str | Path, out: str | Path, n: in
     out = Path(out)
     store = Store.open(features, expect_kind="features")
     cfg, vae, sha = load_vae(vae_run, store, rt)
-    rows = first_rows(store, n)
+    rows = subset_rows(store, n)
     P = store.item_shape[0]
     side = grid_side(P, str(features))
     name = unit_name(cfg.model.kind)
@@ -131,5 +131,5 @@ def run_ablate(vae_run: str | Path, features: str | Path, out: str | Path, n: in
         result["overlay_image"] = store.paths[ex_row]
     else:
         result["overlay_skipped"] = f"image of row {ex_row} not readable: {store.paths[ex_row]}"
-    write_json(out / "ablation.json", result)
+    write_json(out / "ablation.json", result, rows=rows)
     return result

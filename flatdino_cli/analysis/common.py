@@ -18,16 +18,23 @@ from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import atomic_write_json
 
-__all__ = ["first_rows", "iter_rows", "load_vae", "store_image", "write_json"]
+__all__ = ["SUBSET_SEED", "subset_rows", "iter_rows", "load_vae", "store_image", "write_json"]
 
 
-def first_rows(store: Store, n: int | None) -> np.ndarray:
-    """(K,) the first n rows of `store` that hold data (skipped images left out), ascending."""
+SUBSET_SEED = 0  # the one seed of the analyses' image subsets: every analysis of a store sees the same rows
+
+
+def subset_rows(store: Store, n: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
+    """(K,) ascending rows of `store` that hold data (skipped images left out): all of them, or a seeded
+    uniform choice of n over the whole store. Stores are in folder order (ImageNet: sorted by synset), so
+    the first n rows would be the first few hundred classes; the same (store, n, seed) gives the same rows,
+    so analyses that compare two spaces compare the same images."""
     rows = store.valid_indices()
     if n is not None:
         if n < 1:
             raise UserError(f"--n {n}: must be a positive number of images")
-        rows = rows[:n]
+        if n < len(rows):
+            rows = np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
     if len(rows) == 0:
         raise UserError(f"{store.path}: holds no valid rows")
     return rows
@@ -68,7 +75,10 @@ def store_image(store: Store, row: int, size: int) -> np.ndarray | None:
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def write_json(path: str | Path, obj: dict) -> Path:
+def write_json(path: str | Path, obj: dict, rows: np.ndarray | None = None) -> Path:
+    """`obj` as JSON at `path` (atomically); with `rows`, also the image subset it was computed on."""
     path = Path(path)
+    if rows is not None:
+        obj = {**obj, "subset": {"seed": SUBSET_SEED, "rows": [int(r) for r in rows]}}
     atomic_write_json(path, obj)
     return path

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from flatdino_cli import viz
-from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, store_image, write_json
+from flatdino_cli.analysis.common import subset_rows, iter_rows, load_vae, store_image, write_json
 from flatdino_cli.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
@@ -104,7 +104,7 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
     out = Path(out)
     store = Store.open(features, expect_kind="features")
     _, vae, sha = load_vae(vae_run, store, rt)
-    rows = first_rows(store, n)
+    rows = subset_rows(store, n)
     pix = None
     if decoder is not None:
         pix = load_decoder(decoder, device=rt.device)
@@ -172,7 +172,7 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
     result["notes"] = notes
     out.mkdir(parents=True, exist_ok=True)
     _plot(result, out / "noise.png")
-    write_json(out / "noise.json", result)
+    write_json(out / "noise.json", result, rows=rows)
     return result
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flatdino_cli import viz
-from flatdino_cli.analysis.common import first_rows, iter_rows, load_vae, write_json
+from flatdino_cli.analysis.common import subset_rows, iter_rows, load_vae, write_json
 from flatdino_cli.data import EncoderTransform, ImageDataset, ImageList, Store, collate_images, list_images
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import CPU, Runtime
@@ -155,7 +155,7 @@ def run_pca(features: str | Path, out: str | Path, images: str | Path | None = N
     rt = rt or CPU
     out = Path(out)
     store = Store.open(features, expect_kind="features")
-    rows = first_rows(store, n)
+    rows = subset_rows(store, n)
     P, C = store.item_shape
     result: dict = {"features": str(Path(features).resolve()), "features_manifest_sha256": store.manifest_hash(),
                     "n_images": int(len(rows)), "thresholds": list(THRESHOLDS), "sources": {}}
@@ -182,7 +182,7 @@ def run_pca(features: str | Path, out: str | Path, images: str | Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     _plot(result, out / "pca.png")
     result["figure"] = "pca.png"
-    write_json(out / "pca.json", result)
+    write_json(out / "pca.json", result, rows=rows)
     return result
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from flatdino_cli import viz
-from flatdino_cli.analysis.common import first_rows, iter_rows, write_json
+from flatdino_cli.analysis.common import subset_rows, iter_rows, write_json
 from flatdino_cli.data import Store
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import grid_side
@@ -82,7 +82,7 @@ def run_redundancy(features: str | Path, out: str | Path, n: int = 5000, bins: i
     rt = rt or CPU
     out = Path(out)
     store = Store.open(features)
-    rows = first_rows(store, n)
+    rows = subset_rows(store, n)
     side = grid_side(store.item_shape[0], str(features))
     scaled = max_distance is None and side < PAPER_GRID
     max_d = default_max_distance(side) if max_distance is None else float(max_distance)
@@ -95,7 +95,7 @@ def run_redundancy(features: str | Path, out: str | Path, n: int = 5000, bins: i
                           f"from [0, 10] to [0, {max_d:g}] (10 * {side} / 16)")
     out.mkdir(parents=True, exist_ok=True)
     _plot(result, out / "redundancy.png")
-    write_json(out / "redundancy.json", result)
+    write_json(out / "redundancy.json", result, rows=rows)
     return result
 
 
