@@ -50,7 +50,8 @@ flatdino extract "$IMAGENET/val" "$OUT/features-val" "${ENC[@]}" "${INDEX[@]}" -
 
 # 2. The laminator: vae-32x128 (ViT-B encoder, ViT-L decoder), 150 epochs, batch 512, on images:
 #    a fresh RandomResizedCrop(0.3-1) + flip per image per epoch, bilinear (paper sec. 3.1); best
-#    checkpoint by Huber loss on the val features (paper: rFID ~0.97 for 32x64 at 50 epochs)
+#    checkpoint by Huber loss on the val features. Its rFID anchor is Table 2 (150 epochs), whose cells our
+#    copy of the paper lost; Figure 4's 0.97 is 32x64 at 50 epochs (preset vae-32x64-e50), not this run
 run train-vae --preset "$VAE_PRESET" --images "$IMAGENET/train" "${ENC[@]}" \
   --val-features "$OUT/features-val" --set train.num_workers="$WORKERS" --out "$OUT/vae" \
   ${VAE_EPOCHS:+--epochs "$VAE_EPOCHS"}
