@@ -82,3 +82,21 @@ def test_figure4_grid_presets_all_train_50_epochs():
     row4 = next(ln for ln in (Path(__file__).parent.parent / "docs/REPRODUCE.md").read_text().splitlines()
                 if ln.startswith("| 4 |"))
     assert "vae-32x64-e50" in row4 and "vae-32x128-e50" in row4
+
+
+def test_reproduce_text_versions_resolve():
+    # REPRODUCE.md's "text vs code" rows: each --set there is a real, type-checked key of its preset
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs/REPRODUCE.md").read_text()
+    section = text.split("### Where the paper's text and the authors' code disagree")[1].split("\n### ")[0]
+    commands = re.findall(r"`(flatdino train-\w+ [^`]+)`", section)
+    assert len(commands) == 2
+    for cmd in commands:
+        words = shlex.split(cmd)
+        preset = words[words.index("--preset") + 1]
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        default, changed = load_preset(preset), load_preset(preset, sets)
+        assert default != changed, cmd
