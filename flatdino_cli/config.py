@@ -191,9 +191,13 @@ class DiTModelConfig:
     head_mlp_hidden: int = 0
     head_projector: bool = True  # DiT-DH: Linear trunk -> head; False: none (RAE's nn.Identity for equal widths)
     patch: int = 1  # grid mode: p x p grid cells per DiT token (DiT-XL/2 style); RAE and FAE use 1
+    # xavier: every Linear Xavier-uniform (LightningDiT, RAE); trunc_normal: the blocks' Linears
+    # trunc-normal(0.02), Xavier only for the embedders (the FlatDINO authors' flat DiT)
+    init: str = "xavier"
 
     def __post_init__(self):
         _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed", "sincos or learned")
+        _check(self.init in ("xavier", "trunc_normal"), "model.init", "xavier or trunc_normal")
         _positive(self, "model", "tokens", "in_dim", "width", "depth", "heads", "mlp_hidden", "num_classes",
                   "head_heads", "patch")
         _non_negative(self, "model", "head_width", "head_depth", "head_mlp_hidden")

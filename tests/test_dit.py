@@ -443,3 +443,29 @@ def test_normalize_on_flat_tokens_round_trips(tmp_path):
     assert torch.load(tmp_path / "run" / STATS_FILE, weights_only=True)["mean"].shape == (2, 4, 1)
     z = load_stats(tmp_path / "run" / STATS_FILE, None).normalize(torch.from_numpy(x)).double()
     assert z.mean(0).abs().max() < 1e-4 and (z.var(0, unbiased=False) - 1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("preset,init", [("xl-32x128", "trunc_normal"), ("rae-xl-256x768", "xavier")])
+def test_init_follows_each_presets_source(preset, init):
+    # the authors' flat DiT: block Linears trunc-normal(0.02), Xavier only for the embedders; RAE's: Xavier
+    # everywhere. Statistics per parameter group, at a small width so the test is cheap.
+    from flatdino_cli.config import load_preset
+    from flatdino_cli.models.dit import DiT
+
+    cfg = load_preset(preset, ["model.width=256", "model.depth=2", "model.heads=4", "model.mlp_hidden=512"])
+    assert cfg.model.init == init
+    torch.manual_seed(0)
+    dit = DiT(cfg.model)
+    block_linears = [(n, m) for n, m in dit.blocks.named_modules()
+                     if isinstance(m, torch.nn.Linear) and "adaLN" not in n]
+    assert len(block_linears) >= 2 * 4
+    for n, m in block_linears:
+        std, xavier_std = m.weight.std().item(), math.sqrt(2.0 / (m.in_features + m.out_features))
+        want = 0.02 if init == "trunc_normal" else xavier_std
+        assert abs(std - want) < 0.1 * want, (n, std, want)
+        assert (m.bias is None) or not m.bias.any()
+    x = dit.x_embedder  # the token embedder stays Xavier under both inits
+    xs = math.sqrt(2.0 / (x.in_features + x.out_features))
+    assert abs(x.weight.std().item() - xs) < 0.15 * xs
+    for blk in dit.blocks:  # adaLN-Zero: the block starts as the identity under both
+        assert not any(p.any() for p in blk.adaLN_modulation.parameters())

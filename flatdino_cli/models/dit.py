@@ -69,10 +69,16 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier Linear layers (LightningDiT), N(0, 0.02) tables, then the zero adaLN/final layers."""
+        """Xavier Linear layers (LightningDiT; model.init=trunc_normal: trunc-normal(0.02) inside the
+        blocks, as the FlatDINO authors' flat DiT), N(0, 0.02) tables, then the zero adaLN/final layers."""
+        blocks = [*self.blocks, *(self.head_blocks if self.has_head else [])]
+        in_blocks = {id(m) for blk in blocks for m in blk.modules()} if self.cfg.init == "trunc_normal" else set()
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                if id(m) in in_blocks:
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
@@ -80,7 +86,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.cfg.pos_embed == "learned":
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for blk in [*self.blocks, *(self.head_blocks if self.has_head else [])]:
+        for blk in blocks:
             blk.adaLN_modulation.reset_parameters()
         self.final_layer.reset_parameters()
 
