@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from flatdino_cli.errors import UserError
-from flatdino_cli.interop import diffusers as rae_folder
 
 WEIGHTS, CONFIG_JSON = "model.safetensors", "config.json"
 
@@ -57,7 +56,9 @@ def resolve(value: Any) -> Any:
     except LocalEntryNotFoundError:
         raise UserError(f"{value}: not in the local Hugging Face cache; fetch it first with "
                         f"`{download_command(repo, rev)}` (on a machine with internet, then copy the cache)") from None
-    if not is_export(folder) and not rae_folder.is_rae_folder(folder):  # RAE's diffusers releases are read too
+    from flatdino_cli.interop.diffusers import is_rae_folder  # lazy: torch; hub is on the CLI's start-up path
+
+    if not is_export(folder) and not is_rae_folder(folder):  # RAE's diffusers releases are read too
         raise UserError(f"{value}: the cached repository ({folder}) is not a flatdino export "
                         f"(needs {WEIGHTS} and {CONFIG_JSON}; make one with `flatdino export RUN OUT`)")
     return folder
