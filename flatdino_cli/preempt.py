@@ -4,10 +4,10 @@ Clusters stop a job with SIGTERM (SLURM's `--signal=TERM@120`, Kubernetes, spot 
 be told to send SIGUSR1 instead), then SIGKILL after a grace period. `handle_signals()` (entered
 once per command by the CLI) turns them into a `Preempted` exception, raised where the program is,
 the way Ctrl-C raises KeyboardInterrupt: finally blocks run and every finished file is kept (all
-outputs are written atomically). A loop that can stop cleanly at its own safe points (the training
-loop at a step boundary, extract after a chunk, sample after a batch) runs inside `deferred()`:
-there the signal only sets a flag that the loop reads with `requested()`, finishes what is in flight,
-saves, and raises `Preempted` itself. Every such stop exits with PREEMPTED_EXIT.
+outputs are written atomically). A loop that can stop cleanly at its own safe points (today the
+training loop, at a step boundary) runs inside `deferred()`: there the signal only sets a flag that the
+loop reads with `requested()`, finishes what is in flight, saves, and raises `Preempted` itself. Every
+such stop exits with PREEMPTED_EXIT.
 
 Ctrl-C keeps its usual behaviour (KeyboardInterrupt, exit 130); a second Ctrl-C, while the first
 one's clean-up runs, stops the process at once.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL (sysexits.h): stopped on request, state saved; rerun the same command
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's code for Ctrl-C
@@ -64,8 +65,6 @@ def handle_signals():
     """Install the handlers for the duration of one command (and put the previous ones back, so an
     in-process caller such as a test keeps its own). A no-op outside the main thread, where Python
     cannot install handlers."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
