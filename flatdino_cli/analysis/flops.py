@@ -27,6 +27,7 @@ from torch import nn
 
 from flatdino_cli.config import load_preset
 from flatdino_cli.errors import UserError
+from flatdino_cli.flow import network_evaluations
 from flatdino_cli.runtime import Runtime, synchronize
 from flatdino_cli.utils import atomic_write_json
 
@@ -125,8 +126,6 @@ def pixel_decoder_flops(dec_cfg: Any) -> float:
 def dit_forwards_per_image(flow: Any) -> float:
     """DiT forwards per image of one sampling run: one per velocity evaluation of the sampler, two
     (conditional + unconditional halves) where guidance is on (a weight != 1 at that time)."""
-    from flatdino_cli.flow import network_evaluations
-
     return float(network_evaluations(flow))
 
 
