@@ -156,18 +156,34 @@ def run_config(run_dir: str | Path, expect_stage: str | None = None) -> Any:
     return cfg
 
 
-def weights_file(run_dir: str | Path, stage: str, prefer_ema: bool | None = None) -> Path:
+def kept_checkpoint(step: int) -> str:
+    """The name of the checkpoint train.keep_every_steps keeps at `step`."""
+    return f"step-{step:07d}"
+
+
+def kept_checkpoints(run_dir: str | Path) -> list[str]:
+    """The kept checkpoints of a run (train.keep_every_steps), oldest first."""
+    base = Path(run_dir) / "checkpoints"
+    names = sorted(d.name for d in base.glob("step-*") if d.is_dir()) if base.is_dir() else []
+    return [n for n in names if checkpoint_dir(Path(run_dir), n) is not None]
+
+
+def weights_file(run_dir: str | Path, stage: str, prefer_ema: bool | None = None, which: str | None = None) -> Path:
     """The checkpoint file a run is read from: the VAE's best-validation checkpoint when there is one (as
-    the authors do), the EMA weights of the latest checkpoint for the DiT and the pixel decoder."""
+    the authors do), the EMA weights of the latest checkpoint for the DiT and the pixel decoder; `which`
+    names another checkpoint folder (a kept step-NNNNNNN)."""
     run_dir = Path(run_dir)
     if is_export(run_dir):  # a Hugging Face model folder from `flatdino export`: its one weights file
         return run_dir / EXPORT_WEIGHTS
     if prefer_ema is None:
         prefer_ema = stage != "vae"
-    order = ("best", "latest") if stage == "vae" else ("latest",)
+    order = (which,) if which else ("best", "latest") if stage == "vae" else ("latest",)
     for which in order:
         d = checkpoint_dir(run_dir, which)
         if d is not None:
             ema = d / "ema.safetensors"
             return ema if prefer_ema and ema.is_file() else d / "model.safetensors"
+    if which:
+        raise UserError(f"{run_dir}: has no checkpoint {which} (it has: "
+                        f"{', '.join(['latest'] + kept_checkpoints(run_dir))})")
     raise UserError(f"{run_dir}: has no checkpoint yet; train it first (rerun the train command to resume)")

@@ -1075,6 +1075,95 @@ def fid(
         typer.echo(f"note: {note}")
 
 
+@command("eval")
+def eval_(
+    runs: Annotated[list[Path], typer.Argument(help="train-dit runs (each kept checkpoint, oldest first, then "
+                                                    "latest) or RAE's stage2_model.pt files.")],
+    reference: Annotated[Optional[Path], typer.Option(help=(
+        "Validation feature store of the encoder the DiT generates for (default: the one the run was evaluated "
+        "against in training, else its training data's FEATURES/val). Required for an RAE checkpoint."))] = None,
+    samples: Annotated[int, typer.Option(help="Class-balanced samples per checkpoint (0: 2,000 on CUDA, 240 on the "
+                                              "CPU, as train-dit). Compare numbers made with the same count.")] = 0,
+    seed: Annotated[int, typer.Option(help="The samples' noise (train-dit's eval.seed is 0).")] = 0,
+    nocfg: Annotated[bool, typer.Option("--nocfg/--no-nocfg", help="Also fd_rep_nocfg (unguided; twice the cost).")] = True,
+    vae: Annotated[Optional[Path], typer.Option(help="VAE run (default: the one recorded with the DiT's latents).")] = None,
+    stats: Annotated[Optional[Path], typer.Option(help="RAE's stat.pt for an RAE checkpoint (default: beside it).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per sampler batch.")] = 256,
+    out: Annotated[Optional[Path], typer.Option(help="Also write every row as JSON here.")] = None,
+    device: Device = "auto",
+    precision: MeasurePrecision = "fp32",
+):
+    """fd_rep after the fact: the quality number train-dit logs, for a run's checkpoints or RAE's DiT.
+
+    Samples with the DiT's own sampler setting (its flow section), maps the samples into the encoder's
+    feature space (VAE decoder, or de-normalisation for RAE grids) and computes the Frechet distance to the
+    reference store's statistics (see `flatdino_cli/evaluate.py`: no pixel decoder, not Inception FID).
+    Results are cached in RUN/fd_rep.json; a rerun computes only new checkpoints. Keep checkpoints during
+    training with --set train.keep_every_steps=N. Runs under torchrun: each rank samples its share.
+
+    \b
+    Examples:
+      flatdino eval runs/dit-xl-32x128 runs/dit-dh-xl-32x128
+      flatdino eval models/DiTs/.../DiTDH-XL/stage2_model.pt --reference stores/imagenet-val --samples 2000
+    """
+    from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, evaluate_checkpoints
+    from flatdino_cli.utils import atomic_write_json
+
+    rt = _runtime(device, precision, False)
+    rows = []
+    for run in runs:
+        for row in evaluate_checkpoints(run, reference, samples, seed, batch_size, nocfg, stats, vae, rt=rt):
+            rows.append({"run": str(run), **row})
+            if rt.is_main:
+                where = f"{row['checkpoint']} (step {row['step']:,})" if row["step"] is not None else "RAE checkpoint"
+                extra = f", {FD_REP_NOCFG} {row[FD_REP_NOCFG]:.4g}" if FD_REP_NOCFG in row else ""
+                typer.echo(f"eval: {run} {where}: {FD_REP} {row[FD_REP]:.4g}{extra} ({row['samples']} samples vs "
+                           f"{row['reference']})")
+    if out is not None and rt.is_main:
+        atomic_write_json(out, rows)
+        typer.echo(f"eval: {len(rows)} rows -> {out}")
+
+
+@command()
+def sweep(
+    dit: Annotated[Path, typer.Argument(help="A train-dit run or RAE's stage2_model.pt.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of sweep.json (resumable), sweep.md, sweep.png.")],
+    cfg: Annotated[Optional[str], typer.Option("--cfg", help="Guidance scales, e.g. 1,1.5,2,3,4.5 (default: the DiT's).")] = None,
+    interval: Annotated[Optional[str], typer.Option(help="Guidance intervals LO,HI separated by ';', e.g. '0,1;0.225,1'.")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="Sampler steps, e.g. 10,25,50.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="Samplers, e.g. euler,heun,ab2,sde (see `sample --help`).")] = None,
+    shift: Annotated[Optional[str], typer.Option(help="Time-grid shifts, e.g. 1,3.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Validation feature store (default: as `flatdino eval`).")] = None,
+    samples: Annotated[int, typer.Option(help="Samples per point (0: 2,000 on CUDA, 240 on the CPU).")] = 0,
+    seed: Annotated[int, typer.Option(help="The samples' noise: the same images at every point.")] = 0,
+    vae: Annotated[Optional[Path], typer.Option(help="VAE run (default: the one recorded with the DiT's latents).")] = None,
+    stats: Annotated[Optional[Path], typer.Option(help="RAE's stat.pt for an RAE checkpoint (default: beside it).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per sampler batch.")] = 256,
+    device: Device = "auto",
+    precision: MeasurePrecision = "fp32",
+):
+    """Score a grid of sampler knobs (guidance scale and interval, steps, sampler, shift) with fd_rep.
+
+    Every point samples the same class-balanced images (same noise) and scores them as `flatdino eval`
+    does (guided only); network evaluations per image and images/s are written beside each point. A point
+    already in OUT/sweep.json is not computed again, so a killed or extended sweep reruns cheaply. The
+    cfg axis is the paper's Figure 14. No pixel FID: fd_rep only (see `flatdino eval --help`).
+
+    \b
+    Examples:
+      flatdino sweep runs/dit-xl-32x128 --out sweeps/cfg --cfg 1,1.5,2,3,4.5,6
+      flatdino sweep runs/dit-xl-32x128 --out sweeps/nfe --sampler euler,heun,ab2 --steps 10,15,20,25,50
+    """
+    from flatdino_cli.sweep import parse_grid, run_sweep
+
+    grid = parse_grid(cfg, interval, steps, sampler, shift)
+    r = run_sweep(dit, out, grid, reference, samples, seed, batch_size, vae, stats, _runtime(device, precision, False))
+    best = min(r["points"], key=lambda p: p["fd_rep"])
+    typer.echo(f"sweep: {len(r['points'])} points, best fd_rep {best['fd_rep']:.4g} (cfg {best['cfg']:g}, "
+               f"{best['sampler']} {best['steps']} steps, {best['nfe']} evaluations per image) -> "
+               f"{r.get('table')}, {r.get('figure')}")
+
+
 def main():  # pragma: no cover - console entry for `python -m flatdino_cli.cli`
     app()
 

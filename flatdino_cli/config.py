@@ -51,6 +51,7 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay; 0 disables
     val_every_epochs: int = 1
     ckpt_every_steps: int = 500  # also at every epoch end and at the end of the run
+    keep_every_steps: int = 0  # also keep checkpoints/step-NNNNNNN every N steps (0: never; `flatdino eval` reads them)
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
@@ -66,7 +67,7 @@ class TrainConfig:
         _check(0.0 <= self.ema < 1.0, "train.ema", "in [0, 1)")
         _positive(self, "train", "ckpt_every_steps", "log_every", "val_every_epochs", "eps")
         # lr 0 is allowed: it freezes the weights (a fine-tuning check, a data-pipeline dry run)
-        _non_negative(self, "train", "lr", "epochs", "warmup_epochs", "warmup_start_lr", "decay_epochs", "final_lr",
+        _non_negative(self, "train", "keep_every_steps", "lr", "epochs", "warmup_epochs", "warmup_start_lr", "decay_epochs", "final_lr",
                       "weight_decay", "grad_clip", "seed", "num_workers", "keep_old_runs")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "a positive integer (or null)")
         _check(self.decay_until_epoch is None or self.decay_until_epoch >= self.decay_epochs,
@@ -223,11 +224,33 @@ class DiTModelConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """fd_rep during train-dit (evaluate.py): the EMA model's samples against a validation store."""
+
+    every: int = -1  # evaluate every N `unit`s; -1: `count` evaluations per run; 0: never
+    unit: str = "steps"  # steps | epochs
+    count: int = 20  # evaluations per run when every = -1
+    samples: int = 0  # class-balanced samples per evaluation; 0: 2,000 on CUDA, 240 on the CPU
+    seed: int = 0  # the samples' noise: the same images at every evaluation
+    reference: str | None = None  # validation feature store; None: the training data's FEATURES/val
+    batch_size: int = 256
+    nocfg: bool = True  # also fd_rep_nocfg (the same noise, unguided): twice the cost
+
+    def __post_init__(self):
+        _check(self.unit in ("steps", "epochs"), "eval.unit", "steps or epochs")
+        _check(self.every >= -1, "eval.every", "-1 (about eval.count per run), 0 (off) or a positive integer")
+        _check(self.samples == 0 or self.samples >= 2, "eval.samples", "0 (the device's default) or at least 2")
+        _positive(self, "eval", "count", "batch_size")
+        _non_negative(self, "eval", "seed")
+
+
+@dataclass(frozen=True)
 class DiTStageConfig:
     stage: str = "dit"
     model: DiTModelConfig = field(default_factory=DiTModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     normalize: bool = False  # RAE mode: (x - mean) / sqrt(var + 1e-5) with per-position stats
     sample_every: int = 0  # write a small sample grid every N steps (needs --vae/--decoder)
 

@@ -8,9 +8,9 @@ space: through the VAE decoder (FlatDINO, FAE) or by de-normalisation (RAE grids
     r(f) = [ mean_p f_p  (C)  ++  W^T (vec(f) - m) / sqrt(P)  (k = PCA_DIMS) ]
 
 where m and W (P*C, k) are the mean and the top-k principal directions of the flattened grids of the
-reference store (fitted once, on at most PCA_FIT_ROWS of its rows; / sqrt(P) puts both parts on the
-scale of one patch). fd_rep is the Frechet distance (fid_metrics.frechet_distance, ADM's formula)
-between the Gaussian of r over the samples and the Gaussian of r over a validation feature store.
+reference store (fitted once, on a seeded uniform subset of at most PCA_FIT_ROWS of its rows;
+/ sqrt(P) puts both parts on the scale of one patch). fd_rep is the Frechet distance
+(fid_metrics.frechet_distance, ADM's formula) between the Gaussian of r over the samples and the Gaussian of r over a validation feature store.
 The mean-pooled part sees what is in an image; the PCA part sees where it is (layout), which a real
 DINOv2 and the random `tiny` encoder both encode in their grids.
 
@@ -29,30 +29,37 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from flatdino_cli.data import Store, store_identity
+from flatdino_cli.data import Store, store_identity, subset_rows
 from flatdino_cli.errors import UserError
 from flatdino_cli.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.flow import FlowConfig
-from flatdino_cli.pipeline import Pipeline, sample_chunks
+from flatdino_cli.checkpoint import checkpoint_dir, kept_checkpoints, load_state
+from flatdino_cli.pipeline import LoadedDiT, Pipeline, load_dit, sample_chunks, trained_on_features
+from flatdino_cli.runs import load_run, run_inputs
 from flatdino_cli.runtime import CPU, Runtime
-from flatdino_cli.utils import atomic_write_bytes
+from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ["FD_REP", "FD_REP_NOCFG", "PCA_DIMS", "PCA_FIT_ROWS", "REFERENCE_FILE", "REFERENCE_VERSION",
            "Reference", "reference_stats", "rep_vectors", "fd_rep", "eval_labels", "sample_features",
-           "unguided", "evaluate_dit", "default_reference_store"]
+           "unguided", "evaluate_dit", "default_reference_store", "CUDA_SAMPLES", "CPU_SAMPLES", "default_samples",
+           "eval_every_steps", "training_evaluator", "eval_vae", "quality_summary", "RESULTS_FILE",
+           "evaluate_checkpoints", "evaluation_parts"]
 
 FD_REP, FD_REP_NOCFG = "fd_rep", "fd_rep_nocfg"  # the metrics.jsonl / tracker keys, everywhere
 PCA_DIMS = 32  # principal directions of the flattened grid
 PCA_FIT_ROWS = 1024  # reference rows the PCA is fitted on (P*C floats each: 0.8 GB at 256 x 768)
 REFERENCE_FILE = "fd_rep_reference.npz"
-REFERENCE_VERSION = 1  # bump when r(f) changes: older caches are refused
+REFERENCE_VERSION = 2  # bump when r(f) changes: older caches are refused (2: PCA on a uniform subset)
+CUDA_SAMPLES, CPU_SAMPLES = 2000, 240  # eval.samples = 0: per evaluation, by device
 
 
 @dataclass
@@ -86,11 +93,13 @@ def _store_record(store: Store) -> dict:
 
 
 def _fit(store: Store, batch: int = 256) -> Reference:
-    """PCA on the first PCA_FIT_ROWS valid rows (view 0), then the Gaussian of r over all valid rows."""
+    """PCA on a seeded uniform subset of PCA_FIT_ROWS valid rows (view 0; a store is class-sorted, so not its
+    first rows), then the Gaussian of r over all valid rows."""
     idx = store.valid_indices()
     if len(idx) < 2:
         raise UserError(f"{store.path}: fd_rep needs a reference store with at least 2 rows, it has {len(idx)}")
-    fit = torch.from_numpy(np.asarray(store.data[idx[:PCA_FIT_ROWS]], dtype=np.float32)).flatten(1).double()
+    fit_rows = subset_rows(store, PCA_FIT_ROWS)
+    fit = torch.from_numpy(np.asarray(store.data[fit_rows], dtype=np.float32)).flatten(1).double()
     mean = fit.mean(0)
     k = min(PCA_DIMS, len(fit) - 1, fit.shape[1])
     # the top-k right singular vectors of the centred rows, via the small (n, n) Gram matrix
@@ -177,7 +186,7 @@ def sample_features(pipe: Pipeline, ref: Reference, indices: Sequence[int], seed
     """(len(indices), C + k) vectors r(f) of evaluation images `indices` (this rank's share)."""
     labels = [i % pipe.cfg.model.num_classes for i in indices]
     out = []
-    for x, k in sample_chunks(pipe, labels, list(indices), seed, flow, batch_size, rt):
+    for x, k in sample_chunks(pipe, labels, list(indices), seed, flow, batch_size, rt, exact=False):
         feats = pipe.features(x, rt)[:k]
         if tuple(feats.shape[1:]) != ref.item_shape:
             raise UserError(f"fd_rep reference {ref.identity.get('store')}: holds {ref.item_shape} features, this "
@@ -222,3 +231,132 @@ def evaluate_dit(pipe: Pipeline, ref: Reference, samples: int, seed: int = 0, fl
             vecs = _gather(sample_features(pipe, ref, mine, seed, f, batch_size, rt), mine, samples, rt)
             out[key] = fd_rep(vecs, ref)
     return out
+
+
+# ----------------------------------------------------------------------------- during training
+def default_samples(samples: int, rt: Runtime) -> int:
+    """eval.samples, or (0) the device's default."""
+    return samples or (CUDA_SAMPLES if rt.is_cuda else CPU_SAMPLES)
+
+
+def eval_every_steps(every: int, unit: str, count: int, total: int, steps_per_epoch: int) -> int:
+    """The evaluation period in optimizer steps (0: off): eval.every in its unit, or (-1) about `count`
+    evaluations over the run's `total` steps. The last step is always evaluated as well."""
+    if every == 0:
+        return 0
+    if every < 0:
+        return max(1, math.ceil(total / count))
+    return every * (steps_per_epoch if unit == "epochs" else 1)
+
+
+def eval_vae(latents: Store, device) -> nn.Module | None:
+    """The VAE that turns a latent store's rows back into features (None for a feature store: RAE mode)."""
+    if latents.manifest["kind"] != "latents":
+        return None
+    vae_run = latents.manifest["identity"].get("vae_run")
+    if not vae_run or not (Path(vae_run) / "config.yaml").is_file():
+        raise UserError(f"{latents.path}: fd_rep decodes samples with the VAE these latents came from "
+                        f"({vae_run or 'not recorded'}), which is not there")
+    return load_run(vae_run, "vae", device=device)[1]
+
+
+def training_evaluator(cfg, ref: Reference, vae: nn.Module | None, stats: nn.Module | None,
+                       rt: Runtime) -> Callable[[nn.Module], dict[str, float]]:
+    """Task.evaluate for train-dit: fd_rep (and fd_rep_nocfg) of the network it is given (the EMA model),
+    from cfg.eval's samples and seed with the preset's sampler; the same images at every evaluation."""
+    n = default_samples(cfg.eval.samples, rt)
+
+    def evaluate(net: nn.Module) -> dict[str, float]:
+        was = net.training
+        net.eval()  # label dropout off
+        try:
+            pipe = Pipeline(cfg, net, None, vae, stats)
+            out = evaluate_dit(pipe, ref, n, cfg.eval.seed, cfg.flow, cfg.eval.batch_size, rt, nocfg=cfg.eval.nocfg)
+        finally:
+            net.train(was)
+        return {**out, "eval_samples": n}
+
+    return evaluate
+
+
+def quality_summary(rows: Sequence[dict]) -> dict | None:
+    """The latest and the best (lowest) fd_rep of a run's metrics rows, with their steps (None without
+    evaluations): what `workspace` and `info` show."""
+    q = [r for r in rows if FD_REP in r]
+    if not q:
+        return None
+    best = min(q, key=lambda r: r[FD_REP])
+    return {"last": q[-1][FD_REP], "step": q[-1]["step"], "best": best[FD_REP], "best_step": best["step"]}
+
+
+# ----------------------------------------------------------------------------- after the fact: `flatdino eval`
+RESULTS_FILE = "fd_rep.json"  # in a train-dit run: `flatdino eval`'s results, keyed by what they depend on
+
+
+def _recorded_reference(inputs: dict) -> str | None:
+    """The reference a run was evaluated against in training, else the default for its training data."""
+    if inputs.get("eval_reference", {}).get("store"):
+        return inputs["eval_reference"]["store"]
+    data = inputs.get("latents", {}).get("path")
+    return str(default_reference_store(data)) if data and Path(data).is_dir() else None
+
+
+def _reference(dit: Path, reference: str | Path | None, rt: Runtime) -> Reference:
+    """--reference, else the run's recorded one; computed and cached by rank 0 first, then read by all."""
+    store = reference or ((dit / "config.yaml").is_file() and _recorded_reference(run_inputs(dit))) or None
+    if store is None:
+        raise UserError(f"{dit}: no validation feature store is recorded for it; pass --reference STORE (features "
+                        "of the encoder whose space it generates in, e.g. FEATURES/val)")
+    if rt.is_main:
+        reference_stats(store)
+    rt.barrier()
+    return reference_stats(store)
+
+
+def _vae_for(d: LoadedDiT, dit: Path, vae_run: str | Path | None, device) -> nn.Module | None:
+    """The VAE that maps a DiT's samples into feature space (None in RAE mode): --vae, else the recorded one."""
+    if trained_on_features(d.cfg, d.inputs.get("kind")):
+        return None
+    vae_run = vae_run or d.inputs.get("identity", {}).get("vae_run")
+    if not vae_run or not Path(vae_run).is_dir():
+        raise UserError(f"{dit}: generates latents; pass --vae, the VAE run whose latents trained it "
+                        f"(recorded: {vae_run or 'none'})")
+    return load_run(vae_run, "vae", device=device)[1]
+
+
+def evaluation_parts(dit: str | Path, reference: str | Path | None = None, samples: int = 0,
+                     vae_run: str | Path | None = None, stats: str | Path | None = None, rt: Runtime = CPU,
+                     which: str | None = None, ema: bool = True) -> tuple[Pipeline, Reference, int]:
+    """(features-only Pipeline of a DiT, its fd_rep Reference, the sample count) for eval and sweep."""
+    dit = Path(dit)
+    d = load_dit(dit, rt.device, ema, stats, which=which)
+    pipe = Pipeline(d.cfg, d.model.eval(), None, _vae_for(d, dit, vae_run, rt.device), d.stats, {"dit": d.identity})
+    return pipe, _reference(dit, reference, rt), default_samples(samples, rt)
+
+
+def evaluate_checkpoints(path: str | Path, reference: str | Path | None = None, samples: int = 0, seed: int = 0,
+                         batch_size: int = 256, nocfg: bool = True, stats: str | Path | None = None,
+                         vae_run: str | Path | None = None, ema: bool = True, rt: Runtime = CPU) -> list[dict]:
+    """fd_rep of every checkpoint of a train-dit run (the kept step-NNNNNNN ones, oldest first, then latest)
+    or of RAE's released stage2_model.pt, with the DiT's own sampler setting, exactly as train-dit
+    evaluates: old runs, baselines and new runs get the same number against the same reference. A run's
+    results are cached in RUN/RESULTS_FILE by (weights, reference, samples, seed, sampler); a rerun
+    computes only what is missing. Returns one row per checkpoint."""
+    path = Path(path)
+    is_run = (path / "config.yaml").is_file()
+    ref, n = _reference(path, reference, rt), default_samples(samples, rt)
+    cache = read_json(path / RESULTS_FILE) if is_run else {}
+    rows = []
+    for which in ([*kept_checkpoints(path), "latest"] if is_run else [None]):
+        d = load_dit(path, rt.device, ema, stats, which=which)
+        key = json.dumps([d.identity["sha256"], ref.identity["manifest_sha256"], REFERENCE_VERSION, n, seed, nocfg,
+                          dataclasses.asdict(d.cfg.flow)], sort_keys=True)  # the same weights: the same number
+        step = int(load_state(checkpoint_dir(path, which) / "state.pt")["step"]) if is_run else None
+        if key not in cache:
+            pipe = Pipeline(d.cfg, d.model.eval(), None, _vae_for(d, path, vae_run, rt.device), d.stats)
+            result = evaluate_dit(pipe, ref, n, seed, d.cfg.flow, batch_size, rt, nocfg=nocfg)
+            cache[key] = {**result, "samples": n, "seed": seed, "reference": ref.identity["store"]}
+            if is_run and rt.is_main:
+                atomic_write_json(path / RESULTS_FILE, cache)  # after each checkpoint: a kill loses one at most
+        rows.append({"checkpoint": which or str(path), "step": step, **cache[key]})
+    return rows

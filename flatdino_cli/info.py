@@ -90,7 +90,9 @@ def _data_identity(inputs: dict) -> str | None:
 def describe_run(path: Path) -> list[tuple[str, Any]]:
     from flatdino_cli.checkpoint import run_config, weights_file
     from flatdino_cli.hub import is_export
+    from flatdino_cli.evaluate import quality_summary
     from flatdino_cli.runs import run_inputs, run_summary
+    from flatdino_cli.train import read_metrics
 
     cfg = run_config(path)
     export = is_export(path)
@@ -117,6 +119,10 @@ def describe_run(path: Path) -> list[tuple[str, Any]]:
                   ("last train", _row(s["last_train"]) or "none"),
                   ("best val", _row(s["best_val"]) or "none"),
                   ("checkpoint", s["checkpoint"] or "none yet")]
+        if cfg.stage == "dit":
+            q = quality_summary(read_metrics(path))
+            facts.append(("fd_rep", f"{q['last']:.4g} at step {q['step']:,} (best {q['best']:.4g} at step "
+                                    f"{q['best_step']:,})" if q else "no evaluations (eval.every=0, or none yet)"))
         if s["checkpoint"]:
             facts.append(("weights read", str(weights_file(path, cfg.stage))))
     facts.append(("disk", human_bytes(disk_use(path))))

@@ -181,9 +181,10 @@ def _rae_checkpoint(path: Path) -> Path | None:
 
 
 def load_dit(path: str | Path, device: torch.device | str = "cpu", ema: bool = True, stats: str | Path | None = None,
-             default_stats: Path | None = None, option: str = "--dit") -> LoadedDiT:
-    """A train-dit run (EMA weights unless ema=False; RUN/stats.pt) or RAE's stage2_model.pt (file or its
-    folder; stats from `stats`, else stat.pt beside it, else `default_stats`); one-line UserErrors."""
+             default_stats: Path | None = None, option: str = "--dit", which: str | None = None) -> LoadedDiT:
+    """A train-dit run (EMA weights unless ema=False, of its latest checkpoint or of `which`, a kept one;
+    RUN/stats.pt) or RAE's stage2_model.pt (file or its folder; stats from `stats`, else stat.pt beside it,
+    else `default_stats`); one-line UserErrors."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{option} {path}: no such file or directory")
@@ -201,8 +202,8 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", ema: bool = T
                             f"stat.pt (models/stats/.../stat.pt) or put it beside the checkpoint as stat.pt")
     else:
         inputs = run_inputs(path).get("latents", {})
-        cfg, model, sha = load_run(path, "dit", device=device, prefer_ema=ema)
-        wfile = weights_file(path, "dit", prefer_ema=ema)
+        cfg, model, sha = load_run(path, "dit", device=device, prefer_ema=ema, which=which)
+        wfile = weights_file(path, "dit", prefer_ema=ema, which=which)
         identity = {"path": str(path.resolve()), "weights": str(wfile), "sha256": sha,
                     "ema": wfile.name.startswith("ema")}
         if stats is None and cfg.normalize:
@@ -241,11 +242,12 @@ def check_guide(main: LoadedDiT, guide: LoadedDiT, where: str) -> None:
 
 def load_pipeline(dit_run: str | Path, vae_run: str | Path | None = None, decoder: str | Path | None = None,
                   device: torch.device | str = "cpu", ema: bool = True, stats: str | Path | None = None,
-                  guide: str | Path | None = None) -> Pipeline:
-    """DiT (train-dit run, EMA weights unless ema=False, or RAE's stage2_model.pt) + VAE run (FlatDINO;
-    default: the one in the DiT's inputs.json) or stats (RAE mode) + pixel decoder, and an optional
-    AutoGuidance DiT (`guide`, EMA weights); one-line UserError on any mismatch."""
-    main = load_dit(dit_run, device, ema, stats)
+                  guide: str | Path | None = None, which: str | None = None) -> Pipeline:
+    """DiT (train-dit run, EMA weights unless ema=False, of its latest checkpoint or the kept `which`, or
+    RAE's stage2_model.pt) + VAE run (FlatDINO; default: the one in the DiT's inputs.json) or stats (RAE
+    mode) + pixel decoder, and an optional AutoGuidance DiT (`guide`, EMA weights); one-line UserError on
+    any mismatch."""
+    main = load_dit(dit_run, device, ema, stats, which=which)
     cfg, inputs = main.cfg, main.inputs
     recorded_vae = inputs.get("identity", {}).get("vae_run")
     on_features = trained_on_features(cfg, inputs.get("kind"))
@@ -350,15 +352,17 @@ def sampling_dit(pipe: Pipeline, rt: Runtime) -> nn.Module:
 
 @torch.no_grad()
 def sample_chunks(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
-                  flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU):
+                  flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU, exact: bool = True):
     """Yield (DiT samples (B, N, d) on rt.device, k): image j < k of the chunk is class labels[.] from the
     noise of image indices[.], in order. On the CPU every chunk has CPU_CHUNK rows, the last one padded
     with copies of its last image (drop rows >= k; bit-identical images at any batch size, see
-    CPU_CHUNK); elsewhere batch_size rows, unpadded. The one sampling loop of generate and evaluate."""
+    CPU_CHUNK); elsewhere, or with exact=False (statistics over many images, where the last bits do
+    not matter but CPU_CHUNK's many small forwards do), batch_size rows, unpadded. The one sampling
+    loop of generate and evaluate."""
     flow = flow or pipe.cfg.flow
     if len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} indices")
-    fixed = rt.device.type == "cpu"
+    fixed = exact and rt.device.type == "cpu"
     chunk = CPU_CHUNK if fixed else max(1, batch_size)
 
     def run(net):  # a network as the sampler calls it: under the runtime's autocast, fp32 out

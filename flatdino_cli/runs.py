@@ -28,10 +28,11 @@ from flatdino_cli.utils import atomic_write_bytes, grid_side, read_json, sha256_
 
 
 def load_run(run_dir: str | Path, expect_stage: str, device: torch.device | str = "cpu",
-             prefer_ema: bool | None = None) -> tuple[Any, nn.Module, str]:
-    """(stage config, eval-mode model on device, sha256 of the weights file)."""
+             prefer_ema: bool | None = None, which: str | None = None) -> tuple[Any, nn.Module, str]:
+    """(stage config, eval-mode model on device, sha256 of the weights file); `which`: a checkpoint
+    folder other than the default one (weights_file)."""
     cfg = run_config(run_dir, expect_stage)
-    path = weights_file(run_dir, expect_stage, prefer_ema)
+    path = weights_file(run_dir, expect_stage, prefer_ema, which)
     sha = verify_file(path)  # damaged bytes are refused, not sampled with
     model = build_model(cfg)
     load_into(model, load_weights(path), path)

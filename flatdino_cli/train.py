@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from flatdino_cli import preempt
-from flatdino_cli.checkpoint import (checkpoint_dir, load_into, load_state, load_weights, save_checkpoint,
-                                     verify_checkpoint)
+from flatdino_cli.checkpoint import (checkpoint_dir, kept_checkpoint, load_into, load_state, load_weights,
+                                     save_checkpoint, verify_checkpoint)
 from flatdino_cli.config import TrainConfig, save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import LOCK_NAME, FolderLock
@@ -72,6 +72,11 @@ class Task:
     # every rank, outside the model's autocast and no_sync, so it is the same for any micro-batching
     after_step: Callable[[StepInfo], dict[str, float]] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)  # provenance, written as inputs.json
+    # a quality evaluation of the EMA model (model without EMA) on every rank, every eval_period(total
+    # steps, steps per epoch) steps and at the end, logged before the checkpoint of that step: a resume
+    # neither repeats nor skips one
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    eval_period: Callable[[int, int], int] | None = None
     find_unused_parameters: bool = False
     keep_files: tuple[str, ...] = ()  # run-dir files made for this run (stats.pt): --no-resume copies them aside
 
@@ -374,6 +379,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
 
     # the progress bar and the trackers are closed however the loop ends (diverged, Ctrl-C, an error):
     # a tracker closed late would lose the events still in its buffer
+    eval_every = task.eval_period(total, spe) if task.evaluate is not None and task.eval_period else 0
     bar = tqdm(total=total, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True, unit="step")
     try:
         window: dict[str, list[float]] = {}
@@ -447,10 +453,19 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
                         if val["loss"] < best_val:
                             best_val = val["loss"]
                             checkpoint("best")
+                if eval_every and (step % eval_every == 0 or step == total):
+                    t_eval = time.perf_counter()
+                    quality = task.evaluate(ema if ema is not None else model)
+                    quality["eval_seconds"] = time.perf_counter() - t_eval
+                    log.write(step=step, epoch=step / spe, **quality)
+                    bar.write(f"{desc} step {step:,}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
+                    t_window += quality["eval_seconds"]  # samples_per_s stays the training rate
                 # a stop request on any rank stops every rank here, after the same step (DDP: one int all-reduce)
                 stop = step < total and rt.any_rank(preempt.requested() is not None)
                 if stop or step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
                     checkpoint("latest")
+                if cfg.keep_every_steps and step % cfg.keep_every_steps == 0:
+                    checkpoint(kept_checkpoint(step))
                 if stop:
                     raise preempt.Preempted(f"{desc}: preempted at step {step:,}, saved; rerun the same command "
                                             "to continue", quiet=not rt.is_main)

@@ -25,14 +25,15 @@ from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.dit import with_store_shape
 from flatdino_cli.runs import run_inputs
-from flatdino_cli.train import FINISHED_FILE
+from flatdino_cli.evaluate import quality_summary
+from flatdino_cli.train import FINISHED_FILE, read_metrics
 from flatdino_cli.utils import atomic_write_json, disk_use, human_bytes
 
 ENV_VAR = "FLATDINO_WORKSPACE"
 INDEX_FILE = ".flatdino/index.json"
 SETTINGS_FILE = ".flatdino/settings.json"
 RUN_FILE = "run.json"  # {stage, preset}: what a hand-chosen folder name may not say
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 SETTINGS = {
     "decoder": "pixel decoder for sample and reconstruct (a train-decoder run or RAE's model.pt)",
     "encoder-weights": "local DINOv2 weights for extract / train-vae / train-decoder",
@@ -165,26 +166,16 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _metrics(d: Path) -> tuple[float | None, int | None, tuple[str, float] | None]:
-    """(last epoch, last step, best metric) from metrics.jsonl: lowest val/loss, else the last loss."""
-    epoch = step = None
-    best = last_loss = None
-    try:
-        lines = (d / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line a kill cut short
-        epoch, step = row.get("epoch", epoch), row.get("step", step)
-        if "val/loss" in row and (best is None or row["val/loss"] < best):
-            best = row["val/loss"]
-        if "loss" in row:
-            last_loss = row["loss"]
-    metric = ("val loss", best) if best is not None else ("loss", last_loss) if last_loss is not None else None
-    return epoch, step, metric
+def _metrics(d: Path) -> tuple[float | None, int | None, tuple[str, float] | None, dict | None]:
+    """(last epoch, last step, best metric, fd_rep summary) from metrics.jsonl: the metric is the lowest
+    val/loss, else the last loss."""
+    rows = read_metrics(d)
+    epoch = next((r["epoch"] for r in reversed(rows) if "epoch" in r), None)
+    step = next((r["step"] for r in reversed(rows) if "step" in r), None)
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    loss = [r["loss"] for r in rows if "loss" in r]
+    metric = ("val loss", min(val)) if val else ("loss", loss[-1]) if loss else None
+    return epoch, step, metric, quality_summary(rows)
 
 
 def _run_entry(ws: Path, d: Path) -> dict | None:
@@ -196,7 +187,7 @@ def _run_entry(ws: Path, d: Path) -> dict | None:
         return None
     run = _read_json(d / RUN_FILE)
     finished = _read_json(d / FINISHED_FILE)
-    epoch, step, metric = _metrics(d)
+    epoch, step, metric, quality = _metrics(d)
     epochs = float((cfg.get("train") or {}).get("epochs") or 0)
     progress = 1.0 if finished else min(1.0, epoch / epochs) if epoch is not None and epochs > 0 else 0.0
     inputs = _read_json(d / "inputs.json")
@@ -205,7 +196,7 @@ def _run_entry(ws: Path, d: Path) -> dict | None:
     done_at = finished.get("finished") or (_mtime_iso(last) if progress >= 1 else None)  # runs older than finished.json
     return {"kind": "run", "stage": cfg["stage"], "preset": run.get("preset") or re.sub(r"^(vae|dit|decoder)-", "", d.name),
             "progress": progress, "step": finished.get("step", step), "finished": done_at,
-            "time": last.stat().st_mtime, "metric": list(metric) if metric else None, "size": disk_use(d),
+            "time": last.stat().st_mtime, "metric": list(metric) if metric else None, "quality": quality, "size": disk_use(d),
             "from": [_rel(ws, s) for s in sources if isinstance(s, str)], "val": None}
 
 
@@ -419,10 +410,13 @@ def listing() -> str:
         return "\n".join(lines)
     names = {rel: rel + (" (+val)" if e.get("val") else "") for rel, e in entries.items()}
     w = max(map(len, names.values()))
-    lines.append(f"  {'path':{w}s} {'stage':8s} {'preset':14s} {'progress':>8s} {'best':>16s} {'size':>9s}  from")
+    lines.append(f"  {'path':{w}s} {'stage':8s} {'preset':14s} {'progress':>8s} {'metric':>24s} {'size':>9s}  from")
     for rel, e in entries.items():
         metric = f"{e['metric'][0]} {e['metric'][1]:.4g}" if e.get("metric") and e["metric"][1] is not None else ""
+        if e.get("quality"):  # a DiT's evaluations: the latest fd_rep, and the best when it was earlier
+            q = e["quality"]
+            metric = f"fd_rep {q['last']:.3g}" + (f" (best {q['best']:.3g})" if q["best"] < q["last"] else "")
         progress = "done" if e.get("finished") else f"{e['progress']:.0%}"
         lines.append(f"  {names[rel]:{w}s} {e['stage']:8s} {str(e.get('preset') or ''):14s} {progress:>8s} "
-                     f"{metric:>16s} {human_bytes(e['size']):>9s}  {' + '.join(e['from']) if e['from'] else '-'}")
+                     f"{metric:>24s} {human_bytes(e['size']):>9s}  {' + '.join(e['from']) if e['from'] else '-'}")
     return "\n".join(lines)

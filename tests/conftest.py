@@ -85,3 +85,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def dit_run(toy_features, tmp_path_factory):
+    """A 6-step tiny RAE-grid DiT evaluated at steps 3 and 6 on 24 samples, its checkpoints kept."""
+    out = tmp_path_factory.mktemp("dit") / "dit"
+    sets = ["train.max_steps=6", "train.epochs=0", "train.log_every=1", "train.keep_every_steps=3", "eval.every=3",
+            "eval.samples=24", "flow.steps=4", "model.depth=1"]
+    r = run_cli("train-dit", "--preset", "tiny-rae-dit", "--latents", toy_features, "--out", out, "--device", "cpu",
+                "--batch-size", "16", *[a for s in sets for a in ("--set", s)])
+    return out, r

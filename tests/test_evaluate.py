@@ -1,12 +1,23 @@
-"""fd_rep (evaluate.py): reference statistics cached with their store's identity and refused for another."""
+"""fd_rep (evaluate.py): reference statistics cached with their store's identity and refused for another;
+train-dit's evaluations at their cadence, drawn by `plot` on the FLOPs axis."""
 
+import json
+import math
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from flatdino_cli.errors import UserError
-from flatdino_cli.evaluate import REFERENCE_FILE, fd_rep, reference_stats, rep_vectors
+from flatdino_cli.evaluate import (FD_REP, FD_REP_NOCFG, REFERENCE_FILE, eval_every_steps, fd_rep, reference_stats,
+                                   rep_vectors)
+from flatdino_cli.train import read_metrics
+
+from conftest import ROOT, run_cli
 
 
 def test_reference_is_cached_and_refused_for_another_store(toy_features, tmp_path):
@@ -28,3 +39,69 @@ def test_reference_is_cached_and_refused_for_another_store(toy_features, tmp_pat
     with pytest.raises(UserError) as e:
         reference_stats(other)
     assert "another store" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_cadence_defaults_to_about_count_evaluations():
+    assert eval_every_steps(-1, "steps", 20, 1000, 50) == 50  # 20 evaluations
+    assert eval_every_steps(-1, "steps", 20, 30, 10) == 2  # 15 (every 2 steps) + none extra: never more than 20
+    assert eval_every_steps(0, "steps", 20, 1000, 50) == 0  # off
+    assert eval_every_steps(3, "epochs", 20, 1000, 50) == 150
+    assert eval_every_steps(7, "steps", 20, 1000, 50) == 7
+
+
+def test_train_dit_logs_fd_rep_eval_gives_it_again_and_plot_draws_it_on_flops(dit_run, toy_features, tmp_path, cli,
+                                                                              monkeypatch):
+    out, r = dit_run
+    rows = [row for row in read_metrics(out) if FD_REP in row]
+    assert [row["step"] for row in rows] == [3, 6]
+    for row in rows:
+        assert math.isfinite(row[FD_REP]) and row[FD_REP] > 0 and math.isfinite(row[FD_REP_NOCFG])
+        assert row["eval_samples"] == 24
+    assert rows[0][FD_REP] != rows[1][FD_REP]
+    assert f"step 3: {FD_REP}" in r.stdout + r.stderr
+    inputs = json.loads((out / "inputs.json").read_text())
+    assert inputs["eval_reference"]["store"] == str((toy_features / "val").resolve())
+
+    # after the fact: the kept checkpoints and latest, the same numbers as in training (same samples)
+    e = cli("eval", out, "--samples", "24", "--device", "cpu", "--batch-size", "256", "--out", tmp_path / "eval.json")
+    got = json.loads((tmp_path / "eval.json").read_text())
+    assert [(g["checkpoint"], g["step"]) for g in got] == [("step-0000003", 3), ("step-0000006", 6), ("latest", 6)]
+    for g, want in zip(got, [rows[0], rows[1], rows[1]]):
+        assert g[FD_REP] == pytest.approx(want[FD_REP], rel=1e-6)
+        assert g[FD_REP_NOCFG] == pytest.approx(want[FD_REP_NOCFG], rel=1e-6)
+    assert "step-0000003 (step 3): fd_rep" in e.stdout
+    monkeypatch.setattr("flatdino_cli.evaluate.evaluate_dit", lambda *a, **k: pytest.fail("recomputed"))
+    again = cli("eval", out, "--samples", "24", "--device", "cpu", "--out", tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == got and "latest" in again.stdout
+
+    info = cli("info", out).stdout
+    assert f"fd_rep" in info and f"at step 6" in info
+    p = cli("plot", out, "--x", "flops", "--out", tmp_path / "curves.png")
+    assert FD_REP in p.stdout and (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_two_processes_give_the_one_process_value(dit_run, tmp_path, cli):
+    # each rank samples images r, r + 2, ... and the vectors are gathered: the same statistic as one process
+    out, _ = dit_run
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("fd_rep.json"))  # nothing cached
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        _free_port(), "-m", "flatdino_cli.cli", "eval", str(tmp_path / "run"), "--samples", "24",
+                        "--device", "cpu", "--out", str(tmp_path / "ddp.json")],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("eval: ") == 4  # rank 0 reports: 3 checkpoints and the file
+    cli("eval", out, "--samples", "24", "--device", "cpu", "--out", tmp_path / "one.json")
+    ddp, one = (json.loads((tmp_path / f).read_text()) for f in ("ddp.json", "one.json"))
+    assert len(ddp) == len(one) == 3
+    for a, b in zip(ddp, one):
+        assert a["checkpoint"] == b["checkpoint"]
+        for key in (FD_REP, FD_REP_NOCFG):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key

@@ -35,8 +35,10 @@ from conftest import ROOT, run_cli
 
 FLAT_SAMPLE_BAR, FAE_SAMPLE_BAR = 0.55, 0.65  # see the module docstring: measured 0.642 and 0.758
 SHORTER = ("--set", "vae:train.epochs=6", "--set", "decoder:train.epochs=4")
+# the flat DiT also keeps a checkpoint, and logs fd_rep, every fifth of its 1260 steps (the Spearman test)
 FLAT_SETS = (*SHORTER, "--set", "dit:train.batch_size=64", "--set", "dit:train.epochs=30",
-             "--set", "dit:train.decay_epochs=6")
+             "--set", "dit:train.decay_epochs=6", "--set", "dit:train.keep_every_steps=252",
+             "--set", "dit:eval.every=252")
 FAE_SETS = SHORTER
 
 
@@ -189,3 +191,38 @@ def test_quickstart_fae_mode_samples_are_recognisable(fae_quickstart):
     assert cls["real_test_accuracy"] >= 0.95
     assert vae_cos >= 0.95
     assert cls["sample_accuracy"] >= FAE_SAMPLE_BAR
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (no ties expected among continuous values)."""
+    ra, rb = (np.argsort(np.argsort(np.asarray(x))) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_fd_rep_ranks_checkpoints_as_the_toy_classifier_does(flat_out, judge_cache, monkeypatch):
+    """fd_rep, as train-dit logged it (48 samples, no pixels), against the judge's accuracy on 96 decoded
+    samples of each kept checkpoint of the flat quickstart's DiT (FLAT_SETS keeps five): lower fd_rep
+    should go with higher accuracy (Spearman >= 0.8). Reuses the first test's folder."""
+    from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, predict
+    from flatdino_cli.checkpoint import kept_checkpoints
+    from flatdino_cli.evaluate import FD_REP
+    from flatdino_cli.pipeline import generate, load_pipeline
+    from flatdino_cli.train import read_metrics
+
+    dit = flat_out / "dit"
+    logged = {r["step"]: r[FD_REP] for r in read_metrics(dit) if FD_REP in r}
+    kept = kept_checkpoints(dit)
+    assert [int(k.split("-")[1]) for k in kept] == sorted(logged) == [252, 504, 756, 1008, 1260]
+    monkeypatch.setenv("XDG_CACHE_HOME", judge_cache["XDG_CACHE_HOME"])
+    judge, _ = cached_toy_classifier(size=48, seed=0)
+    labels = [i % 12 for i in range(96)]
+    accuracy = []
+    with one_thread():
+        for which in kept:
+            pipe = load_pipeline(dit, flat_out / "vae", flat_out / "decoder", which=which)
+            images = generate(pipe, labels, list(range(96)), seed=1, batch_size=96)
+            accuracy.append(float((predict(judge, images) == np.array(labels)).mean()))
+    fd = [logged[int(k.split("-")[1])] for k in kept]
+    rho = spearman([-x for x in fd], accuracy)
+    print(f"fd_rep {[round(x, 3) for x in fd]}; judge accuracy {accuracy}; Spearman {rho:.2f}")
+    assert rho >= 0.8

@@ -517,6 +517,42 @@ def test_best_checkpoint_and_metrics_across_a_resume(tmp_path):
         (4 * e, val_loss[e], 6) for e in range(1, 6)]
 
 
+def test_quality_evaluations_at_their_cadence_across_a_kill(tmp_path):
+    # 32 items / batch 4 = 8 steps per epoch, 3 epochs; an evaluation every 3 steps; checkpoints at 5, 8,
+    # 10, 15, 16, 20, 24. The kill at step 14 comes after the evaluation of step 12 was logged but before a
+    # checkpoint held it: the resume from step 10 drops that row and evaluates step 12 again (no repeat),
+    # and keeps those of steps 3, 6, 9 (no skip)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, ckpt_every_steps=5, log_every=1, ema=0.9)
+    calls = []
+
+    def evaluate(net):  # a stand-in metric that follows the weights it is given (the EMA model)
+        calls.append(sum(p.double().sum().item() for p in net.parameters()))
+        return {"fd_rep": calls[-1], "fd_rep_nocfg": 2 * calls[-1]}
+
+    def task(kill_at=None):
+        def on_step(step, model, ema):
+            if step == kill_at:
+                raise Killed
+        return tiny_task(n=32, on_step=on_step, evaluate=evaluate, eval_period=lambda total, spe: 3)
+
+    def quality(run):
+        return [(r["step"], r["fd_rep"], r["fd_rep_nocfg"]) for r in train.read_metrics(run) if "fd_rep" in r]
+
+    fit(task(), cfg, tmp_path / "ref", CPU)
+    ref = quality(tmp_path / "ref")
+    assert [s for s, _, _ in ref] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert ref[0][1] != ref[-1][1]  # the metric sees the weights move
+    with pytest.raises(Killed):
+        fit(task(kill_at=14), cfg, tmp_path / "run", CPU)
+    assert [s for s, _, _ in quality(tmp_path / "run")] == [3, 6, 9, 12]
+    calls.clear()
+    fit(task(), cfg, tmp_path / "run", CPU)
+    assert len(calls) == 5  # steps 12, 15, 18, 21, 24
+    assert quality(tmp_path / "run") == ref  # one row per evaluation, the same values (bitwise resume)
+    rows = train.read_metrics(tmp_path / "run")
+    assert all(r["eval_seconds"] >= 0 for r in rows if "fd_rep" in r)
+
+
 def test_resume_with_other_global_batch_is_refused_other_micro_batch_continues(tmp_path, capsys):
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, ckpt_every_steps=2, log_every=1, schedule="constant")
     run = tmp_path / "run"

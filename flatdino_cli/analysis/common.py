@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flatdino_cli.data import BadImage, Store, adm_center_crop, load_rgb, resize, to_tensor
+from flatdino_cli.data import SUBSET_SEED, BadImage, Store, adm_center_crop, load_rgb, resize, subset_rows, to_tensor
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.vae import check_feature_shape
 from flatdino_cli.runs import load_run
@@ -19,25 +19,6 @@ from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import atomic_write_json
 
 __all__ = ["SUBSET_SEED", "subset_rows", "iter_rows", "load_vae", "store_image", "write_json"]
-
-
-SUBSET_SEED = 0  # the one seed of the analyses' image subsets: every analysis of a store sees the same rows
-
-
-def subset_rows(store: Store, n: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
-    """(K,) ascending rows of `store` that hold data (skipped images left out): all of them, or a seeded
-    uniform choice of n over the whole store. Stores are in folder order (ImageNet: sorted by synset), so
-    the first n rows would be the first few hundred classes; the same (store, n, seed) gives the same rows,
-    so analyses that compare two spaces compare the same images."""
-    rows = store.valid_indices()
-    if n is not None:
-        if n < 1:
-            raise UserError(f"--n {n}: must be a positive number of images")
-        if n < len(rows):
-            rows = np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
-    if len(rows) == 0:
-        raise UserError(f"{store.path}: holds no valid rows")
-    return rows
 
 
 def iter_rows(store: Store, rows: np.ndarray, batch_size: int, device: torch.device,

@@ -1,7 +1,8 @@
 """`flatdino plot`: training curves of one or more runs, overlaid, from their metrics.jsonl.
 
 Panels (only those some run has data for): training loss (EMA-smoothed, raw faint), the DiT's loss
-per t-bucket, the learning rate, and each validation metric. The x axis is optimizer steps, or
+per t-bucket, the learning rate, each validation metric, and fd_rep (train-dit's evaluations: guided
+solid, unguided dashed). The x axis is optimizer steps, or
 training compute from the FLOPs module (DiT runs): step x global batch x FLOPs per image, the
 paper's convention (1 multiply-add = 1 FLOP; 3 x forward + encoding).
 """
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flatdino_cli.errors import UserError
+from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG
 
 VAL_ORDER = ("loss", "psnr", "cosine", "huber", "kl_per_token")  # first val panels; the rest follow
 MAX_VAL_PANELS = 3
@@ -29,6 +31,7 @@ class RunCurves:
     stage: str
     train: list[dict] = field(default_factory=list)  # rows with "loss"
     val: list[dict] = field(default_factory=list)  # rows with "val/..."
+    quality: list[dict] = field(default_factory=list)  # train-dit's evaluation rows (fd_rep, ...)
     flops_per_step: float | None = None
 
     def x(self, rows: list[dict], axis: str) -> np.ndarray:
@@ -84,7 +87,8 @@ def load_curves(run_dir: str | Path, label: str, axis: str) -> RunCurves:
     if not rows:
         raise UserError(f"{run_dir}: has no metrics.jsonl rows yet; train it first")
     curves = RunCurves(label, cfg.stage, [r for r in rows if "loss" in r],
-                       [r for r in rows if any(k.startswith("val/") for k in r)])
+                       [r for r in rows if any(k.startswith("val/") for k in r)],
+                       [r for r in rows if FD_REP in r or FD_REP_NOCFG in r])
     if axis == "flops":
         curves.flops_per_step = flops_per_step(run_dir, cfg)
     return curves
@@ -133,7 +137,8 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     if axis == "flops":
         scale, unit = _flop_unit(max(c.flops_per_step * max([r["step"] for r in c.train] or [1]) for c in curves))
     xlabel = "optimizer steps" if axis == "steps" else f"training compute ({unit})"
-    panels = ["loss"] + (["buckets"] if _bucket_keys(curves) else []) + ["lr"] + [f"val/{k}" for k in _val_keys(curves)]
+    panels = (["loss"] + (["buckets"] if _bucket_keys(curves) else []) + ["lr"] + [f"val/{k}" for k in _val_keys(curves)]
+              + ([FD_REP] if any(c.quality for c in curves) else []))
     cols = min(3, len(panels))
     rows_n = -(-len(panels) // cols)
     fig = new_figure(3.4 * cols, 2.7 * rows_n + (0.3 if title else 0), dpi=200)
@@ -174,6 +179,17 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
             ax.set_ylim(bottom=0)
             ax.yaxis.set_major_formatter(_ticker().FuncFormatter(lambda v, _: f"{v:.3g}"))  # no offset over the title
             ax.set_title("learning rate", fontsize=9)
+        elif panel == FD_REP:
+            for c, color in zip(curves, colors):
+                for key, style in ((FD_REP, "-"), (FD_REP_NOCFG, "--")):
+                    x, y = _series(c.quality, key, c, axis)
+                    if len(y):
+                        ax.plot(x / scale, y, color=color, linestyle=style, marker="o", markersize=3, linewidth=1.4,
+                                label=f"{c.label} {'guided' if key == FD_REP else 'unguided'}")
+                        drawn.append(y)
+            _log_if_wide(ax, drawn)
+            ax.set_title("fd_rep (feature-space FD, lower is better)", fontsize=9)
+            ax.legend(fontsize=6, frameon=False)
         else:
             for c, color in zip(curves, colors):
                 x, y = _series(c.val, panel, c, axis)

@@ -8,8 +8,8 @@ where the encoder runs. The public names are re-exported here: `from flatdino_cl
 from flatdino_cli.data.jpeg import DeviceJpegDataset, JpegFile, collate_device_jpegs, crops_on_device, device_decodable
 from flatdino_cli.data.sources import (IMAGE_EXTS, BadImage, BadImageWarning, ImageBatch, ImageDataset, ImageList,
                                        collate_images, list_images, load_rgb, source_hash)
-from flatdino_cli.data.store import (DONE, PENDING, SKIPPED, FeatureDataset, Store, epoch_views, first_view,
-                                     split_indices, store_identity)
+from flatdino_cli.data.store import (DONE, PENDING, SKIPPED, SUBSET_SEED, FeatureDataset, Store, epoch_views,
+                                     first_view, split_indices, store_identity, subset_rows)
 from flatdino_cli.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, EncoderTransform, adm_center_crop,
                                           adm_center_crop_tensor, denormalize, encoder_input, normalize,
                                           random_resized_crop_flip, resize, to_tensor)
@@ -19,6 +19,7 @@ __all__ = [
     "source_hash", "load_rgb", "adm_center_crop", "adm_center_crop_tensor", "random_resized_crop_flip", "to_tensor",
     "resize", "normalize", "denormalize", "encoder_input", "EncoderTransform", "ImageDataset", "ImageBatch",
     "collate_images", "JpegFile", "device_decodable", "DeviceJpegDataset", "collate_device_jpegs", "crops_on_device",
-    "Store", "FeatureDataset", "epoch_views", "first_view", "split_indices", "store_identity",
+    "Store", "FeatureDataset", "epoch_views", "first_view", "split_indices", "store_identity", "SUBSET_SEED",
+    "subset_rows",
     "PENDING", "DONE", "SKIPPED",
 ]

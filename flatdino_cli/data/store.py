@@ -332,6 +332,25 @@ class FeatureDataset(Dataset):
         return {**self.__dict__, "_data": None}
 
 
+SUBSET_SEED = 0  # the one seed of image subsets (analyses, fd_rep's PCA): every user of a store sees the same rows
+
+
+def subset_rows(store: Store, n: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
+    """(K,) ascending rows of `store` that hold data (skipped images left out): all of them, or a seeded
+    uniform choice of n over the whole store. Stores are in folder order (ImageNet: sorted by synset), so
+    the first n rows would be the first few hundred classes; the same (store, n, seed) gives the same rows,
+    so analyses that compare two spaces compare the same images."""
+    rows = store.valid_indices()
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--n {n}: must be a positive number of images")
+        if n < len(rows):
+            rows = np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
+    if len(rows) == 0:
+        raise UserError(f"{store.path}: holds no valid rows")
+    return rows
+
+
 def split_indices(count: int, val_count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train, val) split of range(count): val_count random rows, both sorted."""
     if not 0 <= val_count < count:

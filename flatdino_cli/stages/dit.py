@@ -20,6 +20,8 @@ from flatdino_cli.classes import class_label
 from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.data import FeatureDataset, Store, store_identity
 from flatdino_cli.errors import UserError
+from flatdino_cli.evaluate import (default_reference_store, eval_every_steps, eval_vae, reference_stats,
+                                   training_evaluator)
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
 from flatdino_cli.models.dit import with_store_shape
@@ -101,13 +103,41 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
     inputs = {"latents": {"path": str(Path(latents).resolve()), "manifest_sha256": store.manifest_hash(),
                           "kind": store.manifest["kind"], "identity": store.manifest["identity"]},
               "data_path": str(Path(latents).resolve()), "data_identity": store_identity(store)}
+    evaluate, ref = quality_evaluator(cfg, store, stats, rt)
+    if ref is not None:
+        inputs["eval_reference"] = ref.identity
     if store.views == 1 and rt.is_main:
         tqdm.write(f"train-dit: {latents} holds one view per image, so no mirror images are trained on "
                    "(re-extract the features with --mirror, then the latents, for the paper's flips)")
     rows = FeatureDataset(store, view_seed=cfg.train.seed)  # crop or mirror, drawn per (seed, epoch, row)
     task = Task(model=model, train_set=LabelledRows(rows, cfg.model.num_classes), loss_fn=loss_fn,
-                config=cfg, inputs=inputs, on_step=on_step, keep_files=(STATS_FILE,) if stats is not None else ())
+                config=cfg, inputs=inputs, on_step=on_step, keep_files=(STATS_FILE,) if stats is not None else (),
+                evaluate=evaluate, eval_period=lambda total, spe: eval_every_steps(
+                    cfg.eval.every, cfg.eval.unit, cfg.eval.count, total, spe))
     return fit(task, cfg.train, out, rt, resume=resume, desc="train-dit", new_data=new_data)
+
+
+def quality_evaluator(cfg: DiTStageConfig, store: Store, stats, rt: Runtime):
+    """(Task.evaluate, its fd_rep Reference), or (None, None) with eval.every = 0. The reference statistics
+    are computed (and cached) by rank 0 first, then read by every rank. With the default cadence
+    (eval.every = -1) a run whose latents' VAE is gone trains without evaluations and says so; asked for
+    explicitly (eval.every > 0), that is an error."""
+    if cfg.eval.every == 0:
+        return None, None
+    try:
+        vae = eval_vae(store, rt.device)
+    except UserError as e:
+        if cfg.eval.every > 0:
+            raise UserError(f"{e}; restore it, or turn the evaluation off with --set eval.every=0") from None
+        if rt.is_main:
+            tqdm.write(f"train-dit: no fd_rep evaluations: {e} (--set eval.every=0 silences this)")
+        return None, None
+    ref_store = cfg.eval.reference or default_reference_store(store.path)
+    if rt.is_main:
+        reference_stats(ref_store)
+    rt.barrier()
+    ref = reference_stats(ref_store)
+    return training_evaluator(cfg, ref, vae, stats, rt), ref
 
 
 def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path | None, decoder: str | Path,
