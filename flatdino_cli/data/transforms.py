@@ -142,7 +142,8 @@ def whole_image_resize(img: Image.Image, size: int, interp: str = "area") -> Ima
     a = np.asarray(img, dtype=np.float64)  # (H, W, 3)
     a = (a[ih] * wh[:, :, None, None]).sum(1)  # rows: (size, W, 3)
     a = (a[:, iw] * ww[None, :, :, None]).sum(2)  # columns: (size, size, 3)
-    return Image.fromarray(np.clip(np.floor(a + 0.5), 0, 255).astype(np.uint8))  # half up, as cv2's area sums
+    # halves round up, as cv2's integer area sums (+1e-6: a float sum of thirds can land just under a half)
+    return Image.fromarray(np.clip(np.floor(a + 0.5 + 1e-6), 0, 255).astype(np.uint8))
 
 
 def random_resized_crop_flip(img: Image.Image, size: int, scale: tuple[float, float] = (0.3, 1.0),
