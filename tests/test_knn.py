@@ -160,3 +160,15 @@ def test_reproduce_row7_runs_on_toy_data(knn_run, tmp_path, cli):
         r = json.loads((tmp_path / out / "knn.json").read_text())
         assert r["preprocessing"]["crop"] == "whole_image_resize" and (r["n_train"], r["n_val"]) == (48, 24)
     assert json.loads((tmp_path / "analysis/knn-dino/knn.json").read_text())["item_shape"] == [64, 64]
+
+
+def test_analyses_read_a_whole_image_store_s_pixels_the_way_it_was_made(knn_run, tmp_path):
+    from flatdino_cli.analysis.common import store_image
+    from flatdino_cli.analysis.pca import run_pca
+    from flatdino_cli.data import to_tensor
+
+    st = Store.open(knn_run / "k" / "val")
+    want = to_tensor(whole_image_resize(load_rgb(st.paths[3]), 64, "area")).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(store_image(st, 3, 64), want, atol=1e-6)  # the overlay figures' pixels
+    r = run_pca(knn_run / "k" / "val", tmp_path / "pca", n=6, progress=False)  # pixel patches of 8 x 8 x 3
+    assert r["sources"]["pixels"]["dim"] == 192 and r["sources"]["dino"]["dim"] == 64
