@@ -116,8 +116,8 @@ def test_check_feature_shape_lets_only_the_flat_encoder_take_a_whole_image_grid(
     check_feature_shape(whole, cfg, "w", encode_only=True)
     adm = Store.open(make_store(tmp_path / "a", rows, y, PRE))
     wide = Store.open(make_store(tmp_path / "c", np.zeros((2, 64, 16), np.float32), y, {"crop": "whole_image_resize"}))
-    for store, c, encode_only in ((adm, cfg, True), (whole, cfg, False), (whole, dataclasses.replace(cfg, kind="fae"), True),
-                                  (wide, cfg, True)):
+    fae = dataclasses.replace(cfg, kind="fae")  # per-patch latents: its grid is its shape
+    for store, c, encode_only in ((adm, cfg, True), (whole, cfg, False), (whole, fae, True), (wide, cfg, True)):
         with pytest.raises(UserError, match="features of shape"):
             check_feature_shape(store, c, store.path, encode_only=encode_only)
 

@@ -269,8 +269,8 @@ class EncoderTransform:
         crop = ("whole_image_resize" if self.whole_image else
                 "random_resized_crop_flip" if self.augment else "adm_center_crop")
         return {"crop": crop, "crop_size": self.crop_size, "input_size": self.input_size, "interp": self.interp,
-                "antialias": not (self.whole_image and self.interp == "bilinear"), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                "alpha": "composite_on_white", **({"scale": list(self.scale)} if self.augment else {}),
+                "antialias": not (self.whole_image and self.interp == "bilinear"),  # cv2's INTER_LINEAR has none
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "alpha": "composite_on_white", **({"scale": list(self.scale)} if self.augment else {}),
                 **({"resampling": "cv2 INTER_AREA" if self.interp == "area" else "cv2 INTER_LINEAR"}
                    if self.whole_image else {})}
 
