@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import run_cli
 from flatdino_cli.analysis.knn import run_knn
 from flatdino_cli.config import VAEModelConfig
-from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb, whole_image_resize
+from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb
 from flatdino_cli.encoders import get_spec, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.vae import check_feature_shape
@@ -51,6 +51,8 @@ def knn_run(toy_features, tmp_path_factory):
 
 
 def test_whole_image_resize_averages_areas_and_crops_nothing():
+    from flatdino_cli.data import whole_image_resize
+
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (96, 144, 3), dtype=np.uint8)  # H 96 -> 48, W 144 -> 48: 2 x 3 blocks
     want = np.floor(a.reshape(48, 2, 48, 3, 3).astype(np.float64).mean((1, 3)) + 0.5)
@@ -128,12 +130,12 @@ def test_knn_refuses_train_and_val_made_differently(tmp_path):
     data = rng.standard_normal((30, 4, 8)).astype(np.float32)
     bicubic, bilinear = PRE, {**PRE, "interp": "bilinear"}
     train = make_store(tmp_path / "train", data, y, bicubic)
-    r = run_knn(train, tmp_path / "ok", val=make_store(tmp_path / "val", data[:9], y[:9], bicubic), ks=(5,),
-                progress=False)
-    assert r["preprocessing"] == bicubic and r["n_val"] == 9
     with pytest.raises(UserError, match="interp 'bilinear' vs 'bicubic'") as e:
         run_knn(train, tmp_path / "no", val=make_store(tmp_path / "v2", data[:9], y[:9], bilinear), progress=False)
     assert "\n" not in str(e.value)
+    r = run_knn(train, tmp_path / "ok", val=make_store(tmp_path / "val", data[:9], y[:9], bicubic), ks=(5,),
+                progress=False)
+    assert r["preprocessing"] == bicubic and r["n_val"] == 9
     lat_a, lat_b = (make_store(tmp_path / f"lat{h}", data, y, bicubic, "latents", {"vae_checkpoint_sha256": h})
                     for h in "ab")
     with pytest.raises(UserError, match="another VAE checkpoint"):
@@ -165,7 +167,7 @@ def test_reproduce_row7_runs_on_toy_data(knn_run, tmp_path, cli):
 def test_analyses_read_a_whole_image_store_s_pixels_the_way_it_was_made(knn_run, tmp_path):
     from flatdino_cli.analysis.common import store_image
     from flatdino_cli.analysis.pca import run_pca
-    from flatdino_cli.data import to_tensor
+    from flatdino_cli.data import to_tensor, whole_image_resize
 
     st = Store.open(knn_run / "k" / "val")
     want = to_tensor(whole_image_resize(load_rgb(st.paths[3]), 64, "area")).permute(1, 2, 0).numpy()
