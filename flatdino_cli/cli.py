@@ -296,14 +296,15 @@ def extract(
                                               "train-dit then draws crop or mirror every epoch).")] = False,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 (default for features) or float32.")] = "",
     preprocess: Annotated[str, typer.Option(help="adm: the ADM centre crop, resized to the encoder input (the "
-                                                 "generator and VAE pipelines); knn: the authors' k-NN transform, "
-                                                 "the whole image resized to CROP_SIZE (no crop) and encoded at "
-                                                 "that size (256 px: 324 DINOv2 patches).")] = "adm",
+                                                 "generator and VAE pipelines); whole: the authors' evaluation "
+                                                 "transform, the whole image resized to CROP_SIZE (no crop), then "
+                                                 "bilinear to the encoder input; knn: the same, encoded at "
+                                                 "CROP_SIZE itself (their k-NN: 256 px, 324 DINOv2 patches).")] = "adm",
     interp: Annotated[str, typer.Option(help="adm: resize to the encoder input, bicubic (generator pipeline, "
-                                             "default) or bilinear (VAE evaluation); knn: area (cv2 INTER_AREA, "
-                                             "default) or bilinear (INTER_LINEAR, for images smaller than "
-                                             "CROP_SIZE such as CIFAR).")] = "",
-    crop_size: Annotated[Optional[int], typer.Option(help="ADM center-crop size, or the knn resize side "
+                                             "default) or bilinear (VAE evaluation); whole/knn: area (cv2 "
+                                             "INTER_AREA, default) or bilinear (INTER_LINEAR, for images "
+                                             "smaller than CROP_SIZE such as CIFAR).")] = "",
+    crop_size: Annotated[Optional[int], typer.Option(help="ADM center-crop size, or the whole-image side "
                                                           "(default 256 for DINOv2-B).")] = None,
     class_index: Annotated[Optional[Path], typer.Option(help="JSON/txt mapping ImageNet synset folders to 0-999.")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first unreadable image instead of skipping it.")] = False,

@@ -56,10 +56,9 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
     if cfg.tf32 and rt.is_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     side = cfg.crop_size or default_crop_size(encoder)
-    whole = cfg.preprocess == "knn"  # the authors' k-NN transform: the encoder runs at the resized side itself
-    if whole and side != encoder.spec.image_size:
-        encoder = load_encoder(cfg.encoder, cfg.encoder_weights, device=rt.device, input_size=side)
-    transform = EncoderTransform(side, encoder.spec.image_size, cfg.interp, whole_image=whole)
+    if cfg.preprocess == "knn" and side != encoder.spec.image_size:  # the authors' k-NN: the encoder runs at
+        encoder = load_encoder(cfg.encoder, cfg.encoder_weights, device=rt.device, input_size=side)  # that side
+    transform = EncoderTransform(side, encoder.spec.image_size, cfg.interp, whole_image=cfg.preprocess != "adm")
     forward = torch.compile(encoder) if cfg.compile else encoder
     parts = [(Path(out), images)]
     if cfg.val_split:
@@ -95,7 +94,7 @@ def _extract_part(path: Path, subset, encoder, encode, transform: EncoderTransfo
                                 "grid": [math.isqrt(encoder.num_patches)] * 2},  # the encoder's square patch grid
                          overwrite=overwrite, views=2 if cfg.mirror else 1)
     if rt.decode_jpeg_on_device and not transform.whole_image:  # JPEG bytes through the loader, decoded +
-        # cropped on the device (the ADM crop only; the k-NN resize runs in the loader's workers)
+        # cropped on the device (the ADM crop only; the whole-image resize runs in the loader's workers)
         dataset = DeviceJpegDataset(subset, transform.pixels, strict=cfg.strict)
         collate, prepare = collate_device_jpegs, functools.partial(crops_on_device, crop_size=transform.crop_size,
                                                                     device=rt.device)

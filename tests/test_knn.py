@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import run_cli
 from flatdino_cli.analysis.knn import run_knn
 from flatdino_cli.config import VAEModelConfig
-from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb
+from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb, normalize
 from flatdino_cli.encoders import get_spec, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.vae import check_feature_shape
@@ -174,3 +174,20 @@ def test_analyses_read_a_whole_image_store_s_pixels_the_way_it_was_made(knn_run,
     np.testing.assert_allclose(store_image(st, 3, 64), want, atol=1e-6)  # the overlay figures' pixels
     r = run_pca(knn_run / "k" / "val", tmp_path / "pca", n=6, progress=False)  # pixel patches of 8 x 8 x 3
     assert r["sources"]["pixels"]["dim"] == 192 and r["sources"]["dino"]["dim"] == 64
+
+
+
+def test_extract_whole_resizes_the_whole_image_then_feeds_the_encoder_its_own_size(toy_features, tmp_path, cli):
+    # the authors' other analyses (token ablation and noise from 256 px, PCA and redundancy from 224 px) resize
+    # the whole image, then bilinear to DINOv2's 224: the ADM stores' patch count, without their crop
+    from flatdino_cli.data import resize, whole_image_resize
+
+    cli("extract", toy_features.parent / "toy", tmp_path / "w", "--encoder", "tiny", "--preprocess", "whole",
+        "--crop-size", "64", "--dtype", "float32")
+    st = Store.open(tmp_path / "w")
+    pre = st.manifest["preprocessing"]
+    assert st.item_shape == (36, 64)
+    assert (pre["crop"], pre["crop_size"], pre["input_size"]) == ("whole_image_resize", 64, 48)
+    x = resize(torch.stack([torch.from_numpy(np.array(whole_image_resize(load_rgb(st.paths[i]), 64))).permute(2, 0, 1)
+                            for i in (1, 9)]).float() / 255, 48, "bilinear")
+    np.testing.assert_allclose(st.data[[1, 9]], load_encoder("tiny")(normalize(x)).numpy(), atol=1e-5)

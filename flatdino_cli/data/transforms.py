@@ -226,9 +226,10 @@ class EncoderTransform:
 
     augment=False: `encoder_input` (ADM crop). augment=True: RandomResizedCrop(crop_size, scale)
     + flip instead of the ADM crop (VAE training on images), using torch's global RNG.
-    whole_image=True: the authors' k-NN transform instead of the ADM crop: the whole image resized to
-    crop_size x crop_size (interp "area" or "bilinear", as cv2), which is the encoder input itself
-    (input_size == crop_size: 256 px gives DINOv2/14 18 x 18 = 324 patches).
+    whole_image=True: the authors' evaluation transform instead of the ADM crop: the whole image resized
+    to crop_size x crop_size (interp "area" or "bilinear", as cv2), then, if the encoder input differs,
+    antialiased bilinear to input_size (their jax.image.resize). Their k-NN feeds the 256-px image itself
+    (input_size == crop_size: DINOv2/14 sees 18 x 18 = 324 patches).
     """
 
     crop_size: int
@@ -239,10 +240,8 @@ class EncoderTransform:
     whole_image: bool = False
 
     def __post_init__(self):
-        if self.whole_image and (self.input_size != self.crop_size or self.augment
-                                 or self.interp not in WHOLE_IMAGE_INTERPS):
-            raise ValueError(f"whole_image: input_size must equal crop_size, no augment, interp in "
-                             f"{WHOLE_IMAGE_INTERPS}; got {self}")
+        if self.whole_image and (self.augment or self.interp not in WHOLE_IMAGE_INTERPS):
+            raise ValueError(f"whole_image: no augment, interp in {WHOLE_IMAGE_INTERPS}; got {self}")
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.finish(self.pixels(img))
@@ -261,8 +260,8 @@ class EncoderTransform:
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 crops (..., 3, crop, crop) -> normalised float32 (..., 3, input_size, input_size)."""
-        x = x.float().div_(255)
-        return normalize(x if self.whole_image else resize(x, self.input_size, self.interp))
+        interp = "bilinear" if self.whole_image else self.interp  # after a whole-image resize: jax's linear
+        return normalize(resize(x.float().div_(255), self.input_size, interp))
 
     def spec(self) -> dict:
         """What a store's manifest records as `preprocessing`."""
@@ -270,9 +269,10 @@ class EncoderTransform:
                 "random_resized_crop_flip" if self.augment else "adm_center_crop")
         return {"crop": crop, "crop_size": self.crop_size, "input_size": self.input_size, "interp": self.interp,
                 "antialias": not (self.whole_image and self.interp == "bilinear"),  # cv2's INTER_LINEAR has none
-                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "alpha": "composite_on_white", **({"scale": list(self.scale)} if self.augment else {}),
-                **({"resampling": "cv2 INTER_AREA" if self.interp == "area" else "cv2 INTER_LINEAR"}
-                   if self.whole_image else {})}
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "alpha": "composite_on_white",
+                **({"scale": list(self.scale)} if self.augment else {}),
+                **({"resampling": "cv2 INTER_AREA" if self.interp == "area" else "cv2 INTER_LINEAR",
+                    "to_input": "bilinear, antialias"} if self.whole_image else {})}
 
 
 def is_whole_image(preprocessing: dict | None) -> bool:
