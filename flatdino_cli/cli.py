@@ -295,9 +295,17 @@ def extract(
     mirror: Annotated[bool, typer.Option(help="Also encode each crop's mirror image (a second view per row: "
                                               "train-dit then draws crop or mirror every epoch).")] = False,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 (default for features) or float32.")] = "",
-    interp: Annotated[str, typer.Option(help="Resize to the encoder input: bicubic (generator pipeline) or "
-                                             "bilinear (VAE evaluation).")] = "bicubic",
-    crop_size: Annotated[Optional[int], typer.Option(help="ADM center-crop size (default 256 for DINOv2-B).")] = None,
+    preprocess: Annotated[str, typer.Option(help="adm: the ADM centre crop, resized to the encoder input (the "
+                                                 "generator and VAE pipelines); whole: the authors' evaluation "
+                                                 "transform, the whole image resized to CROP_SIZE (no crop), then "
+                                                 "bilinear to the encoder input; knn: the same, encoded at "
+                                                 "CROP_SIZE itself (their k-NN: 256 px, 324 DINOv2 patches).")] = "adm",
+    interp: Annotated[str, typer.Option(help="adm: resize to the encoder input, bicubic (generator pipeline, "
+                                             "default) or bilinear (VAE evaluation); whole/knn: area (cv2 "
+                                             "INTER_AREA, default) or bilinear (INTER_LINEAR, for images "
+                                             "smaller than CROP_SIZE such as CIFAR).")] = "",
+    crop_size: Annotated[Optional[int], typer.Option(help="ADM center-crop size, or the whole-image side "
+                                                          "(default 256 for DINOv2-B).")] = None,
     class_index: Annotated[Optional[Path], typer.Option(help="JSON/txt mapping ImageNet synset folders to 0-999.")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first unreadable image instead of skipping it.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store that was made differently.")] = False,
@@ -317,6 +325,7 @@ def extract(
     Examples:
       flatdino extract imagenet/train stores/in1k --encoder dinov2-b-reg4 --batch-size 256 --workers 8
       flatdino extract runs/toy runs/toy-feats --encoder tiny --val-split 100
+      flatdino extract imagenet/val stores/knn-val --preprocess knn   (Table 10's k-NN input: 324 patches)
       flatdino extract stores/in1k --vae runs/vae-vae-32x128     (-> stores/in1k-latents-vae-vae-32x128)
     """
     from flatdino_cli import workspace as ws
@@ -339,7 +348,8 @@ def extract(
     from flatdino_cli.extract import extract_features
 
     cfg = ExtractConfig(encoder=encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
-                        crop_size=crop_size, interp=interp, dtype=dtype or "float16", batch_size=batch_size,
+                        preprocess=preprocess, crop_size=crop_size, interp=interp or None,
+                        dtype=dtype or "float16", batch_size=batch_size,
                         workers=workers, val_split=val_split, strict=strict, compile=compile, tf32=tf32,
                         mirror=mirror)
     summary = extract_features(source, out, cfg, rt, overwrite=overwrite, class_index=class_index)

@@ -82,8 +82,14 @@ class ExtractConfig:
 
     encoder: str = "dinov2-b-reg4"  # dinov2-b-reg4 | tiny (random weights, for testing)
     encoder_weights: str | None = None
-    crop_size: int | None = None  # ADM center crop; None: 256 for DINOv2-B, the image size for tiny
-    interp: str = "bicubic"  # resize to the encoder input: bicubic (generator) | bilinear (VAE eval)
+    # adm: the ADM centre crop resized to the encoder input (the generator and VAE pipelines) | whole: the
+    # authors' evaluation transform, the whole image resized to crop_size (no crop), then bilinear to the
+    # encoder input | knn: the same, encoded at crop_size itself (their k-NN: 256 px, 324 DINOv2 patches)
+    preprocess: str = "adm"
+    crop_size: int | None = None  # ADM crop / whole-image side; None: 256 for DINOv2-B, the image size for tiny
+    # adm: resize to the encoder input, bicubic (generator) | bilinear (VAE eval); whole, knn: area | bilinear
+    # (cv2's); None: bicubic for adm, area otherwise
+    interp: str | None = None
     dtype: str = "float16"  # stored dtype: float16 | float32
     batch_size: int = 64
     workers: int = 0
@@ -94,7 +100,11 @@ class ExtractConfig:
     tf32: bool = False
 
     def __post_init__(self):
-        _check(self.interp in ("bicubic", "bilinear"), "interp", "bicubic or bilinear")
+        _check(self.preprocess in ("adm", "whole", "knn"), "preprocess", "adm, whole or knn")
+        whole = self.preprocess != "adm"
+        object.__setattr__(self, "interp", self.interp or ("area" if whole else "bicubic"))
+        _check(self.interp in (("area", "bilinear") if whole else ("bicubic", "bilinear")), "interp",
+               f"area or bilinear with --preprocess {self.preprocess}" if whole else "bicubic or bilinear")
         _check(self.dtype in ("float16", "float32"), "dtype", "float16 or float32")
         _positive(self, "", "batch_size")
         _non_negative(self, "", "workers", "val_split")

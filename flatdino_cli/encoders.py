@@ -345,8 +345,11 @@ def _pretrained_file(spec: EncoderSpec) -> Path:
                     f"({why}); pass --encoder-weights FILE (.safetensors/.pth, timm or HF layout)")
 
 
-def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, device="cpu") -> FrozenEncoder:
-    """A frozen encoder by name (or spec), with weights from `weights`, the HF cache, or the fixed seed."""
+def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, device="cpu",
+                 input_size: int | None = None) -> FrozenEncoder:
+    """A frozen encoder by name (or spec), with weights from `weights`, the HF cache, or the fixed seed.
+    input_size: run it on images of that side instead of the spec's (the weights' position table resampled
+    once to the new patch grid; 256 px -> 18 x 18 patches at patch 14, as the authors' k-NN)."""
     spec = name if isinstance(name, EncoderSpec) else get_spec(name)
     if weights is not None and rae_folder.is_rae_folder(Path(weights).expanduser()):
         # an AutoencoderRAE folder: its config gives the sizes, its encoder.* tensors are HF-layout DINOv2
@@ -366,6 +369,8 @@ def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, dev
         wid = f"hf:{repo}@{path.parent.name}"  # cache layout: models--org--name/snapshots/<rev>/file
     else:
         sd, source, wid = None, "", f"random-init(seed={spec.seed}, sincos-pos x{RANDOM_INIT_POSITION_SCALE}): for testing only"
+    if input_size:
+        spec = dataclasses.replace(spec, image_size=input_size)
     model = _build_vit(spec)
     if sd is not None:
         _load_into(model, sd, source, spec)

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (BadImageWarning, DeviceJpegDataset, EncoderTransform, FeatureDataset, ImageDataset,
-                               Store, collate_device_jpegs, collate_images, crops_on_device, list_images,
-                               split_indices)
+                               Store, collate_device_jpegs, collate_images, crops_on_device, is_whole_image,
+                               list_images, split_indices)
 from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import FolderLock
@@ -55,7 +55,10 @@ def extract_features(source: str | Path, out: str | Path, cfg: ExtractConfig, rt
     encoder = load_encoder(cfg.encoder, cfg.encoder_weights, device=rt.device)
     if cfg.tf32 and rt.is_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    transform = EncoderTransform(cfg.crop_size or default_crop_size(encoder), encoder.spec.image_size, cfg.interp)
+    side = cfg.crop_size or default_crop_size(encoder)
+    if cfg.preprocess == "knn" and side != encoder.spec.image_size:  # the authors' k-NN: the encoder runs at
+        encoder = load_encoder(cfg.encoder, cfg.encoder_weights, device=rt.device, input_size=side)  # that side
+    transform = EncoderTransform(side, encoder.spec.image_size, cfg.interp, whole_image=cfg.preprocess != "adm")
     forward = torch.compile(encoder) if cfg.compile else encoder
     parts = [(Path(out), images)]
     if cfg.val_split:
@@ -90,7 +93,8 @@ def _extract_part(path: Path, subset, encoder, encode, transform: EncoderTransfo
                          extra={"class_names": subset.class_names, "source": subset.source,
                                 "grid": [math.isqrt(encoder.num_patches)] * 2},  # the encoder's square patch grid
                          overwrite=overwrite, views=2 if cfg.mirror else 1)
-    if rt.decode_jpeg_on_device:  # JPEG bytes through the loader, decoded + cropped on the device
+    if rt.decode_jpeg_on_device and not transform.whole_image:  # JPEG bytes through the loader, decoded +
+        # cropped on the device (the ADM crop only; the whole-image resize runs in the loader's workers)
         dataset = DeviceJpegDataset(subset, transform.pixels, strict=cfg.strict)
         collate, prepare = collate_device_jpegs, functools.partial(crops_on_device, crop_size=transform.crop_size,
                                                                     device=rt.device)
@@ -177,7 +181,7 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
     cfg = ExtractConfig(batch_size=batch_size, dtype=dtype)
     for src_path, _ in stores:  # every input is checked before anything is written
         src = Store.open(src_path, expect_kind="features")
-        check_feature_shape(src, vae_cfg.model, src_path)
+        check_feature_shape(src, vae_cfg.model, src_path, encode_only=not decoded)
         check_same_encoder(src, src_path, vae_run, new_data)
     summary = {"stores": []}
     with FolderLock(out, "store", option="OUT"):
@@ -218,7 +222,11 @@ def check_same_encoder(store: Store, where: Path, vae_run: str | Path, new_data:
     inputs = read_json(Path(vae_run) / "inputs.json")
     # None for a run from before identities were recorded: nothing to compare
     trained_on = inputs.get("data_identity") if isinstance(inputs, dict) else None
-    if trained_on and trained_on.get("encoder") != store.manifest["identity"] and not new_data:
+    have, want = store.manifest["identity"], (trained_on or {}).get("encoder")
+    if is_whole_image(store.manifest.get("preprocessing")) and isinstance(want, dict):
+        # the k-NN protocol's larger input: the same encoder and weights at another patch count
+        have, want = ({k: v for k, v in d.items() if k != "num_patches"} for d in (have, want))
+    if trained_on and want != have and not new_data:
         raise UserError(f"{where}: made by encoder {store.manifest['identity'].get('encoder')} "
                         f"(weights {store.manifest['identity'].get('weights')}), but {vae_run} was trained on "
                         f"features of {trained_on['encoder'].get('encoder')} (weights "

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flatdino_cli.data import SUBSET_SEED, BadImage, Store, adm_center_crop, load_rgb, resize, subset_rows, to_tensor
+from flatdino_cli.data import (SUBSET_SEED, BadImage, Store, adm_center_crop, is_whole_image, load_rgb, resize,
+                               subset_rows, to_tensor, whole_image_resize)
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.vae import check_feature_shape
 from flatdino_cli.runs import load_run
@@ -42,8 +43,8 @@ def load_vae(vae_run: str | Path, store: Store, rt: Runtime):
 
 
 def store_image(store: Store, row: int, size: int) -> np.ndarray | None:
-    """The image behind store row `row`, ADM center-cropped as the store was made, resized to
-    size x size, (size, size, 3) float in [0, 1]; None if the file cannot be read."""
+    """The image behind store row `row`, ADM center-cropped (or whole-image resized) as the store was made,
+    resized to size x size, (size, size, 3) float in [0, 1]; None if the file cannot be read."""
     path = store.paths[row]
     if not Path(path).is_file():
         return None
@@ -51,8 +52,10 @@ def store_image(store: Store, row: int, size: int) -> np.ndarray | None:
         img = load_rgb(path)
     except BadImage:
         return None
-    crop = int(store.manifest.get("preprocessing", {}).get("crop_size") or min(img.size))
-    x = resize(to_tensor(adm_center_crop(img, crop)), size)  # (3, size, size)
+    pre = store.manifest.get("preprocessing", {})
+    crop = int(pre.get("crop_size") or min(img.size))
+    img = whole_image_resize(img, crop, pre["interp"]) if is_whole_image(pre) else adm_center_crop(img, crop)
+    x = resize(to_tensor(img), size)  # (3, size, size)
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 

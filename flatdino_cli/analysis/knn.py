@@ -1,9 +1,13 @@
 """`flatdino knn`: weighted k-NN classification probe on latents (the paper's Appendix I, Table 10).
 
 Embedding of one item (T, d): L2-normalise each token, mean-pool over tokens, L2-normalise again
-(works as well for (256, 768) DINOv2 feature stores: the paper's baseline). Each validation
+(works as well for (P, 768) DINOv2 feature stores: the paper's baseline). Each validation
 embedding takes its k most cosine-similar training embeddings; neighbour votes are weighted by
 exp(sim / 0.07) (Caron et al. 2021) and the class with the largest total wins.
+
+The paper's protocol (the authors' eval/knn.py) makes train and val alike: `extract --preprocess knn`
+(the whole image resized to 256 px, no crop: 324 DINOv2 patches, which the FlatDINO encoder takes as
+they are). A val store made with other preprocessing than the train store is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from flatdino_cli.data import Store, split_indices
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import CPU, Runtime
 
-__all__ = ["pooled_embedding", "knn_classify", "run_knn"]
+__all__ = ["pooled_embedding", "knn_classify", "check_same_making", "run_knn"]
 
 KS = (10, 20, 100)
 TEMPERATURE = 0.07
@@ -58,6 +62,21 @@ def knn_classify(train: torch.Tensor, train_labels: torch.Tensor, query: torch.T
     return {k: {"top1": 100.0 * h1 / M, "top5": 100.0 * h5 / M} for k, (h1, h5) in hits.items()}
 
 
+def check_same_making(train: Store, val: Store, train_path, val_path) -> None:
+    """One-line UserError unless both stores were made alike: the same image preprocessing (a bicubic
+    train store against a bilinear val store would measure the resize as much as the features) and, for
+    latents, the same VAE checkpoint."""
+    a, b = train.manifest.get("preprocessing") or {}, val.manifest.get("preprocessing") or {}
+    if a != b:
+        diff = ", ".join(f"{k} {b.get(k)!r} vs {a.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        raise UserError(f"--val {val_path}: made with other preprocessing than {train_path} ({diff}); extract "
+                        "both with the same options (the paper's k-NN: `flatdino extract --preprocess knn` for each)")
+    vae_a, vae_b = (s.manifest["identity"].get("vae_checkpoint_sha256") for s in (train, val))
+    if vae_a != vae_b:
+        raise UserError(f"--val {val_path}: latents of another VAE checkpoint than {train_path}; extract both "
+                        "with the same --vae run")
+
+
 def _embed(store: Store, rows: np.ndarray, batch_size: int, rt: Runtime, desc: str, progress: bool):
     embs = [pooled_embedding(x) for _, x in iter_rows(store, rows, batch_size, rt.device, desc, progress)]
     return torch.cat(embs), torch.from_numpy(store.labels[rows]).long().to(rt.device)
@@ -78,6 +97,7 @@ def run_knn(latents: str | Path, out: str | Path, val: str | Path | None = None,
         if val_store.item_shape != train_store.item_shape:
             raise UserError(f"{val_dir}: items of shape {val_store.item_shape}, but {latents} has "
                             f"{train_store.item_shape}; pass the matching --val store")
+        check_same_making(train_store, val_store, latents, val_dir)
         val_rows, split = val_store.valid_indices(), f"store {val_dir}"
     else:
         n_val = min(val_count, len(train_rows) // 10)
@@ -95,6 +115,7 @@ def run_knn(latents: str | Path, out: str | Path, val: str | Path | None = None,
     result = {"store": str(Path(latents).resolve()), "store_manifest_sha256": train_store.manifest_hash(),
               "kind": train_store.manifest.get("kind"), "item_shape": list(train_store.item_shape),
               "val": split, "n_train": int(len(train_rows)), "n_val": int(len(val_rows)), "classes": C,
+              "preprocessing": train_store.manifest.get("preprocessing"),
               "temperature": temperature, "k": {str(k): v for k, v in acc.items()},
               "effective_k": {str(k): min(k, len(train_rows)) for k in ks},
               "best_top1": max(v["top1"] for v in acc.values()), "figure": "knn.png"}

@@ -18,7 +18,8 @@ import torch
 
 from flatdino_cli import viz
 from flatdino_cli.analysis.common import subset_rows, iter_rows, load_vae, write_json
-from flatdino_cli.data import EncoderTransform, ImageDataset, ImageList, Store, collate_images, list_images
+from flatdino_cli.data import (EncoderTransform, ImageDataset, ImageList, Store, collate_images, is_whole_image,
+                               list_images)
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import grid_side
@@ -131,14 +132,16 @@ def _image_list(store: Store, rows: np.ndarray, images: str | Path | None, n: in
 
 
 def _pixel_chunks(images: ImageList, store: Store, batch_size: int, workers: int, progress: bool):
-    """Normalised encoder-input pixels (the store's ADM crop + resize), cut into the encoder's patches."""
+    """Normalised encoder-input pixels (the store's ADM crop + resize, or its k-NN whole-image resize), cut
+    into the encoder's patches."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     pre = store.manifest.get("preprocessing", {})
     size = int(pre.get("input_size", 224))
     patch = size // grid_side(store.item_shape[0], str(store.path))
-    tf = EncoderTransform(int(pre.get("crop_size") or size), size, pre.get("interp", "bicubic"))
+    tf = EncoderTransform(int(pre.get("crop_size") or size), size, pre.get("interp", "bicubic"),
+                          whole_image=is_whole_image(pre))
     loader = DataLoader(ImageDataset(images, tf), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_images)
     for batch in tqdm(loader, desc="pca pixels", unit="batch", disable=not progress, dynamic_ncols=True):

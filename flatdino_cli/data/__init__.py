@@ -11,13 +11,15 @@ from flatdino_cli.data.sources import (IMAGE_EXTS, BadImage, BadImageWarning, Im
 from flatdino_cli.data.store import (DONE, PENDING, SKIPPED, SUBSET_SEED, FeatureDataset, Store, epoch_views,
                                      first_view, split_indices, store_identity, subset_rows)
 from flatdino_cli.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, EncoderTransform, adm_center_crop,
-                                          adm_center_crop_tensor, denormalize, encoder_input, normalize,
-                                          random_resized_crop_flip, resize, to_tensor)
+                                          adm_center_crop_tensor, denormalize, encoder_input, is_whole_image,
+                                          normalize, random_resized_crop_flip, resize, to_tensor,
+                                          whole_image_resize)
 
 __all__ = [
     "IMAGE_EXTS", "IMAGENET_MEAN", "IMAGENET_STD", "BadImage", "BadImageWarning", "ImageList", "list_images",
     "source_hash", "load_rgb", "adm_center_crop", "adm_center_crop_tensor", "random_resized_crop_flip", "to_tensor",
-    "resize", "normalize", "denormalize", "encoder_input", "EncoderTransform", "ImageDataset", "ImageBatch",
+    "resize", "whole_image_resize", "is_whole_image", "normalize", "denormalize", "encoder_input", "EncoderTransform",
+    "ImageDataset", "ImageBatch",
     "collate_images", "JpegFile", "device_decodable", "DeviceJpegDataset", "collate_device_jpegs", "crops_on_device",
     "Store", "FeatureDataset", "epoch_views", "first_view", "split_indices", "store_identity", "SUBSET_SEED",
     "subset_rows",

@@ -1,5 +1,6 @@
 """Encoder preprocessing: the ADM centre crop (on PIL images, and pixel-exact on uint8 tensors on any
-device), the VAE's random crop + flip, resizing and ImageNet normalisation."""
+device), the authors' k-NN transform (the whole image resized, no crop), the VAE's random crop + flip,
+resizing and ImageNet normalisation."""
 
 from __future__ import annotations
 
@@ -90,6 +91,61 @@ def adm_center_crop_tensor(x: torch.Tensor, size: int = 256) -> torch.Tensor:
     return x[:, top: top + size, left: left + size]
 
 
+# The authors' k-NN transform (noctrog/flatdino eval/knn.py: FlatDinoValAugmentations on train and val):
+# albumentations' Resize of the WHOLE image to size x size (aspect ratio not kept, no crop) with cv2's
+# INTER_AREA when the dataset's images are at least `size` (ImageNet and most of Table 10) and INTER_LINEAR
+# when they are smaller (CIFAR). Reproduced here with cv2's own per-axis coefficients, in float64, rounded
+# once: within one grey level of cv2 (which rounds its fixed-point passes), without depending on OpenCV.
+WHOLE_IMAGE_INTERPS = ("area", "bilinear")
+
+
+@functools.lru_cache(maxsize=512)
+def _cv2_weights(in_size: int, out_size: int, kind: str, decimate: bool) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.resize's coefficients along one axis as (taps index (out, K), weights (out, K)) float64.
+
+    area + decimate (both sides shrink or stay): each output pixel averages the input pixels its
+    footprint [o*s, (o+1)*s) covers, weighted by the overlap (cv2's resizeArea). area otherwise: cv2's
+    two-tap area weights (1 - f, f) on floor(o*s) and the next pixel. bilinear: INTER_LINEAR, pixel
+    centres aligned, edges clamped."""
+    s, o = in_size / out_size, np.arange(out_size)
+    if kind == "area" and decimate:
+        j = np.arange(in_size)
+        k = np.clip(np.minimum(o[:, None] * s + s, j + 1) - np.maximum(o[:, None] * s, j), 0, None) / s
+        lo = (k > 0).argmax(1)  # first covered pixel
+        taps = int(math.ceil(s)) + 1
+        idx = lo[:, None] + np.arange(taps)
+        w = np.where(idx < in_size, np.take_along_axis(k, np.minimum(idx, in_size - 1), 1), 0.0)
+        return np.minimum(idx, in_size - 1), w
+    if kind == "area":
+        sx = np.floor(o * s)
+        f = (o + 1) - (sx + 1) / s
+        f = np.where(f <= 0, 0.0, f - np.floor(f))
+    else:
+        x = (o + 0.5) * s - 0.5
+        sx = np.floor(x)
+        f = np.where(sx < 0, 0.0, x - sx)
+        sx = np.maximum(sx, 0)
+    idx = np.minimum(np.stack([sx, sx + 1], 1).astype(np.int64), in_size - 1)
+    return idx, np.stack([1 - f, f], 1)
+
+
+def whole_image_resize(img: Image.Image, size: int, interp: str = "area") -> Image.Image:
+    """The authors' k-NN transform: the whole image resized to size x size (no crop, aspect ratio not
+    kept), with cv2's INTER_AREA (interp "area") or INTER_LINEAR ("bilinear") coefficients."""
+    if interp not in WHOLE_IMAGE_INTERPS:
+        raise ValueError(f"interp must be one of {WHOLE_IMAGE_INTERPS}, got {interp!r}")
+    W, H = img.size
+    if (W, H) == (size, size):
+        return img
+    decimate = W >= size and H >= size  # cv2 averages areas only when no side grows
+    (ih, wh), (iw, ww) = _cv2_weights(H, size, interp, decimate), _cv2_weights(W, size, interp, decimate)
+    a = np.asarray(img, dtype=np.float64)  # (H, W, 3)
+    a = (a[ih] * wh[:, :, None, None]).sum(1)  # rows: (size, W, 3)
+    a = (a[:, iw] * ww[None, :, :, None]).sum(2)  # columns: (size, size, 3)
+    # halves round up, as cv2's integer area sums (+1e-6: a float sum of thirds can land just under a half)
+    return Image.fromarray(np.clip(np.floor(a + 0.5 + 1e-6), 0, 255).astype(np.uint8))
+
+
 def random_resized_crop_flip(img: Image.Image, size: int, scale: tuple[float, float] = (0.3, 1.0),
                              ratio: tuple[float, float] = (3 / 4, 4 / 3),
                              generator: torch.Generator | None = None) -> Image.Image:
@@ -170,6 +226,10 @@ class EncoderTransform:
 
     augment=False: `encoder_input` (ADM crop). augment=True: RandomResizedCrop(crop_size, scale)
     + flip instead of the ADM crop (VAE training on images), using torch's global RNG.
+    whole_image=True: the authors' evaluation transform instead of the ADM crop: the whole image resized
+    to crop_size x crop_size (interp "area" or "bilinear", as cv2), then, if the encoder input differs,
+    antialiased bilinear to input_size (their jax.image.resize). Their k-NN feeds the 256-px image itself
+    (input_size == crop_size: DINOv2/14 sees 18 x 18 = 324 patches).
     """
 
     crop_size: int
@@ -177,6 +237,11 @@ class EncoderTransform:
     interp: str = "bicubic"
     augment: bool = False
     scale: tuple[float, float] = (0.3, 1.0)
+    whole_image: bool = False
+
+    def __post_init__(self):
+        if self.whole_image and (self.augment or self.interp not in WHOLE_IMAGE_INTERPS):
+            raise ValueError(f"whole_image: no augment, interp in {WHOLE_IMAGE_INTERPS}; got {self}")
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.finish(self.pixels(img))
@@ -185,17 +250,31 @@ class EncoderTransform:
     # runs (a quarter of the bytes through workers and to the GPU; one vectorised op per batch).
     def pixels(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> its (3, crop_size, crop_size) uint8 crop."""
-        crop = random_resized_crop_flip(img, self.crop_size, self.scale) if self.augment else \
-            adm_center_crop(img, self.crop_size)
+        if self.whole_image:
+            crop = whole_image_resize(img, self.crop_size, self.interp)
+        elif self.augment:
+            crop = random_resized_crop_flip(img, self.crop_size, self.scale)
+        else:
+            crop = adm_center_crop(img, self.crop_size)
         return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 crops (..., 3, crop, crop) -> normalised float32 (..., 3, input_size, input_size)."""
-        return normalize(resize(x.float().div_(255), self.input_size, self.interp))
+        interp = "bilinear" if self.whole_image else self.interp  # after a whole-image resize: jax's linear
+        return normalize(resize(x.float().div_(255), self.input_size, interp))
 
     def spec(self) -> dict:
         """What a store's manifest records as `preprocessing`."""
-        return {"crop": "random_resized_crop_flip" if self.augment else "adm_center_crop",
-                "crop_size": self.crop_size, "input_size": self.input_size, "interp": self.interp,
-                "antialias": True, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                "alpha": "composite_on_white", **({"scale": list(self.scale)} if self.augment else {})}
+        crop = ("whole_image_resize" if self.whole_image else
+                "random_resized_crop_flip" if self.augment else "adm_center_crop")
+        return {"crop": crop, "crop_size": self.crop_size, "input_size": self.input_size, "interp": self.interp,
+                "antialias": not (self.whole_image and self.interp == "bilinear"),  # cv2's INTER_LINEAR has none
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "alpha": "composite_on_white",
+                **({"scale": list(self.scale)} if self.augment else {}),
+                **({"resampling": "cv2 INTER_AREA" if self.interp == "area" else "cv2 INTER_LINEAR",
+                    "to_input": "bilinear, antialias"} if self.whole_image else {})}
+
+
+def is_whole_image(preprocessing: dict | None) -> bool:
+    """Whether a store's recorded preprocessing is the authors' k-NN transform (whole image, no crop)."""
+    return (preprocessing or {}).get("crop") == "whole_image_resize"
