@@ -458,7 +458,8 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
                     quality = task.evaluate(ema if ema is not None else model)
                     quality["eval_seconds"] = time.perf_counter() - t_eval
                     log.write(step=step, epoch=step / spe, **quality)
-                    bar.write(f"{desc} step {step:,}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
+                    if rt.is_main:
+                        bar.write(f"{desc} step {step:,}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
                     t_window += quality["eval_seconds"]  # samples_per_s stays the training rate
                 # a stop request on any rank stops every rank here, after the same step (DDP: one int all-reduce)
                 stop = step < total and rt.any_rank(preempt.requested() is not None)
