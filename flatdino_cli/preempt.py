@@ -9,8 +9,9 @@ training loop, at a step boundary) runs inside `deferred()`: there the signal on
 loop reads with `requested()`, finishes what is in flight, saves, and raises `Preempted` itself. Every
 such stop exits with PREEMPTED_EXIT.
 
-Ctrl-C keeps its usual behaviour (KeyboardInterrupt, exit 130); a second Ctrl-C, while the first
-one's clean-up runs, stops the process at once.
+A second stop signal while the first one's stop runs is ignored (the save and the clean-up finish; the
+cluster's SIGKILL ends it anyway). Ctrl-C keeps its usual behaviour (KeyboardInterrupt, exit 130); a
+second Ctrl-C, while the first one's clean-up runs, stops the process at once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ _state = _State()
 
 
 def _on_stop(signum, frame) -> None:
+    if _state.signal_name is not None:  # already stopping: let that stop's clean-up finish (torchrun, for
+        return  # one, signals the other ranks once a rank has ended, while they still close their logs)
     _state.signal_name = signal.Signals(signum).name
     if not _state.deferring:
         raise Preempted(f"flatdino: stopped by {_state.signal_name}; finished work is kept, rerun the same "

@@ -1,0 +1,213 @@
+"""Preemption with real processes: SIGTERM at a random step of train-dit under 2-process gloo torchrun
+(sent to rank 1 only) and of train-decoder with its discriminator, then the rerun is bitwise equal to
+an uninterrupted run with one metrics row per step; a signal inside a checkpoint write (SIGTERM: the
+write finishes, the run stops a step later; SIGKILL at the end of the grace period: the previous
+checkpoint is intact); a flipped byte in model.safetensors refused by `sample`; extract stopped by
+SIGTERM keeps its finished chunks and the rerun ends byte-identical.
+
+The tests synchronise on what the processes write (metrics rows, store chunks), never on how fast
+they run; timeouts are generous. About two minutes of CPU in all, mostly process start-up.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from flatdino_cli.checkpoint import CHECKSUMS, TEST_SIGNAL_IN_SAVE, checkpoint_dir, load_state, verify_checkpoint
+from flatdino_cli.preempt import PREEMPTED_EXIT
+from test_dit import write_latents
+from test_train import ENV, ROOT, _cli, _free_port, assert_same, metrics, store, write_preset  # noqa: F401
+
+WAIT = 300  # s: the most a test waits for a process to reach a point it synchronises on
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """Start a command in the background, output to a log file (a full pipe would stall it), with ENV
+    plus `env`; every process still alive at teardown is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd: list, log: str, env: dict | None = None) -> subprocess.Popen:
+        with open(tmp_path / log, "w") as f:
+            p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env={**ENV, **(env or {})}, start_new_session=True)
+        p.log = tmp_path / log
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too
+            p.wait()
+
+
+def wait_for(proc, ready, what: str) -> None:
+    """Poll `ready()` until it holds; fails if `proc` ended first or WAIT seconds passed."""
+    deadline = time.monotonic() + WAIT
+    while not ready():
+        assert proc.poll() is None, f"ended ({proc.returncode}) before {what}:\n{proc.log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {WAIT} s:\n{proc.log.read_text()[-3000:]}"
+        time.sleep(0.005)
+
+
+def train_rows(run: Path) -> int:
+    """Training rows in metrics.jsonl (log_every=1: the steps done), a torn last line not counted."""
+    log = run / "metrics.jsonl"
+    if not log.is_file():
+        return 0
+    return sum(ln.endswith("}") and '"loss"' in ln for ln in log.read_text().splitlines())
+
+
+def same_run(a: Path, b: Path, files=("model.safetensors", "ema.safetensors")) -> None:
+    """latest/ of two runs bitwise equal (weights, EMA, optimizer, aux state), and their training logs."""
+    ca, cb = checkpoint_dir(a), checkpoint_dir(b)
+    for f in files:
+        assert_same(load_file(ca / f), load_file(cb / f), f)
+    assert_same(load_state(ca / "state.pt"), load_state(cb / "state.pt"), "state.pt")
+    (tr_a, val_a), (tr_b, val_b) = metrics(a), metrics(b)
+    assert [r["step"] for r in tr_a] == [r["step"] for r in tr_b] == list(range(1, len(tr_b) + 1))  # none doubled
+    def timeless(rows):  # all but the throughput
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+    assert timeless(tr_a) == timeless(tr_b) and val_a == val_b
+
+
+def children(pid: int) -> dict[int, int]:
+    """{RANK: pid} of the torchrun workers started by process `pid` (read from /proc)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile, or not ours
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            rank = [e for e in env if e.startswith(b"RANK=")]
+            if rank:
+                out[int(rank[0][5:])] = int(d.name)
+    return out
+
+
+# ----------------------------------------------------------------------------- train-dit under torchrun
+DIT_SETS = ["model.tokens=4", "model.in_dim=8", "model.width=32", "model.depth=1", "model.heads=2",
+            "model.mlp_hidden=64", "model.num_classes=4", "train.batch_size=8", "train.epochs=20",
+            "train.log_every=1", "train.ckpt_every_steps=100000", "train.num_workers=0"]
+DIT_TOTAL = 20 * 64 // 8  # 64 latent rows / batch 8 = 8 steps per epoch, 20 epochs
+
+
+def test_sigterm_to_one_torchrun_rank_of_train_dit_then_resume_is_bitwise(tmp_path, spawn):
+    latents = write_latents(tmp_path / "latents", np.random.default_rng(0).standard_normal((64, 4, 8)),
+                            [i % 4 for i in range(64)])
+
+    def cmd(out: Path) -> list:
+        sets = [a for s in DIT_SETS for a in ("--set", s)]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                _free_port(), "-m", "flatdino_cli.cli", "train-dit", "--preset", "tiny-dit", "--latents", latents,
+                "--out", out, *sets, "--device", "cpu", "--seed", "5"]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref_p = spawn(cmd(ref), "ref.log")  # the uninterrupted run, alongside
+    victim = spawn(cmd(run), "run.log")
+    k = random.Random().randint(2, DIT_TOTAL // 10)  # a random step, long before the end
+    wait_for(victim, lambda: train_rows(run) >= k, f"step {k}")
+    ranks = children(victim.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)  # one rank's signal stops both, at the same step
+    victim.wait(WAIT)
+    out = victim.log.read_text()
+    step = load_state(checkpoint_dir(run) / "state.pt")["step"]
+    assert k <= step < DIT_TOTAL, out[-3000:]
+    assert out.count(f"train-dit: preempted at step {step}, saved; rerun the same command to continue") == 1, out
+    assert "exitcode  : 75" in out, out[-3000:]  # torchrun's report: a worker ended with the documented code
+    assert train_rows(run) == step
+
+    resumed = spawn(cmd(run), "resumed.log")
+    assert resumed.wait(WAIT) == 0, resumed.log.read_text()[-3000:]
+    assert f"from step {step}/{DIT_TOTAL}" in resumed.log.read_text()
+    assert ref_p.wait(WAIT) == 0, ref_p.log.read_text()[-3000:]
+    same_run(run, ref)
+
+
+# ----------------------------------------------------------------------------- train-decoder with its GAN
+DEC_SETS = ["model.width=32", "model.depth=1", "model.heads=2", "model.mlp_hidden=64", "loss.gan=0.5",
+            "loss.disc_start_epoch=0", "loss.gan_start_epoch=0", "train.batch_size=4", "train.epochs=4",
+            "train.log_every=1", "train.ckpt_every_steps=100000", "train.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def toy_images(tmp_path_factory) -> Path:
+    from flatdino_cli.toydata import write_toy_dataset
+
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_dataset(root, per_class=4, progress=False)  # 48 images: 44 train, 4 val
+    return root
+
+
+def test_sigterm_during_train_decoder_with_discriminator_then_resume_is_bitwise(tmp_path, spawn, toy_images):
+    def args(out: Path) -> list:
+        sets = [a for s in DEC_SETS for a in ("--set", s)]
+        return ["train-decoder", "--preset", "tiny-decoder", "--images", toy_images, "--encoder", "tiny", "--no-lpips",
+                "--out", out, *sets, "--device", "cpu", "--seed", "2"]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref_p = spawn(_cli(*args(ref)), "ref.log")
+    victim = spawn(_cli(*args(run)), "run.log")
+    total = 4 * (44 // 4)  # 44 training images / batch 4, 4 epochs
+    k = random.Random().randint(2, total // 4)
+    wait_for(victim, lambda: train_rows(run) >= k, f"step {k}")
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(WAIT) == PREEMPTED_EXIT, victim.log.read_text()[-3000:]
+    state = load_state(checkpoint_dir(run) / "state.pt")
+    step = state["step"]
+    assert k <= step < total
+    assert state["aux"]["disc_opt"]["state"][0]["step"] == step  # the discriminator saved at the same step
+    assert f"train-decoder: preempted at step {step}, saved; rerun" in victim.log.read_text()
+
+    resumed = spawn(_cli(*args(run)), "resumed.log")
+    assert resumed.wait(WAIT) == 0, resumed.log.read_text()[-3000:]
+    assert f"from step {step}/{total}" in resumed.log.read_text()
+    assert ref_p.wait(WAIT) == 0, ref_p.log.read_text()[-3000:]
+    same_run(run, ref, files=("model.safetensors",))  # ema 0 in tiny-decoder: no EMA file
+
+
+# ----------------------------------------------------------------------------- a signal inside a checkpoint write
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_signal_inside_a_checkpoint_write(tmp_path, store, spawn, cli, sig):  # noqa: F811
+    """FLATDINO_TEST_SIGNAL_IN_SAVE makes the process send itself the signal in the middle of the first
+    checkpoint write that replaces an existing one (the step-4 save here, after its weights, before its
+    state.pt): the same moment on any machine. SIGTERM: the write finishes and the run stops after the
+    next step. SIGKILL (a grace period too short): the step-2 checkpoint is left whole."""
+    preset = write_preset(tmp_path / "tiny.yaml", epochs=1, ckpt_every_steps=2)  # saves at steps 2, 4, ...
+
+    def args(out: Path) -> list:
+        return ["train-vae", "--preset", preset, "--features", store, "--out", out, "--device", "cpu", "--seed", "3"]
+
+    run = tmp_path / "run"
+    p = spawn(_cli(*args(run)), "run.log", {TEST_SIGNAL_IN_SAVE: sig})
+    code = p.wait(WAIT)
+    latest = checkpoint_dir(run)
+    if sig == "SIGTERM":
+        assert code == PREEMPTED_EXIT, p.log.read_text()[-3000:]
+        assert latest.name == "latest" and load_state(latest / "state.pt")["step"] == 5
+        assert "train-vae: preempted at step 5, saved" in p.log.read_text()
+    else:
+        assert code == -signal.SIGKILL, p.log.read_text()[-3000:]
+        assert load_state(latest / "state.pt")["step"] == 2
+    verify_checkpoint(latest)  # its files are the bytes its checksums.json recorded
+    assert set(json.loads((latest / CHECKSUMS).read_text())) == {"model.safetensors", "state.pt"}
+    assert train_rows(run) >= load_state(latest / "state.pt")["step"]
+    cli(*args(run), env=ENV)
+    cli(*args(tmp_path / "ref"), env=ENV)
+    same_run(run, tmp_path / "ref", files=("model.safetensors",))
