@@ -12,6 +12,7 @@ they run; timeouts are generous. About two minutes of CPU in all, mostly process
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 from flatdino_cli.checkpoint import CHECKSUMS, TEST_SIGNAL_IN_SAVE, checkpoint_dir, load_state, verify_checkpoint
 from flatdino_cli.preempt import PREEMPTED_EXIT
 from test_dit import write_latents
+from test_sample import w  # noqa: F401  (tiny VAE / DiT / decoder run dirs)
 from test_train import ENV, ROOT, _cli, _free_port, assert_same, metrics, store, write_preset  # noqa: F401
 
 WAIT = 300  # s: the most a test waits for a process to reach a point it synchronises on
@@ -211,3 +213,23 @@ def test_signal_inside_a_checkpoint_write(tmp_path, store, spawn, cli, sig):  # 
     cli(*args(run), env=ENV)
     cli(*args(tmp_path / "ref"), env=ENV)
     same_run(run, tmp_path / "ref", files=("model.safetensors",))
+
+
+# ----------------------------------------------------------------------------- a flipped byte, on sample
+@pytest.mark.parametrize("which", ["dit", "vae"])
+def test_flipped_byte_in_model_safetensors_is_refused_on_sample(w, tmp_path, cli, which):  # noqa: F811
+    runs = {k: tmp_path / k for k in ("dit", "vae", "dec")}
+    for k, dest in runs.items():
+        shutil.copytree(w[k], dest)
+    args = ["sample", "--dit", runs["dit"], "--vae", runs["vae"], "--decoder", runs["dec"], "--no-ema",
+            "--class", "1", "-n", "2", "--device", "cpu"]
+    cli(*args, "--out", tmp_path / "good", env=ENV)  # control: the copies sample
+    weights = runs[which] / "checkpoints" / "latest" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, inside a tensor: still a readable safetensors file
+    weights.write_bytes(bytes(data))
+    r = cli(*args, "--out", tmp_path / "bad", env=ENV, check=False)
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("flatdino: warning:")]  # the copies' paths
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"flatdino: error: {weights}: its bytes changed since it was written"), lines
+    assert not list((tmp_path / "bad").glob("images/*.png"))
