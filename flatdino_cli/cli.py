@@ -102,8 +102,8 @@ def command(*args, **kwargs):
                 if e.quiet:  # a torchrun rank other than 0: rank 0 says it once
                     raise typer.Exit(preempt.PREEMPTED_EXIT) from None
                 _fail(e.message, preempt.PREEMPTED_EXIT)
-            except KeyboardInterrupt:
-                _fail("flatdino: interrupted; rerun the same command to resume", preempt.INTERRUPTED_EXIT)
+            except KeyboardInterrupt as e:  # a loop that saves as it goes says how far it got (preempt.safe_points)
+                _fail(str(e) or "flatdino: interrupted; rerun the same command to resume", preempt.INTERRUPTED_EXIT)
             except OSError as e:  # a full disk or a forbidden folder met by a write no check foresaw
                 if e.errno not in _ONE_LINE_ERRNOS:
                     raise

@@ -12,6 +12,7 @@ they run; timeouts are generous. About two minutes of CPU in all, mostly process
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,8 @@ import pytest
 from safetensors.torch import load_file
 
 from flatdino_cli.checkpoint import CHECKSUMS, TEST_SIGNAL_IN_SAVE, checkpoint_dir, load_state, verify_checkpoint
+from flatdino_cli.data import Store
+from flatdino_cli.errors import UserError
 from flatdino_cli.preempt import PREEMPTED_EXIT
 from test_dit import write_latents
 from test_sample import w  # noqa: F401  (tiny VAE / DiT / decoder run dirs)
@@ -233,3 +236,54 @@ def test_flipped_byte_in_model_safetensors_is_refused_on_sample(w, tmp_path, cli
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert lines[0].startswith(f"flatdino: error: {weights}: its bytes changed since it was written"), lines
     assert not list((tmp_path / "bad").glob("images/*.png"))
+
+
+# ----------------------------------------------------------------------------- extract
+@pytest.fixture(scope="module")
+def toy_480(tmp_path_factory) -> Path:
+    """480 toy images and their tiny-encoder store, extracted without interruption (the reference)."""
+    from conftest import run_cli
+
+    root = tmp_path_factory.mktemp("toy480")
+    run_cli("toy-data", root / "toy", "--per-class", "40")
+    run_cli("extract", root / "toy", root / "ref", "--encoder", "tiny", "--batch-size", "2", env=ENV)
+    return root
+
+
+@pytest.mark.parametrize("sig, workers", [("SIGTERM", 2), ("SIGINT", 0)])
+def test_extract_stopped_keeps_its_chunks_says_how_many_and_the_rerun_is_identical(tmp_path, spawn, cli, toy_480,
+                                                                                   sig, workers):
+    """The signal goes to the whole process group, as SLURM's does (and Ctrl-C's): the loader's workers
+    get it too and must leave the stop to the main process."""
+    out = tmp_path / "feats"
+    args = ["extract", toy_480 / "toy", out, "--encoder", "tiny", "--batch-size", "2", "--workers", str(workers)]
+    victim = spawn(_cli(*args), "extract.log")
+    k = random.Random().randint(4, 48)
+
+    def rows_done() -> int:
+        try:
+            return int((np.load(out / "done.npy", mmap_mode="r") != 0).sum())
+        except (OSError, ValueError):  # not made yet
+            return 0
+
+    wait_for(victim, lambda: rows_done() >= k, f"{k} rows")
+    os.killpg(victim.pid, getattr(signal, sig))
+    code = victim.wait(WAIT)
+    log = victim.log.read_text()
+    line = [ln for ln in log.replace("\r", "\n").splitlines() if ln.startswith("extract: ")]
+    assert len(line) == 1 and "Traceback" not in log, log[-3000:]
+    how, expect = ("preempted", PREEMPTED_EXIT) if sig == "SIGTERM" else ("interrupted", 130)
+    m = re.fullmatch(rf"extract: {how} after ([\d,]+) of 480 images in {re.escape(str(out))}, saved; rerun the "
+                     "same command to continue", line[0])
+    assert code == expect and m, (code, line)
+    said, done = int(m[1].replace(",", "")), rows_done()
+    assert k <= done < 480
+    # SIGTERM stops after the chunk in flight is on disk; Ctrl-C stops at once, the chunk it cut short not
+    # counted (and not flagged, so it is made again)
+    assert said == done if sig == "SIGTERM" else said <= done <= said + 2, (said, done)
+    with pytest.raises(UserError, match="incomplete store"):  # nothing half-made is read as finished
+        Store.open(out)
+
+    cli(*args, env=ENV)
+    for f in ("data.npy", "done.npy", "labels.npy", "paths.txt", "manifest.json"):
+        assert (out / f).read_bytes() == (toy_480 / "ref" / f).read_bytes(), f
