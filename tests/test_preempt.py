@@ -287,3 +287,9 @@ def test_extract_stopped_keeps_its_chunks_says_how_many_and_the_rerun_is_identic
     cli(*args, env=ENV)
     for f in ("data.npy", "done.npy", "labels.npy", "paths.txt", "manifest.json"):
         assert (out / f).read_bytes() == (toy_480 / "ref" / f).read_bytes(), f
+
+
+def test_training_help_documents_the_preemption_exit_code(cli):
+    for command in ("train-vae", "train-dit", "train-decoder", "extract", "sample"):
+        text = " ".join(cli(command, "--help").stdout.split())  # Typer wraps the lines
+        assert f"code {PREEMPTED_EXIT}" in text and "SIGTERM / SIGUSR1" in text, command
