@@ -90,6 +90,7 @@ def handle_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _state.signal_name = None  # the request ended this command; it is not one for the caller's next
 
 
 @contextlib.contextmanager

@@ -27,8 +27,10 @@ from safetensors.torch import load_file
 from flatdino_cli.checkpoint import CHECKSUMS, TEST_SIGNAL_IN_SAVE, checkpoint_dir, load_state, verify_checkpoint
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
+from flatdino_cli import preempt
 from flatdino_cli.preempt import PREEMPTED_EXIT
 from test_dit import write_latents
+from test_fid import Counting, data, ext, net, write_npz  # noqa: F401  (a random-weight Inception)
 from test_sample import w  # noqa: F401  (tiny VAE / DiT / decoder run dirs)
 from test_train import ENV, ROOT, _cli, _free_port, assert_same, metrics, store, write_preset  # noqa: F401
 
@@ -293,3 +295,31 @@ def test_training_help_documents_the_preemption_exit_code(cli):
     for command in ("train-vae", "train-dit", "train-decoder", "extract", "sample"):
         text = " ".join(cli(command, "--help").stdout.split())  # Typer wraps the lines
         assert f"code {PREEMPTED_EXIT}" in text and "SIGTERM / SIGUSR1" in text, command
+
+
+# ----------------------------------------------------------------------------- fid's feature cache
+def test_fid_features_stopped_by_sigterm_keep_the_batches_done(data, ext, tmp_path):  # noqa: F811
+    """In-process (the handlers of a command installed around it): the signal comes during the third batch
+    of 4, in the second chunk of 8; that chunk is saved short (4 images) and the rerun computes only
+    the last 4."""
+    from flatdino_cli.analysis.fid import open_source, source_summary
+
+    src = open_source(write_npz(tmp_path / "s.npz", data["images"][:16]), "S")
+
+    class Signalled(Counting):
+        def __call__(self, images):
+            if self.calls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__call__(images)
+
+    with preempt.handle_signals(), pytest.raises(preempt.Preempted) as e:
+        source_summary(src, Signalled(ext), batch_size=4, chunk=8, progress=False)
+    assert e.value.message == (f"fid: preempted after 12 of 16 images of {src.path}, saved; rerun the same "
+                               "command to continue")
+    assert sorted(p.name for p in tmp_path.glob("*.partial/chunk-*.npz")) == ["chunk-000000000.npz",
+                                                                            "chunk-000000008.npz"]
+    resumed = Counting(ext)
+    s = source_summary(src, resumed, batch_size=4, chunk=8, progress=False)
+    assert resumed.images == 4 and not list(tmp_path.glob("*.partial"))
+    whole = source_summary(open_source(data["x"], "R"), ext, progress=False).pool[:16]  # one uninterrupted pass
+    np.testing.assert_allclose(s.pool, whole, rtol=1e-4, atol=1e-6)
