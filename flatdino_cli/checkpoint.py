@@ -10,9 +10,7 @@ Models, losses and the training loop all load through here.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,8 +54,6 @@ def save_checkpoint(run_dir: Path, which: str, model: nn.Module, ema: nn.Module 
             save_file(weights, str(tmp / "model.safetensors"))
             if ema is not None:
                 save_file(_state_to_cpu(ema.state_dict()), str(tmp / "ema.safetensors"))
-            if final.exists():
-                _test_signal_in_save()
             torch.save(state, tmp / "state.pt")
             atomic_write_json(tmp / CHECKSUMS, {f.name: sha256_file(f) for f in sorted(tmp.iterdir())})
     except BaseException:
@@ -69,18 +65,6 @@ def save_checkpoint(run_dir: Path, which: str, model: nn.Module, ema: nn.Module 
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-# tests only: the name of a signal (SIGTERM, SIGKILL) this process sends itself in the middle of the first
-# checkpoint write that replaces an existing one (weights written, state.pt not yet), so a test can land a
-# signal inside a write at the same moment on any machine
-TEST_SIGNAL_IN_SAVE = "FLATDINO_TEST_SIGNAL_IN_SAVE"
-
-
-def _test_signal_in_save() -> None:
-    name = os.environ.pop(TEST_SIGNAL_IN_SAVE, None)  # popped: once per process
-    if name:
-        os.kill(os.getpid(), getattr(signal, name))
 
 
 CHECKSUMS = "checksums.json"  # {file name: sha256} of a checkpoint folder's files, written with them

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from flatdino_cli.checkpoint import CHECKSUMS, TEST_SIGNAL_IN_SAVE, checkpoint_dir, load_state, verify_checkpoint
+from flatdino_cli.checkpoint import CHECKSUMS, checkpoint_dir, load_state, verify_checkpoint
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli import preempt
@@ -192,7 +192,7 @@ def test_sigterm_during_train_decoder_with_discriminator_then_resume_is_bitwise(
 # ----------------------------------------------------------------------------- a signal inside a checkpoint write
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_signal_inside_a_checkpoint_write(tmp_path, store, spawn, cli, sig):  # noqa: F811
-    """FLATDINO_TEST_SIGNAL_IN_SAVE makes the process send itself the signal in the middle of the first
+    """_signal_in_save_cli.py makes the process send itself the signal in the middle of the first
     checkpoint write that replaces an existing one (the step-4 save here, after its weights, before its
     state.pt): the same moment on any machine. SIGTERM: the write finishes and the run stops after the
     next step. SIGKILL (a grace period too short): the step-2 checkpoint is left whole."""
@@ -202,7 +202,8 @@ def test_signal_inside_a_checkpoint_write(tmp_path, store, spawn, cli, sig):  # 
         return ["train-vae", "--preset", preset, "--features", store, "--out", out, "--device", "cpu", "--seed", "3"]
 
     run = tmp_path / "run"
-    p = spawn(_cli(*args(run)), "run.log", {TEST_SIGNAL_IN_SAVE: sig})
+    p = spawn([sys.executable, Path(__file__).parent / "_signal_in_save_cli.py", *args(run)], "run.log",
+              {"SIGNAL_IN_SAVE": sig})
     code = p.wait(WAIT)
     latest = checkpoint_dir(run)
     if sig == "SIGTERM":
