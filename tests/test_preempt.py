@@ -328,3 +328,38 @@ def test_fid_features_stopped_by_sigterm_keep_the_batches_done(data, ext, tmp_pa
     assert resumed.images == 4 and not list(tmp_path.glob("*.partial"))
     whole = source_summary(open_source(data["x"], "R"), ext, progress=False).pool[:16]  # one uninterrupted pass
     np.testing.assert_allclose(s.pool, whole, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- sample
+def test_sample_stopped_by_sigterm_keeps_its_images_says_how_many_and_resumes(w, tmp_path, cli, monkeypatch):  # noqa: F811
+    """In-process through the CLI's command wrapper (its handlers installed): the signal arrives while the
+    3rd batch is generated (the first of shard 2); that batch's PNGs are written, then the run stops."""
+    import flatdino_cli.sample as S
+
+    def args(out: Path) -> list:
+        return ["sample", "--dit", w["dit"], "--vae", w["vae"], "--decoder", w["dec"], "--out", out, "--device", "cpu",
+                "--classes", "all", "--per-class", "6", "--shard-size", "9", "--batch-size", "1"]  # batches of 8 on CPU
+
+    cli(*args(tmp_path / "ref"), env=ENV)
+    real, calls = S.generate, []
+
+    def signalled(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "generate", signalled)
+    out = tmp_path / "run"
+    r = cli(*args(out), env=ENV, check=False)
+    assert r.returncode == PREEMPTED_EXIT and calls == [8, 1, 8], (r.returncode, calls, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == ("sample: preempted after 17 of 18 images, saved; rerun the same "
+                                                 "command to continue")
+    assert len(list((out / "images").glob("*.png"))) == 17 and not list(out.glob("samples_*.npz"))
+    assert not json.loads((out / "samples.json").read_text())["complete"]
+
+    calls.clear()
+    cli(*args(out), env=ENV)
+    assert calls == [1]  # only the image not yet made
+    for f in ("samples_18x48x48x3.npz", "grid.png"):
+        assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
