@@ -109,7 +109,6 @@ def requested() -> str | None:
     return _state.signal_name
 
 
-
 @contextlib.contextmanager
 def safe_points(name: str, total: int, unit: str, done: int = 0):
     """For a loop whose finished items are on disk as it goes: yields `reached(done)`, which the loop calls
