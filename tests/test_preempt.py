@@ -1,11 +1,12 @@
-"""Preemption with real processes: SIGTERM at a random step of train-dit under 2-process gloo torchrun
-(sent to rank 1 only, or to torchrun) and SIGUSR1 during train-decoder with its discriminator, then the
-rerun is bitwise equal to an uninterrupted run with one metrics row per step; a signal inside a
-checkpoint write (SIGTERM: the write finishes, the run stops a step later; SIGKILL at the end of the
-grace period: the previous checkpoint is intact); a flipped bit in model.safetensors refused by
-`sample`; extract stopped by SIGTERM (to its process group, loader workers included) or Ctrl-C keeps
-its finished chunks, says how many, and the rerun ends byte-identical; sample and fid's feature
-cache stopped mid-way keep the batches done. `--help` of the long commands names exit code 75.
+"""Preemption with real processes: a stop signal at a random step of train-dit under 2-process gloo
+torchrun (SIGUSR1 to rank 1 only, or SIGTERM to torchrun) and of train-decoder with its discriminator
+and loader workers (SIGTERM to the process group), then the rerun is bitwise equal to an
+uninterrupted run with one metrics row per step; a signal inside a checkpoint write (SIGTERM: the
+write finishes, the run stops a step later; SIGKILL at the end of the grace period: the previous
+checkpoint is intact); a flipped bit in model.safetensors refused by `sample`; extract stopped by
+SIGTERM (to its process group, loader workers included) or Ctrl-C keeps its finished chunks, says
+how many, and the rerun ends byte-identical; sample and fid's feature cache stopped mid-way keep
+the batches done. `--help` of the long commands names exit code 75.
 
 The tests synchronise on what the processes write (metrics rows, store chunks) or on a signal sent
 at a fixed point of the code, never on how fast they run; timeouts are generous. About 2.5 minutes
@@ -118,9 +119,10 @@ DIT_TOTAL = 20 * 64 // 8  # 64 latent rows / batch 8 = 8 steps per epoch, 20 epo
 
 
 @pytest.mark.parametrize("target", ["rank 1", "torchrun"])
-def test_sigterm_under_torchrun_train_dit_then_resume_is_bitwise(tmp_path, spawn, target):
-    """SIGTERM to one rank (not rank 0, which saves: it learns of the stop from the step's all-reduce), or
-    to torchrun itself (Kubernetes signals the container's first process), which forwards it to both."""
+def test_stop_signal_under_torchrun_train_dit_then_resume_is_bitwise(tmp_path, spawn, target):
+    """SIGUSR1 (SLURM's `--signal=USR1@120`) to one rank, not rank 0, which saves: it learns of the stop
+    from the step's all-reduce; or SIGTERM to torchrun itself (Kubernetes signals the container's first
+    process), which forwards it to both."""
     latents = write_latents(tmp_path / "latents", np.random.default_rng(0).standard_normal((64, 4, 8)),
                             [i % 4 for i in range(64)])
 
@@ -137,7 +139,10 @@ def test_sigterm_under_torchrun_train_dit_then_resume_is_bitwise(tmp_path, spawn
     wait_for(victim, lambda: train_rows(run) >= k, f"step {k}")
     ranks = children(victim.pid)
     assert sorted(ranks) == [0, 1], ranks
-    os.kill(ranks[1] if target == "rank 1" else victim.pid, signal.SIGTERM)
+    if target == "rank 1":
+        os.kill(ranks[1], signal.SIGUSR1)
+    else:
+        os.kill(victim.pid, signal.SIGTERM)
     victim.wait(WAIT)
     out = victim.log.read_text()
     step = load_state(checkpoint_dir(run) / "state.pt")["step"]
@@ -157,7 +162,7 @@ def test_sigterm_under_torchrun_train_dit_then_resume_is_bitwise(tmp_path, spawn
 # ----------------------------------------------------------------------------- train-decoder with its GAN
 DEC_SETS = ["model.width=32", "model.depth=1", "model.heads=2", "model.mlp_hidden=64", "loss.gan=0.5",
             "loss.disc_start_epoch=0", "loss.gan_start_epoch=0", "train.batch_size=4", "train.epochs=4",
-            "train.log_every=1", "train.ckpt_every_steps=100000", "train.num_workers=0"]
+            "train.log_every=1", "train.ckpt_every_steps=100000", "train.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +174,9 @@ def toy_images(tmp_path_factory) -> Path:
     return root
 
 
-def test_sigusr1_during_train_decoder_with_discriminator_then_resume_is_bitwise(tmp_path, spawn, toy_images):
-    """SIGUSR1, the signal SLURM sends with `--signal=USR1@120`, stops it as SIGTERM does."""
+def test_sigterm_during_train_decoder_with_discriminator_then_resume_is_bitwise(tmp_path, spawn, toy_images):
+    """SIGTERM to the process group, as SLURM signals every process of a job step: the two loader workers
+    get it too (torch's own SIGTERM handler would end them) and must leave the stop to the main process."""
     def args(out: Path) -> list:
         sets = [a for s in DEC_SETS for a in ("--set", s)]
         return ["train-decoder", "--preset", "tiny-decoder", "--images", toy_images, "--encoder", "tiny", "--no-lpips",
@@ -182,7 +188,7 @@ def test_sigusr1_during_train_decoder_with_discriminator_then_resume_is_bitwise(
     total = 4 * (44 // 4)  # 44 training images / batch 4, 4 epochs
     k = random.Random().randint(2, total // 4)
     wait_for(victim, lambda: train_rows(run) >= k, f"step {k}")
-    victim.send_signal(signal.SIGUSR1)
+    os.killpg(victim.pid, signal.SIGTERM)
     assert victim.wait(WAIT) == PREEMPTED_EXIT, victim.log.read_text()[-3000:]
     state = load_state(checkpoint_dir(run) / "state.pt")
     step = state["step"]
