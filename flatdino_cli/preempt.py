@@ -66,8 +66,9 @@ def _on_interrupt(signum, frame) -> None:
 
 def worker_ignores_stop(worker_id: int) -> None:
     """DataLoader worker_init_fn: a stop signal sent to every process of the job (SLURM signals the whole
-    job step, `kill -TERM -PGID` the process group) is the main process's to act on; a worker that died
-    of it would fail the main process's next batch instead of letting it stop cleanly. The main process
+    job step, `kill -TERM -PGID` the process group) is the main process's to act on. Left to torch's own
+    worker handler, a SIGTERM from anyone but the parent ends the worker, and the main process's next
+    batch fails ("DataLoader worker exited unexpectedly") instead of stopping cleanly. The main process
     still ends its workers as always (they exit on its request, or when it is gone)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
