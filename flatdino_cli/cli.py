@@ -102,8 +102,8 @@ def command(*args, **kwargs):
                 if e.quiet:  # a torchrun rank other than 0: rank 0 says it once
                     raise typer.Exit(preempt.PREEMPTED_EXIT) from None
                 _fail(e.message, preempt.PREEMPTED_EXIT)
-            except KeyboardInterrupt:
-                _fail("flatdino: interrupted; rerun the same command to resume", preempt.INTERRUPTED_EXIT)
+            except KeyboardInterrupt as e:  # a loop that saves as it goes says how far it got (preempt.safe_points)
+                _fail(str(e) or "flatdino: interrupted; rerun the same command to resume", preempt.INTERRUPTED_EXIT)
             except OSError as e:  # a full disk or a forbidden folder met by a write no check foresaw
                 if e.errno not in _ONE_LINE_ERRNOS:
                     raise
@@ -319,7 +319,8 @@ def extract(
 
     Killed at any moment and rerun, it resumes without recomputing finished rows and ends
     byte-identical to an uninterrupted run. Unreadable images are skipped, named, and counted in the
-    manifest (--strict fails instead).
+    manifest (--strict fails instead). SIGTERM / SIGUSR1 stop it after the chunk in flight is saved
+    (exit code 75), saying how many images are done.
 
     \b
     Examples:
@@ -387,6 +388,9 @@ def train_vae(
     token and the mean cosine similarity of reconstructed features, and keeps checkpoints/best by the
     validation Huber loss alone (the authors' criterion).
 
+    SIGTERM / SIGUSR1 (cluster preemption): saves checkpoints/latest at the step reached and exits with
+    code 75; rerun the same command to continue.
+
     \b
     Multi-GPU (multi-node: add torchrun's --nnodes/--node-rank/--rdzv-endpoint):
       torchrun --nproc-per-node 8 -m flatdino_cli.cli train-vae ...
@@ -446,6 +450,9 @@ def train_dit(
     AdamW (0.9, 0.95), wd 1e-4, clip 1.0, constant lr 2e-4, EMA 0.9995, global batch 1024 (set
     train.micro_batch_size to accumulate on small GPUs). Logs the loss per t-bucket to metrics.jsonl;
     with --vae and --decoder (and --set sample_every=N) writes a small sample grid every N steps.
+
+    SIGTERM / SIGUSR1 (cluster preemption): saves checkpoints/latest at the step reached and exits with
+    code 75; rerun the same command to continue.
 
     \b
     Multi-GPU:
@@ -834,8 +841,9 @@ def sample(
     Writes OUT/images/<class>_<index>.png, OUT/grid.png, OUT/samples_<N>x<S>x<S>x3.npz (uint8 NHWC
     under arr_0, labels under arr_1: the format of ADM's evaluator and `flatdino fid`) and
     OUT/samples.json (dit/vae/decoder paths + weight hashes, guidance, steps, seed). Resumable: a
-    killed run, rerun, keeps finished shards and images. The same command samples rae-* baseline
-    runs (raw DINOv2 features, de-normalised with RUN/stats.pt, no --vae).
+    killed run, rerun, keeps finished shards and images; SIGTERM / SIGUSR1 stop it after the batch in
+    flight is saved (exit code 75). The same command samples rae-* baseline runs (raw DINOv2
+    features, de-normalised with RUN/stats.pt, no --vae).
 
     \b
     Examples:
@@ -968,6 +976,9 @@ def train_decoder(
     loss.disc_start_epoch, the GAN term at loss.gan_start_epoch. No weights are ever downloaded:
     LPIPS needs local VGG16 + LPIPS files (or --no-lpips). Validation logs PSNR on held-out images
     next to the PSNR of the mean training image.
+
+    SIGTERM / SIGUSR1 (cluster preemption): saves checkpoints/latest at the step reached and exits with
+    code 75; rerun the same command to continue.
 
     \b
     Examples:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from flatdino_cli import preempt
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (BadImageWarning, DeviceJpegDataset, EncoderTransform, FeatureDataset, ImageDataset,
                                Store, collate_device_jpegs, collate_images, crops_on_device, is_whole_image,
@@ -100,7 +101,7 @@ def _extract_part(path: Path, subset, encoder, encode, transform: EncoderTransfo
                                                                     device=rt.device)
     else:  # uint8 crops
         dataset, collate, prepare = ImageDataset(subset, transform.pixels, strict=cfg.strict), collate_images, None
-    _fill(store, dataset, encode, cfg, rt, desc=f"extract {path.name}", collate=collate, prepare=prepare)
+    _fill(store, dataset, encode, cfg, rt, desc=f"extract {path.name}", collate=collate, prepare=prepare, unit="images")
     store.finalize()
     summary["stores"].append(str(path))
     summary["skipped"] += int(store.manifest["skipped_count"])
@@ -109,18 +110,22 @@ def _extract_part(path: Path, subset, encoder, encode, transform: EncoderTransfo
 
 
 def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtime, desc: str,
-          collate=collate_images, prepare=None) -> None:
+          collate=collate_images, prepare=None, unit: str = "rows") -> None:
     """Compute all pending chunks of `store` from `dataset` (unreadable rows are marked skipped);
-    prepare(batch) finishes a collated batch where the encoder runs (JPEGs decoded on the device)."""
+    prepare(batch) finishes a collated batch where the encoder runs (JPEGs decoded on the device).
+    SIGTERM / SIGUSR1 stop it after the chunk in flight is on disk, Ctrl-C at once (finished chunks are
+    flagged done only once their data is written, so either way a rerun continues), with one line
+    saying how many `unit` of the store are done."""
     chunks = _pending_chunks(store, cfg.batch_size)
     if not chunks:
         return
     loader = DataLoader(dataset, batch_sampler=chunks, num_workers=cfg.workers, collate_fn=collate,
-                        pin_memory=rt.pin_memory)
+                        pin_memory=rt.pin_memory, worker_init_fn=preempt.worker_ignores_stop)
     done_rows = store.count - len(store.pending())
     bar = tqdm(total=store.count, initial=done_rows, desc=desc, unit="img", dynamic_ncols=True)
     t0, n = time.perf_counter(), 0
-    with warnings.catch_warnings():
+    with preempt.safe_points("extract", store.count, f"{unit} in {store.path}", done_rows) as reached, \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore", BadImageWarning)  # reported below, once per file
         for batch in loader:
             if prepare is not None:
@@ -141,6 +146,7 @@ def _fill(store: Store, dataset: Dataset, encode, cfg: ExtractConfig, rt: Runtim
             n += len(batch.indices) + len(batch.skipped)
             bar.update(len(batch.indices) + len(batch.skipped))
             bar.set_postfix(img_s=f"{n / max(time.perf_counter() - t0, 1e-9):.1f}")
+            reached(done_rows + n)
     bar.close()
 
 

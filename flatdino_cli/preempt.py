@@ -4,13 +4,15 @@ Clusters stop a job with SIGTERM (SLURM's `--signal=TERM@120`, Kubernetes, spot 
 be told to send SIGUSR1 instead), then SIGKILL after a grace period. `handle_signals()` (entered
 once per command by the CLI) turns them into a `Preempted` exception, raised where the program is,
 the way Ctrl-C raises KeyboardInterrupt: finally blocks run and every finished file is kept (all
-outputs are written atomically). A loop that can stop cleanly at its own safe points (today the
-training loop, at a step boundary) runs inside `deferred()`: there the signal only sets a flag that the
-loop reads with `requested()`, finishes what is in flight, saves, and raises `Preempted` itself. Every
-such stop exits with PREEMPTED_EXIT.
+outputs are written atomically). A loop that can stop cleanly at its own safe points runs inside
+`deferred()`: there the signal only sets a flag that the loop reads with `requested()`, finishes what is
+in flight, saves, and raises `Preempted` itself: the training loop at a step boundary, and through
+`safe_points()` the loops whose finished items are on disk as they go (extract's chunks, sample's
+images), which also say how far they got. Every such stop exits with PREEMPTED_EXIT.
 
-Ctrl-C keeps its usual behaviour (KeyboardInterrupt, exit 130); a second Ctrl-C, while the first
-one's clean-up runs, stops the process at once.
+A second stop signal while the first one's stop runs is ignored (the save and the clean-up finish; the
+cluster's SIGKILL ends it anyway). Ctrl-C keeps its usual behaviour (KeyboardInterrupt, exit 130); a
+second Ctrl-C, while the first one's clean-up runs, stops the process at once.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ _state = _State()
 
 
 def _on_stop(signum, frame) -> None:
+    if _state.signal_name is not None:  # already stopping: let that stop's clean-up finish (torchrun, for
+        return  # one, signals the other ranks once a rank has ended, while they still close their logs)
     _state.signal_name = signal.Signals(signum).name
     if not _state.deferring:
         raise Preempted(f"flatdino: stopped by {_state.signal_name}; finished work is kept, rerun the same "
@@ -58,6 +62,16 @@ def _hard_exit(signum, frame) -> None:
 def _on_interrupt(signum, frame) -> None:
     signal.signal(signal.SIGINT, _hard_exit)  # a second Ctrl-C does not wait for the first one's clean-up
     raise KeyboardInterrupt
+
+
+def worker_ignores_stop(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a stop signal sent to every process of the job (SLURM signals the whole
+    job step, `kill -TERM -PGID` the process group) is the main process's to act on. Left to torch's own
+    worker handler, a SIGTERM from anyone but the parent ends the worker, and the main process's next
+    batch fails ("DataLoader worker exited unexpectedly") instead of stopping cleanly. The main process
+    still ends its workers as always (they exit on its request, or when it is gone)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -77,6 +91,7 @@ def handle_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _state.signal_name = None  # the request ended this command; it is not one for the caller's next
 
 
 @contextlib.contextmanager
@@ -94,3 +109,27 @@ def requested() -> str | None:
     """The stop signal's name (SIGTERM, SIGUSR1) once one has arrived, else None."""
     return _state.signal_name
 
+
+@contextlib.contextmanager
+def safe_points(name: str, total: int, unit: str, done: int = 0):
+    """For a loop whose finished items are on disk as it goes: yields `reached(done)`, which the loop calls
+    after each item it has saved; there a stop signal (deferred inside the block) raises Preempted, and
+    Ctrl-C anywhere in the block becomes a KeyboardInterrupt carrying the same kind of line:
+    `NAME: preempted after DONE of TOTAL UNIT, saved; rerun the same command to continue`."""
+    at = [done]
+
+    def line(how: str) -> str:
+        return f"{name}: {how} after {at[0]:,} of {total:,} {unit}, saved; rerun the same command to continue"
+
+    def reached(n: int) -> None:
+        at[0] = n
+        if requested() is not None:
+            raise Preempted(line("preempted"))
+
+    try:
+        with deferred():
+            yield reached
+    except KeyboardInterrupt as e:
+        if e.args:  # an inner block already said how far it got
+            raise
+        raise KeyboardInterrupt(line("interrupted")) from None

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from flatdino_cli import preempt
 from flatdino_cli.classes import class_label, class_plan, resolve_classes
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, network_evaluations
@@ -125,9 +126,10 @@ def png_writer(depth: int = 2):
 
 
 def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir: Path, seed: int, flow: FlowConfig,
-                batch_size: int, rt: Runtime, bar: tqdm) -> np.ndarray:
+                batch_size: int, rt: Runtime, advance) -> np.ndarray:
     """Images lo..hi-1 as uint8 (hi - lo, S, S, 3): read back from their PNGs where a previous run
-    wrote them, generated (and written, off the critical path) otherwise."""
+    wrote them, generated (and written, off the critical path) otherwise. `advance(k)`: k more images
+    done (the progress bar; where a stop request ends the run, the PNGs in flight written first)."""
     S = pipe.image_size
     arr = np.zeros((hi - lo, S, S, 3), np.uint8)
     todo = []
@@ -139,7 +141,7 @@ def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir
             img = None  # a damaged file: make it again
         if img is not None and img.shape == (S, S, 3):
             arr[i - lo] = img
-            bar.update(1)
+            advance(1)
         else:
             todo.append(i)
     step = sampler_batch(batch_size, rt.device)
@@ -149,7 +151,7 @@ def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir
             imgs = generate(pipe, labels[idx].tolist(), idx, seed, flow, batch_size, rt)
             write_pngs(imgs, [images_dir / _png_name(int(labels[i]), i) for i in idx])
             arr[np.asarray(idx) - lo] = imgs
-            bar.update(len(idx))
+            advance(len(idx))
     return arr
 
 
@@ -208,14 +210,20 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
         parts_dir.mkdir(exist_ok=True)
         parts = [parts_dir / f"part_{lo:07d}-{hi:07d}.npz" for lo, hi in shards]
         done = [p.is_file() and _part_ok(p, lo, hi, labels_arr, S) for p, (lo, hi) in zip(parts, shards)]
-        bar = tqdm(total=N, initial=sum(hi - lo for (lo, hi), ok in zip(shards, done) if ok), desc="sample",
-                   unit="img", dynamic_ncols=True, disable=not progress)
-        for part, (lo, hi), ok in zip(parts, shards, done):
-            if not ok:
-                arr = _make_shard(pipe, labels_arr, lo, hi, images_dir, seed, flow, batch_size, rt, bar)
-                buf = io.BytesIO()
-                np.savez(buf, arr_0=arr, labels=labels_arr[lo:hi], indices=np.arange(lo, hi))
-                atomic_write_bytes(part, buf.getvalue())
+        finished = [sum(hi - lo for (lo, hi), ok in zip(shards, done) if ok)]
+        bar = tqdm(total=N, initial=finished[0], desc="sample", unit="img", dynamic_ncols=True, disable=not progress)
+        with preempt.safe_points("sample", N, "images", finished[0]) as reached:
+            def advance(k: int) -> None:  # SIGTERM / SIGUSR1 stop the run here, between batches
+                bar.update(k)
+                finished[0] += k
+                reached(finished[0])
+
+            for part, (lo, hi), ok in zip(parts, shards, done):
+                if not ok:
+                    arr = _make_shard(pipe, labels_arr, lo, hi, images_dir, seed, flow, batch_size, rt, advance)
+                    buf = io.BytesIO()
+                    np.savez(buf, arr_0=arr, labels=labels_arr[lo:hi], indices=np.arange(lo, hi))
+                    atomic_write_bytes(part, buf.getvalue())
         bar.close()
         pick = {i: None for i in grid_idx}
         _write_npz_streamed(npz, parts, N, S, labels_arr, pick)

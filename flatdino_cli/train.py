@@ -391,7 +391,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
                 task.train_set.set_epoch(epoch)
             loader = DataLoader(task.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
                                 collate_fn=task.collate_fn, pin_memory=rt.pin_memory,
-                                persistent_workers=False)
+                                persistent_workers=False, worker_init_fn=preempt.worker_ignores_stop)
             net.train()
             it = iter(loader)
             while step < total and step // spe == epoch:

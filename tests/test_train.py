@@ -209,9 +209,11 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise(tmp_path, store, spawn, cli):
 
 def test_sigterm_saves_the_step_reached_then_resume_is_bitwise(tmp_path, store, spawn, cli):
     # no periodic checkpoint mid-run: whatever `latest` holds after the signal, the signal wrote
-    preset = write_preset(tmp_path / "tiny.yaml", epochs=2, ckpt_every_steps=10_000, ema=0.9)
-    total = 2 * SPE
-    k = random.Random().randint(2, SPE)  # signalled once the log shows step k: a random step of epoch 1
+    preset = write_preset(tmp_path / "tiny.yaml", epochs=4, ckpt_every_steps=10_000, ema=0.9)
+    total = 4 * SPE
+    # signalled once the log shows step k: a random step of epoch 1, three epochs before the end (the
+    # signal has seconds to land, however slowly this process is scheduled)
+    k = random.Random().randint(2, SPE)
 
     def args(out: Path) -> list:
         return ["train-vae", "--preset", preset, "--features", store, "--out", out, "--device", "cpu", "--seed", "3"]

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from flatdino_cli.fid_metrics import Gaussian, frechet_distance, inception_score, precision_recall
 from flatdino_cli.analysis.inception_weights import find_inception_weights
+from flatdino_cli import preempt
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file, user_cache_dir
 
@@ -187,7 +188,9 @@ def cache_path(src: Source, tag: str) -> Path:
 
 def _extract(src: Source, extractor: FeatureExtractor, part_dir: Path, batch_size: int, chunk: int,
              progress: bool) -> dict[str, np.ndarray]:
-    """All features of `src`, resuming from (and adding to) the finished chunks in `part_dir`."""
+    """All features of `src`, resuming from (and adding to) the finished chunks in `part_dir`. SIGTERM /
+    SIGUSR1 stop it after the batch in flight: the chunk so far is saved (a shorter one; chunks only need
+    to be contiguous) and the run ends with one line saying how far it got."""
     parts, done = [], 0
     for f in sorted(part_dir.glob("chunk-*.npz")):
         if int(f.stem.split("-")[1]) != done:
@@ -197,18 +200,22 @@ def _extract(src: Source, extractor: FeatureExtractor, part_dir: Path, batch_siz
         done += len(parts[-1]["pool"])
     bar = tqdm(total=src.count, initial=done, unit="img", disable=not progress,
                desc=f"features {src.path.name} [{extractor.name}]")
-    while done < src.count:
-        stop = min(done + chunk, src.count)
-        outs = []
-        for b in src.batches(done, stop, batch_size):
-            outs.append({k: np.asarray(v, dtype=np.float32).reshape(len(b), -1) for k, v in extractor(b).items()})
-            bar.update(len(b))
-        part = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        buf = io.BytesIO()
-        np.savez(buf, **part)
-        atomic_write_bytes(part_dir / f"chunk-{done:09d}.npz", buf.getvalue())
-        parts.append(part)
-        done = stop
+    with preempt.safe_points("fid", src.count, f"images of {src.path}", done) as reached:
+        while done < src.count:
+            stop = min(done + chunk, src.count)
+            outs = []
+            for b in src.batches(done, stop, batch_size):
+                outs.append({k: np.asarray(v, dtype=np.float32).reshape(len(b), -1) for k, v in extractor(b).items()})
+                bar.update(len(b))
+                if preempt.requested():
+                    break  # save this shorter chunk, then stop
+            part = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+            buf = io.BytesIO()
+            np.savez(buf, **part)
+            atomic_write_bytes(part_dir / f"chunk-{done:09d}.npz", buf.getvalue())
+            parts.append(part)
+            done += len(part["pool"])
+            reached(done)
     bar.close()
     return {k: np.concatenate([p.pop(k) for p in parts]) for k in list(parts[0])}  # frees chunks as it goes
 

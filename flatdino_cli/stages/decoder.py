@@ -56,10 +56,15 @@ class DecoderItems(Dataset):
 
     def __init__(self, paths: list[str], crop: int, out_size: int, enc_size: int | None = None,
                  interp: str = "bicubic", store_data: Path | None = None, rows: list[int] | None = None,
-                 flip: bool = False):
+                 flip: bool = False, seed: int = 0):
         self.paths, self.crop, self.out_size, self.enc_size, self.interp = paths, crop, out_size, enc_size, interp
         self.store_data, self.rows, self.flip = store_data, rows, flip
-        self._data = None
+        self._data, self.seed, self.epoch = None, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The flips follow (seed, epoch, item), not the process's RNG, so a run resumed mid-epoch (or
+        loading in worker processes) flips the same images as an uninterrupted one."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,7 +86,7 @@ class DecoderItems(Dataset):
         if crop is None:
             return None
         pixels = to_tensor(crop)  # (3, crop, crop) in [0, 1]
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5:
             pixels = pixels.flip(-1)
         target = resize(pixels, self.out_size, "bicubic").clamp(0, 1)  # (3, S, S)
         if self.store_data is not None:
@@ -140,9 +145,9 @@ def _store_rows(images: ImageList, features: str | Path, encoder_name: str | Non
     return parts, {"path": str(Path(features).resolve()), "manifest_sha256": stores[0].manifest_hash()}
 
 
-def _subset(items: DecoderItems, idx: np.ndarray, flip: bool = False) -> DecoderItems:
+def _subset(items: DecoderItems, idx: np.ndarray, flip: bool = False, seed: int = 0) -> DecoderItems:
     return DecoderItems([items.paths[i] for i in idx], items.crop, items.out_size, items.enc_size, items.interp,
-                        items.store_data, None if items.rows is None else [items.rows[i] for i in idx], flip)
+                        items.store_data, None if items.rows is None else [items.rows[i] for i in idx], flip, seed)
 
 
 def mean_image(items: DecoderItems, count: int = MEAN_IMAGES) -> torch.Tensor:
@@ -242,7 +247,7 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
     else:
         full = DecoderItems(imgs.paths, crop, S, enc_size=enc_size, interp=interp)
         tr, va = split_indices(len(full), min(VAL_COUNT, len(full) // 10), cfg.train.seed)
-        train_set, val_set = _subset(full, tr, flip=True), _subset(full, va)
+        train_set, val_set = _subset(full, tr, flip=True, seed=cfg.train.seed), _subset(full, va)
     if len(val_set) == 0:
         raise UserError(f"--images {images}: {len(full)} images are too few to hold any out for validation (need 10+)")
     mean_img = mean_image(train_set)
