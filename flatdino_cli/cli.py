@@ -167,10 +167,11 @@ def _runtime(device: str, precision: str, compile: Optional[bool]):
 
 
 def _train_start(command: str, stage: str, wanted: str, preset: str, sets, epochs, batch_size, seed, log_to,
-                 out: Optional[Path], device: str, precision: str, compile: Optional[bool], pick=None):
+                 out: Optional[Path], device: str, precision: str, compile: Optional[bool], pick=None, shape=None):
     """What every train-* command does first: the preset with its overrides, the stage check, the
-    inputs `pick(cfg)` resolves (in the workspace), the run dir (--out or the workspace's), the out-dir
-    check, the runtime. Returns (cfg, picked, out, rt)."""
+    inputs `pick(cfg)` resolves (in the workspace), the config `shape(cfg, picked)` fits to them (so the
+    workspace resumes the run whose recorded config is that), the run dir (--out or the workspace's),
+    the out-dir check, the runtime. Returns (cfg, picked, out, rt)."""
     from flatdino_cli import workspace as ws
     from flatdino_cli.config import load_preset
 
@@ -179,6 +180,7 @@ def _train_start(command: str, stage: str, wanted: str, preset: str, sets, epoch
     if cfg.stage != stage:
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; {command} needs {wanted}")
     picked = pick(cfg) if pick is not None else None
+    cfg = shape(cfg, picked) if shape is not None else cfg
     out = ws.run_dir(command, out, stage, preset, cfg)
     check_out_dir(out)
     return cfg, picked, out, _runtime(device, precision, compile)
@@ -446,11 +448,14 @@ def train_dit(
       flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
     """
     from flatdino_cli import workspace as ws
+    from flatdino_cli.data import Store
+    from flatdino_cli.models.dit import with_store_shape
     from flatdino_cli.stages.dit import train_dit as run
 
     cfg, latents, out, rt = _train_start(
         "train-dit", "dit", "a DiT preset (xl-32x128, ...)", preset, sets, epochs, batch_size, seed, log_to, out,
-        device, precision, compile, lambda cfg: latents if latents is not None else ws.pick_latents("train-dit", cfg))
+        device, precision, compile, lambda cfg: latents if latents is not None else ws.pick_latents("train-dit", cfg),
+        lambda cfg, store: with_store_shape(cfg, Store.open(store), store))
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
         from flatdino_cli.stages.dit import training_grid_hook
