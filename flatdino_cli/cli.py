@@ -564,7 +564,8 @@ def export(
 @command()
 def info(
     path: Annotated[str, typer.Argument(help="A run, an exported model folder or hf:ORG/NAME, a store, or one of "
-                                             "RAE's released files (model.pt, stat.pt).")],
+                                             "RAE's released files (model.pt, stat.pt, a diffusers "
+                                             "AutoencoderRAE folder).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """What a run, store or checkpoint is, at a glance: stage, preset, sizes, data, steps, best val, disk.

@@ -90,3 +90,23 @@ def test_extract_reads_the_folder_as_encoder_weights(tmp_path, rae_folder):
     run_cli("extract", tmp_path / "toy", tmp_path / "store", "--encoder", "dinov2-b-reg4", "--encoder-weights", path)
     data = np.load(tmp_path / "store" / "data.npy", mmap_mode="r")
     assert data.shape[1:] == (GRID * GRID, 64)
+
+
+def test_info_describes_the_folder(tmp_path, rae_folder):
+    """`flatdino info DIR`: encoder and decoder sizes, patch, image size and whether statistics are there."""
+    import json
+
+    from conftest import run_cli
+
+    path, ref = rae_folder
+    facts = json.loads(run_cli("info", path, "--json").stdout)
+    assert "AutoencoderRAE" in facts["what"] and "--decoder DIR" in facts["what"]
+    enc_params = sum(p.numel() for p in ref.encoder.parameters()) / 1e6
+    assert facts["encoder"] == (f"DINOv2 with registers, width 64, depth 2, 1 heads, patch {ENC_PATCH} at {SIDE} px -> "
+                                f"{GRID} x {GRID} = {GRID * GRID} patches ({enc_params:.2f}M parameters)")
+    dec_params = sum(p.numel() for p in ref.decoder.parameters()) / 1e6
+    assert facts["decoder"] == (f"ViT width 32, depth 2, 2 heads, mlp 64, patch 4: {GRID * GRID} x 64 features -> "
+                                f"{4 * GRID} px images ({dec_params:.2f}M parameters)")
+    assert facts["statistics"].startswith(f"latents_mean / latents_std (64, {GRID}, {GRID})")
+    make_rae(tmp_path / "nostats", stats=False)
+    assert json.loads(run_cli("info", tmp_path / "nostats", "--json").stdout)["statistics"].startswith("none")

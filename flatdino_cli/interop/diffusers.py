@@ -90,6 +90,20 @@ def weights_path(folder) -> Path:
     return Path(folder) / WEIGHTS
 
 
+def tensor_shapes(folder) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the folder's weights, from the safetensors header alone (nothing loaded)."""
+    path = weights_path(folder)
+    if not path.is_file():
+        raise UserError(f"{folder}: AutoencoderRAE folder without {WEIGHTS}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+
+
 # ----------------------------------------------------------------------------- encoder
 def encoder_sizes(folder) -> dict:
     """image_size, patch_size, dim, depth, heads of the folder's DINOv2 encoder."""
