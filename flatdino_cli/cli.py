@@ -543,19 +543,35 @@ def export(
     run: Annotated[Path, typer.Argument(help="A train-vae, train-dit or train-decoder run directory.")],
     out: Annotated[Path, typer.Argument(help="The model folder to write (upload it with `hf upload ORG/NAME OUT`).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at OUT.")] = False,
+    format: Annotated[str, typer.Option("--format", help="flatdino (any run) or diffusers (a train-decoder run "
+                                                         "with its encoder, as an AutoencoderRAE folder).")] = "flatdino",
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="(diffusers) The encoder weights the decoder was "
+                                                                 "trained on, when inputs.json cannot find them.")] = None,
+    stats: Annotated[Optional[Path], typer.Option(help="(diffusers) Latent statistics to include: RAE's stat.pt, "
+                                                       "an rae-* run's stats.pt or an AutoencoderRAE folder.")] = None,
 ):
     """Write a run as a Hugging Face model folder: model.safetensors, config.json, README.md (model card).
 
     Any --vae/--dit/--decoder option then takes the folder, or hf:ORG/NAME[@REV] once it is in the
     local Hugging Face cache (`hf download ORG/NAME`); nothing is downloaded by flatdino itself.
+    `--format diffusers` writes a decoder run as a diffusers AutoencoderRAE folder instead.
 
     \b
     Examples:
       flatdino export runs/vae exports/flatdino-vae-32x128
       flatdino sample --dit hf:me/flatdino-xl --vae hf:me/flatdino-vae --decoder rae/model.pt -c 207
+      flatdino export runs/decoder exports/rae-decoder --format diffusers --stats runs/dit-rae/stats.pt
     """
-    from flatdino_cli.export import export_run
+    from flatdino_cli.export import export_diffusers, export_run
 
+    if format not in ("flatdino", "diffusers"):
+        raise UserError(f"--format {format!r}: choose flatdino or diffusers")
+    if format == "flatdino" and (encoder_weights is not None or stats is not None):
+        raise UserError("export: --encoder-weights and --stats go with --format diffusers")
+    if format == "diffusers":
+        r = export_diffusers(run, out, encoder_weights, stats, overwrite=overwrite)
+        typer.echo(f"export: decoder run at step {r['step']} as an AutoencoderRAE -> {r['out']} ({', '.join(r['files'])})")
+        return
     r = export_run(run, out, overwrite=overwrite)
     typer.echo(f"export: {r['stage']} run at step {r['step']} ({r['weights']['source']}) -> {r['out']} "
                f"({', '.join(r['files'])})")

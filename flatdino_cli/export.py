@@ -101,9 +101,8 @@ def export_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) ->
         "metrics": {k: summary[k] for k in ("last_train", "best_val", "last_val")},
         "command": train_command(cfg.stage, inputs),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         shutil.copyfile(weights, tmp / WEIGHTS)  # byte copy: the sha256 (provenance checks) is unchanged
         atomic_write_json(tmp / CONFIG_JSON, meta)
         save_config(cfg, tmp / "config.yaml")
@@ -111,17 +110,165 @@ def export_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) ->
         if (run_dir / STATS_FILE).is_file():
             shutil.copyfile(run_dir / STATS_FILE, tmp / STATS_FILE)
         atomic_write_text(tmp / CARD, _card(run_dir.name, cfg, meta))
+
+    _write_folder(out, fill)
+    return {"out": str(out), "stage": cfg.stage, "step": meta["step"], "weights": meta["weights"],
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def _write_folder(out: Path, fill) -> None:
+    """`fill(tmp)` writes the folder beside `out`; then it replaces `out` (a killed export leaves no half folder)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        fill(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "stage": cfg.stage, "step": meta["step"], "weights": meta["weights"],
-            "files": sorted(p.name for p in out.iterdir())}
 
 
 def build_arch_name(cfg: Any) -> str:
     """The model class build_model makes for this config (built on the meta device: instant)."""
     with torch.device("meta"):
         return type(build_model(cfg)).__name__
+
+
+# ============================================================================ diffusers AutoencoderRAE
+def _rae_encoder(ident: dict, encoder_weights, run_dir: Path):
+    """(spec, weights path or None) of the encoder a decoder run was trained on; one-line UserError when
+    AutoencoderRAE cannot hold it (its DINOv2 encoders have 64-wide heads and a GELU MLP)."""
+    from flatdino_cli.encoders import cached_hub_weights, get_spec
+    from flatdino_cli.interop import diffusers as D
+
+    name, wid = (ident.get("encoder"), ident.get("weights")) if isinstance(ident, dict) else (ident, None)
+    if not isinstance(name, str):
+        raise UserError(f"{run_dir}/inputs.json: records no encoder; this decoder cannot be exported with one")
+    folder = Path(encoder_weights).expanduser() if encoder_weights is not None else None
+    if folder is not None and D.is_rae_folder(folder):
+        return None, folder
+    spec = get_spec(name)
+    why = None
+    if spec.dim != 64 * spec.heads:
+        why = (f"has {spec.heads} heads of {spec.dim // spec.heads} channels; AutoencoderRAE builds DINOv2 encoders "
+               f"with heads of 64 (width {spec.dim} -> {max(spec.dim // 64, 1)} heads)")
+    elif "giant" in spec.arch:
+        why = "has a SwiGLU MLP; AutoencoderRAE's DINOv2 encoder has a GELU one"
+    elif str(wid).startswith("random-init") and folder is None:
+        why = "has random test weights, which no AutoencoderRAE folder holds"
+    if why:
+        raise UserError(f"{run_dir}: trained on encoder {name}, which {why}; it cannot be exported as an "
+                        "AutoencoderRAE (--format flatdino can)")
+    if folder is not None:
+        return spec, folder
+    if str(wid).startswith("hf:") and (path := cached_hub_weights(*spec.hub_repos)) is not None:
+        return spec, path
+    raise UserError(f"{run_dir}: pass --encoder-weights FILE|DIR, the weights of encoder {name} it was trained on "
+                    f"({wid or 'not recorded'} in inputs.json)")
+
+
+def _rae_encoder_tensors(spec, path: Path, ident: dict, run_dir: Path) -> tuple[dict, dict]:
+    """(AutoencoderRAE `encoder.*` tensors, encoder_sizes) from a weights file or an AutoencoderRAE folder."""
+    import dataclasses
+    import math
+
+    from flatdino_cli.encoders import load_encoder, read_state_dict
+    from flatdino_cli.interop import diffusers as D
+
+    file = D.weights_path(path) if spec is None else path
+    wid = ident.get("weights") if isinstance(ident, dict) else None
+    if not file.is_file():
+        raise UserError(f"--encoder-weights {path}: no such file")
+    if str(wid).startswith("sha256:") and sha256_file(file) != wid.removeprefix("sha256:"):
+        raise UserError(f"--encoder-weights {path}: not the weights {run_dir} was trained on (its sha256 differs "
+                        "from the one in inputs.json)")
+    if spec is None:  # an AutoencoderRAE folder's encoder: its tensors as they are
+        return {"encoder." + k: v for k, v in D.encoder_state_dict(path).items()}, D.encoder_sizes(path)
+    sd = read_state_dict(file)
+    table = sd.get("pos_embed", sd.get("embeddings.position_embeddings"))
+    want = D.encoder_table_grid(spec.patch_size)
+    rows = table.shape[-2] if table is not None else 0
+    if want * want not in (rows, rows - 1):
+        side = math.isqrt(rows) if rows else 0
+        raise UserError(f"--encoder-weights {path}: its position table is {side} x {side}; AutoencoderRAE stores "
+                        f"DINOv2's {want} x {want} one ({D.ENCODER_TABLE_SIZE} px) and resamples it at run time, "
+                        "so it could not give back this one")
+    big = load_encoder(dataclasses.replace(spec, image_size=want * spec.patch_size), file)  # the table as stored
+    sizes = dict(image_size=spec.image_size, patch_size=spec.patch_size, dim=spec.dim, depth=spec.depth,
+                 heads=spec.heads)
+    return D.encoder_diffusers_state_dict(big.model.state_dict(), D.transformers_major() >= 5), sizes
+
+
+def export_diffusers(run_dir: str | Path, out: str | Path, encoder_weights: str | Path | None = None,
+                     stats: str | Path | None = None, overwrite: bool = False) -> dict:
+    """A train-decoder run (EMA weights) with the encoder it was trained on, as a diffusers AutoencoderRAE
+    folder (config.json + diffusion_pytorch_model.safetensors); `stats` (RAE's stat.pt, an rae-* run's
+    stats.pt or an AutoencoderRAE folder) become its latent statistics, converted to diffusers' divisor
+    std + 1e-5 (interop/diffusers.py). Refused in one line where AutoencoderRAE would decode otherwise."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from safetensors.torch import save_file
+
+    from flatdino_cli.interop import diffusers as D
+    from flatdino_cli.models.pixel_decoder import load_decoder, ours_to_rae_state_dict
+    from flatdino_cli.models.stats import load_stats, tokens_to_chw
+    from flatdino_cli.nn import sincos_2d
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = run_config(run_dir)
+    if cfg.stage != "decoder":
+        raise UserError(f"{run_dir}: is a {cfg.stage} run; --format diffusers writes train-decoder runs (as an "
+                        "AutoencoderRAE with their encoder)")
+    if out.exists() and (not overwrite or not D.is_rae_folder(out)):
+        raise UserError(f"{out}: exists; pick a new folder" + (" or pass --overwrite" if D.is_rae_folder(out) else ""))
+    ident = run_inputs(run_dir).get("encoder") or {}
+    spec, path = _rae_encoder(ident, encoder_weights, run_dir)
+    m = cfg.model
+    if m.ln_eps != 1e-12:
+        raise UserError(f"{run_dir}: decoder LayerNorm eps {m.ln_eps:g}; AutoencoderRAE's decoder uses 1e-12")
+    dec = load_decoder(run_dir)
+    g = dec.grid
+    table = sincos_2d(g, g, m.width, cls_token=True, step=D.pos_step(g))[None]
+    if not torch.allclose(dec.pos_embed.detach(), table, atol=1e-6, rtol=0):
+        raise UserError(f"{run_dir}: the decoder's sin-cos position table is not the one diffusers rebuilds for a "
+                        f"{g} x {g} grid (positions spaced 16 / {g}; equal on the 16 x 16 grid of 224-px encoders), "
+                        "so an AutoencoderRAE would decode differently")
+    tensors, enc = _rae_encoder_tensors(spec, path, ident, run_dir)
+    if (m.num_patches, m.in_dim) != ((enc["image_size"] // enc["patch_size"]) ** 2, enc["dim"]):
+        raise UserError(f"{run_dir}: the decoder takes {m.num_patches} x {m.in_dim} features, the encoder gives "
+                        f"{(enc['image_size'] // enc['patch_size']) ** 2} x {enc['dim']}; pass its own --encoder-weights")
+    chw = None
+    if stats is not None:
+        s = load_stats(Path(stats), (g, g))
+        if tuple(s.mean.shape) != (m.num_patches, m.in_dim):
+            raise UserError(f"--stats {stats}: statistics of shape {tuple(s.mean.shape)}; this decoder's features "
+                            f"are {m.num_patches} x {m.in_dim} per position")
+        chw = (tokens_to_chw(s.mean, (g, g)), tokens_to_chw(s.std - D.STD_EPS, (g, g)))  # diffusers adds 1e-5 back
+    tensors.update(D.decoder_diffusers_state_dict(ours_to_rae_state_dict(dec.state_dict())))
+    tensors.update(D.extra_tensors(chw))
+    try:
+        made_with = version("diffusers")
+    except PackageNotFoundError:
+        made_with = "0.42.1"
+    config = D.folder_config(enc, {"width": m.width, "depth": m.depth, "heads": m.heads, "mlp_hidden": m.mlp_hidden,
+                                   "patch_size": m.patch_size}, chw, made_with)
+    summary = run_summary(run_dir)
+    card = "\n".join([
+        "---", "library_name: diffusers", "tags: [flatdino, rae, dinov2, autoencoder]", "---", "",
+        f"# {run_dir.name}", "", f"An `AutoencoderRAE` (diffusers): the pixel decoder of the flatdino train-decoder "
+        f"run `{run_dir.name}` (step {summary['step']}, EMA weights) with the DINOv2 encoder it was trained on "
+        f"(`{ident.get('encoder') if isinstance(ident, dict) else ident}`, {ident.get('weights') if isinstance(ident, dict) else ''}).",
+        "", f"Latent statistics: {'included' if chw else 'none (latents are the raw features)'}.", "", "```python",
+        "from diffusers import AutoencoderRAE", "vae = AutoencoderRAE.from_pretrained(FOLDER)", "```", "",
+        "flatdino reads it back as `--decoder FOLDER`, `--encoder-weights FOLDER` and `--stats FOLDER`.", ""])
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / D.WEIGHTS))
+        atomic_write_json(tmp / D.CONFIG, config)
+        atomic_write_text(tmp / CARD, card)
+
+    _write_folder(out, fill)
+    return {"out": str(out), "stage": cfg.stage, "step": summary["step"], "format": "diffusers",
+            "files": sorted(p.name for p in out.iterdir())}

@@ -110,3 +110,80 @@ def test_info_describes_the_folder(tmp_path, rae_folder):
     assert facts["statistics"].startswith(f"latents_mean / latents_std (64, {GRID}, {GRID})")
     make_rae(tmp_path / "nostats", stats=False)
     assert json.loads(run_cli("info", tmp_path / "nostats", "--json").stdout)["statistics"].startswith("none")
+
+
+# ----------------------------------------------------------------------------- writing AutoencoderRAE folders
+def _decoder_run(path, encoder: dict, num_patches: int, patch: int, seed: int = 7):
+    """A train-decoder run dir of random (perturbed) weights, trained (says inputs.json) on `encoder`."""
+    from test_sample import make_run
+
+    from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig
+
+    cfg = DecoderStageConfig(model=DecoderModelConfig(in_dim=64, num_patches=num_patches, patch_size=patch, width=32,
+                                                      depth=2, heads=2, mlp_hidden=64))
+    return make_run(path, cfg, seed, ema=True, inputs={"encoder": encoder}, scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A decoder run on the encoder of a 224-px AutoencoderRAE folder (16 x 16 patches, as the releases),
+    exported with that folder's statistics."""
+    from conftest import run_cli
+
+    from flatdino_cli.utils import sha256_file
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(1)
+    src = root / "source"
+    diffusers.AutoencoderRAE(encoder_hidden_size=64, encoder_patch_size=14, encoder_num_hidden_layers=2,
+                             decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                             decoder_intermediate_size=64, patch_size=2, encoder_input_size=224,
+                             latents_mean=(0.3 * torch.randn(64, 16, 16)).tolist(),
+                             latents_std=(0.5 + torch.rand(64, 16, 16)).tolist()).eval().save_pretrained(src)
+    ident = {"encoder": "dinov2-b-reg4", "weights": f"sha256:{sha256_file(src / 'diffusion_pytorch_model.safetensors')}"}
+    run = _decoder_run(root / "decoder", ident, 256, 2)
+    out = root / "out"
+    run_cli("export", run, out, "--format", "diffusers", "--encoder-weights", src, "--stats", src)
+    return {"root": root, "src": src, "run": run, "out": out}
+
+
+def test_export_loads_in_diffusers_and_decodes_like_flatdino(exported):
+    out, run, src = exported["out"], exported["run"], exported["src"]
+    model, info = diffusers.AutoencoderRAE.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    model.eval()
+    source = diffusers.AutoencoderRAE.from_pretrained(src).eval()
+    torch.testing.assert_close(model._latents_std, source._latents_std, atol=1e-6, rtol=0)  # the statistics kept
+
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        latents = model.encode(images).latent  # (B, 64, 16, 16), normalised
+        pixels = model.decode(latents).sample
+        assert torch.equal(latents, source.encode(images).latent)  # the encoder is the source folder's
+    dec, stats = load_decoder(run), load_stats(out)
+    tokens = latents.flatten(2).transpose(1, 2)
+    ours = dec(stats.denormalize(tokens))
+    assert ours.shape == pixels.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, pixels, atol=1e-4, rtol=0)
+    assert ours.std() > 0.05  # a decoder that does something (a wrong key map would not match)
+    assert "AutoencoderRAE.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_export_refusals_are_one_line(exported, rae_folder, tmp_path):
+    from conftest import run_cli
+
+    def refused(run, *extra):
+        p = run_cli("export", run, tmp_path / "x", "--format", "diffusers", *extra, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and not (tmp_path / "x").exists(), p.stderr
+        return lines[0]
+
+    tiny = _decoder_run(tmp_path / "tiny", {"encoder": "tiny", "weights": "random-init(seed=0)"}, 36, 8)
+    assert "heads of 64" in refused(tiny) and "tiny" in refused(tiny)
+    grid4 = _decoder_run(tmp_path / "grid4", {"encoder": "dinov2-b-reg4", "weights": None}, GRID * GRID, 4)
+    assert "position table" in refused(grid4, "--encoder-weights", rae_folder[0])  # 4 x 4: diffusers spaces it 4
+    assert "--encoder-weights" in refused(exported["run"])  # the records name a file by hash only
+    assert "sha256" in refused(exported["run"], "--encoder-weights", rae_folder[0])  # not the trained-on weights
+    assert "exists" in run_cli("export", exported["run"], exported["out"], "--format", "diffusers",
+                               "--encoder-weights", exported["src"], check=False).stderr
