@@ -113,13 +113,13 @@ def test_info_describes_the_folder(tmp_path, rae_folder):
 
 
 # ----------------------------------------------------------------------------- writing AutoencoderRAE folders
-def _decoder_run(path, encoder: dict, num_patches: int, patch: int, seed: int = 7):
+def _decoder_run(path, encoder: dict, num_patches: int, patch: int, seed: int = 7, in_dim: int = 64):
     """A train-decoder run dir of random (perturbed) weights, trained (says inputs.json) on `encoder`."""
     from test_sample import make_run
 
     from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig
 
-    cfg = DecoderStageConfig(model=DecoderModelConfig(in_dim=64, num_patches=num_patches, patch_size=patch, width=32,
+    cfg = DecoderStageConfig(model=DecoderModelConfig(in_dim=in_dim, num_patches=num_patches, patch_size=patch, width=32,
                                                       depth=2, heads=2, mlp_hidden=64))
     return make_run(path, cfg, seed, ema=True, inputs={"encoder": encoder}, scale=0.3)
 
@@ -187,3 +187,41 @@ def test_export_refusals_are_one_line(exported, rae_folder, tmp_path):
     assert "sha256" in refused(exported["run"], "--encoder-weights", rae_folder[0])  # not the trained-on weights
     assert "exists" in run_cli("export", exported["run"], exported["out"], "--format", "diffusers",
                                "--encoder-weights", exported["src"], check=False).stderr
+
+
+def test_export_converts_a_timm_encoder_file(tmp_path):
+    """An encoder from a weights file (timm layout, the 518-px table of the releases) is converted to
+    transformers' names: diffusers' encoder then gives flatdino's features; a file whose table is on
+    another grid is refused (diffusers would resample a 37 x 37 one)."""
+    import timm
+    from conftest import run_cli
+    from safetensors.torch import save_file
+
+    from flatdino_cli.utils import sha256_file
+
+    torch.manual_seed(2)
+    vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=518)
+    with torch.no_grad():  # visible layer scales, CLS and registers: a wrong map shows
+        for name, p in vit.named_parameters():
+            if name.endswith(("gamma", "cls_token", "reg_token", "pos_embed")):
+                p.copy_(torch.randn_like(p) * 0.5)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    file = tmp_path / "vit.safetensors"
+    run = _decoder_run(tmp_path / "dec", {"encoder": "dinov2-s-reg4", "weights": f"sha256:{sha256_file(file)}"}, 256, 2,
+                       in_dim=384)
+    run_cli("export", run, tmp_path / "out", "--format", "diffusers", "--encoder-weights", file)
+    model, info = diffusers.AutoencoderRAE.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = model.eval()._encoder_forward_fn(model.encoder, model._resize_and_normalize(images))
+    ours = load_encoder("dinov2-s-reg4", file)(model._resize_and_normalize(images))
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    assert ref.std() > 0.1
+
+    small = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=224)
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "vit224.safetensors"))
+    run224 = _decoder_run(tmp_path / "dec224", {"encoder": "dinov2-s-reg4"}, 256, 2, in_dim=384)
+    p = run_cli("export", run224, tmp_path / "out224", "--format", "diffusers", "--encoder-weights",
+                tmp_path / "vit224.safetensors", check=False)
+    assert p.returncode == 1 and "16 x 16" in p.stderr and "37 x 37" in p.stderr, p.stderr
