@@ -102,7 +102,9 @@ def describe_run(path: Path) -> list[tuple[str, Any]]:
         facts.append(("latents", f"{cfg.model.tokens} tokens x {cfg.model.latent_dim} ({cfg.model.kind}) from "
                                  f"{cfg.model.num_patches} x {cfg.model.feature_dim} features"))
     elif cfg.stage == "dit":
-        facts.append(("generates", f"{cfg.model.tokens} x {cfg.model.in_dim}, {cfg.model.num_classes} classes"))
+        k = cfg.model.num_classes
+        facts.append(("generates", f"{cfg.model.tokens} x {cfg.model.in_dim}, "
+                                   + (f"{k} classes" if k else "unconditional (trained without labels)")))
     else:
         facts.append(("decodes", f"{cfg.model.num_patches} x {cfg.model.in_dim} features -> "
                                  f"{cfg.model.image_size} px images"))

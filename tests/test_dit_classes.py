@@ -102,3 +102,11 @@ def test_unlabelled_store_trains_an_unconditional_model(runs, tmp_path):
     one_line(run_cli(*base, "--class", "0", "--out", tmp_path / "s3", check=False), "unconditional", "--class")
     assert not (tmp_path / "s2").exists() and not (tmp_path / "s3").exists()
 
+
+
+def test_info_says_unconditional(runs, tmp_path):
+    import json
+
+    train(tmp_path / "dit", runs["latents"]("unlabelled2", [-1] * 4))
+    facts = json.loads(run_cli("info", tmp_path / "dit", "--json").stdout)
+    assert facts["generates"] == f"{T} x {D}, unconditional (trained without labels)"
