@@ -225,3 +225,27 @@ def test_export_converts_a_timm_encoder_file(tmp_path):
     p = run_cli("export", run224, tmp_path / "out224", "--format", "diffusers", "--encoder-weights",
                 tmp_path / "vit224.safetensors", check=False)
     assert p.returncode == 1 and "16 x 16" in p.stderr and "37 x 37" in p.stderr, p.stderr
+
+
+def test_folder_end_to_end_extract_train_dit_sample(tmp_path, rae_folder):
+    """One AutoencoderRAE folder as the encoder's weights, the pixel decoder and the statistics:
+    extract -> train-dit (an rae-* preset, made small; classes from the store) -> sample, no conversion."""
+    import numpy as np
+    from conftest import run_cli
+
+    path, _ = rae_folder
+    run_cli("toy-data", tmp_path / "toy", "--per-class", "1", "--size", str(SIDE))
+    run_cli("extract", tmp_path / "toy", tmp_path / "store", "--encoder", "dinov2-b-reg4", "--encoder-weights", path)
+    small = ["model.width=32", "model.depth=1", "model.heads=2", "model.mlp_hidden=64", "train.max_steps=2",
+             "train.batch_size=4"]
+    run_cli("train-dit", "--preset", "rae-xl-256x768", "--latents", tmp_path / "store", "--out", tmp_path / "dit",
+            "--device", "cpu", *[a for s in small for a in ("--set", s)])
+    from flatdino_cli.checkpoint import run_config
+
+    cfg = run_config(tmp_path / "dit")
+    assert (cfg.model.tokens, cfg.model.in_dim, tuple(cfg.model.grid), cfg.model.num_classes) == (GRID * GRID, 64, (GRID, GRID), 12)
+    for i, stats in enumerate(([], ["--stats", path])):  # the run's own statistics, or the folder's
+        run_cli("sample", "--dit", tmp_path / "dit", "--decoder", path, *stats, "--class", "3", "-n", "2", "--steps", "2",
+                "--out", tmp_path / f"s{i}")
+        with np.load(tmp_path / f"s{i}" / f"samples_2x{4 * GRID}x{4 * GRID}x3.npz") as z:
+            assert z["arr_0"].shape == (2, 4 * GRID, 4 * GRID, 3) and z["arr_0"].std() > 0
