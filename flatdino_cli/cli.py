@@ -549,12 +549,16 @@ def export(
                                                                  "trained on, when inputs.json cannot find them.")] = None,
     stats: Annotated[Optional[Path], typer.Option(help="(diffusers) Latent statistics to include: RAE's stat.pt, "
                                                        "an rae-* run's stats.pt or an AutoencoderRAE folder.")] = None,
+    vae: Annotated[Optional[Path], typer.Option(help="(diffusers, DiT runs) The VAE run (default: the one in "
+                                                     "inputs.json; none for rae-* runs).")] = None,
+    decoder: Annotated[Optional[Path], typer.Option(help="(diffusers, DiT runs) The pixel decoder to ship.")] = None,
 ):
     """Write a run as a Hugging Face model folder: model.safetensors, config.json, README.md (model card).
 
     Any --vae/--dit/--decoder option then takes the folder, or hf:ORG/NAME[@REV] once it is in the
     local Hugging Face cache (`hf download ORG/NAME`); nothing is downloaded by flatdino itself.
-    `--format diffusers` writes a decoder run as a diffusers AutoencoderRAE folder instead.
+    `--format diffusers` writes a decoder run as a diffusers AutoencoderRAE folder instead, and a DiT run
+    (with --decoder) as a pipeline for `DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`.
 
     \b
     Examples:
@@ -566,11 +570,12 @@ def export(
 
     if format not in ("flatdino", "diffusers"):
         raise UserError(f"--format {format!r}: choose flatdino or diffusers")
-    if format == "flatdino" and (encoder_weights is not None or stats is not None):
-        raise UserError("export: --encoder-weights and --stats go with --format diffusers")
+    if format == "flatdino" and any(v is not None for v in (encoder_weights, stats, vae, decoder)):
+        raise UserError("export: --encoder-weights, --stats, --vae and --decoder go with --format diffusers")
     if format == "diffusers":
-        r = export_diffusers(run, out, encoder_weights, stats, overwrite=overwrite)
-        typer.echo(f"export: decoder run at step {r['step']} as an AutoencoderRAE -> {r['out']} ({', '.join(r['files'])})")
+        r = export_diffusers(run, out, encoder_weights, stats, overwrite=overwrite, vae=vae, decoder=decoder)
+        what = "an AutoencoderRAE" if r["stage"] == "decoder" else "a diffusers pipeline"
+        typer.echo(f"export: {r['stage']} run at step {r['step']} as {what} -> {r['out']} ({', '.join(r['files'])})")
         return
     r = export_run(run, out, overwrite=overwrite)
     typer.echo(f"export: {r['stage']} run at step {r['step']} ({r['weights']['source']}) -> {r['out']} "

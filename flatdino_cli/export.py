@@ -202,7 +202,8 @@ def _rae_encoder_tensors(spec, path: Path, ident: dict, run_dir: Path) -> tuple[
 
 
 def export_diffusers(run_dir: str | Path, out: str | Path, encoder_weights: str | Path | None = None,
-                     stats: str | Path | None = None, overwrite: bool = False) -> dict:
+                     stats: str | Path | None = None, overwrite: bool = False, vae: str | Path | None = None,
+                     decoder: str | Path | None = None) -> dict:
     """A train-decoder run (EMA weights) with the encoder it was trained on, as a diffusers AutoencoderRAE
     folder (config.json + diffusion_pytorch_model.safetensors); `stats` (RAE's stat.pt, an rae-* run's
     stats.pt or an AutoencoderRAE folder) become its latent statistics, converted to diffusers' divisor
@@ -218,9 +219,16 @@ def export_diffusers(run_dir: str | Path, out: str | Path, encoder_weights: str 
 
     run_dir, out = Path(run_dir), Path(out)
     cfg = run_config(run_dir)
+    if cfg.stage == "dit":
+        if encoder_weights is not None or stats is not None:
+            raise UserError("export: a DiT pipeline takes --vae and --decoder (its statistics are the run's); "
+                            "--encoder-weights and --stats go with decoder runs")
+        return export_pipeline(run_dir, out, vae, decoder, overwrite)
     if cfg.stage != "decoder":
         raise UserError(f"{run_dir}: is a {cfg.stage} run; --format diffusers writes train-decoder runs (as an "
-                        "AutoencoderRAE with their encoder)")
+                        "AutoencoderRAE with their encoder) and train-dit runs (as a pipeline)")
+    if vae is not None or decoder is not None:
+        raise UserError("export: --vae and --decoder go with DiT runs; a decoder run is the decoder")
     if out.exists() and (not overwrite or not D.is_rae_folder(out)):
         raise UserError(f"{out}: exists; pick a new folder" + (" or pass --overwrite" if D.is_rae_folder(out) else ""))
     ident = run_inputs(run_dir).get("encoder") or {}
@@ -272,3 +280,102 @@ def export_diffusers(run_dir: str | Path, out: str | Path, encoder_weights: str 
     _write_folder(out, fill)
     return {"out": str(out), "stage": cfg.stage, "step": summary["step"], "format": "diffusers",
             "files": sorted(p.name for p in out.iterdir())}
+
+
+# ============================================================================ a DiT run as a diffusers pipeline
+PIPELINE_CODE, COMPONENT_CODE = "pipeline_flatdino", "flatdino_components"
+MODEL_INDEX = "model_index.json"
+
+
+def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None, decoder: str | Path | None,
+                    overwrite: bool = False) -> dict:
+    """A train-dit run (EMA weights) with its VAE (FlatDINO / FAE; none for an RAE grid) and pixel decoder as a
+    diffusers pipeline folder: model_index.json, one folder per component (config.json, safetensors and
+    the component code, flatdino_components.py), pipeline_flatdino.py and a model card. Loaded with
+    `DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`; the code imports flatdino."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.resources import files
+
+    from safetensors.torch import save_file
+
+    from flatdino_cli.pipeline import load_pipeline
+
+    dit_run, out = Path(dit_run), Path(out)
+    if decoder is None:
+        raise UserError("export --format diffusers: a DiT pipeline needs --decoder (a train-decoder run, RAE's "
+                        "model.pt or an AutoencoderRAE folder) to make pixels")
+    if out.exists() and (not overwrite or not (out / MODEL_INDEX).is_file()):
+        raise UserError(f"{out}: exists; pick a new folder" + (" or pass --overwrite" if (out / MODEL_INDEX).is_file() else ""))
+    pipe = load_pipeline(dit_run, vae, decoder, "cpu")
+    cfg = pipe.cfg
+    try:
+        made_with = version("diffusers")
+    except PackageNotFoundError:
+        made_with = "0.42.1"
+    code = files("flatdino_cli.hub_code")
+    parts = {"transformer": (pipe.dit, cfg), "decoder": (pipe.decoder, None), "vae": (pipe.vae, None)}
+
+    def component(tmp: Path, name: str, net, stage_cfg) -> None:
+        stage_cfg = stage_cfg or config_from_model(net)
+        extra = {}
+        tensors = {"net." + k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+        if name == "transformer":
+            extra["class_names"] = list(pipe.class_names)
+            extra["stats_shape"] = list(pipe.stats.mean.shape) if pipe.stats is not None else None
+            if pipe.stats is not None:
+                tensors.update({f"stats.{k}": v.float().cpu().contiguous() for k, v in pipe.stats.state_dict().items()})
+        (tmp / name).mkdir()
+        save_file(tensors, str(tmp / name / "diffusion_pytorch_model.safetensors"))
+        atomic_write_json(tmp / name / "config.json", {"_class_name": "FlatDINOModel", "_diffusers_version": made_with,
+                                                       "stage_config": to_dict(stage_cfg), **extra})
+        atomic_write_text(tmp / name / f"{COMPONENT_CODE}.py", (code / f"{COMPONENT_CODE}.py").read_text())
+
+    summary = run_summary(dit_run)
+    flow = cfg.flow
+    index = {"_class_name": [PIPELINE_CODE, "FlatDINOPipeline"], "_diffusers_version": made_with,
+             **{name: [COMPONENT_CODE, "FlatDINOModel"] if net is not None else [None, None]
+                for name, (net, _) in parts.items()},
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": made_with,
+                 "num_train_timesteps": 1000, "shift": float(flow.shift)}
+    what = ("an RAE-style DiT on the encoder's feature grid" if pipe.vae is None else
+            f"a LightningDiT on FlatDINO latents ({cfg.model.tokens} x {cfg.model.in_dim})")
+    k = cfg.model.num_classes
+    card = "\n".join([
+        "---", "library_name: diffusers", "tags: [flatdino, flow-matching, class-conditional]", "---", "",
+        f"# {dit_run.name}", "", f"{what} with its pixel decoder, exported from the flatdino train-dit run "
+        f"`{dit_run.name}` (EMA weights, step {summary['step']} of {summary['planned_steps'] or '?'}).", "",
+        f"- classes: {k or 'none (unconditional)'}; sampler {flow.sampler}, {flow.steps} steps, guidance "
+        f"{flow.cfg_scale:g}, time shift {flow.shift:g}",
+        f"- trained with: `{train_command('dit', run_inputs(dit_run))}`"] + [
+        f"- {title} (step {row['step']}): " + ", ".join(f"{n} {v:.4g}" for n, v in row.items()
+                                                       if n not in ("step", "epoch") and isinstance(v, float))
+        for title, row in (("last training row", summary["last_train"]), ("best validation", summary["best_val"])) if row] + [
+        "", "```python", "from diffusers import DiffusionPipeline  # pip install flatdino diffusers",
+        "pipe = DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)",
+        "images = pipe(class_labels=[0, 0, 1], seed=0).images  # = flatdino sample ... --seed 0" if k else
+        "images = pipe(num_images=4, seed=0).images  # = flatdino sample ... -n 4 --seed 0", "```", "",
+        "The components wrap flatdino's own networks and sampler (their code imports flatdino), so the pixels "
+        "are those of `flatdino sample` for the same labels, seed and settings.", ""])
+
+    def fill(tmp: Path) -> None:
+        for name, (net, stage_cfg) in parts.items():
+            if net is not None:
+                component(tmp, name, net, stage_cfg)
+        (tmp / "scheduler").mkdir()
+        atomic_write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+        atomic_write_json(tmp / MODEL_INDEX, index)
+        atomic_write_text(tmp / f"{PIPELINE_CODE}.py", (code / f"{PIPELINE_CODE}.py").read_text())
+        atomic_write_text(tmp / CARD, card)
+
+    _write_folder(out, fill)
+    return {"out": str(out), "stage": "dit", "step": summary["step"], "format": "diffusers",
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def config_from_model(net) -> Any:
+    """The stage config that builds `net` (a VAE or pixel decoder: their model config is all it takes)."""
+    from flatdino_cli.config import config_from_dict
+
+    stage = "decoder" if type(net).__name__ == "PixelDecoder" else "vae"
+    return config_from_dict({"stage": stage, "model": to_dict(net.cfg)}, f"{stage} model config")
