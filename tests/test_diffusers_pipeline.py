@@ -2,6 +2,9 @@
 decoder and a scheduler config as a diffusers pipeline with custom components; DiffusionPipeline loads it
 with trust_remote_code and makes the pixels `flatdino sample` makes for the same labels and seed."""
 
+import dataclasses
+
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,6 @@ from flatdino_cli.encoders import load_encoder
 from flatdino_cli.models.stats import save_stats
 from flatdino_cli.utils import sha256_file
 
-diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +43,13 @@ def runs(tmp_path_factory):
                    inputs={"latents": {"path": str(feats), "kind": "features"}})
     g = torch.Generator().manual_seed(0)
     save_stats(rae / "stats.pt", torch.randn(P, C, generator=g), torch.rand(P, C, generator=g) + 0.5, (6, 6))
-    return {"root": root, "vae": vae, "dit": dit, "rae": rae, "dec": make_run(root / "dec", dec_cfg(), 4, ema=True)}
+    uncond_cfg = dit_cfg()
+    uncond_cfg = dataclasses.replace(uncond_cfg, model=dataclasses.replace(uncond_cfg.model, num_classes=0),
+                                     flow=dataclasses.replace(uncond_cfg.flow, cfg_scale=1.0))
+    uncond = make_run(root / "uncond", uncond_cfg, 5, ema=True,
+                      inputs={"latents": {"path": str(lat), "kind": "latents", "identity": ident}})
+    return {"root": root, "vae": vae, "dit": dit, "rae": rae, "uncond": uncond,
+            "dec": make_run(root / "dec", dec_cfg(), 4, ema=True)}
 
 
 def flatdino_sample(out, *args):
@@ -78,6 +86,19 @@ def test_rae_grid_pipeline_has_no_vae_and_keeps_the_statistics(runs, tmp_path):
     assert pipe.vae is None and pipe.transformer.stats is not None
     want = flatdino_sample(tmp_path / "s", "--dit", runs["rae"], "--decoder", runs["dec"], "-c", "2", "-n", "2")
     assert np.array_equal(pipe(class_labels=[2, 2], num_inference_steps=3, output_type="np").images, want)
+
+
+def test_unconditional_pipeline_takes_no_labels(runs, tmp_path):
+    from flatdino_cli.errors import UserError
+
+    out = tmp_path / "pipe"
+    run_cli("export", runs["uncond"], out, "--format", "diffusers", "--vae", runs["vae"], "--decoder", runs["dec"])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    want = flatdino_sample(tmp_path / "s", "--dit", runs["uncond"], "--vae", runs["vae"], "--decoder", runs["dec"],
+                           "-n", "2", "--seed", "1")
+    assert np.array_equal(pipe(num_images=2, seed=1, num_inference_steps=3, output_type="np").images, want)
+    with pytest.raises(UserError, match="unconditional"):
+        pipe(num_images=2, guidance_scale=3.0)
 
 
 def test_pipeline_export_needs_a_decoder(runs, tmp_path):
