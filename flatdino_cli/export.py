@@ -143,7 +143,7 @@ def _rae_encoder(ident: dict, encoder_weights, run_dir: Path):
     from flatdino_cli.encoders import cached_hub_weights, get_spec
     from flatdino_cli.interop import diffusers as D
 
-    name, wid = (ident.get("encoder"), ident.get("weights")) if isinstance(ident, dict) else (ident, None)
+    name, wid = ident.get("encoder"), ident.get("weights")
     if not isinstance(name, str):
         raise UserError(f"{run_dir}/inputs.json: records no encoder; this decoder cannot be exported with one")
     folder = Path(encoder_weights).expanduser() if encoder_weights is not None else None
@@ -164,7 +164,9 @@ def _rae_encoder(ident: dict, encoder_weights, run_dir: Path):
     if folder is not None:
         return spec, folder
     if str(wid).startswith("hf:") and (path := cached_hub_weights(*spec.hub_repos)) is not None:
-        return spec, path
+        repo = path.parent.parent.parent.name.removeprefix("models--").replace("--", "/")
+        if f"hf:{repo}@{path.parent.name}" == wid:  # the HF cache layout: models--org--name/snapshots/<rev>/file
+            return spec, path
     raise UserError(f"{run_dir}: pass --encoder-weights FILE|DIR, the weights of encoder {name} it was trained on "
                     f"({wid or 'not recorded'} in inputs.json)")
 
@@ -178,7 +180,7 @@ def _rae_encoder_tensors(spec, path: Path, ident: dict, run_dir: Path) -> tuple[
     from flatdino_cli.interop import diffusers as D
 
     file = D.weights_path(path) if spec is None else path
-    wid = ident.get("weights") if isinstance(ident, dict) else None
+    wid = ident.get("weights")
     if not file.is_file():
         raise UserError(f"--encoder-weights {path}: no such file")
     if str(wid).startswith("sha256:") and sha256_file(file) != wid.removeprefix("sha256:"):
@@ -232,6 +234,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path, encoder_weights: str 
     if out.exists() and (not overwrite or not D.is_rae_folder(out)):
         raise UserError(f"{out}: exists; pick a new folder" + (" or pass --overwrite" if D.is_rae_folder(out) else ""))
     ident = run_inputs(run_dir).get("encoder") or {}
+    ident = ident if isinstance(ident, dict) else {"encoder": ident}  # {"encoder": name, "weights": id, ...}
     spec, path = _rae_encoder(ident, encoder_weights, run_dir)
     m = cfg.model
     if m.ln_eps != 1e-12:
@@ -267,7 +270,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path, encoder_weights: str 
         "---", "library_name: diffusers", "tags: [flatdino, rae, dinov2, autoencoder]", "---", "",
         f"# {run_dir.name}", "", f"An `AutoencoderRAE` (diffusers): the pixel decoder of the flatdino train-decoder "
         f"run `{run_dir.name}` (step {summary['step']}, EMA weights) with the DINOv2 encoder it was trained on "
-        f"(`{ident.get('encoder') if isinstance(ident, dict) else ident}`, {ident.get('weights') if isinstance(ident, dict) else ''}).",
+        f"(`{ident.get('encoder')}`, weights `{ident.get('weights') or 'not recorded'}`).",
         "", f"Latent statistics: {'included' if chw else 'none (latents are the raw features)'}.", "", "```python",
         "from diffusers import AutoencoderRAE", "vae = AutoencoderRAE.from_pretrained(FOLDER)", "```", "",
         "flatdino reads it back as `--decoder FOLDER`, `--encoder-weights FOLDER` and `--stats FOLDER`.", ""])

@@ -219,6 +219,22 @@ def test_export_converts_a_timm_encoder_file(tmp_path):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     assert ref.std() > 0.1
 
+    # recorded as taken from the Hugging Face cache: found there again, no --encoder-weights
+    snap = tmp_path / "hub" / "models--timm--vit_small_patch14_reg4_dinov2.lvd142m"
+    (snap / "snapshots" / "abc123").mkdir(parents=True)
+    (snap / "refs").mkdir()
+    (snap / "refs" / "main").write_text("abc123")
+    (snap / "snapshots" / "abc123" / "model.safetensors").write_bytes(file.read_bytes())
+    cached = _decoder_run(tmp_path / "dec_hf", {"encoder": "dinov2-s-reg4",
+                                                "weights": "hf:timm/vit_small_patch14_reg4_dinov2.lvd142m@abc123"},
+                          256, 2, in_dim=384)
+    run_cli("export", cached, tmp_path / "out_hf", "--format", "diffusers", env={"HF_HUB_CACHE": tmp_path / "hub"})
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors"), load_file(
+        tmp_path / "out_hf" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder.")) and a.keys() == b.keys()
+
     small = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=224)
     save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "vit224.safetensors"))
     run224 = _decoder_run(tmp_path / "dec224", {"encoder": "dinov2-s-reg4"}, 256, 2, in_dim=384)
