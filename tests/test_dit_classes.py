@@ -84,6 +84,10 @@ def test_train_dit_takes_the_class_count_from_the_store(runs, tmp_path):
     more = runs["latents"]("lat40", list(range(40)))
     one_line(train(tmp_path / "run", more, "--new-data", "--set", "train.max_steps=4", check=False), "40 classes", "37 classes",
              "--no-resume")
+    unlabelled = runs["latents"]("lat_none", [-1] * 6)
+    train(tmp_path / "run", unlabelled, "--new-data", "--set", "train.max_steps=4")  # trained as the null class
+    cfg = run_config(tmp_path / "run")
+    assert cfg.model.num_classes == 37 and cfg.flow.cfg_scale == load_preset("tiny-dit").flow.cfg_scale
 
 
 def test_unlabelled_store_trains_an_unconditional_model(runs, tmp_path):

@@ -72,12 +72,14 @@ def with_resumed_classes(cfg: DiTStageConfig, out: Path, latents, resume: bool) 
     trains on, one with more is refused (the table has no rows for them)."""
     if not resume or checkpoint_dir(out) is None:
         return cfg
-    have = run_config(out, "dit").model.num_classes
+    recorded = run_config(out, "dit")
+    have = recorded.model.num_classes
     if cfg.model.num_classes > have:
         what = f"{have} classes" if have else "no classes (unconditional)"
         raise UserError(f"{latents}: holds {cfg.model.num_classes} classes but the run {out} resumes a model of "
                         f"{what}; train a new run (--out NEW or --no-resume)")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=have))
+    flow = recorded.flow if have and not cfg.model.num_classes else cfg.flow  # its guidance, on unlabelled data too
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=have), flow=flow)
 
 
 def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, resume: bool = True,
