@@ -341,8 +341,8 @@ def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": made_with,
                  "num_train_timesteps": 1000, "shift": float(flow.shift)}
-    what = ("an RAE-style DiT on the encoder's feature grid" if pipe.vae is None else
-            f"a LightningDiT on FlatDINO latents ({cfg.model.tokens} x {cfg.model.in_dim})")
+    what = ("An RAE-style DiT on the encoder's feature grid" if pipe.vae is None else
+            f"A LightningDiT on FlatDINO latents ({cfg.model.tokens} x {cfg.model.in_dim})")
     k = cfg.model.num_classes
     card = "\n".join([
         "---", "library_name: diffusers", "tags: [flatdino, flow-matching, class-conditional]", "---", "",
@@ -356,7 +356,7 @@ def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None
         for title, row in (("last training row", summary["last_train"]), ("best validation", summary["best_val"])) if row] + [
         "", "```python", "from diffusers import DiffusionPipeline  # pip install flatdino diffusers",
         "pipe = DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)",
-        "images = pipe(class_labels=[0, 0, 1], seed=0).images  # = flatdino sample ... --seed 0" if k else
+        "images = pipe(class_labels=[0, 0, 1], seed=0).images  # = flatdino sample -c 0 -c 1 -n 3 --seed 0" if k else
         "images = pipe(num_images=4, seed=0).images  # = flatdino sample ... -n 4 --seed 0", "```", "",
         "The components wrap flatdino's own networks and sampler (their code imports flatdino), so the pixels "
         "are those of `flatdino sample` for the same labels, seed and settings.", ""])
