@@ -203,6 +203,21 @@ def describe_rae_folder(path: Path) -> list[tuple[str, Any]]:
     ]
 
 
+def describe_pipeline_folder(path: Path) -> list[tuple[str, Any]]:
+    """A DiT run exported as a diffusers pipeline (`export --format diffusers`)."""
+    index = json.loads((path / "model_index.json").read_text())
+    stage = json.loads((path / "transformer" / "config.json").read_text()).get("stage_config", {})
+    m, flow = stage.get("model", {}), stage.get("flow", {})
+    k = m.get("num_classes")
+    parts = [name for name, v in index.items() if not name.startswith("_") and isinstance(v, list) and v[0]]
+    return [("what", "a flatdino DiT as a diffusers pipeline: DiffusionPipeline.from_pretrained(DIR, "
+                     "trust_remote_code=True) (its code imports flatdino)"),
+            ("components", ", ".join(parts)),
+            ("generates", f"{m.get('tokens')} x {m.get('in_dim')}, " + (f"{k} classes" if k else "unconditional")),
+            ("sampling", f"{flow.get('sampler')}, {flow.get('steps')} steps, guidance {flow.get('cfg_scale')}"),
+            ("disk", human_bytes(disk_use(path)))]
+
+
 def describe(path: str | Path) -> list[tuple[str, Any]]:
     from flatdino_cli.hub import resolve
 
@@ -213,6 +228,8 @@ def describe(path: str | Path) -> list[tuple[str, Any]]:
         return [("path", str(p))] + describe_run(p)
     if p.is_dir() and (p / "manifest.json").is_file():
         return [("path", str(p))] + describe_store(p)
+    if p.is_dir() and (p / "model_index.json").is_file() and (p / "transformer" / "config.json").is_file():
+        return [("path", str(p))] + describe_pipeline_folder(p)
     if p.is_dir():
         from flatdino_cli.interop.diffusers import is_rae_folder
 

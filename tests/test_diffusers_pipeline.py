@@ -76,6 +76,11 @@ def test_flat_dit_pipeline_makes_flatdino_samples_pixels(runs, tmp_path):
                                output_type="np").images, unguided)
     pil = pipe(class_labels=[1], seed=5, num_inference_steps=3).images
     assert np.array_equal(np.asarray(pil[0]), want[0])
+    import json
+
+    facts = json.loads(run_cli("info", out, "--json").stdout)
+    assert "diffusers pipeline" in facts["what"] and facts["components"] == "decoder, scheduler, transformer, vae"
+    assert facts["generates"] == f"{T} x {D}, {len(NAMES)} classes"
 
 
 def test_rae_grid_pipeline_has_no_vae_and_keeps_the_statistics(runs, tmp_path):
