@@ -1,17 +1,17 @@
 """diffusers' AutoencoderRAE folders read by flatdino: a tiny random AutoencoderRAE saved with
 save_pretrained gives, through flatdino's encoder / statistics / pixel decoder, what diffusers' own
-encode and decode give on the same inputs (within 1e-4)."""
+encode and decode give on the same inputs (within 1e-4); `flatdino info` describes such a folder; and
+`export --format diffusers` writes decoder runs as folders diffusers loads and decodes alike."""
 
+import diffusers  # the test extra pins a version with AutoencoderRAE
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
-from flatdino_cli.encoders import load_encoder  # noqa: E402
-from flatdino_cli.errors import UserError  # noqa: E402
-from flatdino_cli.interop.diffusers import STD_EPS, is_rae_folder  # noqa: E402
-from flatdino_cli.models.pixel_decoder import load_decoder  # noqa: E402
-from flatdino_cli.models.stats import load_stats  # noqa: E402
+from flatdino_cli.encoders import load_encoder
+from flatdino_cli.errors import UserError
+from flatdino_cli.interop.diffusers import STD_EPS, is_rae_folder
+from flatdino_cli.models.pixel_decoder import load_decoder
+from flatdino_cli.models.stats import load_stats
 
 SIDE, ENC_PATCH = 56, 14  # 4 x 4 = 16 encoder patches
 GRID = SIDE // ENC_PATCH
