@@ -167,10 +167,11 @@ def _runtime(device: str, precision: str, compile: Optional[bool]):
 
 
 def _train_start(command: str, stage: str, wanted: str, preset: str, sets, epochs, batch_size, seed, log_to,
-                 out: Optional[Path], device: str, precision: str, compile: Optional[bool], pick=None):
+                 out: Optional[Path], device: str, precision: str, compile: Optional[bool], pick=None, shape=None):
     """What every train-* command does first: the preset with its overrides, the stage check, the
-    inputs `pick(cfg)` resolves (in the workspace), the run dir (--out or the workspace's), the out-dir
-    check, the runtime. Returns (cfg, picked, out, rt)."""
+    inputs `pick(cfg)` resolves (in the workspace), the config `shape(cfg, picked)` fits to them (so the
+    workspace resumes the run whose recorded config is that), the run dir (--out or the workspace's),
+    the out-dir check, the runtime. Returns (cfg, picked, out, rt)."""
     from flatdino_cli import workspace as ws
     from flatdino_cli.config import load_preset
 
@@ -179,6 +180,7 @@ def _train_start(command: str, stage: str, wanted: str, preset: str, sets, epoch
     if cfg.stage != stage:
         raise UserError(f"--preset {preset}: is a {cfg.stage} preset; {command} needs {wanted}")
     picked = pick(cfg) if pick is not None else None
+    cfg = shape(cfg, picked) if shape is not None else cfg
     out = ws.run_dir(command, out, stage, preset, cfg)
     check_out_dir(out)
     return cfg, picked, out, _runtime(device, precision, compile)
@@ -463,11 +465,14 @@ def train_dit(
       flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
     """
     from flatdino_cli import workspace as ws
+    from flatdino_cli.data import Store
+    from flatdino_cli.models.dit import with_store_shape
     from flatdino_cli.stages.dit import train_dit as run
 
     cfg, latents, out, rt = _train_start(
         "train-dit", "dit", "a DiT preset (xl-32x128, ...)", preset, sets, epochs, batch_size, seed, log_to, out,
-        device, precision, compile, lambda cfg: latents if latents is not None else ws.pick_latents("train-dit", cfg))
+        device, precision, compile, lambda cfg: latents if latents is not None else ws.pick_latents("train-dit", cfg),
+        lambda cfg, store: with_store_shape(cfg, Store.open(store), store))
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
         from flatdino_cli.stages.dit import training_grid_hook
@@ -555,19 +560,40 @@ def export(
     run: Annotated[Path, typer.Argument(help="A train-vae, train-dit or train-decoder run directory.")],
     out: Annotated[Path, typer.Argument(help="The model folder to write (upload it with `hf upload ORG/NAME OUT`).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at OUT.")] = False,
+    format: Annotated[str, typer.Option("--format", help="flatdino (any run) or diffusers (a train-decoder run "
+                                                         "with its encoder, as an AutoencoderRAE folder).")] = "flatdino",
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="(diffusers) The encoder weights the decoder was "
+                                                                 "trained on, when inputs.json cannot find them.")] = None,
+    stats: Annotated[Optional[Path], typer.Option(help="(diffusers) Latent statistics to include: RAE's stat.pt, "
+                                                       "an rae-* run's stats.pt or an AutoencoderRAE folder.")] = None,
+    vae: Annotated[Optional[Path], typer.Option(help="(diffusers, DiT runs) The VAE run (default: the one in "
+                                                     "inputs.json; none for rae-* runs).")] = None,
+    decoder: Annotated[Optional[Path], typer.Option(help="(diffusers, DiT runs) The pixel decoder to ship.")] = None,
 ):
     """Write a run as a Hugging Face model folder: model.safetensors, config.json, README.md (model card).
 
     Any --vae/--dit/--decoder option then takes the folder, or hf:ORG/NAME[@REV] once it is in the
     local Hugging Face cache (`hf download ORG/NAME`); nothing is downloaded by flatdino itself.
+    `--format diffusers` writes a decoder run as a diffusers AutoencoderRAE folder instead, and a DiT run
+    (with --decoder) as a pipeline for `DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`.
 
     \b
     Examples:
       flatdino export runs/vae exports/flatdino-vae-32x128
       flatdino sample --dit hf:me/flatdino-xl --vae hf:me/flatdino-vae --decoder rae/model.pt -c 207
+      flatdino export runs/decoder exports/rae-decoder --format diffusers --stats runs/dit-rae/stats.pt
     """
-    from flatdino_cli.export import export_run
+    from flatdino_cli.export import export_diffusers, export_run
 
+    if format not in ("flatdino", "diffusers"):
+        raise UserError(f"--format {format!r}: choose flatdino or diffusers")
+    if format == "flatdino" and any(v is not None for v in (encoder_weights, stats, vae, decoder)):
+        raise UserError("export: --encoder-weights, --stats, --vae and --decoder go with --format diffusers")
+    if format == "diffusers":
+        r = export_diffusers(run, out, encoder_weights, stats, overwrite=overwrite, vae=vae, decoder=decoder)
+        what = "an AutoencoderRAE" if r["stage"] == "decoder" else "a diffusers pipeline"
+        typer.echo(f"export: {r['stage']} run at step {r['step']} as {what} -> {r['out']} ({', '.join(r['files'])})")
+        return
     r = export_run(run, out, overwrite=overwrite)
     typer.echo(f"export: {r['stage']} run at step {r['step']} ({r['weights']['source']}) -> {r['out']} "
                f"({', '.join(r['files'])})")
@@ -576,7 +602,8 @@ def export(
 @command()
 def info(
     path: Annotated[str, typer.Argument(help="A run, an exported model folder or hf:ORG/NAME, a store, or one of "
-                                             "RAE's released files (model.pt, stat.pt).")],
+                                             "RAE's released files (model.pt, stat.pt, a diffusers "
+                                             "AutoencoderRAE folder).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """What a run, store or checkpoint is, at a glance: stage, preset, sizes, data, steps, best val, disk.

@@ -209,9 +209,8 @@ class DiTModelConfig:
     def __post_init__(self):
         _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed", "sincos or learned")
         _check(self.init in ("xavier", "trunc_normal"), "model.init", "xavier or trunc_normal")
-        _positive(self, "model", "tokens", "in_dim", "width", "depth", "heads", "mlp_hidden", "num_classes",
-                  "head_heads", "patch")
-        _non_negative(self, "model", "head_width", "head_depth", "head_mlp_hidden")
+        _positive(self, "model", "tokens", "in_dim", "width", "depth", "heads", "mlp_hidden", "head_heads", "patch")
+        _non_negative(self, "model", "head_width", "head_depth", "head_mlp_hidden", "num_classes")  # 0: unconditional
         _check(0.0 <= self.class_dropout < 1.0, "model.class_dropout", "in [0, 1)")
         _check(self.head_width % self.head_heads == 0, "model.head_width", "divisible by model.head_heads")
         _check(self.width % self.heads == 0, "model.width", "divisible by model.heads")

@@ -101,9 +101,8 @@ def export_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) ->
         "metrics": {k: summary[k] for k in ("last_train", "best_val", "last_val")},
         "command": train_command(cfg.stage, inputs),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         shutil.copyfile(weights, tmp / WEIGHTS)  # byte copy: the sha256 (provenance checks) is unchanged
         atomic_write_json(tmp / CONFIG_JSON, meta)
         save_config(cfg, tmp / "config.yaml")
@@ -111,17 +110,275 @@ def export_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) ->
         if (run_dir / STATS_FILE).is_file():
             shutil.copyfile(run_dir / STATS_FILE, tmp / STATS_FILE)
         atomic_write_text(tmp / CARD, _card(run_dir.name, cfg, meta))
+
+    _write_folder(out, fill)
+    return {"out": str(out), "stage": cfg.stage, "step": meta["step"], "weights": meta["weights"],
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def _write_folder(out: Path, fill) -> None:
+    """`fill(tmp)` writes the folder beside `out`; then it replaces `out` (a killed export leaves no half folder)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        fill(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "stage": cfg.stage, "step": meta["step"], "weights": meta["weights"],
-            "files": sorted(p.name for p in out.iterdir())}
 
 
 def build_arch_name(cfg: Any) -> str:
     """The model class build_model makes for this config (built on the meta device: instant)."""
     with torch.device("meta"):
         return type(build_model(cfg)).__name__
+
+
+# ============================================================================ diffusers AutoencoderRAE
+def _rae_encoder(ident: dict, encoder_weights, run_dir: Path):
+    """(spec, weights path or None) of the encoder a decoder run was trained on; one-line UserError when
+    AutoencoderRAE cannot hold it (its DINOv2 encoders have 64-wide heads and a GELU MLP)."""
+    from flatdino_cli.encoders import cached_hub_weights, get_spec
+    from flatdino_cli.interop import diffusers as D
+
+    name, wid = ident.get("encoder"), ident.get("weights")
+    if not isinstance(name, str):
+        raise UserError(f"{run_dir}/inputs.json: records no encoder; this decoder cannot be exported with one")
+    folder = Path(encoder_weights).expanduser() if encoder_weights is not None else None
+    if folder is not None and D.is_rae_folder(folder):
+        return None, folder
+    spec = get_spec(name)
+    why = None
+    if spec.dim != 64 * spec.heads:
+        why = (f"has {spec.heads} heads of {spec.dim // spec.heads} channels; AutoencoderRAE builds DINOv2 encoders "
+               f"with heads of 64 (width {spec.dim} -> {max(spec.dim // 64, 1)} heads)")
+    elif "giant" in spec.arch:
+        why = "has a SwiGLU MLP; AutoencoderRAE's DINOv2 encoder has a GELU one"
+    elif str(wid).startswith("random-init") and folder is None:
+        why = "has random test weights, which no AutoencoderRAE folder holds"
+    if why:
+        raise UserError(f"{run_dir}: trained on encoder {name}, which {why}; it cannot be exported as an "
+                        "AutoencoderRAE (--format flatdino can)")
+    if folder is not None:
+        return spec, folder
+    if str(wid).startswith("hf:") and (path := cached_hub_weights(*spec.hub_repos)) is not None:
+        repo = path.parent.parent.parent.name.removeprefix("models--").replace("--", "/")
+        if f"hf:{repo}@{path.parent.name}" == wid:  # the HF cache layout: models--org--name/snapshots/<rev>/file
+            return spec, path
+    raise UserError(f"{run_dir}: pass --encoder-weights FILE|DIR, the weights of encoder {name} it was trained on "
+                    f"({wid or 'not recorded'} in inputs.json)")
+
+
+def _rae_encoder_tensors(spec, path: Path, ident: dict, run_dir: Path) -> tuple[dict, dict]:
+    """(AutoencoderRAE `encoder.*` tensors, encoder_sizes) from a weights file or an AutoencoderRAE folder."""
+    import dataclasses
+    import math
+
+    from flatdino_cli.encoders import load_encoder, read_state_dict
+    from flatdino_cli.interop import diffusers as D
+
+    file = D.weights_path(path) if spec is None else path
+    wid = ident.get("weights")
+    if not file.is_file():
+        raise UserError(f"--encoder-weights {path}: no such file")
+    if str(wid).startswith("sha256:") and sha256_file(file) != wid.removeprefix("sha256:"):
+        raise UserError(f"--encoder-weights {path}: not the weights {run_dir} was trained on (its sha256 differs "
+                        "from the one in inputs.json)")
+    if spec is None:  # an AutoencoderRAE folder's encoder: its tensors as they are
+        return {"encoder." + k: v for k, v in D.encoder_state_dict(path).items()}, D.encoder_sizes(path)
+    sd = read_state_dict(file)
+    table = sd.get("pos_embed", sd.get("embeddings.position_embeddings"))
+    want = D.encoder_table_grid(spec.patch_size)
+    rows = table.shape[-2] if table is not None else 0
+    if want * want not in (rows, rows - 1):
+        side = math.isqrt(rows) if rows else 0
+        raise UserError(f"--encoder-weights {path}: its position table is {side} x {side}; AutoencoderRAE stores "
+                        f"DINOv2's {want} x {want} one ({D.ENCODER_TABLE_SIZE} px) and resamples it at run time, "
+                        "so it could not give back this one")
+    big = load_encoder(dataclasses.replace(spec, image_size=want * spec.patch_size), file)  # the table as stored
+    sizes = dict(image_size=spec.image_size, patch_size=spec.patch_size, dim=spec.dim, depth=spec.depth,
+                 heads=spec.heads)
+    return D.encoder_diffusers_state_dict(big.model.state_dict(), D.transformers_major() >= 5), sizes
+
+
+def export_diffusers(run_dir: str | Path, out: str | Path, encoder_weights: str | Path | None = None,
+                     stats: str | Path | None = None, overwrite: bool = False, vae: str | Path | None = None,
+                     decoder: str | Path | None = None) -> dict:
+    """A train-decoder run (EMA weights) with the encoder it was trained on, as a diffusers AutoencoderRAE
+    folder (config.json + diffusion_pytorch_model.safetensors); `stats` (RAE's stat.pt, an rae-* run's
+    stats.pt or an AutoencoderRAE folder) become its latent statistics, converted to diffusers' divisor
+    std + 1e-5 (interop/diffusers.py). Refused in one line where AutoencoderRAE would decode otherwise."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from safetensors.torch import save_file
+
+    from flatdino_cli.interop import diffusers as D
+    from flatdino_cli.models.pixel_decoder import load_decoder, ours_to_rae_state_dict
+    from flatdino_cli.models.stats import load_stats, tokens_to_chw
+    from flatdino_cli.nn import sincos_2d
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = run_config(run_dir)
+    if cfg.stage == "dit":
+        if encoder_weights is not None or stats is not None:
+            raise UserError("export: a DiT pipeline takes --vae and --decoder (its statistics are the run's); "
+                            "--encoder-weights and --stats go with decoder runs")
+        return export_pipeline(run_dir, out, vae, decoder, overwrite)
+    if cfg.stage != "decoder":
+        raise UserError(f"{run_dir}: is a {cfg.stage} run; --format diffusers writes train-decoder runs (as an "
+                        "AutoencoderRAE with their encoder) and train-dit runs (as a pipeline)")
+    if vae is not None or decoder is not None:
+        raise UserError("export: --vae and --decoder go with DiT runs; a decoder run is the decoder")
+    if out.exists() and (not overwrite or not D.is_rae_folder(out)):
+        raise UserError(f"{out}: exists; pick a new folder" + (" or pass --overwrite" if D.is_rae_folder(out) else ""))
+    ident = run_inputs(run_dir).get("encoder") or {}
+    ident = ident if isinstance(ident, dict) else {"encoder": ident}  # {"encoder": name, "weights": id, ...}
+    spec, path = _rae_encoder(ident, encoder_weights, run_dir)
+    m = cfg.model
+    if m.ln_eps != 1e-12:
+        raise UserError(f"{run_dir}: decoder LayerNorm eps {m.ln_eps:g}; AutoencoderRAE's decoder uses 1e-12")
+    dec = load_decoder(run_dir)
+    g = dec.grid
+    table = sincos_2d(g, g, m.width, cls_token=True, step=D.pos_step(g))[None]
+    if not torch.allclose(dec.pos_embed.detach(), table, atol=1e-6, rtol=0):
+        raise UserError(f"{run_dir}: the decoder's sin-cos position table is not the one diffusers rebuilds for a "
+                        f"{g} x {g} grid (positions spaced 16 / {g}; equal on the 16 x 16 grid of 224-px encoders), "
+                        "so an AutoencoderRAE would decode differently")
+    tensors, enc = _rae_encoder_tensors(spec, path, ident, run_dir)
+    if (m.num_patches, m.in_dim) != ((enc["image_size"] // enc["patch_size"]) ** 2, enc["dim"]):
+        raise UserError(f"{run_dir}: the decoder takes {m.num_patches} x {m.in_dim} features, the encoder gives "
+                        f"{(enc['image_size'] // enc['patch_size']) ** 2} x {enc['dim']}; pass its own --encoder-weights")
+    chw = None
+    if stats is not None:
+        s = load_stats(Path(stats), (g, g))
+        if tuple(s.mean.shape) != (m.num_patches, m.in_dim):
+            raise UserError(f"--stats {stats}: statistics of shape {tuple(s.mean.shape)}; this decoder's features "
+                            f"are {m.num_patches} x {m.in_dim} per position")
+        chw = (tokens_to_chw(s.mean, (g, g)), tokens_to_chw(s.std - D.STD_EPS, (g, g)))  # diffusers adds 1e-5 back
+    tensors.update(D.decoder_diffusers_state_dict(ours_to_rae_state_dict(dec.state_dict())))
+    tensors.update(D.extra_tensors(chw))
+    try:
+        made_with = version("diffusers")
+    except PackageNotFoundError:
+        made_with = "0.42.1"
+    config = D.folder_config(enc, {"width": m.width, "depth": m.depth, "heads": m.heads, "mlp_hidden": m.mlp_hidden,
+                                   "patch_size": m.patch_size}, chw, made_with)
+    summary = run_summary(run_dir)
+    card = "\n".join([
+        "---", "library_name: diffusers", "tags: [flatdino, rae, dinov2, autoencoder]", "---", "",
+        f"# {run_dir.name}", "", f"An `AutoencoderRAE` (diffusers): the pixel decoder of the flatdino train-decoder "
+        f"run `{run_dir.name}` (step {summary['step']}, EMA weights) with the DINOv2 encoder it was trained on "
+        f"(`{ident.get('encoder')}`, weights `{ident.get('weights') or 'not recorded'}`).",
+        "", f"Latent statistics: {'included' if chw else 'none (latents are the raw features)'}.", "", "```python",
+        "from diffusers import AutoencoderRAE", "vae = AutoencoderRAE.from_pretrained(FOLDER)", "```", "",
+        "flatdino reads it back as `--decoder FOLDER`, `--encoder-weights FOLDER` and `--stats FOLDER`.", ""])
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / D.WEIGHTS))
+        atomic_write_json(tmp / D.CONFIG, config)
+        atomic_write_text(tmp / CARD, card)
+
+    _write_folder(out, fill)
+    return {"out": str(out), "stage": cfg.stage, "step": summary["step"], "format": "diffusers",
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+# ============================================================================ a DiT run as a diffusers pipeline
+PIPELINE_CODE, COMPONENT_CODE = "pipeline_flatdino", "flatdino_components"
+MODEL_INDEX = "model_index.json"
+
+
+def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None, decoder: str | Path | None,
+                    overwrite: bool = False) -> dict:
+    """A train-dit run (EMA weights) with its VAE (FlatDINO / FAE; none for an RAE grid) and pixel decoder as a
+    diffusers pipeline folder: model_index.json, one folder per component (config.json, safetensors and
+    the component code, flatdino_components.py), pipeline_flatdino.py and a model card. Loaded with
+    `DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`; the code imports flatdino."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.resources import files
+
+    from safetensors.torch import save_file
+
+    from flatdino_cli.pipeline import load_pipeline
+
+    dit_run, out = Path(dit_run), Path(out)
+    if decoder is None:
+        raise UserError("export --format diffusers: a DiT pipeline needs --decoder (a train-decoder run, RAE's "
+                        "model.pt or an AutoencoderRAE folder) to make pixels")
+    if out.exists() and (not overwrite or not (out / MODEL_INDEX).is_file()):
+        raise UserError(f"{out}: exists; pick a new folder" + (" or pass --overwrite" if (out / MODEL_INDEX).is_file() else ""))
+    pipe = load_pipeline(dit_run, vae, decoder, "cpu")
+    cfg = pipe.cfg
+    try:
+        made_with = version("diffusers")
+    except PackageNotFoundError:
+        made_with = "0.42.1"
+    code = files("flatdino_cli.hub_code")
+    parts = {"transformer": (pipe.dit, cfg), "decoder": (pipe.decoder, None), "vae": (pipe.vae, None)}
+
+    def component(tmp: Path, name: str, net, stage_cfg) -> None:
+        stage_cfg = stage_cfg or config_from_model(net)
+        extra = {}
+        tensors = {"net." + k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+        if name == "transformer":
+            extra["class_names"] = list(pipe.class_names)
+            extra["stats_shape"] = list(pipe.stats.mean.shape) if pipe.stats is not None else None
+            if pipe.stats is not None:
+                tensors.update({f"stats.{k}": v.float().cpu().contiguous() for k, v in pipe.stats.state_dict().items()})
+        (tmp / name).mkdir()
+        save_file(tensors, str(tmp / name / "diffusion_pytorch_model.safetensors"))
+        atomic_write_json(tmp / name / "config.json", {"_class_name": "FlatDINOModel", "_diffusers_version": made_with,
+                                                       "stage_config": to_dict(stage_cfg), **extra})
+        atomic_write_text(tmp / name / f"{COMPONENT_CODE}.py", (code / f"{COMPONENT_CODE}.py").read_text())
+
+    summary = run_summary(dit_run)
+    flow = cfg.flow
+    index = {"_class_name": [PIPELINE_CODE, "FlatDINOPipeline"], "_diffusers_version": made_with,
+             **{name: [COMPONENT_CODE, "FlatDINOModel"] if net is not None else [None, None]
+                for name, (net, _) in parts.items()},
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": made_with,
+                 "num_train_timesteps": 1000, "shift": float(flow.shift)}
+    what = ("An RAE-style DiT on the encoder's feature grid" if pipe.vae is None else
+            f"A LightningDiT on FlatDINO latents ({cfg.model.tokens} x {cfg.model.in_dim})")
+    k = cfg.model.num_classes
+    card = "\n".join([
+        "---", "library_name: diffusers", "tags: [flatdino, flow-matching, class-conditional]", "---", "",
+        f"# {dit_run.name}", "", f"{what} with its pixel decoder, exported from the flatdino train-dit run "
+        f"`{dit_run.name}` (EMA weights, step {summary['step']} of {summary['planned_steps'] or '?'}).", "",
+        f"- classes: {k or 'none (unconditional)'}; sampler {flow.sampler}, {flow.steps} steps, guidance "
+        f"{flow.cfg_scale:g}, time shift {flow.shift:g}",
+        f"- trained with: `{train_command('dit', run_inputs(dit_run))}`"] + [
+        f"- {title} (step {row['step']}): " + ", ".join(f"{n} {v:.4g}" for n, v in row.items()
+                                                       if n not in ("step", "epoch") and isinstance(v, float))
+        for title, row in (("last training row", summary["last_train"]), ("best validation", summary["best_val"])) if row] + [
+        "", "```python", "from diffusers import DiffusionPipeline  # pip install flatdino diffusers",
+        "pipe = DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)",
+        "images = pipe(class_labels=[0, 0, 1], seed=0).images  # = flatdino sample -c 0 -c 1 -n 3 --seed 0" if k else
+        "images = pipe(num_images=4, seed=0).images  # = flatdino sample ... -n 4 --seed 0", "```", "",
+        "The components wrap flatdino's own networks and sampler (their code imports flatdino), so the pixels "
+        "are those of `flatdino sample` for the same labels, seed and settings.", ""])
+
+    def fill(tmp: Path) -> None:
+        for name, (net, stage_cfg) in parts.items():
+            if net is not None:
+                component(tmp, name, net, stage_cfg)
+        (tmp / "scheduler").mkdir()
+        atomic_write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+        atomic_write_json(tmp / MODEL_INDEX, index)
+        atomic_write_text(tmp / f"{PIPELINE_CODE}.py", (code / f"{PIPELINE_CODE}.py").read_text())
+        atomic_write_text(tmp / CARD, card)
+
+    _write_folder(out, fill)
+    return {"out": str(out), "stage": "dit", "step": summary["step"], "format": "diffusers",
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def config_from_model(net) -> Any:
+    """The stage config that builds `net` (a VAE or pixel decoder: their model config is all it takes)."""
+    from flatdino_cli.config import config_from_dict
+
+    stage = "decoder" if type(net).__name__ == "PixelDecoder" else "vae"
+    return config_from_dict({"stage": stage, "model": to_dict(net.cfg)}, f"{stage} model config")

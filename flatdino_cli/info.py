@@ -1,4 +1,5 @@
-"""`flatdino info PATH`: what a run, an exported model, a store or one of RAE's released files is.
+"""`flatdino info PATH`: what a run, an exported model, a store or one of RAE's released files (model.pt,
+stat.pt, or a diffusers AutoencoderRAE folder) is.
 
 Returns ordered (label, value) facts; the CLI prints them aligned, or as JSON.
 """
@@ -103,7 +104,9 @@ def describe_run(path: Path) -> list[tuple[str, Any]]:
         facts.append(("latents", f"{cfg.model.tokens} tokens x {cfg.model.latent_dim} ({cfg.model.kind}) from "
                                  f"{cfg.model.num_patches} x {cfg.model.feature_dim} features"))
     elif cfg.stage == "dit":
-        facts.append(("generates", f"{cfg.model.tokens} x {cfg.model.in_dim}, {cfg.model.num_classes} classes"))
+        k = cfg.model.num_classes
+        facts.append(("generates", f"{cfg.model.tokens} x {cfg.model.in_dim}, "
+                                   + (f"{k} classes" if k else "unconditional (trained without labels)")))
     else:
         facts.append(("decodes", f"{cfg.model.num_patches} x {cfg.model.in_dim} features -> "
                                  f"{cfg.model.image_size} px images"))
@@ -180,6 +183,47 @@ def describe_rae_file(path: Path) -> list[tuple[str, Any]]:
     return facts
 
 
+def describe_rae_folder(path: Path) -> list[tuple[str, Any]]:
+    """A diffusers AutoencoderRAE folder (NYU's RAE releases): its encoder, decoder and statistics."""
+    from flatdino_cli.interop import diffusers as D
+
+    c, shapes = D.read_config(path), D.tensor_shapes(path)
+    enc = D.encoder_sizes(path)
+    side = math.isqrt(c["num_patches"])
+    count = {part: sum(math.prod(s) for k, s in shapes.items() if k.startswith(part + "."))
+             for part in ("encoder", "decoder")}
+    mean = shapes.get("_latents_mean", ())
+    stats = (f"latents_mean / latents_std {mean}, applied as (z - mean) / (std + {D.STD_EPS:g})"
+             if math.prod(mean) > 1 else "none (a DiT on it needs --stats stat.pt or train-dit --compute-stats)")
+    return [
+        ("what", f"diffusers {D.CLASS_NAME} folder: pass it as --encoder-weights DIR, --decoder DIR and --stats DIR"),
+        ("encoder", f"DINOv2 with registers, width {enc['dim']}, depth {enc['depth']}, {enc['heads']} heads, "
+                    f"patch {enc['patch_size']} at {enc['image_size']} px -> {side} x {side} = {c['num_patches']} "
+                    f"patches ({count['encoder'] / 1e6:.2f}M parameters)"),
+        ("decoder", f"ViT width {c['decoder_hidden_size']}, depth {c['decoder_num_hidden_layers']}, "
+                    f"{c['decoder_num_attention_heads']} heads, mlp {c['decoder_intermediate_size']}, patch "
+                    f"{c['patch_size']}: {c['num_patches']} x {enc['dim']} features -> {c['image_size']} px images "
+                    f"({count['decoder'] / 1e6:.2f}M parameters)"),
+        ("statistics", stats),
+        ("disk", human_bytes(disk_use(path))),
+    ]
+
+
+def describe_pipeline_folder(path: Path) -> list[tuple[str, Any]]:
+    """A DiT run exported as a diffusers pipeline (`export --format diffusers`)."""
+    index = json.loads((path / "model_index.json").read_text())
+    stage = json.loads((path / "transformer" / "config.json").read_text()).get("stage_config", {})
+    m, flow = stage.get("model", {}), stage.get("flow", {})
+    k = m.get("num_classes")
+    parts = [name for name, v in index.items() if not name.startswith("_") and isinstance(v, list) and v[0]]
+    return [("what", "a flatdino DiT as a diffusers pipeline: DiffusionPipeline.from_pretrained(DIR, "
+                     "trust_remote_code=True) (its code imports flatdino)"),
+            ("components", ", ".join(parts)),
+            ("generates", f"{m.get('tokens')} x {m.get('in_dim')}, " + (f"{k} classes" if k else "unconditional")),
+            ("sampling", f"{flow.get('sampler')}, {flow.get('steps')} steps, guidance {flow.get('cfg_scale')}"),
+            ("disk", human_bytes(disk_use(path)))]
+
+
 def describe(path: str | Path) -> list[tuple[str, Any]]:
     from flatdino_cli.hub import resolve
 
@@ -190,9 +234,16 @@ def describe(path: str | Path) -> list[tuple[str, Any]]:
         return [("path", str(p))] + describe_run(p)
     if p.is_dir() and (p / "manifest.json").is_file():
         return [("path", str(p))] + describe_store(p)
+    if p.is_dir() and (p / "model_index.json").is_file() and (p / "transformer" / "config.json").is_file():
+        return [("path", str(p))] + describe_pipeline_folder(p)
+    if p.is_dir():
+        from flatdino_cli.interop.diffusers import is_rae_folder
+
+        if is_rae_folder(p):
+            return [("path", str(p))] + describe_rae_folder(p)
     if p.is_dir() and (p / "model.pt").is_file():  # RAE's release folder, e.g. ViTXL_n08/
         p = p / "model.pt"
     if p.is_file() and p.suffix in (".pt", ".pth", ".safetensors"):
         return [("path", str(p))] + describe_rae_file(p)
-    raise UserError(f"{path}: not a flatdino run, exported model, store, or RAE release file "
-                    "(run dirs hold config.yaml, stores manifest.json)")
+    raise UserError(f"{path}: not a flatdino run, exported model, store, RAE release file or AutoencoderRAE "
+                    "folder (run dirs hold config.yaml, stores manifest.json)")

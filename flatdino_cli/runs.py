@@ -47,7 +47,9 @@ def run_inputs(run_dir: Path) -> dict:
 
 
 def file_identity(path: Path) -> dict:
-    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+    """Path and content hash; an AutoencoderRAE folder is known by its weights file's hash."""
+    data = rae_folder.weights_path(path) if rae_folder.is_rae_folder(path) else path
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(data)}
 
 
 def decoder_identity(decoder: str | Path) -> dict:

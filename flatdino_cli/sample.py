@@ -269,7 +269,15 @@ def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, cla
                         "and --interval")
     pipe = load_pipeline(dit, vae, decoder, rt.device, ema=ema, stats=stats, guide=guide)
     K = pipe.cfg.model.num_classes
-    if all_classes:
+    if K == 0:  # unconditional (trained on a store without labels): every image from the null class
+        if classes or all_classes:
+            raise UserError(f"sample: {dit} is unconditional (trained without labels); drop --class / --classes")
+        if guide is None and (cfg_scale not in (None, 1.0) or schedule is not None):
+            raise UserError(f"sample: {dit} is unconditional, so classifier-free guidance has nothing to "
+                            "guide; drop --cfg / --cfg-schedule (or pass --cfg 1)")
+        ids = [0]
+        cfg_scale = 1.0 if guide is None else cfg_scale
+    elif all_classes:
         if classes:
             raise UserError("sample: pass --class or --classes all, not both")
         ids = list(range(K))
@@ -280,7 +288,7 @@ def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, cla
     flow = sampling_flow(pipe.cfg.flow, cfg_scale, steps, sampler, parse_interval(interval), grid,
                          parse_schedule(schedule), shift)
     if out is None:
-        what = "all" if all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
+        what = "uncond" if K == 0 else "all" if all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
         home = Path(dit) if Path(dit).is_dir() else Path(dit).parent  # an RAE file: samples beside it
         weights = "-".join(f"{w:g}" for *_, w in flow.cfg_schedule) if flow.cfg_schedule else f"{flow.cfg_scale:g}"
         guidance = f"ag{weights}" if guide is not None else f"cfg{weights}"

@@ -228,7 +228,7 @@ from flatdino_cli.stages.dit import train_dit
 out = Path({out!r})
 cfg = load_preset("xl-32x128", ["train.max_steps=2", "train.batch_size=2"])
 n, (T, d) = 4, (cfg.model.tokens, cfg.model.in_dim)
-write_latents(out / "latents", np.random.default_rng(0).standard_normal((n, T, d)), range(n))
+write_latents(out / "latents", np.random.default_rng(0).standard_normal((n, T, d)), [0, 1, 2, 999])  # 1000 classes
 saved, steps, t0 = [], [], [time.perf_counter()]
 
 def record_checkpoint(run_dir, which, model, ema, state):  # stands in for the 11 GB write
@@ -278,7 +278,7 @@ def test_xl_preset_builds_and_takes_two_real_steps(tmp_path):
 
 def _s_preset_latents(path: Path) -> Path:
     x = np.random.default_rng(0).standard_normal((8, 32, 128)).astype(np.float32)
-    return write_latents(path, x, [0, 1, 2, 3, 4, 5, 6, 7])
+    return write_latents(path, x, [0, 1, 2, 3, 4, 5, 6, 999])  # the preset's 1000 classes (train-dit reads the store's)
 
 
 S_SETS = ["--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "train.log_every=1"]

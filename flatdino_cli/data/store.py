@@ -107,6 +107,13 @@ class Store:
             self._data_fd = os.open(path / "data.npy", os.O_RDWR)
             self._done_fd = os.open(path / "done.npy", os.O_RDWR)
 
+    @property
+    def num_classes(self) -> int:
+        """The classes the rows are labelled from: the class names extract recorded, or the largest
+        label + 1; 0 for a store without labels (every row -1: an unlabelled image folder)."""
+        names = self.manifest.get("extra", {}).get("class_names") or []
+        return max(len(names), int(self.labels.max()) + 1 if self.count else 0)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, path: str | Path, kind: str, item_shape: Sequence[int], count: int, dtype: str,

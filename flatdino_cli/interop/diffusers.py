@@ -90,6 +90,20 @@ def weights_path(folder) -> Path:
     return Path(folder) / WEIGHTS
 
 
+def tensor_shapes(folder) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the folder's weights, from the safetensors header alone (nothing loaded)."""
+    path = weights_path(folder)
+    if not path.is_file():
+        raise UserError(f"{folder}: AutoencoderRAE folder without {WEIGHTS}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+
+
 # ----------------------------------------------------------------------------- encoder
 def encoder_sizes(folder) -> dict:
     """image_size, patch_size, dim, depth, heads of the folder's DINOv2 encoder."""
@@ -165,3 +179,79 @@ def stats(folder) -> tuple[torch.Tensor, torch.Tensor]:
             raise UserError(f"{folder}: {name} has shape {tuple(t.shape)}; expected (C, {side}, {side}) or (C, 1, 1)")
         out.append(t)
     return out[0], out[1] + STD_EPS
+
+
+# ----------------------------------------------------------------------------- writing a folder
+ENCODER_TABLE_SIZE = 518  # diffusers builds the DINOv2 encoder's position table for 518 px (37 x 37 at patch 14)
+
+
+def encoder_table_grid(patch_size: int) -> int:
+    return ENCODER_TABLE_SIZE // patch_size
+
+
+def transformers_major() -> int:
+    """The installed transformers' major version (its DINOv2 attention names changed at 5); 5 without it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 5
+
+
+def encoder_diffusers_state_dict(timm_sd: dict[str, torch.Tensor], new_names: bool = True) -> dict[str, torch.Tensor]:
+    """A timm DINOv2-reg4 state dict (position table on the 518-px grid) -> AutoencoderRAE's `encoder.*`
+    keys (transformers' Dinov2WithRegistersModel; new_names: transformers >= 5's q_proj / o_proj, else
+    attention.attention.query / attention.output.dense). timm folds the CLS position into cls_token
+    and stores the patch rows only; the HF table gets a zero CLS row. The final norm's affine, unused
+    (non-affine LayerNorm), is left out as diffusers does."""
+    q, k, v, o = (("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj") if new_names else
+                  ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                   "attention.output.dense"))
+    out = {}
+    for key, t in timm_sd.items():
+        t = t.detach().float().cpu()
+        parts = key.split(".")
+        if parts[0] == "blocks":
+            i, rest = parts[1], ".".join(parts[2:])
+            pre = f"encoder.layer.{i}."
+            if rest.startswith("attn.qkv."):
+                for name, chunk in zip((q, k, v), t.chunk(3, dim=0)):
+                    out[pre + name + "." + parts[-1]] = chunk
+                continue
+            rest = (rest.replace("attn.proj.", o + ".").replace("ls1.gamma", "layer_scale1.lambda1")
+                    .replace("ls2.gamma", "layer_scale2.lambda1"))
+            out[pre + rest] = t
+        elif key.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + parts[-1]] = t
+        elif key == "cls_token":
+            out["embeddings.cls_token"] = t
+        elif key == "reg_token":
+            out["embeddings.register_tokens"] = t
+        elif key == "pos_embed":
+            out["embeddings.position_embeddings"] = torch.cat([torch.zeros_like(t[:, :1]), t], dim=1)
+        elif not key.startswith(("norm.", "head.")):
+            raise KeyError(f"no AutoencoderRAE name for encoder key {key!r}")
+    out["embeddings.mask_token"] = torch.zeros(1, timm_sd["cls_token"].shape[-1])  # unused by RAE, stored by HF
+    return {"encoder." + k: v.contiguous() for k, v in out.items()}
+
+
+def folder_config(enc: dict, dec: dict, stats: tuple[torch.Tensor, torch.Tensor] | None, version: str) -> dict:
+    """config.json of an AutoencoderRAE: enc = encoder_sizes' keys, dec = {width, depth, heads, mlp_hidden,
+    patch_size}; stats (mean, latents_std) of shape (C, H, W) or None."""
+    return {"_class_name": CLASS_NAME, "_diffusers_version": version, "encoder_type": "dinov2",
+            "encoder_hidden_size": enc["dim"], "encoder_patch_size": enc["patch_size"],
+            "encoder_num_hidden_layers": enc["depth"], "encoder_input_size": enc["image_size"],
+            "decoder_hidden_size": dec["width"], "decoder_num_hidden_layers": dec["depth"],
+            "decoder_num_attention_heads": dec["heads"], "decoder_intermediate_size": dec["mlp_hidden"],
+            "patch_size": dec["patch_size"], "num_channels": 3, "image_size": None,
+            "encoder_norm_mean": IMAGENET[0], "encoder_norm_std": IMAGENET[1],
+            "latents_mean": stats[0].tolist() if stats else None, "latents_std": stats[1].tolist() if stats else None,
+            "noise_tau": 0.0, "reshape_to_2d": True, "scaling_factor": 1.0, "use_encoder_loss": False}
+
+
+def extra_tensors(stats: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The image normalisation and latent statistics buffers (diffusers' no-op 0 / 1 without statistics)."""
+    mean, std = stats if stats else (torch.zeros(1), torch.ones(1))
+    return {"encoder_mean": torch.tensor(IMAGENET[0]).view(1, 3, 1, 1), "encoder_std": torch.tensor(IMAGENET[1]).view(1, 3, 1, 1),
+            "_latents_mean": mean.float().contiguous(), "_latents_std": std.float().contiguous()}

@@ -142,15 +142,15 @@ def store_grid(store: Store, preset_grid) -> tuple[int, int] | None:
 
 
 def with_store_shape(cfg: DiTStageConfig, store: Store, where) -> DiTStageConfig:
-    """The DiT's tokens, in_dim and grid come from the store it trains on (as train-vae's input size
-    comes from its feature store), so the preset's architecture is all the preset says."""
+    """The DiT's tokens, in_dim, grid and classes come from the store it trains on (as train-vae's input
+    size comes from its feature store), so the preset's architecture is all the preset says. The
+    preset's num_classes (ImageNet's 1000) gives way to the store's class count; a store without
+    labels makes an unconditional model (num_classes 0: only the null class, no guidance)."""
     T, d = store.item_shape
     try:
-        model = dataclasses.replace(cfg.model, tokens=T, in_dim=d, grid=store_grid(store, cfg.model.grid))
+        model = dataclasses.replace(cfg.model, tokens=T, in_dim=d, grid=store_grid(store, cfg.model.grid),
+                                    num_classes=store.num_classes)
     except UserError as e:
         raise UserError(f"{where}: items of shape {(T, d)} do not fit this preset: {e}") from None
-    top = int(store.labels.max()) if store.count else -1
-    if top >= model.num_classes:
-        raise UserError(f"{where}: has class id {top} but model.num_classes={model.num_classes}; "
-                        f"--set model.num_classes={top + 1}")
-    return dataclasses.replace(cfg, model=model)
+    flow = cfg.flow if model.num_classes else dataclasses.replace(cfg.flow, cfg_scale=1.0, cfg_schedule=())
+    return dataclasses.replace(cfg, model=model, flow=flow)

@@ -8,6 +8,7 @@ be dropped in and ours can be read by RAE's code.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from flatdino_cli.checkpoint import checkpoint_dir, run_config
 from flatdino_cli.classes import class_label
 from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.data import FeatureDataset, Store, store_identity
@@ -67,11 +69,26 @@ class LabelledRows(torch.utils.data.Dataset):
         return x, self.null if y < 0 else y
 
 
+def with_resumed_classes(cfg: DiTStageConfig, out: Path, latents, resume: bool) -> DiTStageConfig:
+    """A resumed run keeps its model's label table (its checkpoint's shape): a store with fewer classes
+    trains on, one with more is refused (the table has no rows for them)."""
+    if not resume or checkpoint_dir(out) is None:
+        return cfg
+    recorded = run_config(out, "dit")
+    have = recorded.model.num_classes
+    if cfg.model.num_classes > have:
+        what = f"{have} classes" if have else "no classes (unconditional)"
+        raise UserError(f"{latents}: holds {cfg.model.num_classes} classes but the run {out} resumes a model of "
+                        f"{what}; train a new run (--out NEW or --no-resume)")
+    flow = recorded.flow if have and not cfg.model.num_classes else cfg.flow  # its guidance, on unlabelled data too
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=have), flow=flow)
+
+
 def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, resume: bool = True,
               recompute_stats: bool = False, on_step=None, new_data: bool = False) -> dict:
     out = Path(out)
     store = Store.open(latents)
-    cfg = with_store_shape(cfg, store, latents)
+    cfg = with_resumed_classes(with_store_shape(cfg, store, latents), out, latents, resume)
     grid = tuple(cfg.model.grid) if cfg.model.grid else None
     stats = None
     if cfg.normalize:
@@ -147,7 +164,7 @@ def training_grid_hook(cfg: DiTStageConfig, out: str | Path, vae_run: str | Path
     are loaded (and checked against cfg) now, so a mismatch fails before training starts."""
     out = Path(out)
     vae, dec, identity = decoding_parts(cfg, vae_run, decoder, rt.device, "this DiT preset", trained_on_features(cfg))
-    labels = list(range(min(8, cfg.model.num_classes)))
+    labels = list(range(min(8, cfg.model.num_classes))) or [0] * 8  # unconditional: 8 draws of the null class
     cache: dict = {}
 
     def on_step(step: int, model: nn.Module, ema: nn.Module | None) -> Path | None:
