@@ -20,7 +20,9 @@ evaluated against the same reference statistics (the same store, encoder and PCA
 number of samples (FD is biased upwards at small N).
 
 Keys: `fd_rep` (the preset's guidance: its flow section, cfg scale/interval/schedule), `fd_rep_nocfg`
-(the same samples' noise, unguided). The reference statistics are cached beside the store's files as
+(the same samples' noise, unguided). The unguided one is the training-progress signal: strong guidance
+on a young model can push samples off the feature distribution (fd_rep up) while they become easier to
+name (tests/test_quickstart.py measures both against the toy classifier). The reference statistics are cached beside the store's files as
 REFERENCE_FILE, recorded with the store's identity; a cache made for another store is refused.
 """
 
@@ -171,9 +173,10 @@ def default_reference_store(latents: str | Path) -> Path:
     return base / "val" if (base / "val" / "manifest.json").is_file() else base
 
 
-def eval_labels(n: int, num_classes: int) -> list[int]:
-    """Class-balanced labels of evaluation images 0..n-1: image i is class i mod K."""
-    return [i % num_classes for i in range(n)]
+def eval_labels(indices: Sequence[int], num_classes: int) -> list[int]:
+    """Class-balanced labels of evaluation images `indices`: image i is class i mod K (an unconditional
+    DiT, K = 0: its one null class, 0, as `sample` draws it)."""
+    return [i % max(1, num_classes) for i in indices]
 
 
 def unguided(flow: FlowConfig) -> FlowConfig:
@@ -184,7 +187,7 @@ def unguided(flow: FlowConfig) -> FlowConfig:
 def sample_features(pipe: Pipeline, ref: Reference, indices: Sequence[int], seed: int, flow: FlowConfig | None = None,
                     batch_size: int = 64, rt: Runtime = CPU) -> np.ndarray:
     """(len(indices), C + k) vectors r(f) of evaluation images `indices` (this rank's share)."""
-    labels = [i % pipe.cfg.model.num_classes for i in indices]
+    labels = eval_labels(indices, pipe.cfg.model.num_classes)
     out = []
     for x, k in sample_chunks(pipe, labels, list(indices), seed, flow, batch_size, rt, exact=False):
         feats = pipe.features(x, rt)[:k]
