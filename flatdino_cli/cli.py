@@ -1075,7 +1075,10 @@ def fid(
         typer.echo(f"note: {note}")
 
 
-def main():  # pragma: no cover - console entry for `python -m flatdino_cli.cli`
+def main():  # pragma: no cover - the `flatdino` console script and `python -m flatdino_cli.cli`
+    from flatdino_cli.cpu import apply_cpu_defaults
+
+    apply_cpu_defaults()  # CPU threads and OpenMP waiting (cpu.py), before any command imports torch
     app()
 
 

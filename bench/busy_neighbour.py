@@ -1,0 +1,155 @@
+"""A busy neighbour: one training stage's step time alone and beside a busy process, for the old CPU
+settings and today's defaults, side by side in one run.
+
+The stage is `flatdino train-vae` (the quickstart's tiny-vae laminator, fp32, batch 32) on a random
+feature store of the tiny encoder's shape (36 patches x 64), run as its own process through the CLI
+entry point, so it starts with exactly the thread count and OpenMP wait policy a user's run gets.
+Its step time is read off metrics.jsonl (batch / samples_per_s of each logging window, the first
+window, which holds the warm-up, dropped; the median of the rest). Each setting runs alone ("quiet")
+and beside a neighbour ("loaded": a Python process spinning on one core, like a busy browser tab, or
+with --neighbour matmul a one-thread torch matmul loop) that starts 2 s before the stage, alternating
+quiet and loaded runs --repeats times; the ratio is median loaded / median quiet step time.
+
+Settings (flatdino_cli/cpu.py says why the defaults are what they are):
+- old:     OMP_NUM_THREADS = the usable cores and GOMP_SPINCOUNT=300000, i.e. torch's own thread
+           count and libgomp's spin-wait when OMP_WAIT_POLICY is unset (what flatdino ran with before
+           it chose these itself);
+- default: nothing set: the choice of cpu.cpu_defaults.
+
+    python bench/busy_neighbour.py                            # ~5 min on 2 cores
+    python bench/busy_neighbour.py --repeats 1 --steps 12     # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import g, matmul_peak
+from flatdino_cli.data import Store
+from flatdino_cli.cpu import CPU_VARS, usable_cores
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, LOG_EVERY, VAL = 32, 4, 8
+NEIGHBOURS = {"spin": "while True: pass",
+              "matmul": "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True: a @ a"}
+
+
+def settings(more: bool) -> dict[str, dict[str, str]]:
+    n = str(usable_cores())
+    out = {"old": {"OMP_NUM_THREADS": n, "GOMP_SPINCOUNT": "300000"}, "default": {}}
+    if more:  # each half of the default on its own
+        out |= {"passive": {"OMP_NUM_THREADS": n, "OMP_WAIT_POLICY": "PASSIVE"},
+                "1-thread": {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "300000"}}
+    return out
+
+
+def busy_cores() -> tuple[float, float] | None:
+    """(busy, total) jiffies of the usable cores so far (/proc/stat); None where there is none."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    busy = total = 0.0
+    for ln in lines:
+        f = ln.split()
+        if f and f[0] in mine:
+            v = [float(x) for x in f[1:8]]
+            total += sum(v)
+            busy += sum(v) - v[3] - v[4]  # all but idle and iowait
+    return busy, total
+
+
+def make_store(path: Path, steps: int) -> Path:
+    n = VAL + BATCH * steps
+    s = Store.create(path, "features", (36, 64), n, "float32", {"encoder": "synthetic"}, {},
+                     [f"img{i}.png" for i in range(n)], [i % 4 for i in range(n)])
+    s.write_rows(np.arange(n), np.random.default_rng(0).standard_normal((n, 36, 64)).astype(np.float32))
+    s.mark_done(np.arange(n))
+    s.finalize()
+    s.close()
+    return path
+
+
+def run_stage(store: Path, out: Path, extra_env: dict[str, str]) -> list[float]:
+    """Seconds per step of each logging window after the first (one train-vae process)."""
+    env = {k: v for k, v in os.environ.items() if k not in CPU_VARS}
+    env.update(extra_env, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "flatdino_cli.cli", "train-vae", "--features", str(store), "--preset", "tiny-vae",
+           "--out", str(out), "--device", "cpu", "--epochs", "1", "--batch-size", str(BATCH),
+           "--set", f"val_count={VAL}", "--set", f"train.log_every={LOG_EVERY}", "--set", "train.warmup_epochs=0",
+           "--set", "train.schedule=constant", "--set", "train.val_every_epochs=1000",
+           "--set", "train.ckpt_every_steps=100000"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=3600)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
+    return [BATCH / r for r in rates[1:]]
+
+
+def children_cpu() -> float:
+    """CPU seconds used by this process's finished children (the stages and the neighbours)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=24, help="training steps per run (logged in windows of 4)")
+    ap.add_argument("--repeats", type=int, default=3, help="quiet + loaded runs of each setting")
+    ap.add_argument("--neighbour", choices=sorted(NEIGHBOURS), default="spin")
+    ap.add_argument("--more", action="store_true", help="also passive waiting alone and one thread alone")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {usable_cores()} usable cores, load average {os.getloadavg()[0]:.2f} "
+          f"at start, stage: train-vae tiny-vae, fp32, batch {BATCH}, {args.steps} steps per run, "
+          f"neighbour: {args.neighbour}")
+    peak0 = matmul_peak(torch.device("cpu"), torch.float32)
+    times: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(Path(tmp) / "store", args.steps)
+        for r in range(args.repeats):
+            for name, env in settings(args.more).items():
+                for loaded in (False, True):
+                    neighbour = None
+                    if loaded:
+                        neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOURS[args.neighbour]])
+                        time.sleep(2.0)
+                    cpu0, jiffies0, wall0 = children_cpu(), busy_cores(), time.perf_counter()
+                    try:
+                        per_step = run_stage(store, Path(tmp) / f"run-{name}-{int(loaded)}-{r}", env)
+                    finally:
+                        if neighbour is not None:
+                            neighbour.kill()
+                            neighbour.wait()
+                    cpu, jiffies, wall = children_cpu() - cpu0, busy_cores(), time.perf_counter() - wall0
+                    other = "n/a"
+                    if jiffies0 and jiffies:  # busy cores over the run, less the stage's and the neighbour's
+                        frac = (jiffies[0] - jiffies0[0]) / max(1.0, jiffies[1] - jiffies0[1])
+                        other = f"{max(0.0, frac * usable_cores() - cpu / wall):.2f}"
+                    key = (name, "loaded" if loaded else "quiet")
+                    times.setdefault(key, []).append(statistics.median(per_step))
+                    print(f"  repeat {r + 1}: {name:8s} {key[1]:6s} {statistics.median(per_step):.3f} s/step "
+                          f"(windows {', '.join(f'{t:.3f}' for t in per_step)}); other processes kept {other} "
+                          "cores busy", flush=True)
+    peak1 = matmul_peak(torch.device("cpu"), torch.float32)
+    print(f"measured matmul rate (fp32, {torch.get_num_threads()} threads, quiet): {g(peak0)} before, {g(peak1)} after")
+    print(f"{'setting':8s} {'environment':40s} {'quiet s/step':>12s} {'loaded s/step':>13s} {'loaded/quiet':>12s}")
+    for name, env in settings(args.more).items():
+        q, lo = statistics.median(times[(name, "quiet")]), statistics.median(times[(name, "loaded")])
+        shown = " ".join(f"{k}={v}" for k, v in env.items()) or "(none set)"
+        print(f"{name:8s} {shown:40s} {q:12.3f} {lo:13.3f} {lo / q:11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
