@@ -7,17 +7,22 @@ entry point, so it starts with exactly the thread count and OpenMP wait policy a
 Its step time is read off metrics.jsonl (batch / samples_per_s of each logging window, the first
 window, which holds the warm-up, dropped; the median of the rest). Each setting runs alone ("quiet")
 and beside a neighbour ("loaded": a Python process spinning on one core, like a busy browser tab, or
-with --neighbour matmul a one-thread torch matmul loop) that starts 2 s before the stage, alternating
-quiet and loaded runs --repeats times; the ratio is median loaded / median quiet step time.
+with --neighbour matmul a one-thread torch matmul loop) that starts 2 s before the stage, a quiet run
+and then a loaded one, every setting in turn, --repeats times. Printed per run: the step time, the
+threads and wait the stage started with, and how many cores other processes kept busy meanwhile (on a
+shared machine "quiet" is only as quiet as that); then per setting the median step times, their
+loaded / quiet ratio and the ratio within each repeat.
 
 Settings (flatdino_cli/cpu.py says why the defaults are what they are):
 - old:     OMP_NUM_THREADS = the usable cores and GOMP_SPINCOUNT=300000, i.e. torch's own thread
            count and libgomp's spin-wait when OMP_WAIT_POLICY is unset (what flatdino ran with before
            it chose these itself);
-- default: nothing set: the choice of cpu.cpu_defaults.
+- default: nothing set: the choice of cpu.cpu_defaults;
+- with --more, each half of the default alone: "passive" (one thread per core, OMP_WAIT_POLICY=PASSIVE)
+  and "1-thread" (one thread, libgomp's spin-wait).
 
-    python bench/busy_neighbour.py                            # ~5 min on 2 cores
-    python bench/busy_neighbour.py --repeats 1 --steps 12     # smoke run
+    python bench/busy_neighbour.py                            # 10-20 min on 2 busy shared cores
+    python bench/busy_neighbour.py --repeats 1 --steps 8      # smoke run (~2 min)
 """
 
 from __future__ import annotations
@@ -83,19 +88,28 @@ def make_store(path: Path, steps: int) -> Path:
     return path
 
 
-def run_stage(store: Path, out: Path, extra_env: dict[str, str]) -> list[float]:
-    """Seconds per step of each logging window after the first (one train-vae process)."""
+# `python -m flatdino_cli.cli`, which also says what the entry point chose before the command runs
+ENTRY = ("import os, sys\nfrom flatdino_cli import cli\napp = cli.app\n"
+         "def run():\n    print('threads', os.environ.get('OMP_NUM_THREADS'), os.environ.get('OMP_WAIT_POLICY'), "
+         "os.environ.get('GOMP_SPINCOUNT'), file=sys.stderr)\n    app()\ncli.app = run\ncli.main()")
+
+
+def run_stage(store: Path, out: Path, extra_env: dict[str, str]) -> tuple[list[float], str]:
+    """(seconds per step of each logging window after the first, the thread count and wait the entry point
+    left) of one train-vae process."""
     env = {k: v for k, v in os.environ.items() if k not in CPU_VARS}
     env.update(extra_env, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "flatdino_cli.cli", "train-vae", "--features", str(store), "--preset", "tiny-vae",
+    cmd = [sys.executable, "-c", ENTRY, "train-vae", "--features", str(store), "--preset", "tiny-vae",
            "--out", str(out), "--device", "cpu", "--epochs", "1", "--batch-size", str(BATCH),
            "--set", f"val_count={VAL}", "--set", f"train.log_every={LOG_EVERY}", "--set", "train.warmup_epochs=0",
            "--set", "train.schedule=constant", "--set", "train.val_every_epochs=1000",
            "--set", "train.ckpt_every_steps=100000"]
-    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=3600)
+    p = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, timeout=3600)
+    _, threads, policy, spin = next(ln for ln in p.stderr.splitlines() if ln.startswith("threads ")).split()
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
-    return [BATCH / r for r in rates[1:]]
+    wait = f"wait {policy}" if policy != "None" else f"spin {spin}" if spin != "None" else "libgomp default"
+    return [BATCH / r for r in rates[1:]], f"{threads} thread{'s' * (threads != '1')}, {wait}"
 
 
 def children_cpu() -> float:
@@ -127,7 +141,7 @@ def main() -> None:
                         time.sleep(2.0)
                     cpu0, jiffies0, wall0 = children_cpu(), busy_cores(), time.perf_counter()
                     try:
-                        per_step = run_stage(store, Path(tmp) / f"run-{name}-{int(loaded)}-{r}", env)
+                        per_step, chosen = run_stage(store, Path(tmp) / f"run-{name}-{int(loaded)}-{r}", env)
                     finally:
                         if neighbour is not None:
                             neighbour.kill()
@@ -140,15 +154,20 @@ def main() -> None:
                     key = (name, "loaded" if loaded else "quiet")
                     times.setdefault(key, []).append(statistics.median(per_step))
                     print(f"  repeat {r + 1}: {name:8s} {key[1]:6s} {statistics.median(per_step):.3f} s/step "
-                          f"(windows {', '.join(f'{t:.3f}' for t in per_step)}); other processes kept {other} "
-                          "cores busy", flush=True)
+                          f"(windows {', '.join(f'{t:.3f}' for t in per_step)}; {chosen}); other processes kept "
+                          f"{other} cores busy", flush=True)
     peak1 = matmul_peak(torch.device("cpu"), torch.float32)
     print(f"measured matmul rate (fp32, {torch.get_num_threads()} threads, quiet): {g(peak0)} before, {g(peak1)} after")
-    print(f"{'setting':8s} {'environment':40s} {'quiet s/step':>12s} {'loaded s/step':>13s} {'loaded/quiet':>12s}")
+    print("median s/step of the repeats; loaded/quiet: their ratio, and each repeat's (a quiet run and the loaded "
+          "one right after it meet about the same load from other processes)")
+    print(f"{'setting':8s} {'environment':40s} {'quiet s/step':>12s} {'loaded s/step':>13s} {'loaded/quiet':>12s}  "
+          "per repeat")
     for name, env in settings(args.more).items():
-        q, lo = statistics.median(times[(name, "quiet")]), statistics.median(times[(name, "loaded")])
+        quiet, loaded = times[(name, "quiet")], times[(name, "loaded")]
+        q, lo = statistics.median(quiet), statistics.median(loaded)
         shown = " ".join(f"{k}={v}" for k, v in env.items()) or "(none set)"
-        print(f"{name:8s} {shown:40s} {q:12.3f} {lo:13.3f} {lo / q:11.2f}x")
+        pairs = ", ".join(f"{b / a:.2f}x" for a, b in zip(quiet, loaded))
+        print(f"{name:8s} {shown:40s} {q:12.3f} {lo:13.3f} {lo / q:11.2f}x  {pairs}")
 
 
 if __name__ == "__main__":

@@ -558,16 +558,18 @@ def export(
 
 @command()
 def info(
-    path: Annotated[str, typer.Argument(help="A run, an exported model folder or hf:ORG/NAME, a store, or one of "
-                                             "RAE's released files (model.pt, stat.pt).")],
+    path: Annotated[str, typer.Argument(help="A run, an exported model folder or hf:ORG/NAME, a store, a sample "
+                                             "set, or one of RAE's released files (model.pt, stat.pt).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """What a run, store or checkpoint is, at a glance: stage, preset, sizes, data, steps, best val, disk.
+    """What a run, store, sample set or checkpoint is, at a glance: stage, preset, sizes, data, steps, best
+    val, disk; for a sample set its models, solver and network evaluations per image.
 
     \b
     Examples:
       flatdino info runs/dit-xl
       flatdino info stores/in1k
+      flatdino info runs/dit-xl/samples/dit-xl-n50000-cfg1.5-euler50-seed0
       flatdino info rae/decoders/dinov2/wReg_base/ViTXL_n08/model.pt
     """
     import json

@@ -7,7 +7,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
+
+from flatdino_cli.cpu import WAIT_VARS
+
+if not any(v in os.environ for v in WAIT_VARS):  # set before torch loads OpenMP: idle threads sleep (cpu.py)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
