@@ -17,11 +17,12 @@ Settings (flatdino_cli/cpu.py says why the defaults are what they are):
 - old:     OMP_NUM_THREADS = the usable cores and GOMP_SPINCOUNT=300000, i.e. torch's own thread
            count and libgomp's spin-wait when OMP_WAIT_POLICY is unset (what flatdino ran with before
            it chose these itself);
-- default: nothing set: the choice of cpu.cpu_defaults;
-- with --more, each half of the default alone: "passive" (one thread per core, OMP_WAIT_POLICY=PASSIVE)
-  and "1-thread" (one thread, libgomp's spin-wait).
+- default: nothing set: the choice of cpu.cpu_defaults (passive waiting, one thread per usable core);
+- with --more, two other choices: "idle" (passive waiting and one thread per idle core: the usable cores
+  less the other runnable tasks when the stage starts) and "1-thread" (libgomp's default waiting).
 
-    python bench/busy_neighbour.py                            # 10-20 min on 2 busy shared cores
+    python bench/busy_neighbour.py                            # ~10 min on 2 busy shared cores
+    python bench/busy_neighbour.py --more --repeats 4         # ~20 min
     python bench/busy_neighbour.py --repeats 1 --steps 8      # smoke run (~2 min)
 """
 
@@ -51,13 +52,26 @@ NEIGHBOURS = {"spin": "while True: pass",
               "matmul": "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True: a @ a"}
 
 
-def settings(more: bool) -> dict[str, dict[str, str]]:
-    n = str(usable_cores())
-    out = {"old": {"OMP_NUM_THREADS": n, "GOMP_SPINCOUNT": "300000"}, "default": {}}
-    if more:  # each half of the default on its own
-        out |= {"passive": {"OMP_NUM_THREADS": n, "OMP_WAIT_POLICY": "PASSIVE"},
-                "1-thread": {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "300000"}}
-    return out
+def idle_cores() -> int:
+    """The usable cores less the other runnable tasks right now (/proc/loadavg's running count, which
+    counts the reader too), at least 1."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except OSError:  # not Linux
+        return usable_cores()
+    return max(1, usable_cores() - max(0, running - 1))
+
+
+SETTINGS = ("old", "default")
+MORE = ("idle", "1-thread")
+
+
+def setting_env(name: str) -> dict[str, str]:
+    """The variables a setting's stage starts with (read when it starts: "idle" follows the load)."""
+    return {"old": {"OMP_NUM_THREADS": str(usable_cores()), "GOMP_SPINCOUNT": "300000"}, "default": {},
+            "idle": {"OMP_NUM_THREADS": str(idle_cores()), "OMP_WAIT_POLICY": "PASSIVE"},
+            "1-thread": {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "300000"}}[name]
 
 
 def busy_cores() -> tuple[float, float] | None:
@@ -88,10 +102,12 @@ def make_store(path: Path, steps: int) -> Path:
     return path
 
 
-# `python -m flatdino_cli.cli`, which also says what the entry point chose before the command runs
+# `python -m flatdino_cli.cli`, which also says what torch's threads start with (after the entry point's
+# defaults, before the command: the command's own `import torch` finds it loaded)
 ENTRY = ("import os, sys\nfrom flatdino_cli import cli\napp = cli.app\n"
-         "def run():\n    print('threads', os.environ.get('OMP_NUM_THREADS'), os.environ.get('OMP_WAIT_POLICY'), "
-         "os.environ.get('GOMP_SPINCOUNT'), file=sys.stderr)\n    app()\ncli.app = run\ncli.main()")
+         "def run():\n    import torch\n    print('threads', torch.get_num_threads(), "
+         "os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), file=sys.stderr)\n    app()\n"
+         "cli.app = run\ncli.main()")
 
 
 def run_stage(store: Path, out: Path, extra_env: dict[str, str]) -> tuple[list[float], str]:
@@ -123,17 +139,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="training steps per run (logged in windows of 4)")
     ap.add_argument("--repeats", type=int, default=3, help="quiet + loaded runs of each setting")
     ap.add_argument("--neighbour", choices=sorted(NEIGHBOURS), default="spin")
-    ap.add_argument("--more", action="store_true", help="also passive waiting alone and one thread alone")
+    ap.add_argument("--more", action="store_true", help="also one thread per idle core, and one thread")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {usable_cores()} usable cores, load average {os.getloadavg()[0]:.2f} "
           f"at start, stage: train-vae tiny-vae, fp32, batch {BATCH}, {args.steps} steps per run, "
           f"neighbour: {args.neighbour}")
     peak0 = matmul_peak(torch.device("cpu"), torch.float32)
     times: dict[tuple[str, str], list[float]] = {}
+    names = SETTINGS + MORE * args.more
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(Path(tmp) / "store", args.steps)
         for r in range(args.repeats):
-            for name, env in settings(args.more).items():
+            for name in names:
                 for loaded in (False, True):
                     neighbour = None
                     if loaded:
@@ -141,7 +158,8 @@ def main() -> None:
                         time.sleep(2.0)
                     cpu0, jiffies0, wall0 = children_cpu(), busy_cores(), time.perf_counter()
                     try:
-                        per_step, chosen = run_stage(store, Path(tmp) / f"run-{name}-{int(loaded)}-{r}", env)
+                        per_step, chosen = run_stage(store, Path(tmp) / f"run-{name}-{int(loaded)}-{r}",
+                                                     setting_env(name))
                     finally:
                         if neighbour is not None:
                             neighbour.kill()
@@ -157,15 +175,18 @@ def main() -> None:
                           f"(windows {', '.join(f'{t:.3f}' for t in per_step)}; {chosen}); other processes kept "
                           f"{other} cores busy", flush=True)
     peak1 = matmul_peak(torch.device("cpu"), torch.float32)
-    print(f"measured matmul rate (fp32, {torch.get_num_threads()} threads, quiet): {g(peak0)} before, {g(peak1)} after")
+    print(f"measured matmul rate (fp32, {torch.get_num_threads()} threads, no neighbour): {g(peak0)} before, "
+          f"{g(peak1)} after")
     print("median s/step of the repeats; loaded/quiet: their ratio, and each repeat's (a quiet run and the loaded "
           "one right after it meet about the same load from other processes)")
     print(f"{'setting':8s} {'environment':40s} {'quiet s/step':>12s} {'loaded s/step':>13s} {'loaded/quiet':>12s}  "
           "per repeat")
-    for name, env in settings(args.more).items():
+    for name in names:
         quiet, loaded = times[(name, "quiet")], times[(name, "loaded")]
         q, lo = statistics.median(quiet), statistics.median(loaded)
-        shown = " ".join(f"{k}={v}" for k, v in env.items()) or "(none set)"
+        shown = {"old": f"OMP_NUM_THREADS={usable_cores()} GOMP_SPINCOUNT=300000", "default": "(none set)",
+                 "idle": "OMP_NUM_THREADS=idle cores, PASSIVE",
+                 "1-thread": "OMP_NUM_THREADS=1 GOMP_SPINCOUNT=300000"}[name]
         pairs = ", ".join(f"{b / a:.2f}x" for a, b in zip(quiet, loaded))
         print(f"{name:8s} {shown:40s} {q:12.3f} {lo:13.3f} {lo / q:11.2f}x  {pairs}")
 

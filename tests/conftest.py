@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flatdino_cli.cpu import WAIT_VARS
+from flatdino_cli.cpu import apply_cpu_defaults
 
-if not any(v in os.environ for v in WAIT_VARS):  # set before torch loads OpenMP: idle threads sleep (cpu.py)
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+apply_cpu_defaults()  # as the `flatdino` command does, before torch loads OpenMP: idle threads sleep (cpu.py)
 
 import torch  # noqa: E402
 
