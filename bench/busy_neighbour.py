@@ -44,12 +44,20 @@ import torch
 
 from _common import g, matmul_peak
 from flatdino_cli.data import Store
-from flatdino_cli.cpu import CPU_VARS, usable_cores
+from flatdino_cli.cpu import CPU_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, LOG_EVERY, VAL = 32, 4, 8
 NEIGHBOURS = {"spin": "while True: pass",
               "matmul": "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True: a @ a"}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: torch's default thread count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def idle_cores() -> int:

@@ -1080,7 +1080,7 @@ def fid(
 def main():  # pragma: no cover - the `flatdino` console script and `python -m flatdino_cli.cli`
     from flatdino_cli.cpu import apply_cpu_defaults
 
-    apply_cpu_defaults()  # CPU threads and OpenMP waiting (cpu.py), before any command imports torch
+    apply_cpu_defaults()  # how OpenMP threads wait (cpu.py): before any command imports torch
     app()
 
 

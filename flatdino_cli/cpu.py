@@ -6,13 +6,15 @@ that imports flatdino as a library keeps torch's defaults.
 - OMP_WAIT_POLICY=PASSIVE: an OpenMP thread that has finished its share of an op sleeps until the
   next one instead of spinning. Under libgomp's default (spin 300,000 times first) a peer that a
   busy neighbour process has descheduled keeps the others spinning on their cores, so no core ever
-  looks idle to the scheduler, which would otherwise move the waiting peer there: with one other busy
-  process a tiny-vae train step went from 0.17 s to 2.5 s. Sleeping threads free their core at once.
+  looks idle to the scheduler, which would otherwise move the waiting peer there: beside one process
+  spinning on one of 2 cores a tiny-vae train step went from 0.27 s to 3.3 s. A sleeping thread frees
+  its core at once.
   Not set where the user chose how threads wait (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME).
-- Threads: torch's default, one per usable core (OMP_NUM_THREADS where the user set it). Fewer
-  threads when cores are busy (one per idle core) measured slower beside a busy process once waiting
-  is passive, since a sleeping thread's core takes in whichever thread waits, and a count that
-  followed the load would change float reductions from one run to the next.
+- Threads: torch's default, one per usable core (the process's affinity mask; OMP_NUM_THREADS where
+  the user set it). One thread per idle core (the usable cores less the other runnable tasks at
+  start) was no faster beside a busy process once waiting is passive (the scheduler moves a waiting
+  thread to a core another one left), and a count that followed the load would change float
+  reductions from one run to the next.
 
 bench/busy_neighbour.py measures it (a train-vae stage alone and beside a busy process; the old
 settings, these defaults and one thread per idle core in one run); its figures are in the README
@@ -26,14 +28,6 @@ from collections.abc import MutableMapping
 
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # any one set: the user chose the waiting
 CPU_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", *WAIT_VARS)  # every variable that steers torch's CPU threads
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask; os.cpu_count() where there is none)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def cpu_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
