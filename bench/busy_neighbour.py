@@ -18,8 +18,9 @@ Settings (flatdino_cli/cpu.py says why the defaults are what they are):
            count and libgomp's spin-wait when OMP_WAIT_POLICY is unset (what flatdino ran with before
            it chose these itself);
 - default: nothing set: the choice of cpu.cpu_defaults (passive waiting, one thread per usable core);
-- with --more, two other choices: "idle" (passive waiting and one thread per idle core: the usable cores
-  less the other runnable tasks when the stage starts) and "1-thread" (libgomp's default waiting).
+- with --more, three other choices: "idle" (passive waiting and one thread per idle core: the usable
+  cores less the other runnable tasks when the stage starts), "1-thread" (libgomp's default waiting)
+  and "short-spin" (one thread per core spinning 10,000 times before it sleeps).
 
     python bench/busy_neighbour.py                            # ~10 min on 2 busy shared cores
     python bench/busy_neighbour.py --more --repeats 4         # ~20 min
@@ -72,14 +73,15 @@ def idle_cores() -> int:
 
 
 SETTINGS = ("old", "default")
-MORE = ("idle", "1-thread")
+MORE = ("idle", "1-thread", "short-spin")
 
 
 def setting_env(name: str) -> dict[str, str]:
     """The variables a setting's stage starts with (read when it starts: "idle" follows the load)."""
     return {"old": {"OMP_NUM_THREADS": str(usable_cores()), "GOMP_SPINCOUNT": "300000"}, "default": {},
             "idle": {"OMP_NUM_THREADS": str(idle_cores()), "OMP_WAIT_POLICY": "PASSIVE"},
-            "1-thread": {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "300000"}}[name]
+            "1-thread": {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "300000"},
+            "short-spin": {"GOMP_SPINCOUNT": "10000"}}[name]
 
 
 def busy_cores() -> tuple[float, float] | None:
@@ -147,7 +149,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="training steps per run (logged in windows of 4)")
     ap.add_argument("--repeats", type=int, default=3, help="quiet + loaded runs of each setting")
     ap.add_argument("--neighbour", choices=sorted(NEIGHBOURS), default="spin")
-    ap.add_argument("--more", action="store_true", help="also one thread per idle core, and one thread")
+    ap.add_argument("--more", action="store_true", help="also one thread per idle core, one thread, short spin")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {usable_cores()} usable cores, load average {os.getloadavg()[0]:.2f} "
           f"at start, stage: train-vae tiny-vae, fp32, batch {BATCH}, {args.steps} steps per run, "
@@ -179,7 +181,7 @@ def main() -> None:
                         other = f"{max(0.0, frac * usable_cores() - cpu / wall):.2f}"
                     key = (name, "loaded" if loaded else "quiet")
                     times.setdefault(key, []).append(statistics.median(per_step))
-                    print(f"  repeat {r + 1}: {name:8s} {key[1]:6s} {statistics.median(per_step):.3f} s/step "
+                    print(f"  repeat {r + 1}: {name:10s} {key[1]:6s} {statistics.median(per_step):.3f} s/step "
                           f"(windows {', '.join(f'{t:.3f}' for t in per_step)}; {chosen}); other processes kept "
                           f"{other} cores busy", flush=True)
     peak1 = matmul_peak(torch.device("cpu"), torch.float32)
@@ -187,16 +189,16 @@ def main() -> None:
           f"{g(peak1)} after")
     print("median s/step of the repeats; loaded/quiet: their ratio, and each repeat's (a quiet run and the loaded "
           "one right after it meet about the same load from other processes)")
-    print(f"{'setting':8s} {'environment':40s} {'quiet s/step':>12s} {'loaded s/step':>13s} {'loaded/quiet':>12s}  "
+    print(f"{'setting':10s} {'environment':40s} {'quiet s/step':>12s} {'loaded s/step':>13s} {'loaded/quiet':>12s}  "
           "per repeat")
     for name in names:
         quiet, loaded = times[(name, "quiet")], times[(name, "loaded")]
         q, lo = statistics.median(quiet), statistics.median(loaded)
         shown = {"old": f"OMP_NUM_THREADS={usable_cores()} GOMP_SPINCOUNT=300000", "default": "(none set)",
                  "idle": "OMP_NUM_THREADS=idle cores, PASSIVE",
-                 "1-thread": "OMP_NUM_THREADS=1 GOMP_SPINCOUNT=300000"}[name]
+                 "1-thread": "OMP_NUM_THREADS=1 GOMP_SPINCOUNT=300000", "short-spin": "GOMP_SPINCOUNT=10000"}[name]
         pairs = ", ".join(f"{b / a:.2f}x" for a, b in zip(quiet, loaded))
-        print(f"{name:8s} {shown:40s} {q:12.3f} {lo:13.3f} {lo / q:11.2f}x  {pairs}")
+        print(f"{name:10s} {shown:40s} {q:12.3f} {lo:13.3f} {lo / q:11.2f}x  {pairs}")
 
 
 if __name__ == "__main__":
