@@ -601,17 +601,19 @@ def export(
 
 @command()
 def info(
-    path: Annotated[str, typer.Argument(help="A run, an exported model folder or hf:ORG/NAME, a store, or one of "
-                                             "RAE's released files (model.pt, stat.pt, a diffusers "
+    path: Annotated[str, typer.Argument(help="A run, an exported model folder or hf:ORG/NAME, a store, a sample "
+                                             "set, or one of RAE's released files (model.pt, stat.pt, a diffusers "
                                              "AutoencoderRAE folder).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """What a run, store or checkpoint is, at a glance: stage, preset, sizes, data, steps, best val, disk.
+    """What a run, store, sample set or checkpoint is, at a glance: stage, preset, sizes, data, steps, best
+    val, disk; for a sample set its models, solver and network evaluations per image.
 
     \b
     Examples:
       flatdino info runs/dit-xl
       flatdino info stores/in1k
+      flatdino info runs/dit-xl/samples/dit-xl-n50000-cfg1.5-euler50-seed0
       flatdino info rae/decoders/dinov2/wReg_base/ViTXL_n08/model.pt
     """
     import json
@@ -1212,7 +1214,10 @@ def sweep(
                f"{r.get('table')}, {r.get('figure')}")
 
 
-def main():  # pragma: no cover - console entry for `python -m flatdino_cli.cli`
+def main():  # pragma: no cover - the `flatdino` console script and `python -m flatdino_cli.cli`
+    from flatdino_cli.cpu import apply_cpu_defaults
+
+    apply_cpu_defaults()  # how OpenMP threads wait (cpu.py): before any command imports torch
     app()
 
 

@@ -1,5 +1,5 @@
-"""`flatdino info PATH`: what a run, an exported model, a store or one of RAE's released files (model.pt,
-stat.pt, or a diffusers AutoencoderRAE folder) is.
+"""`flatdino info PATH`: what a run, an exported model, a store, a sample set or one of RAE's released
+files (model.pt, stat.pt, or a diffusers AutoencoderRAE folder) is.
 
 Returns ordered (label, value) facts; the CLI prints them aligned, or as JSON.
 """
@@ -153,6 +153,40 @@ def describe_store(path: Path) -> list[tuple[str, Any]]:
     return facts
 
 
+def _named(ident: Any) -> str | None:
+    """A recorded model's path (identities are {"path": ..., "weights": ..., ...})."""
+    return ident.get("path") if isinstance(ident, dict) else ident
+
+
+def describe_samples(path: Path) -> list[tuple[str, Any]]:
+    """A `flatdino sample` folder, from its samples.json: what made it, the solver and its cost."""
+    m = read_json(path / "samples.json")
+    ident, flow = m.get("identity") or {}, (m.get("identity") or {}).get("flow") or {}
+    if not ident:
+        raise UserError(f"{path / 'samples.json'}: unreadable or without an identity; rerun the sample command")
+    classes = m.get("classes") or ident.get("classes") or []
+    made = ", ".join(f"{k} {_named(ident[k])}" for k in ("dit", "vae", "decoder", "guide") if ident.get(k))
+    solver = f"{flow.get('sampler')}, {flow.get('steps')} steps, shift {flow.get('shift')}"
+    if flow.get("grid"):
+        solver += f", {flow['grid']} time grid"
+    if flow.get("cfg_schedule"):
+        guidance = f"schedule {flow['cfg_schedule']}"
+    else:
+        lo, hi = flow.get("cfg_interval") or (0.0, 1.0)
+        guidance = f"w {flow.get('cfg_scale')} on t in [{lo}, {hi}]"
+    guidance = ("AutoGuidance " if ident.get("guide") else "CFG ") + guidance
+    nfe = m.get("network_evaluations")
+    return [("what", f"sample set ({'complete' if m.get('complete') else 'incomplete: rerun its sample command'})"),
+            ("images", f"{ident.get('count', 0):,} at {ident.get('image_size')} px, {len(classes)} classes, "
+                       f"seed {ident.get('seed')}"),
+            ("made by", made or "not recorded"),
+            ("solver", solver),
+            ("guidance", guidance),
+            ("evaluations", f"{nfe} network evaluations per image (a guided one counts 2)" if nfe is not None
+             else "not recorded"),
+            ("disk", human_bytes(disk_use(path)))]
+
+
 def describe_rae_file(path: Path) -> list[tuple[str, Any]]:
     from flatdino_cli.checkpoint import load_weights
 
@@ -234,6 +268,8 @@ def describe(path: str | Path) -> list[tuple[str, Any]]:
         return [("path", str(p))] + describe_run(p)
     if p.is_dir() and (p / "manifest.json").is_file():
         return [("path", str(p))] + describe_store(p)
+    if p.is_dir() and (p / "samples.json").is_file():
+        return [("path", str(p))] + describe_samples(p)
     if p.is_dir() and (p / "model_index.json").is_file() and (p / "transformer" / "config.json").is_file():
         return [("path", str(p))] + describe_pipeline_folder(p)
     if p.is_dir():
@@ -245,5 +281,5 @@ def describe(path: str | Path) -> list[tuple[str, Any]]:
         p = p / "model.pt"
     if p.is_file() and p.suffix in (".pt", ".pth", ".safetensors"):
         return [("path", str(p))] + describe_rae_file(p)
-    raise UserError(f"{path}: not a flatdino run, exported model, store, RAE release file or AutoencoderRAE "
-                    "folder (run dirs hold config.yaml, stores manifest.json)")
+    raise UserError(f"{path}: not a flatdino run, exported model, store, sample set, RAE release file or "
+                    "AutoencoderRAE folder (run dirs hold config.yaml, stores manifest.json, sample sets samples.json)")

@@ -2,7 +2,8 @@
 
 CPU runs default to fp32 (some CPUs emulate bf16 at ~1/100 of fp32 speed); CUDA runs default to
 bf16 autocast, fused AdamW, pinned host memory and torch.compile. Under `torchrun` the process group
-is initialised from the environment (nccl on CUDA, gloo on CPU).
+is initialised from the environment (nccl on CUDA, gloo on CPU). How CPU threads wait (passive) and how
+many there are is settled before torch loads, by the `flatdino` entry point: cpu.py says why.
 """
 
 from __future__ import annotations

@@ -7,7 +7,12 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
+
+from flatdino_cli.cpu import apply_cpu_defaults
+
+apply_cpu_defaults()  # as the `flatdino` command does, before torch loads OpenMP: idle threads sleep (cpu.py)
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

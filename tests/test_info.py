@@ -1,5 +1,5 @@
-"""`flatdino info PATH` (info.py) on a run, its export, a store, and RAE's released file formats (decoder
-model.pt with RAE's key names, stat.pt), written here from tiny random models."""
+"""`flatdino info PATH` (info.py) on a run, its export, a store, a sample set, and RAE's released file
+formats (decoder model.pt with RAE's key names, stat.pt), written here from tiny random models."""
 
 import json
 
@@ -18,6 +18,7 @@ from flatdino_cli.models.stats import save_rae_stats
 from flatdino_cli.errors import UserError
 
 from test_hub import TINY_STORE, make_run
+from test_sample import w  # noqa: F401 (fixture: tiny dit, vae and decoder runs)
 
 
 def facts(path) -> dict:
@@ -81,3 +82,35 @@ def test_info_on_rae_release_files_and_cli_output(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a file flatdino recognises"):
         describe(tmp_path / "other.pt")
+
+
+def test_info_on_a_sample_set_shows_the_solver_and_its_evaluations(w, tmp_path):
+    """A real `sample` folder (test_sample's tiny runs): info reads samples.json."""
+    from flatdino_cli.flow import FlowConfig, network_evaluations
+
+    out = tmp_path / "s"
+    r = CliRunner().invoke(app, ["sample", "--dit", str(w["dit"]), "--vae", str(w["vae"]), "--decoder", str(w["dec"]),
+                                 "--out", str(out), "--device", "cpu", "--class", "1", "-n", "2", "--sampler", "heun",
+                                 "--steps", "3", "--cfg", "2.0"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "samples.json").read_text())
+    f = facts(out)
+    assert f["what"] == "sample set (complete)"
+    assert f["images"].startswith("2 at 48 px, 1 classes, seed 0")
+    assert f["solver"].startswith("heun, 3 steps, shift ")
+    assert f["guidance"].startswith("CFG w 2.0 on t in [")
+    flow = m["identity"]["flow"]
+    want = network_evaluations(FlowConfig(sampler="heun", steps=3, cfg_scale=2.0, shift=flow["shift"],
+                                          cfg_interval=tuple(flow["cfg_interval"]),
+                                          cfg_interval_inclusive=flow["cfg_interval_inclusive"]))
+    assert want > 5  # 5 velocity evaluations (heun, 3 steps), the guided ones counted twice
+    assert f["evaluations"] == f"{want} network evaluations per image (a guided one counts 2)"
+    assert str(w["dit"].resolve()) in f["made by"] and str(w["dec"].resolve()) in f["made by"]
+
+    m["complete"], m["network_evaluations"] = False, None  # cut short / an older set without the count
+    (out / "samples.json").write_text(json.dumps(m))
+    f = facts(out)
+    assert f["what"].startswith("sample set (incomplete") and f["evaluations"] == "not recorded"
+    (out / "samples.json").write_text("{}")
+    with pytest.raises(UserError, match="samples.json: unreadable or without an identity"):
+        describe(out)
