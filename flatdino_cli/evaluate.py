@@ -167,7 +167,10 @@ def default_reference_store(latents: str | Path) -> Path:
     store = Store.open(latents)
     base = store.path
     if store.manifest["kind"] == "latents":
-        base = Path(store.manifest["identity"].get("features", base))
+        if not store.manifest["identity"].get("features"):
+            raise UserError(f"{store.path}: records no feature store its latents came from, so fd_rep has no "
+                            "default reference; pass one (eval.reference, --reference)")
+        base = Path(store.manifest["identity"]["features"])
     if base.name == "val":  # already a validation split
         return base
     return base / "val" if (base / "val" / "manifest.json").is_file() else base
@@ -259,7 +262,7 @@ def eval_vae(latents: Store, device) -> nn.Module | None:
     vae_run = latents.manifest["identity"].get("vae_run")
     if not vae_run or not (Path(vae_run) / "config.yaml").is_file():
         raise UserError(f"{latents.path}: fd_rep decodes samples with the VAE these latents came from "
-                        f"({vae_run or 'not recorded'}), which is not there")
+                        f"({vae_run or 'not recorded'}), which is not there; restore it")
     return load_run(vae_run, "vae", device=device)[1]
 
 

@@ -143,13 +143,14 @@ def quality_evaluator(cfg: DiTStageConfig, store: Store, stats, rt: Runtime):
         return None, None
     try:
         vae = eval_vae(store, rt.device)
+        ref_store = cfg.eval.reference or default_reference_store(store.path)
+        Store.open(ref_store, expect_kind="features")
     except UserError as e:
         if cfg.eval.every > 0:
-            raise UserError(f"{e}; restore it, or turn the evaluation off with --set eval.every=0") from None
+            raise UserError(f"{e}; or turn the evaluation off with --set eval.every=0") from None
         if rt.is_main:
             tqdm.write(f"train-dit: no fd_rep evaluations: {e} (--set eval.every=0 silences this)")
         return None, None
-    ref_store = cfg.eval.reference or default_reference_store(store.path)
     if rt.is_main:
         reference_stats(ref_store)
     rt.barrier()
