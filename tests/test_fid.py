@@ -195,7 +195,7 @@ def test_extraction_resumes_after_a_kill(data, ext, tmp_path):
     assert resumed.images == 4  # only what was not finished
     assert not list(tmp_path.glob("*.partial"))
     whole = source_summary(open_source(data["x"], "R"), ext, progress=False).pool[:12]  # one uninterrupted pass
-    np.testing.assert_allclose(s.pool, whole, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(s.pool, whole, rtol=1e-4, atol=1e-5)  # other batch sizes: other float32 sums
     again = Counting(ext)
     source_summary(src, again, progress=False)
     assert again.images == 0

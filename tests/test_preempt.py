@@ -339,7 +339,7 @@ def test_fid_features_stopped_by_sigterm_keep_the_batches_done(data, ext, tmp_pa
     s = source_summary(src, resumed, batch_size=4, chunk=8, progress=False)
     assert resumed.images == 4 and not list(tmp_path.glob("*.partial"))
     whole = source_summary(open_source(data["x"], "R"), ext, progress=False).pool[:16]  # one uninterrupted pass
-    np.testing.assert_allclose(s.pool, whole, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(s.pool, whole, rtol=1e-4, atol=1e-5)  # other batch sizes: other float32 sums
 
 
 # ----------------------------------------------------------------------------- sample
