@@ -36,30 +36,9 @@ from flatdino_cli.preempt import PREEMPTED_EXIT
 from test_dit import write_latents
 from test_fid import Counting, data, ext, net, write_npz  # noqa: F401  (a random-weight Inception)
 from test_sample import w  # noqa: F401  (tiny VAE / DiT / decoder run dirs)
-from test_train import ENV, ROOT, _cli, _free_port, assert_same, metrics, store, write_preset  # noqa: F401
+from test_train import ENV, ROOT, _cli, _free_port, assert_same, metrics, spawn, store, write_preset  # noqa: F401
 
 WAIT = 300  # s: the most a test waits for a process to reach a point it synchronises on
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    """Start a command in the background, output to a log file (a full pipe would stall it), with ENV
-    plus `env`; every process still alive at teardown is killed."""
-    procs: list[subprocess.Popen] = []
-
-    def start(cmd: list, log: str, env: dict | None = None) -> subprocess.Popen:
-        with open(tmp_path / log, "w") as f:
-            p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                 env={**ENV, **(env or {})}, start_new_session=True)
-        p.log = tmp_path / log
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too
-            p.wait()
 
 
 def wait_for(proc, ready, what: str) -> None:

@@ -144,13 +144,15 @@ def write_preset(path: Path, **train_cfg) -> Path:
 
 @pytest.fixture
 def spawn(tmp_path):
-    """Start a command in the background (output to a log file: a full pipe would stall it); every
-    process still alive at teardown is killed."""
+    """Start a command in the background, output to a log file (a full pipe would stall it), with ENV
+    plus `env`, in its own process group; every process still alive at teardown is killed, with its
+    children (torchrun's workers). test_preempt.py uses it too."""
     procs: list[subprocess.Popen] = []
 
-    def start(cmd: list, log: str) -> subprocess.Popen:
+    def start(cmd: list, log: str, env: dict | None = None) -> subprocess.Popen:
         with open(tmp_path / log, "w") as f:
-            p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+            p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env={**ENV, **(env or {})}, start_new_session=True)
         p.log = tmp_path / log
         procs.append(p)
         return p
@@ -158,7 +160,7 @@ def spawn(tmp_path):
     yield start
     for p in procs:
         if p.poll() is None:
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
 
 
