@@ -106,6 +106,7 @@ def test_workspace_listing_and_settings(ws, tmp_path):
         assert "stores/toy-tiny-latents-vae-tiny-vae" in rows["runs/dit-tiny-dit"]  # lineage
         assert "stores/toy-tiny + runs/vae-tiny-vae" in rows["stores/toy-tiny-latents-vae-tiny-vae"]
         assert "val loss" in rows["runs/vae-tiny-vae"]
+        assert "fd_rep" in rows["runs/dit-tiny-dit"]  # train-dit's evaluations: the latest (and best) value
 
         # a configured decoder wins over the workspace's train-decoder run
         shutil.copytree(ws / "runs/decoder-tiny-decoder", tmp_path / "my-decoder")

@@ -188,6 +188,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
                                 label=f"{c.label} {'guided' if key == FD_REP else 'unguided'}")
                         drawn.append(y)
             _log_if_wide(ax, drawn)
+            ax.yaxis.set_major_formatter(_ticker().FuncFormatter(lambda v, _: f"{v:.4g}"))  # no offset
             ax.set_title("fd_rep (feature-space FD, lower is better)", fontsize=9)
             ax.legend(fontsize=6, frameon=False)
         else:
