@@ -178,12 +178,12 @@ def weights_file(run_dir: str | Path, stage: str, prefer_ema: bool | None = None
     if prefer_ema is None:
         prefer_ema = stage != "vae"
     order = (which,) if which else ("best", "latest") if stage == "vae" else ("latest",)
-    for which in order:
-        d = checkpoint_dir(run_dir, which)
+    for name in order:
+        d = checkpoint_dir(run_dir, name)
         if d is not None:
             ema = d / "ema.safetensors"
             return ema if prefer_ema and ema.is_file() else d / "model.safetensors"
     if which:
-        raise UserError(f"{run_dir}: has no checkpoint {which} (it has: "
-                        f"{', '.join(['latest'] + kept_checkpoints(run_dir))})")
+        have = (["latest"] if checkpoint_dir(run_dir) else []) + kept_checkpoints(run_dir)
+        raise UserError(f"{run_dir}: has no checkpoint {which} (it has: {', '.join(have) or 'none yet'})")
     raise UserError(f"{run_dir}: has no checkpoint yet; train it first (rerun the train command to resume)")

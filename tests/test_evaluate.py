@@ -105,3 +105,15 @@ def test_two_processes_give_the_one_process_value(dit_run, tmp_path, cli):
         assert a["checkpoint"] == b["checkpoint"]
         for key in (FD_REP, FD_REP_NOCFG):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_a_missing_checkpoint_is_named_with_the_ones_there(dit_run, tmp_path):
+    from flatdino_cli.checkpoint import weights_file
+
+    out, _ = dit_run
+    with pytest.raises(UserError) as e:
+        weights_file(out, "dit", which="step-0000005")
+    assert str(e.value).endswith("has no checkpoint step-0000005 (it has: latest, step-0000003, step-0000006)")
+    with pytest.raises(UserError) as e:
+        weights_file(tmp_path, "dit")  # a run with no checkpoint at all: the usual advice
+    assert "has no checkpoint yet; train it first" in str(e.value)
