@@ -917,7 +917,7 @@ def export_rae(
     """
     import json
 
-    from flatdino_cli.runs import export_rae as export
+    from flatdino_cli.export import export_rae as export
 
     params = export(run, out, ema)
     typer.echo(f"export-rae: {out} ({params.pop('target')}) params: {json.dumps(params)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,10 +14,11 @@ from flatdino_cli.checkpoint import run_config, weights_file
 from flatdino_cli.config import save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import CONFIG_JSON, WEIGHTS, is_export
+from flatdino_cli.interop.rae import rae_mlp_ratio, to_rae_state_dict
 from flatdino_cli.models import build_model, count_parameters
 from flatdino_cli.models.stats import STATS_FILE
-from flatdino_cli.runs import run_inputs, run_summary
-from flatdino_cli.utils import atomic_write_json, atomic_write_text, sha256_file
+from flatdino_cli.runs import load_run, run_inputs, run_summary
+from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
 LIBRARY = "flatdino"
 CARD = "README.md"
@@ -382,3 +384,30 @@ def config_from_model(net) -> Any:
 
     stage = "decoder" if type(net).__name__ == "PixelDecoder" else "vae"
     return config_from_dict({"stage": stage, "model": to_dict(net.cfg)}, f"{stage} model config")
+
+
+def export_rae(run_dir: str | Path, out: str | Path, ema: bool = True) -> dict:
+    """`flatdino export-rae`: a train-dit run on a square 2-D grid with RoPE -> a raw state dict that
+    RAE's LightningDiT (no head) or DiTwDDTHead loads with strict=True; returns RAE's model params."""
+    cfg = run_config(run_dir, "dit")
+    m = cfg.model
+    if m.grid is None or m.grid[0] != m.grid[1] or not m.rope:
+        raise UserError(f"{run_dir}: RAE's models need a square 2-D token grid with RoPE; this DiT has "
+                        f"grid={m.grid}, rope={m.rope} (FlatDINO's 1-D DiTs have no RAE counterpart)")
+    if m.head_depth and m.head_projector and m.head_width == m.width:
+        raise UserError(f"{run_dir}: RAE's DiT-DH has no s_projector when the head is as wide as the trunk, and this "
+                        "run has one (model.head_projector: true); RAE's code cannot load it")
+    _, model, _ = load_run(run_dir, "dit", prefer_ema=ema)
+    buf = io.BytesIO()
+    torch.save(to_rae_state_dict(model), buf)
+    atomic_write_bytes(Path(out), buf.getvalue())
+    common = dict(input_size=m.grid[0], patch_size=m.patch, in_channels=m.in_dim, mlp_ratio=rae_mlp_ratio(m, run_dir),
+                  class_dropout_prob=m.class_dropout, num_classes=m.num_classes, use_qknorm=m.qk_norm,
+                  use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False)
+    if m.head_depth:
+        params = dict(target="stage2.models.DDT.DiTwDDTHead", hidden_size=[m.width, m.head_width],
+                      depth=[m.depth, m.head_depth], num_heads=[m.heads, m.head_heads], use_pos_embed=True)
+    else:
+        params = dict(target="stage2.models.lightningDiT.LightningDiT", hidden_size=m.width, depth=m.depth,
+                      num_heads=m.heads)
+    return {**params, **common}

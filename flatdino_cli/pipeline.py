@@ -38,8 +38,8 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
 from flatdino_cli.models.pixel_decoder import check_features, load_decoder
 from flatdino_cli.models.stats import STATS_FILE, load_stats
-from flatdino_cli.runs import (RAE_DIT_FILE, RAE_STATS_FILES, decoder_identity, file_identity, load_run, read_rae_dit,
-                               run_inputs, store_manifest)
+from flatdino_cli.interop.rae import RAE_STATS_FILES, rae_checkpoint, read_rae_dit
+from flatdino_cli.runs import decoder_identity, file_identity, load_run, run_inputs, store_manifest
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import sha256_file
 from flatdino_cli.viz import to_uint8
@@ -165,21 +165,6 @@ class LoadedDiT:
     inputs: dict  # the run's inputs.json "latents" entry ({"kind": "features"} for RAE files)
 
 
-def _rae_checkpoint(path: Path) -> Path | None:
-    """The RAE stage-2 file `path` names (the file, or a folder holding one), None for a run dir."""
-    if path.is_file():
-        return path
-    if not path.is_dir() or (path / "config.yaml").is_file():
-        return None
-    if (path / RAE_DIT_FILE).is_file():
-        return path / RAE_DIT_FILE
-    pts = sorted(path.glob("*.pt"))
-    if len(pts) == 1 and pts[0].name not in ("stat.pt", "stats.pt"):
-        return pts[0]
-    raise UserError(f"{path}: neither a flatdino run directory (no config.yaml) nor a folder holding RAE's "
-                    f"{RAE_DIT_FILE}")
-
-
 def load_dit(path: str | Path, device: torch.device | str = "cpu", ema: bool = True, stats: str | Path | None = None,
              default_stats: Path | None = None, option: str = "--dit", which: str | None = None) -> LoadedDiT:
     """A train-dit run (EMA weights unless ema=False, of its latest checkpoint or of `which`, a kept one;
@@ -188,7 +173,7 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", ema: bool = T
     path = Path(path)
     if not path.exists():
         raise UserError(f"{option} {path}: no such file or directory")
-    rae_file = _rae_checkpoint(path)
+    rae_file = rae_checkpoint(path)
     if rae_file is not None:
         cfg, model, used_ema = read_rae_dit(rae_file)
         model.to(device)
