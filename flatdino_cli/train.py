@@ -247,7 +247,8 @@ def _check_resume_layout(state: dict, cfg: TrainConfig, rt: Runtime, micro: int,
                    "training continues on the same global batches, but not bitwise equal to an uninterrupted run")
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
+def unwrap(m: nn.Module) -> nn.Module:
+    """The network inside torch.compile's and DDP's wrappers (the loop hands a task's loss the wrapped one)."""
     m = getattr(m, "_orig_mod", m)
     return getattr(m, "module", m)
 

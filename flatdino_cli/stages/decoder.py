@@ -18,7 +18,6 @@ predicting the training mean image, the floor a decoder has to beat.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from pathlib import Path
@@ -40,9 +39,9 @@ from flatdino_cli.losses import adaptive_weight, build_discriminator, diff_augme
 from flatdino_cli.metrics import PSNR_CAP, psnr
 from flatdino_cli.models import build_model
 from flatdino_cli.models.pixel_decoder import load_decoder
-from flatdino_cli.runs import decoder_identity
+from flatdino_cli.runs import decoder_identity, run_inputs
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.train import Task, fit, lr_at, read_metrics
+from flatdino_cli.train import Task, fit, lr_at, read_metrics, unwrap
 from flatdino_cli.utils import grid_side
 
 VAL_COUNT = 500  # held-out images (at most a tenth of the set) when the store has no val/ split
@@ -160,11 +159,6 @@ def mean_image(items: DecoderItems, count: int = MEAN_IMAGES) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the task
-def _inner(net: nn.Module) -> nn.Module:
-    net = getattr(net, "_orig_mod", net)
-    return getattr(net, "module", net)
-
-
 def _quantize(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images clamped and rounded to 8-bit levels, as fakes saved to disk would be."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
@@ -183,10 +177,9 @@ def noisy_features(feats: torch.Tensor, L: DecoderLossConfig) -> torch.Tensor:
 
 def _check_resume(out: Path, disc_id: dict | None, resume: bool) -> None:
     """A resumed run must keep its discriminator (its state is in the checkpoint)."""
-    prev = Path(out) / "inputs.json"
-    if not (resume and checkpoint_dir(out) is not None and prev.is_file()):
+    if not (resume and checkpoint_dir(out) is not None and (Path(out) / "inputs.json").is_file()):
         return
-    old = json.loads(prev.read_text()).get("discriminator")
+    old = run_inputs(Path(out)).get("discriminator")
     if (old or {}).get("kind") != (disc_id or {}).get("kind"):
         raise UserError(f"{out}: was trained with discriminator {old and old['kind']}, now "
                         f"{disc_id and disc_id['kind']} (loss.gan / --disc); keep them, or start over with --no-resume")
@@ -315,7 +308,7 @@ def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encod
             discriminator.requires_grad_(False).eval()
             g = generator_loss(discriminator(diff_augment(recon * 2 - 1)))
             discriminator.requires_grad_(True).train()
-            w = adaptive_weight(rec, g, _inner(net).pred.weight, L.max_adaptive_weight)
+            w = adaptive_weight(rec, g, unwrap(net).pred.weight, L.max_adaptive_weight)
             loss = loss + L.gan * w * g
             metrics.update(g_loss=g.item(), gan_weight=w.item())
         return loss, metrics
