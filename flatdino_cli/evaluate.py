@@ -10,7 +10,8 @@ space: through the VAE decoder (FlatDINO, FAE) or by de-normalisation (RAE grids
 where m and W (P*C, k) are the mean and the top-k principal directions of the flattened grids of the
 reference store (fitted once, on a seeded uniform subset of at most PCA_FIT_ROWS of its rows;
 / sqrt(P) puts both parts on the scale of one patch). fd_rep is the Frechet distance
-(fid_metrics.frechet_distance, ADM's formula) between the Gaussian of r over the samples and the Gaussian of r over a validation feature store.
+(fid_metrics.frechet_distance, ADM's formula) between the Gaussian of r over the samples and the
+Gaussian of r over a validation feature store.
 The mean-pooled part sees what is in an image; the PCA part sees where it is (layout), which a real
 DINOv2 and the random `tiny` encoder both encode in their grids.
 
@@ -22,8 +23,9 @@ number of samples (FD is biased upwards at small N).
 Keys: `fd_rep` (the preset's guidance: its flow section, cfg scale/interval/schedule), `fd_rep_nocfg`
 (the same samples' noise, unguided). The unguided one is the training-progress signal: strong guidance
 on a young model can push samples off the feature distribution (fd_rep up) while they become easier to
-name (tests/test_quickstart.py measures both against the toy classifier). The reference statistics are cached beside the store's files as
-REFERENCE_FILE, recorded with the store's identity; a cache made for another store is refused.
+name (tests/test_quickstart.py measures both against the toy classifier). The reference statistics
+are cached beside the store's files as REFERENCE_FILE, recorded with the store's identity; a cache
+made for another store is refused.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ __all__ = ["FD_REP", "FD_REP_NOCFG", "PCA_DIMS", "PCA_FIT_ROWS", "REFERENCE_FILE
            "Reference", "reference_stats", "rep_vectors", "fd_rep", "eval_labels", "sample_features",
            "unguided", "evaluate_dit", "default_reference_store", "CUDA_SAMPLES", "CPU_SAMPLES", "default_samples",
            "eval_every_steps", "training_evaluator", "eval_vae", "quality_summary", "RESULTS_FILE",
-           "evaluate_checkpoints", "evaluation_parts"]
+           "evaluate_checkpoints", "evaluation_parts", "shared_reference"]
 
 FD_REP, FD_REP_NOCFG = "fd_rep", "fd_rep_nocfg"  # the metrics.jsonl / tracker keys, everywhere
 PCA_DIMS = 32  # principal directions of the flattened grid
@@ -134,7 +136,8 @@ def _load(path: Path) -> Reference:
             g = Gaussian(z["mu"], sigma=z["sigma"] if "sigma" in z else None, root=z["root"] if "root" in z else None)
             return Reference(z["pca_mean"], z["pca_basis"], g, identity)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable fd_rep reference ({type(e).__name__}); delete it to recompute") from None
+        raise UserError(f"{path}: not a readable fd_rep reference ({type(e).__name__}); delete it to "
+                        "recompute") from None
 
 
 def reference_stats(store_path: str | Path, cache: str | Path | None = None) -> Reference:
@@ -159,6 +162,14 @@ def reference_stats(store_path: str | Path, cache: str | Path | None = None) -> 
     except OSError as e:  # a read-only store still evaluates, just without the cache
         print(f"fd_rep: reference not cached at {path} ({e.strerror})")
     return ref
+
+
+def shared_reference(store_path: str | Path, rt: Runtime = CPU) -> Reference:
+    """reference_stats for every rank: rank 0 computes (and caches) them first, the others then read them."""
+    if rt.is_main:
+        reference_stats(store_path)
+    rt.barrier()
+    return reference_stats(store_path)
 
 
 def default_reference_store(latents: str | Path) -> Path:
@@ -308,15 +319,12 @@ def _recorded_reference(inputs: dict) -> str | None:
 
 
 def _reference(dit: Path, reference: str | Path | None, rt: Runtime) -> Reference:
-    """--reference, else the run's recorded one; computed and cached by rank 0 first, then read by all."""
+    """--reference, else the run's recorded one (shared_reference)."""
     store = reference or ((dit / "config.yaml").is_file() and _recorded_reference(run_inputs(dit))) or None
     if store is None:
         raise UserError(f"{dit}: no validation feature store is recorded for it; pass --reference STORE (features "
                         "of the encoder whose space it generates in, e.g. FEATURES/val)")
-    if rt.is_main:
-        reference_stats(store)
-    rt.barrier()
-    return reference_stats(store)
+    return shared_reference(store, rt)
 
 
 def _vae_for(d: LoadedDiT, dit: Path, vae_run: str | Path | None, device) -> nn.Module | None:
@@ -352,14 +360,17 @@ def evaluate_checkpoints(path: str | Path, reference: str | Path | None = None, 
     is_run = (path / "config.yaml").is_file()
     ref, n = _reference(path, reference, rt), default_samples(samples, rt)
     cache = read_json(path / RESULTS_FILE) if is_run else {}
-    rows = []
+    unloaded = object()
+    rows, vae = [], unloaded  # the VAE (None in RAE mode), loaded at the first checkpoint that samples
     for which in ([*kept_checkpoints(path), "latest"] if is_run else [None]):
         d = load_dit(path, rt.device, ema, stats, which=which)
         key = json.dumps([d.identity["sha256"], ref.identity["manifest_sha256"], REFERENCE_VERSION, n, seed, nocfg,
                           dataclasses.asdict(d.cfg.flow)], sort_keys=True)  # the same weights: the same number
         step = int(load_state(checkpoint_dir(path, which) / "state.pt")["step"]) if is_run else None
         if key not in cache:
-            pipe = Pipeline(d.cfg, d.model.eval(), None, _vae_for(d, path, vae_run, rt.device), d.stats)
+            if vae is unloaded:
+                vae = _vae_for(d, path, vae_run, rt.device)
+            pipe = Pipeline(d.cfg, d.model.eval(), None, vae, d.stats)
             result = evaluate_dit(pipe, ref, n, seed, d.cfg.flow, batch_size, rt, nocfg=nocfg)
             cache[key] = {**result, "samples": n, "seed": seed, "reference": ref.identity["store"]}
             if is_run and rt.is_main:

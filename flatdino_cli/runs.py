@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatdino_cli.checkpoint import checkpoint_dir, load_into, load_state, load_weights, run_config, verify_file, weights_file
+from flatdino_cli.checkpoint import (checkpoint_dir, load_into, load_state, load_weights, run_config, verify_file,
+                                     weights_file)
 from flatdino_cli.errors import UserError
 from flatdino_cli.interop import diffusers as rae_folder
 from flatdino_cli.models import build_model

@@ -141,15 +141,12 @@ def run_sweep(dit: str | Path, out: str | Path, grid: dict[str, list], reference
     shared = {"dit": pipe.identity["dit"]["sha256"], "reference": ref.identity["manifest_sha256"], "samples": n,
               "seed": seed}
 
-    def score(flow: FlowConfig) -> dict:
-        return evaluate_dit(pipe, ref, n, seed, flow, batch_size, rt, nocfg=False)
-
     done = finished_points(out, shared)
     bar = tqdm(total=sum(k not in done for k, _ in points), desc="sweep", unit="point", dynamic_ncols=True,
                disable=not rt.is_main)
 
     def scored(flow: FlowConfig) -> dict:
-        result = score(flow)
+        result = evaluate_dit(pipe, ref, n, seed, flow, batch_size, rt, nocfg=False)
         bar.update(1)
         bar.set_postfix(fd_rep=f"{result[FD_REP]:.4g}")
         return result

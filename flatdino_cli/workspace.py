@@ -196,7 +196,8 @@ def _run_entry(ws: Path, d: Path) -> dict | None:
     done_at = finished.get("finished") or (_mtime_iso(last) if progress >= 1 else None)  # runs older than finished.json
     return {"kind": "run", "stage": cfg["stage"], "preset": run.get("preset") or re.sub(r"^(vae|dit|decoder)-", "", d.name),
             "progress": progress, "step": finished.get("step", step), "finished": done_at,
-            "time": last.stat().st_mtime, "metric": list(metric) if metric else None, "quality": quality, "size": disk_use(d),
+            "time": last.stat().st_mtime, "metric": list(metric) if metric else None, "quality": quality,
+            "size": disk_use(d),
             "from": [_rel(ws, s) for s in sources if isinstance(s, str)], "val": None}
 
 

@@ -22,7 +22,7 @@ from flatdino_cli.classes import class_label
 from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.data import FeatureDataset, Store, store_identity
 from flatdino_cli.errors import UserError
-from flatdino_cli.evaluate import (default_reference_store, eval_every_steps, eval_vae, reference_stats,
+from flatdino_cli.evaluate import (default_reference_store, eval_every_steps, eval_vae, shared_reference,
                                    training_evaluator)
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
@@ -135,8 +135,7 @@ def train_dit(cfg: DiTStageConfig, out: Path, rt: Runtime, latents: str | Path, 
 
 
 def quality_evaluator(cfg: DiTStageConfig, store: Store, stats, rt: Runtime):
-    """(Task.evaluate, its fd_rep Reference), or (None, None) with eval.every = 0. The reference statistics
-    are computed (and cached) by rank 0 first, then read by every rank. With the default cadence
+    """(Task.evaluate, its fd_rep Reference), or (None, None) with eval.every = 0. With the default cadence
     (eval.every = -1) a run whose latents' VAE is gone trains without evaluations and says so; asked for
     explicitly (eval.every > 0), that is an error."""
     if cfg.eval.every == 0:
@@ -151,10 +150,7 @@ def quality_evaluator(cfg: DiTStageConfig, store: Store, stats, rt: Runtime):
         if rt.is_main:
             tqdm.write(f"train-dit: no fd_rep evaluations: {e} (--set eval.every=0 silences this)")
         return None, None
-    if rt.is_main:
-        reference_stats(ref_store)
-    rt.barrier()
-    ref = reference_stats(ref_store)
+    ref = shared_reference(ref_store, rt)
     return training_evaluator(cfg, ref, vae, stats, rt), ref
 
 
