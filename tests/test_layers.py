@@ -1,7 +1,8 @@
 """Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow,
 encoders, checkpoint) import no command or training loop, the modules the commands share (train, pipeline,
 runs, workspace, ...) import no command, and command modules do not import each other (quickstart, which
-orchestrates, excepted). Every import counts, function-level ones included: a lazy
+orchestrates, excepted). The cli package is on top: nothing imports it, and its command-group modules
+import only cli/common.py of their package. Every import counts, function-level ones included: a lazy
 import still ties the two modules together."""
 
 import ast
@@ -16,6 +17,9 @@ COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "qui
 COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "stages", "analysis", "export", "info")
 # what the commands share, between them and the blocks: these import no command
 SHARED = ("train", "pipeline", "runs", "workspace", "classes", "metrics")
+# the top floor: the Typer declarations (cli/__init__.py gathers the group modules, which share cli/common.py;
+# cli/__main__.py runs it)
+CLI, CLI_TOP, CLI_SHARED = "cli", (f"{PKG}.cli", f"{PKG}.cli.__main__"), (f"{PKG}.cli.common",)
 
 
 def _modules() -> dict[str, tuple[ast.Module, bool]]:
@@ -104,7 +108,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_graph_sees_lazy_and_relative_imports():
     """The parser must see what the rules are about, or the tests below pass vacuously."""
     graph = _import_graph()
-    assert f"{PKG}.stages.dit" in graph[f"{PKG}.cli"]  # function-level import inside a command
+    assert f"{PKG}.stages.dit" in graph[f"{PKG}.cli.train"]  # function-level import inside a command
+    assert f"{PKG}.cli.train" in graph[f"{PKG}.cli"]  # `from pkg import sub` is the submodule
     assert f"{PKG}.nn.norm" in graph[f"{PKG}.nn.attention"]  # relative import
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -135,3 +140,15 @@ def test_shared_modules_import_no_command():
     bad = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if _in(m, SHARED)
                  for d in deps if _in(d, COMMANDS))
     assert not bad, "modules the commands share import a command: " + ", ".join(bad)
+
+
+def test_cli_is_on_top():
+    graph = _import_graph()
+    below = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if not _in(m, (CLI,))
+                   for d in deps if _in(d, (CLI,)))
+    assert not below, "modules import the cli: " + ", ".join(below)
+    groups = [m for m in graph if _in(m, (CLI,)) and m not in CLI_TOP + CLI_SHARED]
+    assert f"{PKG}.cli.train" in groups
+    sideways = sorted(f"{_short(m)} -> {_short(d)}" for m in groups for d in graph[m]
+                      if _in(d, (CLI,)) and d not in CLI_SHARED)
+    assert not sideways, "cli group modules import each other or the app: " + ", ".join(sideways)

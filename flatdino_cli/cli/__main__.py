@@ -4,4 +4,5 @@ import sys
 
 from flatdino_cli.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing it (the wheel test imports every module) runs nothing
+    sys.exit(main())

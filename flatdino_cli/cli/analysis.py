@@ -13,7 +13,6 @@ from flatdino_cli.utils import comma_list
 AnalysisOut = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the JSON, figures and arrays.")]
 
 
-
 def ablate_tokens(
     vae: Annotated[Optional[Path], typer.Option(help="A train-vae run directory (default: the workspace's "
                                                      "newest finished one).")] = None,

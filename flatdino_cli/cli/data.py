@@ -10,7 +10,6 @@ import typer
 from flatdino_cli.cli.common import Device
 
 
-
 def toy_data(
     out: Annotated[Path, typer.Argument(help="Output folder (an ImageFolder tree, one folder per class).")],
     per_class: Annotated[int, typer.Option(help="Images per class.")] = 200,

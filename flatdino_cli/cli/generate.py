@@ -12,7 +12,6 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.utils import comma_list
 
 
-
 def sample(
     dit: Annotated[Optional[Path], typer.Option(help="A train-dit run (FlatDINO latents or an rae-* baseline), or "
                                                      "RAE's released stage2_model.pt (or its folder); default: the "

@@ -11,7 +11,6 @@ from flatdino_cli.cli.common import Device, SetOpt, runtime
 from flatdino_cli.errors import UserError
 
 
-
 def presets_list(ctx: typer.Context):
     """List the presets shipped with flatdino.
 
