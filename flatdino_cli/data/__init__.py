@@ -8,6 +8,7 @@ where the encoder runs. The public names are re-exported here: `from flatdino_cl
 from flatdino_cli.data.jpeg import DeviceJpegDataset, JpegFile, collate_device_jpegs, crops_on_device, device_decodable
 from flatdino_cli.data.sources import (IMAGE_EXTS, BadImage, BadImageWarning, ImageBatch, ImageDataset, ImageList,
                                        collate_images, list_images, load_rgb, source_hash)
+from flatdino_cli.data.shapes import check_feature_shape, with_store_shape
 from flatdino_cli.data.store import (DONE, PENDING, SKIPPED, SUBSET_SEED, FeatureDataset, Store, epoch_views,
                                      first_view, split_indices, store_identity, subset_rows)
 from flatdino_cli.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, EncoderTransform, adm_center_crop,
@@ -22,6 +23,6 @@ __all__ = [
     "ImageDataset", "ImageBatch",
     "collate_images", "JpegFile", "device_decodable", "DeviceJpegDataset", "collate_device_jpegs", "crops_on_device",
     "Store", "FeatureDataset", "epoch_views", "first_view", "split_indices", "store_identity", "SUBSET_SEED",
-    "subset_rows",
+    "subset_rows", "with_store_shape", "check_feature_shape",
     "PENDING", "DONE", "SKIPPED",
 ]
