@@ -2,7 +2,9 @@
 
 Sources -> `ImageList` (paths + labels) -> `ImageDataset` (never dies on one bad file) -> encoder
 input tensors (transforms.py); encoder outputs go into a `Store` (store.py). jpeg.py decodes JPEGs
-where the encoder runs. The public names are re-exported here: `from flatdino_cli.data import X`.
+where the encoder runs; shapes.py fits a network's config to a store's shape (or checks it against
+it); pairs.py pairs the pixel decoder's target images with their features. The public names are
+re-exported here: `from flatdino_cli.data import X` (pairs.py, one stage's, is imported by name).
 """
 
 from flatdino_cli.data.jpeg import DeviceJpegDataset, JpegFile, collate_device_jpegs, crops_on_device, device_decodable

@@ -41,7 +41,6 @@ from flatdino_cli.utils import grid_side
 
 
 # ----------------------------------------------------------------------------- the task
-
 def noisy_features(feats: torch.Tensor, L: DecoderLossConfig) -> torch.Tensor:
     """Training-time feature noise: sigma = noise_tau * U(0, 1) per sample (RAE), or exactly noise_tau
     when loss.noise_fixed (FAE's Gaussian embedding decoder)."""
