@@ -35,7 +35,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, evaluate_dit, evaluation_parts
 from flatdino_cli.extract import extract_features, extract_latents
 from flatdino_cli.flow import network_evaluations
-from flatdino_cli.models.dit import with_store_shape
+from flatdino_cli.data.shapes import with_store_shape
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
