@@ -90,6 +90,10 @@ ENCODERS: dict[str, EncoderSpec] = {s.name: s for s in [
     # sin-cos pos embedding in place of timm's near-zero random one (see _give_position).
     EncoderSpec("tiny", image_size=48, patch_size=8, dim=64, depth=4, heads=4,
                 description="for testing only: random weights (fixed seed), DINOv2-reg4 architecture"),
+    # The same tiny encoder at patch 4: a 12x12 = 144-patch grid, long against a 16-token laminator as
+    # DINOv2-B's 256 patches are against FlatDINO's 32 tokens (9x vs 8x): `flatdino compare`'s toy grid.
+    EncoderSpec("tiny-p4", image_size=48, patch_size=4, dim=64, depth=4, heads=4,
+                description="for testing only: the tiny encoder at patch 4, 48 px -> 12x12 patches x 64"),
 ]}
 
 

@@ -23,12 +23,11 @@ from flatdino_cli import preempt
 from flatdino_cli import workspace as ws
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (BadImageWarning, DeviceJpegDataset, EncoderTransform, FeatureDataset, ImageDataset,
-                               Store, collate_device_jpegs, collate_images, crops_on_device, is_whole_image,
-                               list_images, split_indices)
+                               Store, check_feature_shape, collate_device_jpegs, collate_images, crops_on_device,
+                               is_whole_image, list_images, split_indices)
 from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import FolderLock
-from flatdino_cli.models.vae import check_feature_shape
 from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime, setup_runtime
 from flatdino_cli.utils import disk_full_is_user_error, read_json

@@ -13,13 +13,11 @@ method.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
 
 from flatdino_cli.analysis.ablate import run_ablate
 from flatdino_cli.analysis.flops import appendix_h_tables, format_table
@@ -34,7 +32,7 @@ from flatdino_cli.stages.decoder import train_decoder
 from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.toydata import CLASS_NAMES, write_toy_dataset
-from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir
+from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir, run_once
 from flatdino_cli.workspace import note_run, shown
 
 
@@ -84,16 +82,7 @@ class QuickstartPlan:
 
 
 def _stage(out: Path, name: str, fn: Callable[[], dict], log: list) -> dict:
-    marker = out / ".stages" / f"{name}.json"
-    if marker.exists():
-        tqdm.write(f"quickstart: {name}: done earlier, skipped")
-        result = json.loads(marker.read_text())
-    else:
-        tqdm.write(f"quickstart: {name} ...")
-        t0 = time.perf_counter()
-        result = fn()
-        result = {**result, "seconds": round(time.perf_counter() - t0, 1)}
-        atomic_write_json(marker, result)
+    result = run_once(out / ".stages", name, fn, prefix="quickstart: ")
     log.append({"stage": name, **result})
     return result
 

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -65,6 +66,22 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def run_once(markers: Path, name: str, fn: Callable[[], dict], prefix: str = "") -> dict:
+    """fn()'s result, recorded in markers/NAME.json with its seconds; when that file exists, the recorded
+    result without running fn again (a rerun of a multi-stage command skips its finished stages)."""
+    from tqdm import tqdm
+
+    marker = Path(markers) / f"{name}.json"
+    if marker.exists():
+        tqdm.write(f"{prefix}{name}: done earlier, skipped")
+        return json.loads(marker.read_text())
+    tqdm.write(f"{prefix}{name} ...")
+    t0 = time.perf_counter()
+    result = {**fn(), "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(marker, result)
+    return result
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

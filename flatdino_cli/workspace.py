@@ -21,9 +21,8 @@ import yaml
 from tqdm import tqdm
 
 from flatdino_cli.config import load_config, to_dict
-from flatdino_cli.data import Store
+from flatdino_cli.data import Store, with_store_shape
 from flatdino_cli.errors import UserError
-from flatdino_cli.models.dit import with_store_shape
 from flatdino_cli.runs import run_inputs
 from flatdino_cli.evaluate import quality_summary
 from flatdino_cli.train import FINISHED_FILE, read_metrics

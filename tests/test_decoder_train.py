@@ -197,13 +197,15 @@ def test_discriminator_and_optimizer_resume_exactly(toy, tmp_path, rt):
 def test_micro_batches_give_the_same_discriminator_and_decoder_updates_as_one_batch(toy, tmp_path, rt, monkeypatch):
     """The discriminator steps once per optimizer step on the whole batch, after the decoder's step and
     outside its micro-batch loop: 4 micro-batches of 2 train both nets as one batch of 8 does."""
+    import flatdino_cli.losses.gan as gan
     import flatdino_cli.stages.decoder as stage
     from flatdino_cli.extract import extract_features
 
     # what is random per micro-batch by design is made deterministic: DiffAugment's draws (identity
     # here), the feature noise (tau 0) and the adaptive GAN weight (a ratio of this micro-batch's
     # gradient norms; clamped to its bound it is one constant)
-    monkeypatch.setattr(stage, "diff_augment", lambda x: x)
+    monkeypatch.setattr(stage, "diff_augment", lambda x: x)  # the generator's term
+    monkeypatch.setattr(gan, "diff_augment", lambda x: x)  # the discriminator's step
     store = tmp_path / "feats"
     extract_features(toy, store, ExtractConfig(encoder="tiny", val_split=4, dtype="float32", batch_size=16), rt)
     sets = ["loss.gan=0.5", "loss.disc_start_epoch=0", "loss.gan_start_epoch=0", "loss.noise_tau=0",

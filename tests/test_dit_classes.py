@@ -11,8 +11,7 @@ from test_sample import dec_cfg, make_run, make_store, vae_cfg
 
 from flatdino_cli.checkpoint import run_config
 from flatdino_cli.config import load_preset
-from flatdino_cli.data import Store
-from flatdino_cli.models.dit import with_store_shape
+from flatdino_cli.data import Store, with_store_shape
 from flatdino_cli.utils import sha256_file
 
 T, D = 4, 8  # test_sample's tiny latents (vae_cfg)

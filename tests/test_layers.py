@@ -1,9 +1,10 @@
 """Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow,
 encoders, checkpoint) import no command or training loop, the modules the commands share (train, pipeline,
 runs, workspace, ...) import no command, and command modules do not import each other (quickstart, which
-orchestrates, excepted). The cli package is on top: nothing imports it, and its command-group modules
-import only cli/common.py of their package. Every import counts, function-level ones included: a lazy
-import still ties the two modules together."""
+orchestrates, excepted); the networks (models, losses) take nothing from data/ but its pixel constants.
+The cli package is on top: nothing imports it, and its command-group modules import only cli/common.py of
+their package. Every import counts, function-level ones included: a lazy import still ties the two
+modules together."""
 
 import ast
 
@@ -152,3 +153,25 @@ def test_cli_is_on_top():
     sideways = sorted(f"{_short(m)} -> {_short(d)}" for m in groups for d in graph[m]
                       if _in(d, (CLI,)) and d not in CLI_SHARED)
     assert not sideways, "cli group modules import each other or the app: " + ", ".join(sideways)
+
+
+# all that the networks take from data/: the ImageNet pixel constants (the pixel decoder and the DINO
+# discriminator undo or apply the encoder's normalisation); store checks live in data/shapes.py
+NETWORKS = ("models", "losses")
+NETWORKS_FROM_DATA = {"IMAGENET_MEAN", "IMAGENET_STD"}
+
+
+def test_networks_take_nothing_but_the_pixel_constants_from_data():
+    seen, bad = set(), []
+    for f in sorted(p for d in NETWORKS for p in (ROOT / PKG / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[:2] == [PKG, "data"]:
+                names = {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                names = {a.name for a in node.names if a.name.split(".")[:2] == [PKG, "data"]}
+            else:
+                continue
+            seen |= names & NETWORKS_FROM_DATA
+            bad += [f"{f.relative_to(ROOT / PKG)}: {n}" for n in sorted(names - NETWORKS_FROM_DATA)]
+    assert seen, "the check sees no import from data/ at all: it would pass vacuously"
+    assert not bad, "models/losses import data code (store checks belong in data/): " + ", ".join(bad)

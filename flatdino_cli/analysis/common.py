@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flatdino_cli.data import (SUBSET_SEED, BadImage, Store, adm_center_crop, is_whole_image, load_rgb, resize,
-                               subset_rows, to_tensor, whole_image_resize)
+from flatdino_cli.data import (SUBSET_SEED, BadImage, Store, adm_center_crop, check_feature_shape, is_whole_image,
+                               load_rgb, resize, subset_rows, to_tensor, whole_image_resize)
 from flatdino_cli.errors import UserError
-from flatdino_cli.models.vae import check_feature_shape
 from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.utils import atomic_write_json

@@ -64,17 +64,13 @@ def _vae_of_dit_run(run_dir: Path) -> Any | None:
 
 
 def flops_per_step(run_dir: Path, cfg: Any) -> float:
-    """Training FLOPs of one optimizer step of a DiT run. DINOv2-B's encoding is counted only when the
-    features are DINOv2-B's (256 x 768), so toy runs on the tiny encoder are not swamped by it."""
-    from flatdino_cli.analysis.flops import DINO_FEATURE_DIM, DINO_PATCHES, train_flops_per_image
+    """Training FLOPs of one optimizer step of a DiT run (analysis/flops.py: dit_step_flops)."""
+    from flatdino_cli.analysis.flops import dit_step_flops
 
     if cfg.stage != "dit":
         raise UserError(f"{run_dir}: a {cfg.stage} run; --x flops is for train-dit runs (use --x steps)")
     vae = _vae_of_dit_run(run_dir)
-    m = vae.model if vae is not None else cfg.model
-    shape = (m.num_patches, m.feature_dim) if vae is not None else (m.tokens, m.in_dim)
-    dino = shape == (DINO_PATCHES, DINO_FEATURE_DIM)
-    return cfg.train.batch_size * train_flops_per_image(cfg, vae.model if vae is not None else None, dino=dino)
+    return dit_step_flops(cfg, vae.model if vae is not None else None)
 
 
 def load_curves(run_dir: str | Path, label: str, axis: str) -> RunCurves:

@@ -109,6 +109,16 @@ def train_flops_per_image(dit_cfg: Any, vae_cfg: Any | None = None, dino: bool =
     return train_step_flops(dit_forward_flops(dit_cfg), encoder_flops(vae_cfg, dino=dino))
 
 
+def dit_step_flops(dit_cfg: Any, vae_model: Any | None = None) -> float:
+    """Training FLOPs of one optimizer step (the global batch) of a DiT stage config, shaped to its store, on
+    the latents of a laminator with model config `vae_model` (None: on raw features). DINOv2-B's encoding
+    is counted only when the features are its 256 x 768, so toy runs on a tiny encoder are not swamped."""
+    m = vae_model if vae_model is not None else dit_cfg.model
+    shape = (m.num_patches, m.feature_dim) if vae_model is not None else (m.tokens, m.in_dim)
+    dino = shape == (DINO_PATCHES, DINO_FEATURE_DIM)
+    return dit_cfg.train.batch_size * train_flops_per_image(dit_cfg, vae_model, dino=dino)
+
+
 # ----------------------------------------------------------------------------- sampling
 def vae_decoder_flops(vae_cfg: Any) -> float:
     """The laminator's decoder on one latent: dec_depth layers of dec_width over num_patches + tokens

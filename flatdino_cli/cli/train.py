@@ -155,8 +155,7 @@ def train_dit(
       flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
     """
     from flatdino_cli import workspace as ws
-    from flatdino_cli.data import Store
-    from flatdino_cli.models.dit import with_store_shape
+    from flatdino_cli.data import Store, with_store_shape
     from flatdino_cli.stages.dit import train_dit as run
     from flatdino_cli.stages.start import start_training
 

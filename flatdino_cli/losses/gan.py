@@ -1,12 +1,17 @@
 """Adversarial terms of RAE's decoder recipe (INTEROP.md A4): hinge loss, generator loss, the adaptive
-weight, and DiffAugment (translation + colour) applied to real and fake images alike."""
+weight, DiffAugment (translation + colour) applied to real and fake images alike, and the
+discriminator's optimizer step."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["hinge_d_loss", "generator_loss", "adaptive_weight", "diff_augment"]
+__all__ = ["hinge_d_loss", "generator_loss", "adaptive_weight", "diff_augment", "discriminator_step"]
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -59,3 +64,29 @@ def _colour(x: torch.Tensor) -> torch.Tensor:
 def diff_augment(x: torch.Tensor, translation: float = 0.125) -> torch.Tensor:
     """DiffAugment (Zhao et al. 2020) 'color,translation': differentiable, randomness from torch's RNG."""
     return _translate(_colour(x), translation)
+
+
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images clamped and rounded to 8-bit levels, as fakes saved to disk would be."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor,
+                       autocast: Callable = contextlib.nullcontext,
+                       grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """One hinge-loss step of `disc` on real and (detached) fake images in [-1, 1], both DiffAugmented,
+    the fakes quantised to 8 bits. grad_mean averages each gradient over the processes (a
+    discriminator that is not DDP-wrapped); returns the loss and the mean logits."""
+    with autocast():
+        logits_real = disc(diff_augment(real))
+        logits_fake = disc(diff_augment(_quantize(fake)))
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+    opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    if grad_mean is not None:
+        for p in disc.parameters():
+            if p.grad is not None:
+                p.grad.copy_(grad_mean(p.grad))
+    opt.step()
+    return {"d_loss": d_loss.item(), "logits_real": logits_real.mean().item(),
+            "logits_fake": logits_fake.mean().item()}

@@ -14,15 +14,11 @@ the noisy input, modulated per token by s, with its own RoPE and no absolute pos
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatdino_cli.config import DiTModelConfig, DiTStageConfig
-from flatdino_cli.data import Store
-from flatdino_cli.errors import UserError
+from flatdino_cli.config import DiTModelConfig
 from flatdino_cli.nn import (AdaLNBlock, FinalLayer, GaussianFourierEmbedder, LabelEmbedder, rope_1d, rope_2d,
                              sincos_1d, sincos_2d)
 
@@ -130,27 +126,3 @@ class DiT(nn.Module):
         for blk in self.head_blocks:
             h = blk(h, s, rope)
         return self.final_layer(h, s)
-
-
-# ----------------------------------------------------------------------------- the store it trains on
-def store_grid(store: Store, preset_grid) -> tuple[int, int] | None:
-    """The 2-D layout of a store's rows as extract recorded it: the encoder's patch grid for features
-    and per-patch (FAE) latents, None for flat tokens. Stores that do not record it keep the preset's."""
-    extra = store.manifest.get("extra", {})
-    grid = extra["grid"] if "grid" in extra else preset_grid
-    return tuple(grid) if grid else None
-
-
-def with_store_shape(cfg: DiTStageConfig, store: Store, where) -> DiTStageConfig:
-    """The DiT's tokens, in_dim, grid and classes come from the store it trains on (as train-vae's input
-    size comes from its feature store), so the preset's architecture is all the preset says. The
-    preset's num_classes (ImageNet's 1000) gives way to the store's class count; a store without
-    labels makes an unconditional model (num_classes 0: only the null class, no guidance)."""
-    T, d = store.item_shape
-    try:
-        model = dataclasses.replace(cfg.model, tokens=T, in_dim=d, grid=store_grid(store, cfg.model.grid),
-                                    num_classes=store.num_classes)
-    except UserError as e:
-        raise UserError(f"{where}: items of shape {(T, d)} do not fit this preset: {e}") from None
-    flow = cfg.flow if model.num_classes else dataclasses.replace(cfg.flow, cfg_scale=1.0, cfg_schedule=())
-    return dataclasses.replace(cfg, model=model, flow=flow)

@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatdino_cli.config import VAEModelConfig
-from flatdino_cli.data import Store, is_whole_image
-from flatdino_cli.errors import UserError
 from flatdino_cli.models.fae import FAE
 from flatdino_cli.nn import Block
 
@@ -132,20 +130,3 @@ def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar
 def feature_cosine(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over patches and batch of the cosine similarity of reconstructed vs true features."""
     return F.cosine_similarity(recon.float(), target.float(), dim=-1).mean()
-
-
-def check_feature_shape(store: Store, vae_model_cfg: VAEModelConfig, where, encode_only: bool = False) -> None:
-    """One-line UserError when a feature store does not have the shape this VAE was trained on.
-
-    encode_only: the store is only encoded (`extract --vae`), so a FlatDINO encoder, which has no patch
-    positions, takes any patch count of a whole-image store (the authors' k-NN protocol feeds it the 324
-    patches of a 256-px image, though it was trained on 256)."""
-    want = (vae_model_cfg.num_patches, vae_model_cfg.feature_dim)
-    have = tuple(store.item_shape)
-    if have == want:
-        return
-    if (encode_only and vae_model_cfg.kind == "flat" and have[-1] == want[-1]
-            and is_whole_image(store.manifest.get("preprocessing"))):
-        return
-    raise UserError(f"{where}: features of shape {have}, but the VAE expects {want} "
-                    "(was it trained on another encoder's store?)")

@@ -20,13 +20,12 @@ from tqdm import tqdm
 from flatdino_cli.checkpoint import checkpoint_dir, run_config
 from flatdino_cli.classes import class_label
 from flatdino_cli.config import DiTStageConfig
-from flatdino_cli.data import FeatureDataset, Store, store_identity
+from flatdino_cli.data import FeatureDataset, Store, store_identity, with_store_shape
 from flatdino_cli.errors import UserError
 from flatdino_cli.evaluate import (default_reference_store, eval_every_steps, eval_vae, shared_reference,
                                    training_evaluator)
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
-from flatdino_cli.models.dit import with_store_shape
 from flatdino_cli.models.stats import STATS_FILE, load_stats, save_stats
 from flatdino_cli.pipeline import Pipeline, decoding_parts, generate, trained_on_features
 from flatdino_cli.runtime import Runtime
