@@ -43,11 +43,14 @@ TRAIN_OPTIONS = {
 
 
 def train_options(preset: str, after: dict[str, str | None] | None = None):
-    """Give a train-* command the TRAIN_OPTIONS (--preset defaulting to `preset`) as its first argument
-    `train`, a TrainRequest. In --help its own options follow --preset, except that `after` may name,
-    for the first of a run of them, the shared option it follows (None: before all)."""
+    """Give a train-* command the TRAIN_OPTIONS (--preset defaulting to `preset`), handed to it as its first
+    argument `train`, a stages.start.TrainRequest. The signature Typer reads is the shared options in
+    TRAIN_OPTIONS' order with the command's own options after --preset, or where `after` puts them (own
+    option -> the shared option it and the own options after it follow; None: first): the order each
+    command's --help has always had."""
 
     def wrap(fn):
+        # eval_str: the real Annotated types of the own options (this module postpones annotations)
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "train"]
         runs: dict[str | None, list] = {}
         slot = "preset"
