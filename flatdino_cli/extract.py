@@ -252,7 +252,7 @@ def run_extract(source: Path, out: Path | None, device: str, vae: Path | None = 
     dtype, interp = image_options.pop("dtype"), image_options.pop("interp")
     made = f"{'decoded' if decoded else 'latents'}-{vae.resolve().name}" if vae is not None else encoder
     out = ws.store_dir("extract", out, f"{source.resolve().name}-{made}")
-    if vae is None and encoder != "tiny":
+    if vae is None and not encoder.startswith("tiny"):  # the tiny encoders have random weights
         encoder_weights = ws.setting("encoder-weights", encoder_weights)
     rt = setup_runtime(device, "fp32", False)
     if vae is not None:

@@ -132,6 +132,7 @@ COMMANDS = {
     "fid": generate.fid,
     "eval": generate.eval_,
     "sweep": generate.sweep,
+    "compare": manage.compare,
 }
 for name, fn in COMMANDS.items():
     app.command(name)(one_line_errors(fn))

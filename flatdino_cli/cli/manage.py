@@ -1,4 +1,5 @@
-"""presets, workspace, export, export-rae, info, quickstart: around the runs."""
+"""presets, workspace, export, export-rae, info, quickstart, compare: around the runs, and the two commands
+that run the others."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from flatdino_cli.cli.common import Device, SetOpt, runtime
+from flatdino_cli.cli.common import Device, Precision, SetOpt, runtime
 from flatdino_cli.errors import UserError
+from flatdino_cli.utils import comma_list
 
 
 def presets_list(ctx: typer.Context):
@@ -184,3 +186,53 @@ def quickstart(
     plan = QuickstartPlan(per_class=per_class, laminator=laminator, seed=seed, overrides=tuple(sets or ()))
     summary = run_quickstart(out or ws.root() / "runs" / "quickstart", runtime(device, "auto", False), plan)
     typer.echo(format_summary(summary))
+
+
+def compare(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder of the runs, compare.json, compare.md and "
+                                                                    "compare.png (resumable; default: the workspace's "
+                                                                    "runs/compare).")] = None,
+    budget: Annotated[float, typer.Option(help="Training FLOPs per generator, counted as `flatdino plot --x flops` does "
+                                               "(0: 8e12 in toy mode; required with --features).")] = 0.0,
+    methods: Annotated[str, typer.Option(help="Generators to train: flatdino, rae, fae.")] = "flatdino,rae,fae",
+    features: Annotated[Optional[Path], typer.Option(help="Feature store with a val/ split (ImageNet: the GPU experiment); "
+                                                          "default: toy images through the tiny encoder at patch 4.")] = None,
+    vae: Annotated[Optional[Path], typer.Option(help="FlatDINO VAE run for --features (toy mode trains one).")] = None,
+    fae: Annotated[Optional[Path], typer.Option(help="FAE laminator run for --features (toy mode trains one).")] = None,
+    preset: Annotated[Optional[list[str]], typer.Option(help="METHOD=PRESET, repeatable (defaults: tiny-dit, tiny-rae-dit, "
+                                                             "tiny-fae-dit; with --features xl-32x128, rae-xl-256x768, fae-xl-16x16x32).")] = None,
+    evals: Annotated[int, typer.Option(help="fd_rep evaluations per generator, at equal fractions of the budget.")] = 5,
+    eval_samples: Annotated[int, typer.Option(help="Samples per evaluation.")] = 192,
+    sets: SetOpt = None,
+    per_class: Annotated[int, typer.Option(help="Toy images per class (toy mode).")] = 250,
+    seed: Annotated[int, typer.Option(help="Training and evaluation seed of every run.")] = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+):
+    """Train FlatDINO's, the RAE grid's and FAE's generators for the same training FLOPs and compare them.
+
+    The same DiT size on the same images: FlatDINO on flat latent tokens, RAE on the encoder's whole
+    feature grid, FAE on per-patch latents. Each is evaluated with fd_rep (see `flatdino eval --help`)
+    against the same validation features at equal fractions of the budget. Writes OUT/compare.md
+    (FLOPs to reach a quality level, fd_rep at the budget, samples/s) and OUT/compare.png (fd_rep
+    against training FLOPs). Toy mode (no --features) makes its own data and laminators and evaluates
+    unguided with ab2 at 20 steps; killed, it resumes where it stopped. --set goes to every generator,
+    or to one run with a prefix: dit-rae:train.lr=1e-4, vae-flatdino:train.epochs=12.
+
+    \b
+    Examples:
+      flatdino compare --out runs/compare
+      flatdino compare --features stores/in1k --vae runs/vae-32x128 --fae runs/fae-16x16x32 --budget 1e19 --out runs/compare-in1k
+    """
+    from flatdino_cli import workspace as ws
+    from flatdino_cli.compare import CompareConfig, format_report, run_compare
+
+    pairs = tuple(tuple(p.split("=", 1)) for p in preset or [])
+    if any(len(p) != 2 for p in pairs):
+        raise UserError("--preset: give METHOD=PRESET, e.g. --preset rae=rae-xl-256x768")
+    cfg = CompareConfig(budget=budget, methods=tuple(comma_list(methods, "--methods")), presets=pairs,
+                        features=str(features) if features else None, vae=str(vae) if vae else None,
+                        fae=str(fae) if fae else None, evals=evals, eval_samples=eval_samples,
+                        sets=tuple(sets or ()), per_class=per_class, seed=seed)
+    report = run_compare(out or ws.root() / "runs" / "compare", cfg, runtime(device, precision, None))
+    typer.echo(format_report(report))

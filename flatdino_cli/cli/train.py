@@ -221,7 +221,7 @@ def train_decoder(
 
     cfg, encoder_weights, out, rt = start_training(
         train, "train-decoder", "decoder", "decoder-xl, tiny-decoder, ...",
-        lambda cfg: ws.setting("encoder-weights", encoder_weights) if encoder not in (None, "tiny") else encoder_weights)
+        lambda cfg: ws.setting("encoder-weights", encoder_weights) if encoder is not None and not encoder.startswith("tiny") else encoder_weights)
     summary = run(cfg, out, rt, images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,
                   no_lpips=no_lpips, lpips_weights=lpips_weights, resume=train.resume, vgg_weights=vgg_weights,
