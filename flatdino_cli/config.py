@@ -319,6 +319,57 @@ class DecoderStageConfig:
 STAGES: dict[str, type] = {"vae": VAEStageConfig, "dit": DiTStageConfig, "decoder": DecoderStageConfig}
 
 
+# ----------------------------------------------------------------------------- sampling (`flatdino sample`)
+# Where a command's config lives: here for the commands that make the pipeline's artefacts (runs,
+# stores, sample sets); a measurement's config (analysis/*.py, reconstruct.py, evaluate.py) beside the
+# one function that runs it.
+@dataclass(frozen=True)
+class SampleConfig:
+    """What `flatdino sample` makes (sample.run_sample). The sampler fields (cfg_scale ... shift) are
+    overrides of the DiT config's flow section, applied by pipeline.sampling_flow; None keeps the run's."""
+
+    dit: str | Path
+    vae: str | Path | None  # the VAE the DiT's latents came from; None for rae-* runs and RAE checkpoints
+    decoder: str | Path
+    stats: str | Path | None = None  # RAE's stat.pt for a normalising DiT (None: beside it)
+    guide: str | Path | None = None  # AutoGuidance: a weaker DiT; guide_scale replaces cfg_scale
+    ema: bool = True
+    classes: tuple[str, ...] = ()  # class ids or names
+    all_classes: bool = False
+    n: int | None = None  # images in total
+    per_class: int | None = None
+    cfg_scale: float | None = None
+    guide_scale: float | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    interval: tuple[float, float] | None = None  # guidance interval in t (t = 1 is data)
+    grid: str | None = None
+    schedule: tuple[tuple[float, float, float], ...] | None = None  # (lo, hi, weight) per time range
+    shift: float | None = None
+    seed: int = 0
+    out: str | Path | None = None  # None: DIT/samples/<settings>
+    batch_size: int = 16
+    shard_size: int = 1000
+
+    def __post_init__(self):
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
+        guided = self.guide is not None
+        if not guided and self.guide_scale is not None or guided and self.guide_scale is None and self.schedule is None:
+            raise UserError("sample: AutoGuidance needs both --guide RUN_OR_FILE and --guide-scale W (or --cfg-schedule)")
+        if guided and self.cfg_scale is not None:
+            raise UserError("sample: --cfg and --guide-scale are two guidance methods; pass one")
+        if self.schedule is not None and (self.weight is not None or self.interval is not None):
+            raise UserError("sample: --cfg-schedule sets the weight per time range; pass it without --cfg, "
+                            "--guide-scale and --interval")
+
+    @property
+    def weight(self) -> float | None:
+        """The guidance weight asked for: guide_scale with a guide, cfg_scale without (None: the run's)."""
+        return self.guide_scale if self.guide is not None else self.cfg_scale
+
+
 # ----------------------------------------------------------------------------- loading and overrides
 def _check(ok: Any, key: str, want: str) -> None:
     if not ok:

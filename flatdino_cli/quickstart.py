@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 
-from flatdino_cli.analysis.ablate import run_ablate
+from flatdino_cli.analysis.ablate import AblateConfig, run_ablate
 from flatdino_cli.analysis.flops import appendix_h_tables, format_table
 from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, predict, real_accuracy
-from flatdino_cli.config import ExtractConfig, load_preset
+from flatdino_cli.config import ExtractConfig, SampleConfig, load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.extract import extract_features, extract_latents
-from flatdino_cli.reconstruct import run_reconstruct
+from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.sample import run_sample
 from flatdino_cli.stages.decoder import train_decoder
@@ -114,13 +114,13 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
         ("train-decoder", lambda: _keys(train_decoder(
             load_preset("tiny-decoder", plan.sets("decoder") + [f"train.seed={plan.seed}"]), d["decoder"], rt,
             images=d["toy"], encoder_name="tiny", features=d["vae-features"]), "step", "val")),
-        ("sample", lambda: _keys(run_sample(
+        ("sample", lambda: _keys(run_sample(SampleConfig(
             d["dit"], d["vae"], d["decoder"], all_classes=True, per_class=plan.samples_per_class, seed=plan.seed,
-            out=d["samples"], batch_size=64, rt=rt), "out", "count", "grid", "npz")),
-        ("reconstruct", lambda: _keys(run_reconstruct(
-            d["features"] / "val" / "paths.txt", d["vae"], d["decoder"], d["reconstruct"], n=24, rt=rt), "mean")),
-        ("ablate-tokens", lambda: _keys(run_ablate(
-            d["vae"], d["features"] / "val", d["ablate"], n=plan.held_out(), rt=rt), "figure", "heatmaps")),
+            out=d["samples"], batch_size=64), rt), "out", "count", "grid", "npz")),
+        ("reconstruct", lambda: _keys(run_reconstruct(ReconstructConfig(
+            d["features"] / "val" / "paths.txt", d["vae"], d["decoder"], d["reconstruct"], n=24), rt), "mean")),
+        ("ablate-tokens", lambda: _keys(run_ablate(AblateConfig(
+            d["vae"], d["features"] / "val", d["ablate"], n=plan.held_out()), rt), "figure", "heatmaps")),
         ("flops", lambda: _flops(out / "flops.txt")),
         ("classifier", lambda: _classify(d["samples"], plan)),
     ]

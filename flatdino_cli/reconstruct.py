@@ -10,6 +10,7 @@ reconstruction grids, and reconstruct.json with per-image PSNR, SSIM and feature
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,23 +74,39 @@ def _resolve_encoder(vae_run, encoder: str | None, encoder_weights: str | None) 
     return encoder, encoder_weights, rec
 
 
-def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path, out: str | Path,
-                    tokens: int | None = None, encoder: str | None = None, encoder_weights: str | None = None,
-                    n: int | None = None, batch_size: int = 16, rt: Runtime = CPU, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """What `flatdino reconstruct` measures (run_reconstruct)."""
+
+    images: str | Path  # a folder, an ImageFolder tree, one image or a list file
+    vae_run: str | Path
+    decoder: str | Path  # pixel decoder: a train-decoder run or RAE's model.pt
+    out: str | Path
+    tokens: int | None = None  # keep only the first K latent tokens (None: all)
+    encoder: str | None = None  # None: the one that made the VAE's training features
+    encoder_weights: str | None = None
+    n: int | None = None  # only the first n images
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.n is not None and self.n < 1:
+            raise UserError(f"-n {self.n}: must be >= 1")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
+
+
+def run_reconstruct(cfg: ReconstructConfig, rt: Runtime = CPU, progress: bool = True) -> dict:
     """images -> encoder -> VAE mu (first `tokens` kept) -> VAE decoder -> pixel decoder. Writes
     OUT/images/<i>.png (reconstructions) and OUT/originals/<i>.png (their ADM-cropped originals: rFID
     is `fid OUT/images --ref OUT/originals`), OUT/grid_<j>.png (original | reconstruction pairs)
     and OUT/reconstruct.json (per-image PSNR, SSIM, feature cosine + means); returns the JSON's content."""
-    if n is not None and n < 1:
-        raise UserError(f"-n {n}: must be >= 1")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be >= 1")
-    check_out_dir(out)
+    images, vae_run, decoder, tokens, batch_size = cfg.images, cfg.vae_run, cfg.decoder, cfg.tokens, cfg.batch_size
+    check_out_dir(cfg.out)
     vae_cfg, vae, vae_sha = load_run(vae_run, "vae", device=rt.device)
     T, P, C = vae_cfg.model.latent_shape[0], vae_cfg.model.num_patches, vae_cfg.model.feature_dim
     if tokens is not None and not 0 <= tokens <= T:
         raise UserError(f"--tokens {tokens}: must be in 0..{T} (this VAE has {T} tokens)")
-    name, weights, rec = _resolve_encoder(vae_run, encoder, encoder_weights)
+    name, weights, rec = _resolve_encoder(vae_run, cfg.encoder, cfg.encoder_weights)
     enc = load_encoder(name, weights, device=rt.device)
     if (enc.num_patches, enc.dim) != (P, C):
         raise UserError(f"--encoder {name}: gives {enc.num_patches} x {enc.dim} features but VAE {vae_run} "
@@ -101,8 +118,8 @@ def run_reconstruct(images: str | Path, vae_run: str | Path, decoder: str | Path
                                  int(prep.get("input_size") or enc.spec.image_size),
                                  prep.get("interp") or ("bilinear" if rec else "bicubic"))
     S = dec.cfg.image_size
-    paths = list_images(images).paths[: n if n is not None else None]
-    out = Path(out)
+    paths = list_images(images).paths[: cfg.n]
+    out = Path(cfg.out)
     rows, skipped, pairs, grids = [], [], [], []
     bar = tqdm(total=len(paths), desc="reconstruct", unit="img", dynamic_ncols=True, disable=not progress)
     for lo in range(0, len(paths), batch_size):

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from flatdino_cli import preempt
 from flatdino_cli.classes import class_label, class_plan, resolve_classes
+from flatdino_cli.config import SampleConfig
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, network_evaluations
-from flatdino_cli.pipeline import (Pipeline, generate, load_pipeline, parse_interval, parse_schedule, sampler_batch,
-                                   sampling_flow)
+from flatdino_cli.pipeline import Pipeline, generate, load_pipeline, sampler_batch, sampling_flow
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import atomic_write, atomic_write_bytes, atomic_write_json, check_out_dir, sha256_strings
 from flatdino_cli.viz import load_png, save_grid, save_png
@@ -248,55 +248,40 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
     return manifest
 
 
-def run_sample(dit: str | Path, vae: str | Path | None, decoder: str | Path, classes: Sequence[str] = (),
-               all_classes: bool = False, n: int | None = None, per_class: int | None = None,
-               cfg_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
-               interval: str | None = None, seed: int = 0, out: str | Path | None = None, batch_size: int = 16,
-               shard_size: int = 1000, ema: bool = True, rt: Runtime = CPU, progress: bool = True,
-               stats: str | Path | None = None, guide: str | Path | None = None, guide_scale: float | None = None,
-               grid: str | None = None, schedule: str | None = None, shift: float | None = None) -> dict:
+def run_sample(cfg: SampleConfig, rt: Runtime = CPU, progress: bool = True) -> dict:
     """`flatdino sample`: resolve classes, load the pipeline, write the sample set; returns the manifest.
-    With `guide`, AutoGuidance at `guide_scale` replaces CFG (same interval and schedule options)."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be >= 1")
-    if guide is None and guide_scale is not None or guide is not None and guide_scale is None and schedule is None:
-        raise UserError("sample: AutoGuidance needs both --guide RUN_OR_FILE and --guide-scale W (or --cfg-schedule)")
-    if guide is not None and cfg_scale is not None:
-        raise UserError("sample: --cfg and --guide-scale are two guidance methods; pass one")
-    cfg_scale = guide_scale if guide is not None else cfg_scale
-    if schedule is not None and (cfg_scale is not None or interval is not None):
-        raise UserError("sample: --cfg-schedule sets the weight per time range; pass it without --cfg, --guide-scale "
-                        "and --interval")
-    pipe = load_pipeline(dit, vae, decoder, rt.device, ema=ema, stats=stats, guide=guide)
+    With `cfg.guide`, AutoGuidance at `cfg.guide_scale` replaces CFG (same interval and schedule options)."""
+    pipe = load_pipeline(cfg.dit, cfg.vae, cfg.decoder, rt.device, ema=cfg.ema, stats=cfg.stats, guide=cfg.guide)
     K = pipe.cfg.model.num_classes
+    guided, weight, per_class = cfg.guide is not None, cfg.weight, cfg.per_class
     if K == 0:  # unconditional (trained on a store without labels): every image from the null class
-        if classes or all_classes:
-            raise UserError(f"sample: {dit} is unconditional (trained without labels); drop --class / --classes")
-        if guide is None and (cfg_scale not in (None, 1.0) or schedule is not None):
-            raise UserError(f"sample: {dit} is unconditional, so classifier-free guidance has nothing to "
+        if cfg.classes or cfg.all_classes:
+            raise UserError(f"sample: {cfg.dit} is unconditional (trained without labels); drop --class / --classes")
+        if not guided and (weight not in (None, 1.0) or cfg.schedule is not None):
+            raise UserError(f"sample: {cfg.dit} is unconditional, so classifier-free guidance has nothing to "
                             "guide; drop --cfg / --cfg-schedule (or pass --cfg 1)")
         ids = [0]
-        cfg_scale = 1.0 if guide is None else cfg_scale
-    elif all_classes:
-        if classes:
+        weight = weight if guided else 1.0
+    elif cfg.all_classes:
+        if cfg.classes:
             raise UserError("sample: pass --class or --classes all, not both")
         ids = list(range(K))
-        per_class = 50 if per_class is None and n is None else per_class
+        per_class = 50 if per_class is None and cfg.n is None else per_class
     else:
-        ids = resolve_classes(classes, K, pipe.class_names)
-    labels = class_plan(ids, n, per_class)
-    flow = sampling_flow(pipe.cfg.flow, cfg_scale, steps, sampler, parse_interval(interval), grid,
-                         parse_schedule(schedule), shift)
+        ids = resolve_classes(cfg.classes, K, pipe.class_names)
+    labels = class_plan(ids, cfg.n, per_class)
+    flow = sampling_flow(pipe.cfg.flow, weight, cfg.steps, cfg.sampler, cfg.interval, cfg.grid, cfg.schedule, cfg.shift)
+    out = cfg.out
     if out is None:
-        what = "uncond" if K == 0 else "all" if all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
-        home = Path(dit) if Path(dit).is_dir() else Path(dit).parent  # an RAE file: samples beside it
+        what = "uncond" if K == 0 else "all" if cfg.all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
+        home = Path(cfg.dit) if Path(cfg.dit).is_dir() else Path(cfg.dit).parent  # an RAE file: samples beside it
         weights = "-".join(f"{w:g}" for *_, w in flow.cfg_schedule) if flow.cfg_schedule else f"{flow.cfg_scale:g}"
-        guidance = f"ag{weights}" if guide is not None else f"cfg{weights}"
-        grid_tag = ("-raegrid" if flow.grid == "rae" else "") + (f"-shift{shift:g}" if shift is not None else "")
+        guidance = f"ag{weights}" if guided else f"cfg{weights}"
+        grid_tag = ("-raegrid" if flow.grid == "rae" else "") + (f"-shift{cfg.shift:g}" if cfg.shift is not None else "")
         out = home / "samples" / (f"{what}-n{len(labels)}-{guidance}-{flow.sampler}{flow.steps}{grid_tag}"
-                                  f"-seed{seed}{'' if ema else '-raw'}")
+                                  f"-seed{cfg.seed}{'' if cfg.ema else '-raw'}")
     extra = {"classes": sorted(set(labels)), "per_class": per_class, "created_by": "flatdino sample"}
-    manifest = write_sample_set(pipe, labels, out, seed, flow, batch_size, shard_size, rt, extra, progress)
+    manifest = write_sample_set(pipe, labels, out, cfg.seed, flow, cfg.batch_size, cfg.shard_size, rt, extra, progress)
     return {**manifest, "out": str(out)}
 
 

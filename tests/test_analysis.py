@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from flatdino_cli.analysis.ablate import ablate_units, ablation_heatmaps, run_ablate
-from flatdino_cli.analysis.knn import knn_classify, pooled_embedding, run_knn
-from flatdino_cli.analysis.noise import run_noise
-from flatdino_cli.analysis.pca import StreamingCovariance, dims_for, explained_variance, patchify, run_pca, streamed_pca
-from flatdino_cli.analysis.redundancy import pair_distances, run_redundancy, similarity_by_distance
+from flatdino_cli.analysis.ablate import AblateConfig, ablate_units, ablation_heatmaps, run_ablate
+from flatdino_cli.analysis.knn import KNNConfig, knn_classify, pooled_embedding, run_knn
+from flatdino_cli.analysis.noise import NoiseConfig, run_noise
+from flatdino_cli.analysis.pca import (PCAConfig, StreamingCovariance, dims_for, explained_variance, patchify, run_pca,
+                                      streamed_pca)
+from flatdino_cli.analysis.redundancy import RedundancyConfig, pair_distances, run_redundancy, similarity_by_distance
 from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, VAEModelConfig, VAEStageConfig, save_config
 from flatdino_cli.data import Store
@@ -116,7 +117,8 @@ def test_ablation_unit_is_generic_per_patch_latents():
 
 
 def test_run_ablate_writes_figures_and_array(toy, tmp_path):
-    r = run_ablate(toy["vae"], toy["features"] / "val", tmp_path, n=10, batch_size=4, unit_batch=3, progress=False)
+    r = run_ablate(AblateConfig(toy["vae"], toy["features"] / "val", tmp_path, n=10, batch_size=4, unit_batch=3),
+                   progress=False)
     maps = np.load(tmp_path / "heatmaps.npy")
     assert maps.shape == (4, P) and np.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0
     assert r["n_images"] == 10 and r["grid"] == [SIDE, SIDE] and r["unit"] == "token"
@@ -173,7 +175,7 @@ def test_patchify_and_max_vectors():
 
 
 def test_run_pca_all_sources(toy, tmp_path):
-    r = run_pca(toy["features"], tmp_path, vae_run=toy["vae"], n=20, batch_size=8, chunk_size=100, progress=False)
+    r = run_pca(PCAConfig(toy["features"], tmp_path, vae_run=toy["vae"], n=20, batch_size=8, chunk_size=100), progress=False)
     src = r["sources"]
     assert set(src) == {"pixels", "dino", "recon"}
     assert src["pixels"]["dim"] == PATCH * PATCH * 3 and src["pixels"]["n_vectors"] == 20 * P
@@ -196,7 +198,7 @@ def test_similarity_by_distance_counts_and_decay(tmp_path):
     rng = np.random.default_rng(0)
     feats = np.stack([base * rng.uniform(0.5, 2.0) for _ in range(6)]).astype(np.float32)
     store = make_store(tmp_path / "s", feats, [0] * 6)
-    r = run_redundancy(store, tmp_path / "out", n=5, bins=50, batch_size=2, progress=False)
+    r = run_redundancy(RedundancyConfig(store, tmp_path / "out", n=5, bins=50, batch_size=2), progress=False)
     assert r["n_images"] == 5 and r["range_scaled_to_grid"] and r["max_distance"] == pytest.approx(10 * SIDE / 16)
     means = [m for m in r["mean"] if m is not None]
     assert all(a > b for a, b in zip(means, means[1:])) and all(-1 <= m <= 1 for m in means)
@@ -242,12 +244,12 @@ def test_knn_separable_clusters(tmp_path):
     y = np.repeat(np.arange(5), 40)
     lat = (centers[y][:, None, :] + 0.3 * rng.standard_normal((200, 4, 16))).astype(np.float32)  # (N, T=4, d=16)
     store = make_store(tmp_path / "lat", lat, y, kind="latents")
-    r = run_knn(store, tmp_path / "out", ks=(10, 20, 100), val_count=50, progress=False)
+    r = run_knn(KNNConfig(store, tmp_path / "out", ks=(10, 20, 100), val_count=50), progress=False)
     assert r["n_val"] == 20 and r["n_train"] == 180 and r["classes"] == 5  # held out: a tenth of the store
     assert r["k"]["10"]["top1"] == 100.0 and r["k"]["20"]["top1"] == 100.0
     assert (tmp_path / "out" / "knn.png").stat().st_size > 5000
     shuffled = make_store(tmp_path / "lat2", lat, rng.permutation(y), kind="latents")  # labels carry no signal
-    assert run_knn(shuffled, tmp_path / "out2", ks=(10,), val_count=50, progress=False)["k"]["10"]["top1"] < 70
+    assert run_knn(KNNConfig(shuffled, tmp_path / "out2", ks=(10,), val_count=50), progress=False)["k"]["10"]["top1"] < 70
 
 
 # ----------------------------------------------------------------------------- noise robustness
@@ -260,8 +262,8 @@ def pixel_decoder_run(path: Path) -> Path:
 
 def test_noise_sigma_zero_is_clean(toy, tmp_path):
     dec = pixel_decoder_run(tmp_path / "dec")
-    r = run_noise(toy["vae"], toy["features"], tmp_path / "out", sigmas=(0.0, 0.5, 1.0), n=12, batch_size=5,
-                  decoder=dec, progress=False)
+    r = run_noise(NoiseConfig(toy["vae"], toy["features"], tmp_path / "out", sigmas=(0.0, 0.5, 1.0), n=12, batch_size=5,
+                              decoder=dec), progress=False)
     lat, feat = r["latent"], r["features_noise"]
     assert lat["cosine_vs_clean"][0] == pytest.approx(1.0, abs=1e-6) and lat["rel_l2_vs_clean"][0] < 1e-6
     assert feat["cosine_vs_clean"][0] == pytest.approx(1.0, abs=1e-6)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from flatdino_cli.analysis.knn import run_knn
+from flatdino_cli.analysis.knn import KNNConfig, run_knn
 from flatdino_cli.config import VAEModelConfig
 from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, check_feature_shape, load_rgb, normalize
 from flatdino_cli.encoders import get_spec, load_encoder
@@ -130,15 +130,15 @@ def test_knn_refuses_train_and_val_made_differently(tmp_path):
     bicubic, bilinear = PRE, {**PRE, "interp": "bilinear"}
     train = make_store(tmp_path / "train", data, y, bicubic)
     with pytest.raises(UserError, match="interp 'bilinear' vs 'bicubic'") as e:
-        run_knn(train, tmp_path / "no", val=make_store(tmp_path / "v2", data[:9], y[:9], bilinear), progress=False)
+        run_knn(KNNConfig(train, tmp_path / "no", val=make_store(tmp_path / "v2", data[:9], y[:9], bilinear)), progress=False)
     assert "\n" not in str(e.value)
-    r = run_knn(train, tmp_path / "ok", val=make_store(tmp_path / "val", data[:9], y[:9], bicubic), ks=(5,),
+    r = run_knn(KNNConfig(train, tmp_path / "ok", val=make_store(tmp_path / "val", data[:9], y[:9], bicubic), ks=(5,)),
                 progress=False)
     assert r["preprocessing"] == bicubic and r["n_val"] == 9
     lat_a, lat_b = (make_store(tmp_path / f"lat{h}", data, y, bicubic, "latents", {"vae_checkpoint_sha256": h})
                     for h in "ab")
     with pytest.raises(UserError, match="another VAE checkpoint"):
-        run_knn(lat_a, tmp_path / "no2", val=lat_b, progress=False)
+        run_knn(KNNConfig(lat_a, tmp_path / "no2", val=lat_b), progress=False)
 
 
 def test_reproduce_row7_runs_on_toy_data(knn_run, tmp_path, cli):
@@ -165,13 +165,13 @@ def test_reproduce_row7_runs_on_toy_data(knn_run, tmp_path, cli):
 
 def test_analyses_read_a_whole_image_store_s_pixels_the_way_it_was_made(knn_run, tmp_path):
     from flatdino_cli.analysis.common import store_image
-    from flatdino_cli.analysis.pca import run_pca
+    from flatdino_cli.analysis.pca import PCAConfig, run_pca
     from flatdino_cli.data import to_tensor, whole_image_resize
 
     st = Store.open(knn_run / "k" / "val")
     want = to_tensor(whole_image_resize(load_rgb(st.paths[3]), 64, "area")).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(store_image(st, 3, 64), want, atol=1e-6)  # the overlay figures' pixels
-    r = run_pca(knn_run / "k" / "val", tmp_path / "pca", n=6, progress=False)  # pixel patches of 8 x 8 x 3
+    r = run_pca(PCAConfig(knn_run / "k" / "val", tmp_path / "pca", n=6), progress=False)  # pixel patches of 8 x 8 x 3
     assert r["sources"]["pixels"]["dim"] == 192 and r["sources"]["dino"]["dim"] == 64
 
 

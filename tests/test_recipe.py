@@ -269,14 +269,14 @@ def test_rfid_on_a_mixed_size_jpeg_cmyk_greyscale_val_folder(tmp_path):
     from flatdino_cli.analysis.fid import run_fid
     from flatdino_cli.data import adm_center_crop, list_images
     from flatdino_cli.extract import extract_features
-    from flatdino_cli.reconstruct import run_reconstruct
+    from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct
     from flatdino_cli.viz import load_png
 
     val = mixed_val_folder(tmp_path / "val")
     extract_features(val, tmp_path / "feats", ExtractConfig(encoder="tiny", dtype="float32", batch_size=8), CPU)
     vae = _tiny_vae_run(tmp_path / "feats", tmp_path / "vae")
     out = tmp_path / "recon"
-    res = run_reconstruct(val, vae, tiny_decoder_run(tmp_path / "dec"), out, progress=False)
+    res = run_reconstruct(ReconstructConfig(val, vae, tiny_decoder_run(tmp_path / "dec"), out), progress=False)
     assert res["count"] == 5 and not res["skipped"]
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == sorted(p.name for p in (out / "originals").iterdir()) and len(names) == 5
@@ -293,7 +293,7 @@ def test_rfid_on_a_mixed_size_jpeg_cmyk_greyscale_val_folder(tmp_path):
 # ----------------------------------------------------------------------------- noise: rFID + PSNR (point 6)
 def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
     from flatdino_cli.fid_metrics import Gaussian, frechet_distance
-    from flatdino_cli.analysis.noise import run_noise
+    from flatdino_cli.analysis.noise import NoiseConfig, run_noise
     from flatdino_cli.data import adm_center_crop
     from flatdino_cli.extract import extract_features
     from flatdino_cli.metrics import psnr
@@ -311,7 +311,7 @@ def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
             x = images.reshape(len(images), -1, 3).astype(np.float32)
             return {"pool": np.concatenate([x.mean(1), x.std(1), np.median(x, 1)], 1)}
 
-    r = run_noise(vae, feats, tmp_path / "out", sigmas=(0.0, 1.0), n=None, batch_size=2, decoder=dec,
+    r = run_noise(NoiseConfig(vae, feats, tmp_path / "out", sigmas=(0.0, 1.0), n=None, batch_size=2, decoder=dec),
                   progress=False, extractor=Pool())
     assert r["n_images"] == 5 and r["rfid_images"] == 5 and len(r["latent"]["rfid"]) == 2
     # sigma 0 on the latent path is the plain reconstruction: recompute its rFID and PSNR by hand
@@ -334,7 +334,7 @@ def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
     old = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path / "nowhere")  # the only place Inception is looked up
     try:
-        r = run_noise(vae, feats, tmp_path / "out2", sigmas=(0.0,), n=2, decoder=dec, progress=False)
+        r = run_noise(NoiseConfig(vae, feats, tmp_path / "out2", sigmas=(0.0,), n=2, decoder=dec), progress=False)
     finally:
         if old is None:
             os.environ.pop("XDG_CACHE_HOME")

@@ -9,6 +9,7 @@ one patch's latent of a per-patch (FAE-kind) autoencoder; nothing below depends 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,7 +22,7 @@ from flatdino_cli.data import Store
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import grid_side
 
-__all__ = ["ablate_units", "ablation_heatmaps", "unit_name", "run_ablate"]
+__all__ = ["AblateConfig", "ablate_units", "ablation_heatmaps", "unit_name", "run_ablate"]
 
 
 def unit_name(kind: str) -> str:
@@ -81,31 +82,42 @@ def _summary(maps: np.ndarray, side: int) -> list[dict]:
     return rows
 
 
-def run_ablate(vae_run: str | Path, features: str | Path, out: str | Path, n: int = 10000,
-               batch_size: int = 32, unit_batch: int = 8, rt: Runtime | None = None,
-               example: int = 0, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class AblateConfig:
+    """What `flatdino ablate-tokens` measures (run_ablate)."""
+
+    vae_run: str | Path
+    features: str | Path  # feature store; its first n images
+    out: str | Path
+    n: int = 10000
+    batch_size: int = 32
+    unit_batch: int = 8  # units ablated per decoder call (x batch_size latents)
+    example: int = 0  # which of the n images the overlay is drawn on
+
+
+def run_ablate(cfg: AblateConfig, rt: Runtime | None = None, progress: bool = True) -> dict:
     """Token ablation over the first n images of a feature store; writes into `out`:
     heatmaps.npy (U, P) float32, token_ablation.png, token_ablation_overlay.png (when the example
     image is readable) and ablation.json. Returns the JSON's content."""
     rt = rt or CPU
-    out = Path(out)
-    store = Store.open(features, expect_kind="features")
-    cfg, vae, sha = load_vae(vae_run, store, rt)
-    rows = subset_rows(store, n)
+    out = Path(cfg.out)
+    store = Store.open(cfg.features, expect_kind="features")
+    vae_cfg, vae, sha = load_vae(cfg.vae_run, store, rt)
+    rows = subset_rows(store, cfg.n)
     P = store.item_shape[0]
-    side = grid_side(P, str(features))
-    name = unit_name(cfg.model.kind)
+    side = grid_side(P, str(cfg.features))
+    name = unit_name(vae_cfg.model.kind)
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         with rt.autocast():
             return vae.decode(z)
 
     def latents():
-        for _, x in iter_rows(store, rows, batch_size, rt.device, desc="ablate", progress=progress):
+        for _, x in iter_rows(store, rows, cfg.batch_size, rt.device, desc="ablate", progress=progress):
             with torch.no_grad(), rt.autocast():
                 yield vae.encode(x)[0].float()  # mu (B, U, d)
 
-    maps = ablation_heatmaps(decode, latents(), unit_batch)  # (U, P)
+    maps = ablation_heatmaps(decode, latents(), cfg.unit_batch)  # (U, P)
     U = maps.shape[0]
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "heatmaps.npy", maps.astype(np.float32))
@@ -115,12 +127,12 @@ def run_ablate(vae_run: str | Path, features: str | Path, out: str | Path, n: in
     label = "mean per-patch ||Δ feature||₂"
     viz.heatmap_grid(grid, out / "token_ablation.png", titles, vmin=vmin, vmax=vmax, colorbar_label=label,
                      suptitle=f"{name.capitalize()} ablation: feature change per patch, mean over {len(rows)} images")
-    result = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": sha,
-              "features": str(Path(features).resolve()), "features_manifest_sha256": store.manifest_hash(),
+    result = {"vae_run": str(Path(cfg.vae_run).resolve()), "vae_checkpoint_sha256": sha,
+              "features": str(Path(cfg.features).resolve()), "features_manifest_sha256": store.manifest_hash(),
               "n_images": int(len(rows)), "unit": name, "units": U, "num_patches": P, "grid": [side, side],
               "vmin": vmin, "vmax": vmax, "heatmaps": "heatmaps.npy", "figure": "token_ablation.png",
               "overlay": None, "per_unit": _summary(maps, side)}
-    ex_row = int(rows[min(example, len(rows) - 1)])
+    ex_row = int(rows[min(cfg.example, len(rows) - 1)])
     image = store_image(store, ex_row, size=max(224, 14 * side))
     if image is not None:
         viz.heatmap_grid(grid, out / "token_ablation_overlay.png", titles, vmin=vmin, vmax=vmax,

@@ -12,6 +12,7 @@ they are). A val store made with other preprocessing than the train store is ref
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +26,7 @@ from flatdino_cli.data import Store, split_indices
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import CPU, Runtime
 
-__all__ = ["pooled_embedding", "knn_classify", "check_same_making", "run_knn"]
+__all__ = ["KNNConfig", "pooled_embedding", "knn_classify", "check_same_making", "run_knn"]
 
 KS = (10, 20, 100)
 TEMPERATURE = 0.07
@@ -82,13 +83,25 @@ def _embed(store: Store, rows: np.ndarray, batch_size: int, rt: Runtime, desc: s
     return torch.cat(embs), torch.from_numpy(store.labels[rows]).long().to(rt.device)
 
 
-def run_knn(latents: str | Path, out: str | Path, val: str | Path | None = None, ks: Sequence[int] = KS,
-            temperature: float = TEMPERATURE, val_count: int = 10000, seed: int = 0, batch_size: int = 256,
-            rt: Runtime | None = None, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class KNNConfig:
+    """What `flatdino knn` measures (run_knn)."""
+
+    latents: str | Path  # training store: latents or DINOv2 features
+    out: str | Path
+    val: str | Path | None = None  # validation store (None: LATENTS/val, else a held-out split)
+    ks: tuple[int, ...] = KS
+    temperature: float = TEMPERATURE  # vote weight exp(sim / temperature)
+    val_count: int = 10000  # held-out rows when there is no validation store
+    seed: int = 0  # of the held-out split
+    batch_size: int = 256
+
+
+def run_knn(cfg: KNNConfig, rt: Runtime | None = None, progress: bool = True) -> dict:
     """k-NN probe: train = the store `latents`, val = `val`, else `latents`/val when it exists, else
     `val_count` held-out rows (at most a tenth of the store). Writes knn.json and knn.png into `out`."""
     rt = rt or CPU
-    out = Path(out)
+    latents, val, seed = cfg.latents, cfg.val, cfg.seed  # named often below: in the errors and the split
     train_store = Store.open(latents)
     train_rows = train_store.valid_indices()
     val_dir = Path(val) if val is not None else Path(latents) / "val"
@@ -100,7 +113,7 @@ def run_knn(latents: str | Path, out: str | Path, val: str | Path | None = None,
         check_same_making(train_store, val_store, latents, val_dir)
         val_rows, split = val_store.valid_indices(), f"store {val_dir}"
     else:
-        n_val = min(val_count, len(train_rows) // 10)
+        n_val = min(cfg.val_count, len(train_rows) // 10)
         tr, va = split_indices(len(train_rows), n_val, seed)
         val_store, val_rows, train_rows = train_store, train_rows[va], train_rows[tr]
         split = f"{n_val} rows held out of {latents} (seed {seed})"
@@ -108,17 +121,18 @@ def run_knn(latents: str | Path, out: str | Path, val: str | Path | None = None,
         raise UserError(f"{latents}: too few rows for a k-NN probe (train {len(train_rows)}, val {len(val_rows)})")
     if (train_store.labels[train_rows] < 0).any() or (val_store.labels[val_rows] < 0).any():
         raise UserError(f"{latents}: has unlabelled rows (label -1); k-NN needs class labels (an ImageFolder source)")
-    xtr, ytr = _embed(train_store, train_rows, batch_size, rt, "knn train", progress)
-    xva, yva = _embed(val_store, val_rows, batch_size, rt, "knn val", progress)
+    xtr, ytr = _embed(train_store, train_rows, cfg.batch_size, rt, "knn train", progress)
+    xva, yva = _embed(val_store, val_rows, cfg.batch_size, rt, "knn val", progress)
     C = int(max(ytr.max(), yva.max())) + 1
-    acc = knn_classify(xtr, ytr, xva, yva, ks, temperature, C)
+    acc = knn_classify(xtr, ytr, xva, yva, cfg.ks, cfg.temperature, C)
     result = {"store": str(Path(latents).resolve()), "store_manifest_sha256": train_store.manifest_hash(),
               "kind": train_store.manifest.get("kind"), "item_shape": list(train_store.item_shape),
               "val": split, "n_train": int(len(train_rows)), "n_val": int(len(val_rows)), "classes": C,
               "preprocessing": train_store.manifest.get("preprocessing"),
-              "temperature": temperature, "k": {str(k): v for k, v in acc.items()},
-              "effective_k": {str(k): min(k, len(train_rows)) for k in ks},
+              "temperature": cfg.temperature, "k": {str(k): v for k, v in acc.items()},
+              "effective_k": {str(k): min(k, len(train_rows)) for k in cfg.ks},
               "best_top1": max(v["top1"] for v in acc.values()), "figure": "knn.png"}
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _plot(result, out / "knn.png")
     write_json(out / "knn.json", result)

@@ -17,6 +17,7 @@ readable source images; without them it is left out with a note.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +35,7 @@ from flatdino_cli.models.pixel_decoder import check_features, load_decoder
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.viz import to_uint8
 
-__all__ = ["SIGMAS", "feature_metrics", "psnr", "run_noise"]
+__all__ = ["SIGMAS", "NoiseConfig", "feature_metrics", "psnr", "run_noise"]
 
 SIGMAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -93,28 +94,40 @@ class _Means:
                     for s in range(len(sigmas))] for m in metrics}
 
 
-def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas: Sequence[float] = SIGMAS,
-              n: int | None = 1000, batch_size: int = 64, decoder: str | Path | None = None, seed: int = 0,
-              rt: Runtime | None = None, progress: bool = True, inception_weights: str | Path | None = None,
-              extractor=None) -> dict:
+@dataclass(frozen=True)
+class NoiseConfig:
+    """What `flatdino noise` measures (run_noise)."""
+
+    vae_run: str | Path
+    features: str | Path  # feature store; its first n images (None: all)
+    out: str | Path
+    sigmas: tuple[float, ...] = SIGMAS
+    n: int | None = 1000
+    batch_size: int = 64
+    decoder: str | Path | None = None  # pixel decoder: adds rFID and PSNR against the images
+    seed: int = 0
+    inception_weights: str | Path | None = None
+
+
+def run_noise(cfg: NoiseConfig, rt: Runtime | None = None, progress: bool = True, extractor=None) -> dict:
     """Latent-noise robustness over the first n images (None: all) of a feature store; writes
     noise.json and noise.png into `out` and returns the JSON's content. `extractor` (default: TF
     Inception) gives the rFID features."""
     rt = rt or CPU
-    out = Path(out)
-    store = Store.open(features, expect_kind="features")
-    _, vae, sha = load_vae(vae_run, store, rt)
-    rows = subset_rows(store, n)
+    out, sigmas = Path(cfg.out), cfg.sigmas
+    store = Store.open(cfg.features, expect_kind="features")
+    _, vae, sha = load_vae(cfg.vae_run, store, rt)
+    rows = subset_rows(store, cfg.n)
     pix = None
-    if decoder is not None:
-        pix = load_decoder(decoder, device=rt.device)
-        check_features(pix, *store.item_shape, what=f"the features of {features}")
+    if cfg.decoder is not None:
+        pix = load_decoder(cfg.decoder, device=rt.device)
+        check_features(pix, *store.item_shape, what=f"the features of {cfg.features}")
     notes: list[str] = []
     if pix is not None and extractor is None:
-        extractor, why = _inception(inception_weights, rt.device)
+        extractor, why = _inception(cfg.inception_weights, rt.device)
         notes += [why] if why else []
     moments: dict[tuple[str, int], _Moments] = defaultdict(_Moments)  # ("real" | path, sigma index)
-    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
+    gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same noise on every device
     means = _Means()
     mu_sq = mu_n = 0.0
 
@@ -122,7 +135,7 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
         with torch.no_grad(), rt.autocast():
             return fn(*args).float()
 
-    for idx, x in iter_rows(store, rows, batch_size, rt.device, "noise", progress):
+    for idx, x in iter_rows(store, rows, cfg.batch_size, rt.device, "noise", progress):
         mu = run(lambda t: vae.encode(t)[0], x)  # (B, U, d)
         mu_sq, mu_n = mu_sq + float(mu.double().square().sum()), mu_n + mu.numel()
         eps_z = torch.randn(mu.shape, generator=gen).to(rt.device)
@@ -153,10 +166,10 @@ def run_noise(vae_run: str | Path, features: str | Path, out: str | Path, sigmas
                         means.add((path, "psnr_vs_image", s), psnr(img[ok], real[ok]).clamp_max(PSNR_CAP))
                         if extractor is not None:
                             moments[(path, s)].add(extractor(to_uint8(img[ok]))["pool"])
-    result = {"vae_run": str(Path(vae_run).resolve()), "vae_checkpoint_sha256": sha,
-              "features": str(Path(features).resolve()), "features_manifest_sha256": store.manifest_hash(),
-              "decoder": str(Path(decoder).resolve()) if decoder is not None else None,
-              "n_images": int(len(rows)), "seed": seed, "sigmas": [float(s) for s in sigmas],
+    result = {"vae_run": str(Path(cfg.vae_run).resolve()), "vae_checkpoint_sha256": sha,
+              "features": str(Path(cfg.features).resolve()), "features_manifest_sha256": store.manifest_hash(),
+              "decoder": str(Path(cfg.decoder).resolve()) if cfg.decoder is not None else None,
+              "n_images": int(len(rows)), "seed": cfg.seed, "sigmas": [float(s) for s in sigmas],
               "latent_rms": (mu_sq / max(mu_n, 1)) ** 0.5,
               "latent": means.table("latent", sigmas), "features_noise": means.table("features", sigmas),
               "figure": "noise.png"}

@@ -10,6 +10,7 @@ number of components needed for 95 % and 99 % (paper: pixels 21 of 588, DINO 594
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -24,7 +25,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import grid_side
 
-__all__ = ["StreamingCovariance", "explained_variance", "dims_for", "patchify", "run_pca"]
+__all__ = ["PCAConfig", "StreamingCovariance", "explained_variance", "dims_for", "patchify", "run_pca"]
 
 THRESHOLDS = (0.95, 0.99)
 
@@ -149,22 +150,34 @@ def _pixel_chunks(images: ImageList, store: Store, batch_size: int, workers: int
             yield patchify(batch.images, patch)
 
 
-def run_pca(features: str | Path, out: str | Path, images: str | Path | None = None,
-            vae_run: str | Path | None = None, n: int | None = 10048, batch_size: int = 64,
-            max_vectors: int | None = None, chunk_size: int = 65536, workers: int = 0,
-            rt: Runtime | None = None, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class PCAConfig:
+    """What `flatdino pca` measures (run_pca)."""
+
+    features: str | Path  # feature store; its first n images
+    out: str | Path
+    images: str | Path | None = None  # pixel-patch source (None: the store's own files, when readable)
+    vae_run: str | Path | None = None  # also decode(mu) features
+    n: int | None = 10048
+    batch_size: int = 64
+    max_vectors: int | None = None  # per source
+    chunk_size: int = 65536  # vectors per float64 covariance update
+    workers: int = 0
+
+
+def run_pca(cfg: PCAConfig, rt: Runtime | None = None, progress: bool = True) -> dict:
     """Explained variance of pixels (when images are readable), DINO features and, with a VAE,
     decode(mu) features; writes pca.json and pca.png into `out` and returns the JSON's content."""
     rt = rt or CPU
-    out = Path(out)
-    store = Store.open(features, expect_kind="features")
-    rows = subset_rows(store, n)
+    out, batch_size, chunk_size, max_vectors = Path(cfg.out), cfg.batch_size, cfg.chunk_size, cfg.max_vectors
+    store = Store.open(cfg.features, expect_kind="features")
+    rows = subset_rows(store, cfg.n)
     P, C = store.item_shape
-    result: dict = {"features": str(Path(features).resolve()), "features_manifest_sha256": store.manifest_hash(),
+    result: dict = {"features": str(Path(cfg.features).resolve()), "features_manifest_sha256": store.manifest_hash(),
                     "n_images": int(len(rows)), "thresholds": list(THRESHOLDS), "sources": {}}
-    img_list = _image_list(store, rows, images, n)
+    img_list = _image_list(store, rows, cfg.images, cfg.n)
     if img_list is not None:
-        chunks = _pixel_chunks(img_list, store, batch_size, workers, progress)
+        chunks = _pixel_chunks(img_list, store, batch_size, cfg.workers, progress)
         patch = int(store.manifest.get("preprocessing", {}).get("input_size", 224)) // grid_side(P)
         result["sources"]["pixels"] = streamed_pca(chunks, patch * patch * 3, chunk_size, max_vectors, rt.device)
         result["sources"]["pixels"]["n_images"] = len(img_list)
@@ -172,8 +185,8 @@ def run_pca(features: str | Path, out: str | Path, images: str | Path | None = N
         result["pixels_skipped"] = "the store's image paths are not readable here; pass --images DIR"
     feats = (x.flatten(0, 1) for _, x in iter_rows(store, rows, batch_size, rt.device, "pca dino", progress))
     result["sources"]["dino"] = streamed_pca(feats, C, chunk_size, max_vectors, rt.device)
-    if vae_run is not None:
-        _, vae, sha = load_vae(vae_run, store, rt)
+    if cfg.vae_run is not None:
+        _, vae, sha = load_vae(cfg.vae_run, store, rt)
 
         def recon():
             for _, x in iter_rows(store, rows, batch_size, rt.device, "pca recon", progress):
@@ -181,7 +194,7 @@ def run_pca(features: str | Path, out: str | Path, images: str | Path | None = N
                     yield vae.decode(vae.encode(x)[0]).float().flatten(0, 1)
 
         result["sources"]["recon"] = streamed_pca(recon(), C, chunk_size, max_vectors, rt.device)
-        result["vae_run"], result["vae_checkpoint_sha256"] = str(Path(vae_run).resolve()), sha
+        result["vae_run"], result["vae_checkpoint_sha256"] = str(Path(cfg.vae_run).resolve()), sha
     out.mkdir(parents=True, exist_ok=True)
     _plot(result, out / "pca.png")
     result["figure"] = "pca.png"

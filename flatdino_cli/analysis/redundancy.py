@@ -9,6 +9,7 @@ fraction of the image), and the JSON says so.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -22,7 +23,7 @@ from flatdino_cli.data import Store
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import grid_side
 
-__all__ = ["pair_distances", "similarity_by_distance", "default_max_distance", "run_redundancy"]
+__all__ = ["RedundancyConfig", "pair_distances", "similarity_by_distance", "default_max_distance", "run_redundancy"]
 
 PAPER_GRID, PAPER_MAX_DISTANCE = 16, 10.0
 
@@ -74,21 +75,31 @@ def similarity_by_distance(batches: Iterable[torch.Tensor], side: int, bins: int
             "count": count.astype(int).tolist()}
 
 
-def run_redundancy(features: str | Path, out: str | Path, n: int = 5000, bins: int = 50,
-                   max_distance: float | None = None, batch_size: int = 64, rt: Runtime | None = None,
-                   progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class RedundancyConfig:
+    """What `flatdino redundancy` measures (run_redundancy)."""
+
+    features: str | Path  # feature store; its first n images
+    out: str | Path
+    n: int = 5000
+    bins: int = 50
+    max_distance: float | None = None  # None: the paper's 10, scaled down on grids < 16x16
+    batch_size: int = 64
+
+
+def run_redundancy(cfg: RedundancyConfig, rt: Runtime | None = None, progress: bool = True) -> dict:
     """Similarity vs grid distance over the first n images of a feature store; writes
     redundancy.json and redundancy.png into `out` and returns the JSON's content."""
     rt = rt or CPU
-    out = Path(out)
-    store = Store.open(features)
-    rows = subset_rows(store, n)
-    side = grid_side(store.item_shape[0], str(features))
-    scaled = max_distance is None and side < PAPER_GRID
-    max_d = default_max_distance(side) if max_distance is None else float(max_distance)
-    batches = (x for _, x in iter_rows(store, rows, batch_size, rt.device, "redundancy", progress))
-    result = similarity_by_distance(batches, side, bins, max_d)
-    result.update({"features": str(Path(features).resolve()), "features_manifest_sha256": store.manifest_hash(),
+    out = Path(cfg.out)
+    store = Store.open(cfg.features)
+    rows = subset_rows(store, cfg.n)
+    side = grid_side(store.item_shape[0], str(cfg.features))
+    scaled = cfg.max_distance is None and side < PAPER_GRID
+    max_d = default_max_distance(side) if cfg.max_distance is None else float(cfg.max_distance)
+    batches = (x for _, x in iter_rows(store, rows, cfg.batch_size, rt.device, "redundancy", progress))
+    result = similarity_by_distance(batches, side, cfg.bins, max_d)
+    result.update({"features": str(Path(cfg.features).resolve()), "features_manifest_sha256": store.manifest_hash(),
                    "range_scaled_to_grid": scaled, "figure": "redundancy.png"})
     if scaled:
         result["note"] = (f"grid {side}x{side} is smaller than the paper's 16x16: distance range scaled "

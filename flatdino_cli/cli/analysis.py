@@ -39,13 +39,13 @@ def ablate_tokens(
       flatdino ablate-tokens   (the newest VAE run, on its store's val split)
     """
     from flatdino_cli import workspace as ws
-    from flatdino_cli.analysis.ablate import run_ablate
+    from flatdino_cli.analysis.ablate import AblateConfig, run_ablate
 
     vae, features = ws.pick_ablate(vae, features)
     out = out or vae / "analysis" / "ablation"
 
-    r = run_ablate(vae, features, out, n=n, batch_size=batch_size, unit_batch=unit_batch,
-                   rt=runtime(device, precision, False), example=example)
+    r = run_ablate(AblateConfig(vae, features, out, n=n, batch_size=batch_size, unit_batch=unit_batch, example=example),
+                   runtime(device, precision, False))
     typer.echo(f"ablate-tokens: {r['units']} {r['unit']}s x {r['num_patches']} patches over {r['n_images']} images "
                f"-> {out / r['figure']}")
 
@@ -74,10 +74,11 @@ def pca(
     Example:
       flatdino pca --features stores/in1k/val --images imagenet/val --vae runs/vae --out analysis/pca
     """
-    from flatdino_cli.analysis.pca import run_pca
+    from flatdino_cli.analysis.pca import PCAConfig, run_pca
 
-    r = run_pca(features, out, images=images, vae_run=vae, n=n, batch_size=batch_size, max_vectors=max_vectors,
-                chunk_size=chunk_size, workers=workers, rt=runtime(device, precision, False))
+    r = run_pca(PCAConfig(features, out, images=images, vae_run=vae, n=n, batch_size=batch_size,
+                          max_vectors=max_vectors, chunk_size=chunk_size, workers=workers),
+                runtime(device, precision, False))
     for name, s in r["sources"].items():
         typer.echo(f"pca: {name:7s} D={s['dim']:4d}  95%: {s['dims']['0.95']:4d}  99%: {s['dims']['0.99']:4d}  "
                    f"({s['n_vectors']} vectors)")
@@ -103,10 +104,11 @@ def knn(
     Example:
       flatdino knn --latents stores/in1k-latents --out analysis/knn
     """
-    from flatdino_cli.analysis.knn import run_knn
+    from flatdino_cli.analysis.knn import KNNConfig, run_knn
 
-    r = run_knn(latents, out, val=val, ks=comma_list(k, "--k", int), temperature=temperature,
-                val_count=val_count, seed=seed, batch_size=batch_size, rt=runtime(device, "fp32", False))
+    cfg = KNNConfig(latents, out, val=val, ks=tuple(comma_list(k, "--k", int)), temperature=temperature,
+                    val_count=val_count, seed=seed, batch_size=batch_size)
+    r = run_knn(cfg, runtime(device, "fp32", False))
     for kk, acc in r["k"].items():
         typer.echo(f"knn: k={kk:>4s} top-1 {acc['top1']:6.2f}%  top-5 {acc['top5']:6.2f}%")
     typer.echo(f"knn: {r['n_train']} train / {r['n_val']} val -> {out / 'knn.json'}, {out / r['figure']}")
@@ -137,11 +139,11 @@ def noise(
     Example:
       flatdino noise --vae runs/vae --features stores/in1k/val --decoder rae/ViTXL_n08 --out analysis/noise
     """
-    from flatdino_cli.analysis.noise import run_noise
+    from flatdino_cli.analysis.noise import NoiseConfig, run_noise
 
-    r = run_noise(vae, features, out, sigmas=comma_list(sigmas, "--sigmas", float), n=n, batch_size=batch_size,
-                  decoder=decoder, seed=seed, rt=runtime(device, precision, False),
-                  inception_weights=inception_weights)
+    cfg = NoiseConfig(vae, features, out, sigmas=tuple(comma_list(sigmas, "--sigmas", float)), n=n,
+                      batch_size=batch_size, decoder=decoder, seed=seed, inception_weights=inception_weights)
+    r = run_noise(cfg, runtime(device, precision, False))
     lat = r["latent"]
     for i, s in enumerate(r["sigmas"]):
         extra = "".join(f"  {name} {lat[key][i]:.4g}" for key, name in (("rfid", "rFID"), ("psnr_vs_image", "PSNR"))
@@ -169,10 +171,10 @@ def redundancy(
     Example:
       flatdino redundancy --features stores/in1k/val --n 5000 --out analysis/redundancy
     """
-    from flatdino_cli.analysis.redundancy import run_redundancy
+    from flatdino_cli.analysis.redundancy import RedundancyConfig, run_redundancy
 
-    r = run_redundancy(features, out, n=n, bins=bins, max_distance=max_distance, batch_size=batch_size,
-                       rt=runtime(device, "fp32", False))
+    r = run_redundancy(RedundancyConfig(features, out, n=n, bins=bins, max_distance=max_distance, batch_size=batch_size),
+                       runtime(device, "fp32", False))
     if r.get("note"):
         typer.echo(f"redundancy: {r['note']}")
     typer.echo(f"redundancy: {r['n_images']} images -> {out / 'redundancy.json'}, {out / r['figure']}")

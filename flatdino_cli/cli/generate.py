@@ -89,6 +89,8 @@ def sample(
           --guide models/DiTs/.../DiTDH-S_ep14/stage2_model.pt --guide-scale 1.42 --decoder ViTXL_n08 -c 207
     """
     from flatdino_cli import workspace as ws
+    from flatdino_cli.config import SampleConfig
+    from flatdino_cli.pipeline import parse_interval, parse_schedule
     from flatdino_cli.sample import run_sample
 
     dit, vae, decoder = ws.pick_sample(dit, vae, decoder)
@@ -97,10 +99,11 @@ def sample(
     if classes is not None and not all_classes:
         names += comma_list(classes, "--classes", allow_empty=True)
     rt = runtime(device, precision, compile)
-    m = run_sample(dit, vae, decoder, names, all_classes, n=n, per_class=per_class, cfg_scale=cfg, steps=steps,
-                   sampler=sampler, interval=interval, seed=seed, out=out, batch_size=batch_size,
-                   shard_size=shard_size, ema=ema, rt=rt, stats=stats, guide=guide, guide_scale=guide_scale, grid=grid,
-                   schedule=cfg_schedule, shift=shift)
+    m = run_sample(SampleConfig(
+        dit, vae, decoder, stats=stats, guide=guide, ema=ema, classes=names, all_classes=all_classes, n=n,
+        per_class=per_class, cfg_scale=cfg, guide_scale=guide_scale, steps=steps, sampler=sampler,
+        interval=parse_interval(interval), grid=grid, schedule=parse_schedule(cfg_schedule), shift=shift, seed=seed,
+        out=out, batch_size=batch_size, shard_size=shard_size), rt)
     flow = m["identity"]["flow"]
     guidance = "autoguidance" if m["identity"].get("guide") else "cfg"
     weights = (" / ".join(f"{w:g} on [{lo:g}, {hi:g})" for lo, hi, w in flow["cfg_schedule"])
@@ -139,15 +142,17 @@ def reconstruct(
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --tokens 8 --out recon-k8
     """
     from flatdino_cli import workspace as ws
-    from flatdino_cli.reconstruct import run_reconstruct
+    from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct
 
     decoder = ws.setting("decoder", decoder)
     if decoder is None:
         raise UserError("reconstruct: pass --decoder, or once per workspace: flatdino workspace set decoder PATH")
 
-    r = run_reconstruct(images, vae, decoder, out, tokens=tokens, encoder=encoder,
-                        encoder_weights=str(encoder_weights) if encoder_weights else None, n=n,
-                        batch_size=batch_size, rt=runtime(device, precision, False))
+    rt = runtime(device, precision, False)
+    cfg = ReconstructConfig(images, vae, decoder, out, tokens=tokens, encoder=encoder,
+                            encoder_weights=str(encoder_weights) if encoder_weights else None, n=n,
+                            batch_size=batch_size)
+    r = run_reconstruct(cfg, rt)
     m = r["mean"]
     typer.echo(f"reconstruct: {r['count']} images, {r['tokens_kept']}/{r['tokens']} tokens: PSNR {m['psnr']:.2f} dB, "
                f"SSIM {m['ssim']:.4f}, feature cosine {m['feature_cosine']:.4f} -> {out / 'reconstruct.json'}")
