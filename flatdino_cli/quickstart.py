@@ -28,7 +28,7 @@ from flatdino_cli.extract import extract_features, extract_latents
 from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.sample import run_sample
-from flatdino_cli.stages.decoder import train_decoder
+from flatdino_cli.stages.decoder import DecoderSources, train_decoder
 from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.toydata import CLASS_NAMES, write_toy_dataset
@@ -113,7 +113,7 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
         ("extract-decoded", lambda: extract_latents(d["features"], d["vae"], d["vae-features"], rt, decoded=True)),
         ("train-decoder", lambda: _keys(train_decoder(
             load_preset("tiny-decoder", plan.sets("decoder") + [f"train.seed={plan.seed}"]), d["decoder"], rt,
-            images=d["toy"], encoder_name="tiny", features=d["vae-features"]), "step", "val")),
+            DecoderSources(d["toy"], "tiny", features=d["vae-features"])), "step", "val")),
         ("sample", lambda: _keys(run_sample(SampleConfig(
             d["dit"], d["vae"], d["decoder"], all_classes=True, per_class=plan.samples_per_class, seed=plan.seed,
             out=d["samples"], batch_size=64), rt), "out", "count", "grid", "npz")),

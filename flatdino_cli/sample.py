@@ -277,7 +277,8 @@ def run_sample(cfg: SampleConfig, rt: Runtime = CPU, progress: bool = True) -> d
         home = Path(cfg.dit) if Path(cfg.dit).is_dir() else Path(cfg.dit).parent  # an RAE file: samples beside it
         weights = "-".join(f"{w:g}" for *_, w in flow.cfg_schedule) if flow.cfg_schedule else f"{flow.cfg_scale:g}"
         guidance = f"ag{weights}" if guided else f"cfg{weights}"
-        grid_tag = ("-raegrid" if flow.grid == "rae" else "") + (f"-shift{cfg.shift:g}" if cfg.shift is not None else "")
+        grid_tag = (("-raegrid" if flow.grid == "rae" else "")
+                    + (f"-shift{cfg.shift:g}" if cfg.shift is not None else ""))
         out = home / "samples" / (f"{what}-n{len(labels)}-{guidance}-{flow.sampler}{flow.steps}{grid_tag}"
                                   f"-seed{cfg.seed}{'' if cfg.ema else '-raw'}")
     extra = {"classes": sorted(set(labels)), "per_class": per_class, "created_by": "flatdino sample"}

@@ -175,7 +175,8 @@ def test_patchify_and_max_vectors():
 
 
 def test_run_pca_all_sources(toy, tmp_path):
-    r = run_pca(PCAConfig(toy["features"], tmp_path, vae_run=toy["vae"], n=20, batch_size=8, chunk_size=100), progress=False)
+    cfg = PCAConfig(toy["features"], tmp_path, vae_run=toy["vae"], n=20, batch_size=8, chunk_size=100)
+    r = run_pca(cfg, progress=False)
     src = r["sources"]
     assert set(src) == {"pixels", "dino", "recon"}
     assert src["pixels"]["dim"] == PATCH * PATCH * 3 and src["pixels"]["n_vectors"] == 20 * P
@@ -249,7 +250,8 @@ def test_knn_separable_clusters(tmp_path):
     assert r["k"]["10"]["top1"] == 100.0 and r["k"]["20"]["top1"] == 100.0
     assert (tmp_path / "out" / "knn.png").stat().st_size > 5000
     shuffled = make_store(tmp_path / "lat2", lat, rng.permutation(y), kind="latents")  # labels carry no signal
-    assert run_knn(KNNConfig(shuffled, tmp_path / "out2", ks=(10,), val_count=50), progress=False)["k"]["10"]["top1"] < 70
+    r = run_knn(KNNConfig(shuffled, tmp_path / "out2", ks=(10,), val_count=50), progress=False)
+    assert r["k"]["10"]["top1"] < 70
 
 
 # ----------------------------------------------------------------------------- noise robustness

@@ -90,10 +90,10 @@ def test_missing_lpips_weights_fail_fast(tmp_path, hub_dir, rt):
     msg = str(e.value)
     assert "--no-lpips" in msg and VGG_FILE in msg and "--lpips-weights" in msg and "\n" not in msg
     # the whole stage fails the same way before touching the (nonexistent) images or an encoder
-    from flatdino_cli.stages.decoder import decoder_task
+    from flatdino_cli.stages.decoder import DecoderSources, decoder_task
 
     with pytest.raises(UserError, match="--no-lpips"):
-        decoder_task(load_preset("decoder-xl"), rt, tmp_path / "no-such-images", "dinov2-b-reg4")
+        decoder_task(load_preset("decoder-xl"), rt, DecoderSources(tmp_path / "no-such-images", "dinov2-b-reg4"))
     assert time.perf_counter() - t0 < 1.0
     with pytest.raises(UserError, match="vgg.pth"):  # a given but missing --lpips-weights file is named
         resolve_lpips_files(tmp_path / "vgg.pth", None)
@@ -162,12 +162,12 @@ def _cfg(*sets):
 
 
 def test_discriminator_and_optimizer_resume_exactly(toy, tmp_path, rt):
-    from flatdino_cli.stages.decoder import _check_resume, decoder_task
+    from flatdino_cli.stages.decoder import DecoderSources, _check_resume, decoder_task
 
     # 22 training images / batch 8 -> 2 steps per epoch; GAN and discriminator from the first step
     cfg = _cfg("loss.gan=0.5", "loss.disc_start_epoch=0", "loss.gan_start_epoch=0", "train.batch_size=8",
                "train.epochs=2", "train.ckpt_every_steps=2")
-    straight = decoder_task(cfg, rt, toy, "tiny")
+    straight = decoder_task(cfg, rt, DecoderSources(toy, "tiny"))
     assert set(straight.aux) == {"disc", "disc_opt"}
     fit(straight, straight.config.train, tmp_path / "a", rt)
 
@@ -175,11 +175,11 @@ def test_discriminator_and_optimizer_resume_exactly(toy, tmp_path, rt):
         if step == 3:
             raise KeyboardInterrupt  # killed after step 3: the last checkpoint is step 2's
 
-    first = decoder_task(cfg, rt, toy, "tiny")
+    first = decoder_task(cfg, rt, DecoderSources(toy, "tiny"))
     first.on_step = stop_at_3
     with pytest.raises(KeyboardInterrupt):
         fit(first, first.config.train, tmp_path / "b", rt)
-    resumed = decoder_task(cfg, rt, toy, "tiny")  # a fresh discriminator, which resume must overwrite
+    resumed = decoder_task(cfg, rt, DecoderSources(toy, "tiny"))  # a fresh discriminator, which resume must overwrite
     fit(resumed, resumed.config.train, tmp_path / "b", rt)
 
     a, b = (torch.load(tmp_path / r / "checkpoints/latest/state.pt", weights_only=True) for r in "ab")
@@ -212,7 +212,8 @@ def test_micro_batches_give_the_same_discriminator_and_decoder_updates_as_one_ba
             "loss.max_adaptive_weight=1e-3", "train.batch_size=8", "train.max_steps=3", "train.epochs=0"]
     states = {}
     for micro in (8, 2):
-        task = stage.decoder_task(_cfg(*sets, f"train.micro_batch_size={micro}"), rt, toy, features=store)
+        task = stage.decoder_task(_cfg(*sets, f"train.micro_batch_size={micro}"), rt,
+                                  stage.DecoderSources(toy, features=store))
         fit(task, task.config.train, tmp_path / f"m{micro}", rt)
         states[micro] = torch.load(tmp_path / f"m{micro}" / "checkpoints/latest/state.pt", weights_only=True)
         states[micro]["model"] = load_file(tmp_path / f"m{micro}" / "checkpoints/latest/model.safetensors")
@@ -227,12 +228,12 @@ def test_micro_batches_give_the_same_discriminator_and_decoder_updates_as_one_ba
 
 def test_feature_store_rows_align_with_images(toy, tmp_path, rt):
     from flatdino_cli.extract import extract_features
-    from flatdino_cli.stages.decoder import decoder_task
+    from flatdino_cli.stages.decoder import DecoderSources, decoder_task
 
     store = tmp_path / "feats"
     extract_features(toy, store, ExtractConfig(encoder="tiny", val_split=4, dtype="float32", batch_size=16), rt)
-    from_store = decoder_task(_cfg(), rt, toy, features=store)
-    on_the_fly = decoder_task(_cfg(), rt, toy, "tiny")
+    from_store = decoder_task(_cfg(), rt, DecoderSources(toy, features=store))
+    on_the_fly = decoder_task(_cfg(), rt, DecoderSources(toy, "tiny"))
     assert len(from_store.train_set) == 20 and len(from_store.val_set) == 4  # the store's own val/ split
     from flatdino_cli.encoders import load_encoder
 
@@ -251,7 +252,7 @@ def test_feature_store_rows_align_with_images(toy, tmp_path, rt):
     write_toy_dataset(other, per_class=1, seed=5, progress=False)
     (other / "00_red_circle" / "extra.png").write_bytes((other / "00_red_circle" / "00000.png").read_bytes())
     with pytest.raises(UserError, match="no row in the store"):
-        decoder_task(_cfg(), rt, other, features=store)
+        decoder_task(_cfg(), rt, DecoderSources(other, features=store))
 
 
 def test_toy_decoder_beats_mean_image(tmp_path, cli):
@@ -311,39 +312,40 @@ def test_fixed_noise_sigma_for_faes_gaussian_embedding_decoder():
 def test_init_starts_from_another_decoder_run(toy, tmp_path, rt):
     """--init: FAE's pixel fine-tuning continues the stage-1 decoder (here with lr 0: weights unchanged)."""
     from flatdino_cli.checkpoint import weights_file
-    from flatdino_cli.stages.decoder import train_decoder
+    from flatdino_cli.stages.decoder import DecoderSources, train_decoder
 
     base = ("loss.gan=0", "loss.lpips=0", "train.max_steps=1", "train.batch_size=8")
-    train_decoder(_cfg(*base), tmp_path / "stage1", rt, toy, "tiny", no_lpips=True)
+    train_decoder(_cfg(*base), tmp_path / "stage1", rt, DecoderSources(toy, "tiny", no_lpips=True))
     train_decoder(_cfg(*base, "train.lr=0", "train.warmup_start_lr=0", "train.final_lr=0", "train.weight_decay=0"),
-                  tmp_path / "ft", rt, toy, "tiny", no_lpips=True, init=tmp_path / "stage1")
+                  tmp_path / "ft", rt, DecoderSources(toy, "tiny", no_lpips=True, init=tmp_path / "stage1"))
     src = load_file(weights_file(tmp_path / "stage1", "decoder", prefer_ema=True))
     got = load_file(tmp_path / "ft" / "checkpoints/latest/model.safetensors")
     assert all(torch.equal(src[k], got[k]) for k in src)
     assert json.loads((tmp_path / "ft" / "inputs.json").read_text())["init"]["path"].endswith("stage1")
     with pytest.raises(UserError, match="another architecture"):
-        train_decoder(_cfg(*base, "model.width=16"), tmp_path / "bad", rt, toy, "tiny", no_lpips=True,
-                      init=tmp_path / "stage1")
+        train_decoder(_cfg(*base, "model.width=16"), tmp_path / "bad", rt,
+                      DecoderSources(toy, "tiny", no_lpips=True, init=tmp_path / "stage1"))
 
 
 def test_resume_on_other_images_is_refused_unless_new_data(toy, tmp_path, rt):
     """train-decoder records what it trained on (images, encoder, store rows): resuming on another image
     folder is a one-line refusal naming --new-data; with it, both inputs are kept in inputs.json."""
-    from flatdino_cli.stages.decoder import train_decoder
+    from flatdino_cli.stages.decoder import DecoderSources, train_decoder
 
     other = tmp_path / "other"
     write_toy_dataset(other, per_class=3, progress=False)  # 36 other images
     base = ("loss.gan=0", "loss.lpips=0", "train.batch_size=8")
     run = tmp_path / "run"
-    train_decoder(_cfg(*base, "train.max_steps=1"), run, rt, toy, "tiny", no_lpips=True)
+    train_decoder(_cfg(*base, "train.max_steps=1"), run, rt, DecoderSources(toy, "tiny", no_lpips=True))
     first = json.loads((run / "inputs.json").read_text())["data_identity"]
     assert first["kind"] == "images" and first["encoder"]["encoder"] == "tiny" and first["features"] is None
     before = (run / "checkpoints/latest/model.safetensors").read_bytes()
     with pytest.raises(UserError, match=r"other data than .*--new-data") as e:
-        train_decoder(_cfg(*base, "train.max_steps=2"), run, rt, other, "tiny", no_lpips=True)
+        train_decoder(_cfg(*base, "train.max_steps=2"), run, rt, DecoderSources(other, "tiny", no_lpips=True))
     assert "\n" not in str(e.value) and "source_hash" in str(e.value)
     assert (run / "checkpoints/latest/model.safetensors").read_bytes() == before  # nothing touched
-    train_decoder(_cfg(*base, "train.max_steps=2"), run, rt, other, "tiny", no_lpips=True, new_data=True)
+    train_decoder(_cfg(*base, "train.max_steps=2"), run, rt, DecoderSources(other, "tiny", no_lpips=True),
+                  new_data=True)
     inputs = json.loads((run / "inputs.json").read_text())
     assert inputs["previous_inputs"][0]["data_identity"] == first
     assert inputs["data_identity"]["source_hash"] != first["source_hash"]

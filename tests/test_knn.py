@@ -130,7 +130,8 @@ def test_knn_refuses_train_and_val_made_differently(tmp_path):
     bicubic, bilinear = PRE, {**PRE, "interp": "bilinear"}
     train = make_store(tmp_path / "train", data, y, bicubic)
     with pytest.raises(UserError, match="interp 'bilinear' vs 'bicubic'") as e:
-        run_knn(KNNConfig(train, tmp_path / "no", val=make_store(tmp_path / "v2", data[:9], y[:9], bilinear)), progress=False)
+        run_knn(KNNConfig(train, tmp_path / "no", val=make_store(tmp_path / "v2", data[:9], y[:9], bilinear)),
+                progress=False)
     assert "\n" not in str(e.value)
     r = run_knn(KNNConfig(train, tmp_path / "ok", val=make_store(tmp_path / "val", data[:9], y[:9], bicubic), ks=(5,)),
                 progress=False)

@@ -173,8 +173,8 @@ def redundancy(
     """
     from flatdino_cli.analysis.redundancy import RedundancyConfig, run_redundancy
 
-    r = run_redundancy(RedundancyConfig(features, out, n=n, bins=bins, max_distance=max_distance, batch_size=batch_size),
-                       runtime(device, "fp32", False))
+    cfg = RedundancyConfig(features, out, n=n, bins=bins, max_distance=max_distance, batch_size=batch_size)
+    r = run_redundancy(cfg, runtime(device, "fp32", False))
     if r.get("note"):
         typer.echo(f"redundancy: {r['note']}")
     typer.echo(f"redundancy: {r['n_images']} images -> {out / 'redundancy.json'}, {out / r['figure']}")

@@ -216,16 +216,16 @@ def train_decoder(
       flatdino train-decoder --preset tiny-decoder --images runs/toy --encoder tiny --out runs/toy-decoder
     """
     from flatdino_cli import workspace as ws
-    from flatdino_cli.stages.decoder import train_decoder as run
+    from flatdino_cli.stages.decoder import DecoderSources, train_decoder as run
     from flatdino_cli.stages.start import start_training
 
     cfg, encoder_weights, out, rt = start_training(
         train, "train-decoder", "decoder", "decoder-xl, tiny-decoder, ...",
         lambda cfg: ws.setting("encoder-weights", encoder_weights) if encoder is not None and not encoder.startswith("tiny") else encoder_weights)
-    summary = run(cfg, out, rt, images, encoder_name=encoder,
-                  encoder_weights=str(encoder_weights) if encoder_weights else None, features=features,
-                  no_lpips=no_lpips, lpips_weights=lpips_weights, resume=train.resume, vgg_weights=vgg_weights,
-                  disc=disc, disc_weights=disc_weights, init=init, new_data=train.new_data)
+    src = DecoderSources(images, encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
+                         features=features, no_lpips=no_lpips, lpips_weights=lpips_weights, vgg_weights=vgg_weights,
+                         disc=disc, disc_weights=disc_weights, init=init)
+    summary = run(cfg, out, rt, src, resume=train.resume, new_data=train.new_data)
     if rt.is_main:
         ws.note_run(out, "decoder", train.preset)
         v = summary["val"]

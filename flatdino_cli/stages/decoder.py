@@ -18,6 +18,7 @@ predicting the training mean image, the floor a decoder has to beat.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -62,20 +63,34 @@ def _check_resume(out: Path, disc_id: dict | None, resume: bool) -> None:
                         f"{disc_id and disc_id['kind']} (loss.gan / --disc); keep them, or start over with --no-resume")
 
 
-def decoder_task(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encoder_name: str | None = None,
-                 encoder_weights: str | None = None, features: str | Path | None = None, no_lpips: bool = False,
-                 lpips_weights: str | Path | None = None, vgg_weights: str | Path | None = None,
-                 disc: str = "patch", disc_weights: str | Path | None = None) -> Task:
+@dataclass(frozen=True)
+class DecoderSources:
+    """What train-decoder learns from and with, beside its stage config (recorded in inputs.json)."""
+
+    images: str | Path  # the pixel targets
+    encoder: str | None = None  # frozen encoder run on the fly (with features: only checked against the store)
+    encoder_weights: str | None = None
+    features: str | Path | None = None  # a feature store of exactly these images, instead of encoding on the fly
+    no_lpips: bool = False  # train without LPIPS (loss.lpips = 0)
+    lpips_weights: str | Path | None = None
+    vgg_weights: str | Path | None = None
+    disc: str = "patch"  # patch | dino-s8
+    disc_weights: str | Path | None = None
+    init: str | Path | None = None  # a decoder of the same architecture to start from
+
+
+def decoder_task(cfg: DecoderStageConfig, rt: Runtime, src: DecoderSources) -> Task:
     """Everything train.fit needs for the pixel decoder; task.config is the resolved config."""
-    if no_lpips:
+    if src.no_lpips:
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, lpips=0.0))
-    inputs: dict = {"images": str(Path(images).resolve())}
+    inputs: dict = {"images": str(Path(src.images).resolve())}
     lpips_fn, discriminator, disc_opt = None, None, None
     if cfg.loss.lpips > 0:  # fail fast, before any data or encoder is touched
-        lpips_fn, inputs["lpips"] = _lpips(lpips_weights, vgg_weights, rt)
+        lpips_fn, inputs["lpips"] = _lpips(src.lpips_weights, src.vgg_weights, rt)
     if cfg.loss.gan > 0:
-        discriminator, disc_opt, inputs["discriminator"] = _discriminator(disc, disc_weights, cfg.train, rt)
-    cfg, encoder, train_set, val_set = _datasets(cfg, rt, images, encoder_name, encoder_weights, features, inputs)
+        discriminator, disc_opt, inputs["discriminator"] = _discriminator(src.disc, src.disc_weights, cfg.train, rt)
+    cfg, encoder, train_set, val_set = _datasets(cfg, rt, src.images, src.encoder, src.encoder_weights, src.features,
+                                                 inputs)
     pending: list = []  # this step's (target, recon) micro-batches, which the discriminator's step takes
     loss_fn = partial(_loss, L=cfg.loss, encoder=encoder, lpips_fn=lpips_fn, disc=discriminator, pending=pending)
     val_fn = partial(_validate, encoder=encoder, mean_img=mean_image(train_set))
@@ -210,28 +225,24 @@ def _validate(model, batches, rt: Runtime, *, encoder, mean_img: torch.Tensor) -
     return {"loss": out["l1"], **out, "psnr_gain": out["psnr"] - out["psnr_mean_image"]}
 
 
-def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, images: str | Path, encoder_name: str | None = None,
-                  encoder_weights: str | None = None, features: str | Path | None = None, no_lpips: bool = False,
-                  lpips_weights: str | Path | None = None, resume: bool = True, vgg_weights: str | Path | None = None,
-                  disc: str = "patch", disc_weights: str | Path | None = None, init: str | Path | None = None,
+def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, src: DecoderSources, resume: bool = True,
                   new_data: bool = False) -> dict:
     """Train the pixel decoder into run dir `out`; returns fit's summary plus the last validation numbers.
     A resume on other images (or features) than the run's is refused unless new_data says so.
-    `init` (a decoder run or weights file of the same architecture) replaces the random init: FAE's pixel
+    `src.init` (a decoder run or weights file of the same architecture) replaces the random init: FAE's pixel
     fine-tuning continues its Gaussian embedding decoder on reconstructed features."""
-    disc_id = {"kind": disc} if cfg.loss.gan > 0 else None
+    disc_id = {"kind": src.disc} if cfg.loss.gan > 0 else None
     _check_resume(Path(out), disc_id, resume)
-    task = decoder_task(cfg, rt, images, encoder_name, encoder_weights, features, no_lpips, lpips_weights,
-                        vgg_weights, disc, disc_weights)
-    if init is not None:  # a resumed checkpoint, when there is one, still wins (fit loads it after this)
+    task = decoder_task(cfg, rt, src)
+    if src.init is not None:  # a resumed checkpoint, when there is one, still wins (fit loads it after this)
 
-        src = load_decoder(init, cfg.model).state_dict()
+        init = load_decoder(src.init, cfg.model).state_dict()
         own = task.model.state_dict()
-        if {k: v.shape for k, v in src.items()} != {k: v.shape for k, v in own.items()}:
-            raise UserError(f"--init {init}: a pixel decoder of another architecture than the preset's "
+        if {k: v.shape for k, v in init.items()} != {k: v.shape for k, v in own.items()}:
+            raise UserError(f"--init {src.init}: a pixel decoder of another architecture than the preset's "
                             f"(width {cfg.model.width}, depth {cfg.model.depth}, {cfg.model.in_dim}-d features)")
-        task.model.load_state_dict(src)
-        task.inputs["init"] = decoder_identity(init)
+        task.model.load_state_dict(init)
+        task.inputs["init"] = decoder_identity(src.init)
     summary = fit(task, task.config.train, out, rt, resume=resume, desc="train-decoder", new_data=new_data)
     summary["val"] = last_validation(out)
     return summary
