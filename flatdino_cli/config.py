@@ -321,8 +321,8 @@ STAGES: dict[str, type] = {"vae": VAEStageConfig, "dit": DiTStageConfig, "decode
 
 # ----------------------------------------------------------------------------- sampling (`flatdino sample`)
 # Where a command's config lives: here for the commands that make the pipeline's artefacts (runs,
-# stores, sample sets); a measurement's config (analysis/*.py, reconstruct.py, evaluate.py) beside the
-# one function that runs it.
+# stores, sample sets); a measurement's config (analysis/*.py, reconstruct.py, evaluate.py's ScoreConfig
+# for eval and sweep) beside the code that runs it, as are a stage's input files (stages/decoder.py).
 @dataclass(frozen=True)
 class SampleConfig:
     """What `flatdino sample` makes (sample.run_sample). The sampler fields (cfg_scale ... shift) are

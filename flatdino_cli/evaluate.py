@@ -56,7 +56,7 @@ __all__ = ["FD_REP", "FD_REP_NOCFG", "PCA_DIMS", "PCA_FIT_ROWS", "REFERENCE_FILE
            "Reference", "reference_stats", "rep_vectors", "fd_rep", "eval_labels", "sample_features",
            "unguided", "evaluate_dit", "default_reference_store", "CUDA_SAMPLES", "CPU_SAMPLES", "default_samples",
            "eval_every_steps", "training_evaluator", "eval_vae", "quality_summary", "RESULTS_FILE",
-           "evaluate_checkpoints", "evaluation_parts", "shared_reference"]
+           "ScoreConfig", "evaluate_checkpoints", "evaluation_parts", "shared_reference"]
 
 FD_REP, FD_REP_NOCFG = "fd_rep", "fd_rep_nocfg"  # the metrics.jsonl / tracker keys, everywhere
 PCA_DIMS = 32  # principal directions of the flattened grid
@@ -348,9 +348,21 @@ def evaluation_parts(dit: str | Path, reference: str | Path | None = None, sampl
     return pipe, _reference(dit, reference, rt), default_samples(samples, rt)
 
 
-def evaluate_checkpoints(path: str | Path, reference: str | Path | None = None, samples: int = 0, seed: int = 0,
-                         batch_size: int = 256, nocfg: bool = True, stats: str | Path | None = None,
-                         vae_run: str | Path | None = None, ema: bool = True, rt: Runtime = CPU) -> list[dict]:
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How `flatdino eval` and `flatdino sweep` score a DiT: fd_rep of `samples` class-balanced samples
+    (0: the device's default) from the noise of `seed`, against a validation feature store."""
+
+    reference: str | Path | None = None  # None: the store the run was evaluated against, else its data's val
+    samples: int = 0
+    seed: int = 0
+    batch_size: int = 256
+    vae_run: str | Path | None = None  # None: the one recorded with the DiT's latents
+    stats: str | Path | None = None  # RAE's stat.pt for an RAE checkpoint (None: beside it)
+
+
+def evaluate_checkpoints(path: str | Path, cfg: ScoreConfig = ScoreConfig(), nocfg: bool = True, ema: bool = True,
+                         rt: Runtime = CPU) -> list[dict]:
     """fd_rep of every checkpoint of a train-dit run (the kept step-NNNNNNN ones, oldest first, then latest)
     or of RAE's released stage2_model.pt, with the DiT's own sampler setting, exactly as train-dit
     evaluates: old runs, baselines and new runs get the same number against the same reference. A run's
@@ -358,21 +370,21 @@ def evaluate_checkpoints(path: str | Path, reference: str | Path | None = None, 
     computes only what is missing. Returns one row per checkpoint."""
     path = Path(path)
     is_run = (path / "config.yaml").is_file()
-    ref, n = _reference(path, reference, rt), default_samples(samples, rt)
+    ref, n = _reference(path, cfg.reference, rt), default_samples(cfg.samples, rt)
     cache = read_json(path / RESULTS_FILE) if is_run else {}
     unloaded = object()
     rows, vae = [], unloaded  # the VAE (None in RAE mode), loaded at the first checkpoint that samples
     for which in ([*kept_checkpoints(path), "latest"] if is_run else [None]):
-        d = load_dit(path, rt.device, ema, stats, which=which)
-        key = json.dumps([d.identity["sha256"], ref.identity["manifest_sha256"], REFERENCE_VERSION, n, seed, nocfg,
+        d = load_dit(path, rt.device, ema, cfg.stats, which=which)
+        key = json.dumps([d.identity["sha256"], ref.identity["manifest_sha256"], REFERENCE_VERSION, n, cfg.seed, nocfg,
                           dataclasses.asdict(d.cfg.flow)], sort_keys=True)  # the same weights: the same number
         step = int(load_state(checkpoint_dir(path, which) / "state.pt")["step"]) if is_run else None
         if key not in cache:
             if vae is unloaded:
-                vae = _vae_for(d, path, vae_run, rt.device)
+                vae = _vae_for(d, path, cfg.vae_run, rt.device)
             pipe = Pipeline(d.cfg, d.model.eval(), None, vae, d.stats)
-            result = evaluate_dit(pipe, ref, n, seed, d.cfg.flow, batch_size, rt, nocfg=nocfg)
-            cache[key] = {**result, "samples": n, "seed": seed, "reference": ref.identity["store"]}
+            result = evaluate_dit(pipe, ref, n, cfg.seed, d.cfg.flow, cfg.batch_size, rt, nocfg=nocfg)
+            cache[key] = {**result, "samples": n, "seed": cfg.seed, "reference": ref.identity["store"]}
             if is_run and rt.is_main:
                 atomic_write_json(path / RESULTS_FILE, cache)  # after each checkpoint: a kill loses one at most
         rows.append({"checkpoint": which or str(path), "step": step, **cache[key]})

@@ -20,7 +20,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from flatdino_cli.errors import UserError
-from flatdino_cli.evaluate import FD_REP, evaluate_dit, evaluation_parts
+from flatdino_cli.evaluate import FD_REP, ScoreConfig, evaluate_dit, evaluation_parts
 from flatdino_cli.flow import FlowConfig, network_evaluations
 from flatdino_cli.pipeline import parse_interval, sampling_flow
 from flatdino_cli.runtime import CPU, Runtime
@@ -131,22 +131,21 @@ def write_report(out: str | Path, table: dict[str, dict], keys: list[str], title
     return {"table": md, "figure": save_figure(fig, out / "sweep.png")}
 
 
-def run_sweep(dit: str | Path, out: str | Path, grid: dict[str, list], reference: str | Path | None = None,
-              samples: int = 0, seed: int = 0, batch_size: int = 256, vae_run: str | Path | None = None,
-              stats: str | Path | None = None, rt: Runtime = CPU) -> dict:
+def run_sweep(dit: str | Path, out: str | Path, grid: dict[str, list], cfg: ScoreConfig = ScoreConfig(),
+              rt: Runtime = CPU) -> dict:
     """Score a grid of sampler knobs for one DiT (a train-dit run or RAE's stage2_model.pt) with fd_rep
     (the preset's guidance as set by the point; evaluate.py), resumably; writes OUT/sweep.json, .md, .png."""
-    pipe, ref, n = evaluation_parts(dit, reference, samples, vae_run, stats, rt)
+    pipe, ref, n = evaluation_parts(dit, cfg.reference, cfg.samples, cfg.vae_run, cfg.stats, rt)
     points = grid_points(grid, pipe.cfg.flow)
     shared = {"dit": pipe.identity["dit"]["sha256"], "reference": ref.identity["manifest_sha256"], "samples": n,
-              "seed": seed}
+              "seed": cfg.seed}
 
     done = finished_points(out, shared)
     bar = tqdm(total=sum(k not in done for k, _ in points), desc="sweep", unit="point", dynamic_ncols=True,
                disable=not rt.is_main)
 
     def scored(flow: FlowConfig) -> dict:
-        result = evaluate_dit(pipe, ref, n, seed, flow, batch_size, rt, nocfg=False)
+        result = evaluate_dit(pipe, ref, n, cfg.seed, flow, cfg.batch_size, rt, nocfg=False)
         bar.update(1)
         bar.set_postfix(fd_rep=f"{result[FD_REP]:.4g}")
         return result

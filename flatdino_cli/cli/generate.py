@@ -236,13 +236,14 @@ def eval_(
       flatdino eval runs/dit-xl-32x128 runs/dit-dh-xl-32x128
       flatdino eval models/DiTs/.../DiTDH-XL/stage2_model.pt --reference stores/imagenet-val --samples 2000
     """
-    from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, evaluate_checkpoints
+    from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, ScoreConfig, evaluate_checkpoints
     from flatdino_cli.utils import atomic_write_json
 
     rt = runtime(device, precision, False)
+    cfg = ScoreConfig(reference=reference, samples=samples, seed=seed, batch_size=batch_size, vae_run=vae, stats=stats)
     rows = []
     for run in runs:
-        for row in evaluate_checkpoints(run, reference, samples, seed, batch_size, nocfg, stats, vae, rt=rt):
+        for row in evaluate_checkpoints(run, cfg, nocfg, rt=rt):
             rows.append({"run": str(run), **row})
             if rt.is_main:
                 where = f"{row['checkpoint']} (step {row['step']:,})" if row["step"] is not None else "RAE checkpoint"
@@ -283,10 +284,13 @@ def sweep(
       flatdino sweep runs/dit-xl-32x128 --out sweeps/cfg --cfg 1,1.5,2,3,4.5,6
       flatdino sweep runs/dit-xl-32x128 --out sweeps/nfe --sampler euler,heun,ab2 --steps 10,15,20,25,50
     """
+    from flatdino_cli.evaluate import ScoreConfig
     from flatdino_cli.sweep import parse_grid, run_sweep
 
     grid = parse_grid(cfg, interval, steps, sampler, shift)
-    r = run_sweep(dit, out, grid, reference, samples, seed, batch_size, vae, stats, runtime(device, precision, False))
+    score = ScoreConfig(reference=reference, samples=samples, seed=seed, batch_size=batch_size, vae_run=vae,
+                        stats=stats)
+    r = run_sweep(dit, out, grid, score, runtime(device, precision, False))
     best = min(r["points"], key=lambda p: p["fd_rep"])
     typer.echo(f"sweep: {len(r['points'])} points, best fd_rep {best['fd_rep']:.4g} (cfg {best['cfg']:g}, "
                f"{best['sampler']} {best['steps']} steps, {best['nfe']} evaluations per image) -> "
