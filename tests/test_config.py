@@ -100,3 +100,24 @@ def test_reproduce_text_versions_resolve():
         sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
         default, changed = load_preset(preset), load_preset(preset, sets)
         assert default != changed, cmd
+
+
+def test_sample_config_checks_guidance_before_anything_is_loaded():
+    """`flatdino sample`'s option checks are SampleConfig's: the same one-line messages, raised before
+    any run is opened (the paths here do not exist)."""
+    from flatdino_cli.config import SampleConfig
+
+    base, schedule = ("no-dit", None, "no-decoder"), ((0.0, 1.0, 2.0),)
+    for kwargs, message in (({"batch_size": 0}, "--batch-size 0: must be >= 1"),
+                            ({"guide_scale": 1.5}, "AutoGuidance needs both"),
+                            ({"guide": "weak"}, "AutoGuidance needs both"),
+                            ({"guide": "weak", "guide_scale": 1.5, "cfg_scale": 2.0}, "two guidance methods"),
+                            ({"cfg_scale": 2.0, "schedule": schedule}, "--cfg-schedule sets the weight"),
+                            ({"interval": (0.1, 1.0), "schedule": schedule}, "--cfg-schedule sets the weight")):
+        with pytest.raises(UserError, match=message) as e:
+            SampleConfig(*base, **kwargs)
+        assert "\n" not in str(e.value)
+    assert SampleConfig(*base, guide="weak", schedule=schedule).weight is None  # the schedule weighs
+    assert SampleConfig(*base, guide="weak", guide_scale=1.42).weight == 1.42
+    assert SampleConfig(*base, cfg_scale=4.5, classes=["0", "goldfinch"]).weight == 4.5
+    assert SampleConfig(*base, classes=["0", "goldfinch"]).classes == ("0", "goldfinch")  # frozen: a tuple

@@ -44,8 +44,8 @@ def ablate_tokens(
     vae, features = ws.pick_ablate(vae, features)
     out = out or vae / "analysis" / "ablation"
 
-    r = run_ablate(AblateConfig(vae, features, out, n=n, batch_size=batch_size, unit_batch=unit_batch, example=example),
-                   runtime(device, precision, False))
+    cfg = AblateConfig(vae, features, out, n=n, batch_size=batch_size, unit_batch=unit_batch, example=example)
+    r = run_ablate(cfg, runtime(device, precision, False))
     typer.echo(f"ablate-tokens: {r['units']} {r['unit']}s x {r['num_patches']} patches over {r['n_images']} images "
                f"-> {out / r['figure']}")
 
@@ -76,9 +76,9 @@ def pca(
     """
     from flatdino_cli.analysis.pca import PCAConfig, run_pca
 
-    r = run_pca(PCAConfig(features, out, images=images, vae_run=vae, n=n, batch_size=batch_size,
-                          max_vectors=max_vectors, chunk_size=chunk_size, workers=workers),
-                runtime(device, precision, False))
+    cfg = PCAConfig(features, out, images=images, vae_run=vae, n=n, batch_size=batch_size, max_vectors=max_vectors,
+                    chunk_size=chunk_size, workers=workers)
+    r = run_pca(cfg, runtime(device, precision, False))
     for name, s in r["sources"].items():
         typer.echo(f"pca: {name:7s} D={s['dim']:4d}  95%: {s['dims']['0.95']:4d}  99%: {s['dims']['0.99']:4d}  "
                    f"({s['n_vectors']} vectors)")

@@ -236,12 +236,12 @@ def train_decoder(cfg: DecoderStageConfig, out: Path, rt: Runtime, src: DecoderS
     task = decoder_task(cfg, rt, src)
     if src.init is not None:  # a resumed checkpoint, when there is one, still wins (fit loads it after this)
 
-        init = load_decoder(src.init, cfg.model).state_dict()
+        start = load_decoder(src.init, cfg.model).state_dict()
         own = task.model.state_dict()
-        if {k: v.shape for k, v in init.items()} != {k: v.shape for k, v in own.items()}:
+        if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in own.items()}:
             raise UserError(f"--init {src.init}: a pixel decoder of another architecture than the preset's "
                             f"(width {cfg.model.width}, depth {cfg.model.depth}, {cfg.model.in_dim}-d features)")
-        task.model.load_state_dict(init)
+        task.model.load_state_dict(start)
         task.inputs["init"] = decoder_identity(src.init)
     summary = fit(task, task.config.train, out, rt, resume=resume, desc="train-decoder", new_data=new_data)
     summary["val"] = last_validation(out)
