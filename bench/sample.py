@@ -32,7 +32,7 @@ from _common import DTYPES, SIZES, g, matmul_peak, peak_memory, reset_peak_memor
 from flatdino_cli import pipeline as P
 from flatdino_cli import sample as S
 from flatdino_cli.analysis.flops import sample_flops
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.flow import network_evaluations
 from flatdino_cli.models import build_model
 from flatdino_cli.runtime import setup_runtime

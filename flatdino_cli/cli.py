@@ -173,7 +173,7 @@ def _train_start(command: str, stage: str, wanted: str, preset: str, sets, epoch
     workspace resumes the run whose recorded config is that), the run dir (--out or the workspace's),
     the out-dir check, the runtime. Returns (cfg, picked, out, rt)."""
     from flatdino_cli import workspace as ws
-    from flatdino_cli.config import load_preset
+    from flatdino_cli.config_yaml import load_preset
 
     cfg = load_preset(preset, _overrides(sets, **{"train.epochs": epochs, "train.batch_size": batch_size,
                                                   "train.seed": seed, "train.log_to": _log_to(log_to)}))
@@ -197,7 +197,7 @@ def presets_list(ctx: typer.Context):
       flatdino presets show vae-32x128 --set model.tokens=64
     """
     if ctx.invoked_subcommand is None:
-        from flatdino_cli.config import list_presets, load_preset
+        from flatdino_cli.config_yaml import list_presets, load_preset
 
         for name in list_presets():
             try:
@@ -213,7 +213,7 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML f
     try:
         import yaml
 
-        from flatdino_cli.config import load_preset, to_dict
+        from flatdino_cli.config_yaml import load_preset, to_dict
         from flatdino_cli.models import count_parameters
 
         cfg = load_preset(name, _overrides(sets))

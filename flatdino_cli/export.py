@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from flatdino_cli.checkpoint import run_config, weights_file
-from flatdino_cli.config import save_config, to_dict
+from flatdino_cli.config_yaml import save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import CONFIG_JSON, WEIGHTS, is_export
 from flatdino_cli.interop.rae import rae_mlp_ratio, to_rae_state_dict
@@ -380,7 +380,7 @@ def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None
 
 def config_from_model(net) -> Any:
     """The stage config that builds `net` (a VAE or pixel decoder: their model config is all it takes)."""
-    from flatdino_cli.config import config_from_dict
+    from flatdino_cli.config_yaml import config_from_dict
 
     stage = "decoder" if type(net).__name__ == "PixelDecoder" else "vae"
     return config_from_dict({"stage": stage, "model": to_dict(net.cfg)}, f"{stage} model config")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flatdino_cli.analysis.flops import dit_forwards_per_image
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.flow import (FlowConfig, FlowConfigError, evaluation_times, guidance_weights, make_velocity_fn,
                                sample, sde_grid, shift_time)
 from flatdino_cli.pipeline import parse_schedule, sampling_flow

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from flatdino_cli import pipeline as P
 from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
-from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig, save_config)
+from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig
+from flatdino_cli.config_yaml import save_config
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, time_grid
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
@@ -484,7 +485,7 @@ def test_baseline_presets_build_and_show_their_parameter_count(name, paper_milli
 
 
 def test_baseline_recipes():
-    from flatdino_cli.config import load_preset
+    from flatdino_cli.config_yaml import load_preset
     from flatdino_cli.train import lr_at
 
     xl, dh = load_preset("rae-xl-256x768").train, load_preset("rae-dh-xl-256x768").train

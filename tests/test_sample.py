@@ -23,8 +23,9 @@ from flatdino_cli import viz
 from flatdino_cli.stages import dit as dit_stage
 from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
-from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig,
-                                 VAEModelConfig, VAEStageConfig, save_config)
+from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig, VAEModelConfig,
+                                 VAEStageConfig)
+from flatdino_cli.config_yaml import save_config
 from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb
 from flatdino_cli.encoders import load_encoder
 from flatdino_cli.errors import UserError
