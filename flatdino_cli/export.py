@@ -303,7 +303,7 @@ def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None
 
     from safetensors.torch import save_file
 
-    from flatdino_cli.pipeline import load_pipeline
+    from flatdino_cli.pipeline.load import load_pipeline
 
     dit_run, out = Path(dit_run), Path(out)
     if decoder is None:
