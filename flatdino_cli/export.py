@@ -142,7 +142,8 @@ def build_arch_name(cfg: Any) -> str:
 def _rae_encoder(ident: dict, encoder_weights, run_dir: Path):
     """(spec, weights path or None) of the encoder a decoder run was trained on; one-line UserError when
     AutoencoderRAE cannot hold it (its DINOv2 encoders have 64-wide heads and a GELU MLP)."""
-    from flatdino_cli.encoders import cached_hub_weights, get_spec
+    from flatdino_cli.encoders.hf_cache import cached_hub_weights
+    from flatdino_cli.encoders.specs import get_spec
     from flatdino_cli.interop import diffusers as D
 
     name, wid = ident.get("encoder"), ident.get("weights")
@@ -178,7 +179,8 @@ def _rae_encoder_tensors(spec, path: Path, ident: dict, run_dir: Path) -> tuple[
     import dataclasses
     import math
 
-    from flatdino_cli.encoders import load_encoder, read_state_dict
+    from flatdino_cli.encoders import load_encoder
+    from flatdino_cli.encoders.keys import read_state_dict
     from flatdino_cli.interop import diffusers as D
 
     file = D.weights_path(path) if spec is None else path
