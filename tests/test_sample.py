@@ -216,7 +216,8 @@ def test_same_seed_same_images_for_any_batch_size(w, tmp_path, monkeypatch):
         b, lb = npz_of(tmp_path / f"b{bs}")
         assert np.array_equal(la, lb) and np.array_equal(a, b), bs
     # float pixels of all at once, each image alone, in threes, backwards: other neighbours, other places
-    monkeypatch.setattr(PL, "to_uint8", lambda px: px.permute(0, 2, 3, 1).numpy())  # decode() stops before rounding
+    # decode() stops before rounding
+    monkeypatch.setattr("flatdino_cli.pipeline.to_uint8", lambda px: px.permute(0, 2, 3, 1).numpy())
     pipe, lab, idx = load_pipeline(w["dit"], w["vae"], w["dec"]), la.tolist(), list(range(11))
     ref = PL.generate(pipe, lab, idx, 3)
     assert ref.dtype == np.float32 and np.array_equal(a, viz.to_uint8(torch.from_numpy(ref).permute(0, 3, 1, 2)))
