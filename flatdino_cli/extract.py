@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from flatdino_cli import preempt
+from flatdino_cli import workspace as ws
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (BadImageWarning, DeviceJpegDataset, EncoderTransform, FeatureDataset, ImageDataset,
                                Store, check_feature_shape, collate_device_jpegs, collate_images, crops_on_device,
@@ -28,7 +29,7 @@ from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import FolderLock
 from flatdino_cli.runs import load_run
-from flatdino_cli.runtime import Runtime
+from flatdino_cli.runtime import Runtime, setup_runtime
 from flatdino_cli.utils import disk_full_is_user_error, read_json
 
 
@@ -237,3 +238,28 @@ def check_same_encoder(store: Store, where: Path, vae_run: str | Path, new_data:
                         f"features of {trained_on['encoder'].get('encoder')} (weights "
                         f"{trained_on['encoder'].get('weights')}); pass --new-data to use it anyway (recorded)")
     return trained_on
+
+
+# ============================================================================ the command
+def run_extract(source: Path, out: Path | None, device: str, vae: Path | None = None, decoded: bool = False,
+                overwrite: bool = False, new_data: bool = False, class_index: Path | None = None,
+                **image_options) -> dict:
+    """`flatdino extract`: images -> a feature store, or with `vae` a feature store -> a latent store (decoded:
+    of the VAE's reconstructions). OUT defaults to the workspace's stores/<source>-<encoder> (or
+    -latents-<vae>, -decoded-<vae>). image_options are ExtractConfig's fields as the options give them
+    ("" for a dtype or interp not given); with `vae` only batch_size and dtype count."""
+    encoder, encoder_weights = image_options.pop("encoder"), image_options.pop("encoder_weights")
+    dtype, interp = image_options.pop("dtype"), image_options.pop("interp")
+    made = f"{'decoded' if decoded else 'latents'}-{vae.resolve().name}" if vae is not None else encoder
+    out = ws.store_dir("extract", out, f"{source.resolve().name}-{made}")
+    if vae is None and not encoder.startswith("tiny"):  # the tiny encoders have random weights
+        encoder_weights = ws.setting("encoder-weights", encoder_weights)
+    rt = setup_runtime(device, "fp32", False)
+    if vae is not None:
+        return extract_latents(source, vae, out, rt, batch_size=image_options["batch_size"], dtype=dtype or "float32",
+                               overwrite=overwrite, decoded=decoded, new_data=new_data)
+    if decoded:
+        raise UserError("--decoded goes with --vae RUN")
+    cfg = ExtractConfig(encoder=encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
+                        dtype=dtype or "float16", interp=interp or None, **image_options)
+    return extract_features(source, out, cfg, rt, overwrite=overwrite, class_index=class_index)

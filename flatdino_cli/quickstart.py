@@ -48,6 +48,13 @@ class QuickstartPlan:
     overrides: tuple[str, ...] = ()  # "stage:key=value", e.g. "vae:train.epochs=2" (tests shorten runs)
     until: str | None = None  # stop after this stage (tests build the toy data and features once)
 
+    def __post_init__(self):
+        if self.laminator not in ("flat", "fae"):
+            raise UserError(f"--laminator {self.laminator}: use flat or fae")
+        for item in self.overrides:
+            if ":" not in item or item.split(":", 1)[0] not in ("vae", "dit", "decoder"):
+                raise UserError(f"--set {item}: expected STAGE:key=value with STAGE in vae, dit, decoder")
+
     def sets(self, stage: str) -> list[str]:
         return [o.split(":", 1)[1] for o in self.overrides if o.startswith(stage + ":")]
 

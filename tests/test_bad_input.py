@@ -143,6 +143,28 @@ def test_real_processes_print_no_traceback(cli, bad, tmp_path):
         assert p.stderr.strip().splitlines()[-1].startswith("flatdino: error:"), p.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ["presets", "show", "NOPE"],
+    ["presets", "show", "tiny-vae", "--set", "nope=1"],
+    ["workspace", "set", "nope", "x"],
+    ["--workspace", "{F}", "workspace"],  # the sub-apps' listing callbacks go through the wrapper too
+    ["--workspace", "{F}", "workspace", "set", "decoder", "x"],
+], ids=" ".join)
+def test_presets_and_workspace_errors_are_one_line(args, bad):
+    args = [str(bad["file"]) if a == "{F}" else a for a in args]
+    line = assert_one_line_error(run(args), args)
+    assert line.startswith("flatdino: error:"), line
+
+
+def test_presets_show_of_no_preset_is_one_line_in_a_real_process():
+    from conftest import run_cli_process
+
+    p = run_cli_process("presets", "show", "NOPE", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines() == ["flatdino: error: --preset NOPE: no such preset (run `flatdino presets` "
+                                             "to list them)"]
+
+
 @pytest.mark.parametrize("command,preset,wanted", [
     ("train-vae", "tiny-dit", "a vae-* preset"),
     ("train-dit", "tiny-decoder", "a DiT preset (xl-32x128, ...)"),

@@ -1,9 +1,10 @@
 """Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow,
 encoders, checkpoint, interop, config) import no command or training loop, the modules the commands share
 (train, pipeline, runs, workspace, ...) import no command, and command modules do not import each other
-(quickstart, which orchestrates, excepted); the networks (models, losses) take nothing from data/ but its
-pixel constants. Every import counts, function-level ones included: a lazy import still ties the two
-modules together."""
+(quickstart and compare, which orchestrate, excepted); the networks (models, losses) take nothing from data/
+but its pixel constants. The cli package is on top: nothing imports it, and its command-group modules import
+only cli/common.py of their package. Every import counts, function-level ones included: a lazy import still
+ties the two modules together."""
 
 import ast
 
@@ -12,11 +13,15 @@ from conftest import ROOT
 PKG = "flatdino_cli"
 # the floor below the commands: these import nothing from the modules in COMMANDS_AND_LOOP
 BLOCKS = ("models", "losses", "nn", "data", "flow", "encoders", "checkpoint", "interop", "config", "config_yaml")
-COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "quickstart", "cli", "analysis", "export",
-                     "info", "pipeline", "runs", "workspace")
-COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "stages", "analysis", "export", "info")
+COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "quickstart", "compare", "cli", "analysis",
+                     "export", "info", "pipeline", "runs", "workspace")
+COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "compare", "stages", "analysis", "export", "info")
+ORCHESTRATORS = ("quickstart", "compare")  # commands made of the other commands
 # what the commands share, between them and the blocks: these import no command
 SHARED = ("train", "pipeline", "runs", "workspace", "classes", "metrics")
+# the top floor: the Typer declarations (cli/__init__.py gathers the group modules, which share cli/common.py;
+# cli/__main__.py runs it)
+CLI, CLI_TOP, CLI_SHARED = "cli", (f"{PKG}.cli", f"{PKG}.cli.__main__"), (f"{PKG}.cli.common",)
 
 
 def _modules() -> dict[str, tuple[ast.Module, bool]]:
@@ -105,7 +110,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_graph_sees_lazy_and_relative_imports():
     """The parser must see what the rules are about, or the tests below pass vacuously."""
     graph = _import_graph()
-    assert f"{PKG}.stages.dit" in graph[f"{PKG}.cli"]  # function-level import inside a command
+    assert f"{PKG}.stages.dit" in graph[f"{PKG}.cli.train"]  # function-level import inside a command
+    assert f"{PKG}.cli.train" in graph[f"{PKG}.cli"]  # `from pkg import sub` is the submodule
     assert f"{PKG}.nn.norm" in graph[f"{PKG}.nn.attention"]  # relative import
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -126,7 +132,7 @@ def test_commands_do_not_import_each_other():
     graph = _import_graph()
     top = lambda m: _short(m).split(".")[0]  # noqa: E731
     # modules of one command package (analysis/noise -> analysis/common) are parts of one floor
-    bad = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if _in(m, COMMANDS) and top(m) != "quickstart"
+    bad = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if _in(m, COMMANDS) and top(m) not in ORCHESTRATORS
                  for d in deps if _in(d, COMMANDS) and top(d) != top(m))
     assert not bad, "command modules import each other: " + ", ".join(bad)
 
@@ -136,6 +142,18 @@ def test_shared_modules_import_no_command():
     bad = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if _in(m, SHARED)
                  for d in deps if _in(d, COMMANDS))
     assert not bad, "modules the commands share import a command: " + ", ".join(bad)
+
+
+def test_cli_is_on_top():
+    graph = _import_graph()
+    below = sorted(f"{_short(m)} -> {_short(d)}" for m, deps in graph.items() if not _in(m, (CLI,))
+                   for d in deps if _in(d, (CLI,)))
+    assert not below, "modules import the cli: " + ", ".join(below)
+    groups = [m for m in graph if _in(m, (CLI,)) and m not in CLI_TOP + CLI_SHARED]
+    assert f"{PKG}.cli.train" in groups
+    sideways = sorted(f"{_short(m)} -> {_short(d)}" for m in groups for d in graph[m]
+                      if _in(d, (CLI,)) and d not in CLI_SHARED)
+    assert not sideways, "cli group modules import each other or the app: " + ", ".join(sideways)
 
 
 # all that the networks take from data/: the ImageNet pixel constants (the pixel decoder and the DINO

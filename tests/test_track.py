@@ -140,9 +140,10 @@ def test_log_to_cli_option_sets_train_log_to(tmp_path):
     """--log-to on the train commands is the override train.log_to=[...] (also settable in a preset)."""
     from typer.testing import CliRunner
 
-    from flatdino_cli.cli import _log_to, app
+    from flatdino_cli.cli import app
+    from flatdino_cli.stages.start import TrainRequest
 
-    c = load_preset("vae-32x128", [f"train.log_to={_log_to(['tensorboard', 'wandb'])}"])
+    c = load_preset("vae-32x128", TrainRequest("vae-32x128", log_to=["tensorboard", "wandb"]).overrides())
     assert c.train.log_to == ("tensorboard", "wandb")
     assert dataclasses.replace(c.train, log_to=()).log_to == ()
     for command in ("train-vae", "train-dit", "train-decoder"):

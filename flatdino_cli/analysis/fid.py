@@ -236,6 +236,15 @@ def source_summary(src: Source, extractor: FeatureExtractor, batch_size: int = 5
 
 
 # ============================================================================ the command
+def dino_encoder(name: str | None, weights: str | Path | None, device):
+    """`fid --dino NAME [--encoder-weights W]`: the frozen encoder FD-DINOv2 is measured with (None: none)."""
+    if not name:
+        return None
+    from flatdino_cli.encoders import load_encoder  # heavy: torch
+
+    return load_encoder(name, str(weights) if weights else None, device=device)
+
+
 def run_fid(samples: str | Path, ref: str | Path, extractor: FeatureExtractor | None = None,
             inception_weights: str | Path | None = None, batch_size: int = 50, device: str = "cpu",
             dino_encoder=None, json_out: str | Path | None = None, k: int = 3, progress: bool = True) -> dict:

@@ -1,0 +1,21 @@
+"""What the command groups share: option types used by several groups, and the runtime set-up."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a config value, dotted and type-checked: --set train.lr=1e-4 (repeatable).")]
+Device = Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda, cuda:1.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")]
+# the measuring commands (sample, reconstruct, ablate-tokens, pca, noise) run in fp32 unless asked, as the
+# authors' rFID and our FID protocol do: one default, so no number silently comes from bf16
+MeasurePrecision = Annotated[str, typer.Option(help="fp32 (default: what measured numbers assume), bf16 or auto.")]
+
+
+def runtime(device: str, precision: str, compile: Optional[bool]):
+    from flatdino_cli.runtime import setup_runtime  # heavy: torch
+
+    return setup_runtime(device, precision, compile)
