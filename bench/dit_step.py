@@ -19,7 +19,7 @@ import torch
 from _common import (FLOPS_PER_MAC, TRAIN_FACTOR, add_step_options, count_forward_macs, matmul_peak, peak_memory,
                      report_train_step, reset_peak_memory, step_header, step_runtime, sync, timed)
 from flatdino_cli.analysis.flops import dit_forward_flops
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
 from flatdino_cli.train import ema_update, param_groups

@@ -18,7 +18,7 @@ import torch
 from _common import (DTYPES, FLOPS_PER_MAC, SIZES, count_forward_macs, g, matmul_peak, peak_memory,
                      reset_peak_memory, size_overrides)
 from flatdino_cli.analysis.flops import dit_forward_flops, measure_throughput
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.models.dit import DiT
 from flatdino_cli.runtime import resolve_device
 

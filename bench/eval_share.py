@@ -26,7 +26,7 @@ import torch
 
 from _common import DTYPES, matmul_peak
 from flatdino_cli.analysis.flops import dit_forward_flops, vae_decoder_flops
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.evaluate import CPU_SAMPLES, CUDA_SAMPLES, eval_every_steps, unguided
 from flatdino_cli.flow import network_evaluations
 from flatdino_cli.quickstart import QuickstartPlan

@@ -31,6 +31,7 @@ from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (DeviceJpegDataset, EncoderTransform, ImageList, collate_device_jpegs,
                                crops_on_device, list_images, load_rgb)
 from flatdino_cli.encoders import default_crop_size
+from flatdino_cli.encoders.specs import EncoderSpec, get_spec
 from flatdino_cli.extract import extract_features
 from flatdino_cli.runtime import setup_runtime
 
@@ -39,7 +40,7 @@ ENCODERS = ("tiny", "dinov2-b-reg4")
 
 def random_weights(name, weights=None, device="cpu"):
     """load_encoder with the named architecture's fixed-seed random init (no weight files here)."""
-    spec = name if isinstance(name, encoders.EncoderSpec) else encoders.get_spec(name)
+    spec = name if isinstance(name, EncoderSpec) else get_spec(name)
     return real_load_encoder(dataclasses.replace(spec, hub_repos=()), None, device)
 
 

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from _common import DTYPES, SIZES, g, matmul_peak, peak_memory, reset_peak_memory, size_overrides, sync
-from flatdino_cli import pipeline as P
+from flatdino_cli.pipeline import Pipeline
+from flatdino_cli.pipeline import generate as P
 from flatdino_cli import sample as S
 from flatdino_cli.analysis.flops import sample_flops
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.flow import network_evaluations
 from flatdino_cli.models import build_model
 from flatdino_cli.runtime import setup_runtime
@@ -56,22 +57,22 @@ def presets(size: str, decoder: str, tiny: bool) -> dict:
             "rae": rae, "decoder": load_preset("tiny-decoder")}
 
 
-def build_pipeline(kind: str, spec: dict, device: torch.device) -> P.Pipeline:
+def build_pipeline(kind: str, spec: dict, device: torch.device) -> Pipeline:
     """FlatDINO (DiT on 32 x 128 latents + the VAE decoder) or RAE (DiT on 256 x 768 features + their
     statistics), both with the same pixel decoder; random weights, eval mode."""
     dec = build_model(spec["decoder"]).to(device).eval()
     if kind == "flatdino":
         cfg = spec["dit"]
         vae = build_model(spec["vae"]).to(device).eval()
-        return P.Pipeline(cfg, build_model(cfg).to(device).eval(), dec, vae=vae)
+        return Pipeline(cfg, build_model(cfg).to(device).eval(), dec, vae=vae)
     cfg = spec["rae"]
     m = cfg.model
     stats = LatentStats(torch.randn(m.tokens, m.in_dim), torch.rand(m.tokens, m.in_dim) + 0.5).to(device)
-    return P.Pipeline(cfg, build_model(cfg).to(device).eval(), dec, stats=stats)
+    return Pipeline(cfg, build_model(cfg).to(device).eval(), dec, stats=stats)
 
 
 @contextlib.contextmanager
-def stage_clock(pipe: P.Pipeline, device: torch.device):
+def stage_clock(pipe: Pipeline, device: torch.device):
     """Seconds per stage of everything run inside the block: the sampler loop (P.sample: DiT forwards
     and the Euler updates), the VAE decoder and the pixel decoder (each timed between device syncs)."""
     spent = dict.fromkeys(STAGES, 0.0)
@@ -100,7 +101,7 @@ def stage_clock(pipe: P.Pipeline, device: torch.device):
             del pipe.vae.decode
 
 
-def warm_up(pipe: P.Pipeline, flow, batch: int, rt) -> float:
+def warm_up(pipe: Pipeline, flow, batch: int, rt) -> float:
     """Seconds of one unguided and one guided single-step call (both batch shapes the sampler uses:
     a torch.compile'd DiT compiles here)."""
     t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def warm_up(pipe: P.Pipeline, flow, batch: int, rt) -> float:
     return time.perf_counter() - t0
 
 
-def run_pipeline(pipe: P.Pipeline, labels: list[int], flow, batch: int, rt, work: Path) -> dict:
+def run_pipeline(pipe: Pipeline, labels: list[int], flow, batch: int, rt, work: Path) -> dict:
     """One timed write_sample_set into a fresh folder: images/s and seconds per stage."""
     out = Path(tempfile.mkdtemp(dir=work))
     with stage_clock(pipe, rt.device) as spent:

@@ -20,7 +20,7 @@ import torch
 from _common import (FLOPS_PER_MAC, TRAIN_FACTOR, add_step_options, count_forward_macs, matmul_peak,
                      report_train_step, step_header, step_runtime, timed)
 from flatdino_cli.analysis.flops import layer_flops, vae_encoder_flops
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.models import build_model
 from flatdino_cli.models.vae import vae_loss
 from flatdino_cli.train import param_groups

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flatdino_cli.config import load_config
+from flatdino_cli.config_yaml import load_config
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import WEIGHTS as EXPORT_WEIGHTS
 from flatdino_cli.hub import is_export

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from flatdino_cli.analysis.flops import dit_step_flops
 from flatdino_cli.checkpoint import run_config
-from flatdino_cli.config import ExtractConfig, load_preset
+from flatdino_cli.config import ExtractConfig
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.data import FeatureDataset, Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, evaluate_dit, evaluation_parts

@@ -47,7 +47,9 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.flow import FlowConfig
 from flatdino_cli.checkpoint import checkpoint_dir, kept_checkpoints, load_state
-from flatdino_cli.pipeline import LoadedDiT, Pipeline, load_dit, sample_chunks, trained_on_features
+from flatdino_cli.pipeline import Pipeline
+from flatdino_cli.pipeline.generate import sample_chunks
+from flatdino_cli.pipeline.load import LoadedDiT, load_dit, trained_on_features
 from flatdino_cli.runs import load_run, run_inputs
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, read_json

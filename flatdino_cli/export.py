@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from flatdino_cli.checkpoint import run_config, weights_file
-from flatdino_cli.config import save_config, to_dict
+from flatdino_cli.config_yaml import save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import CONFIG_JSON, WEIGHTS, is_export
 from flatdino_cli.interop.rae import rae_mlp_ratio, to_rae_state_dict
@@ -142,7 +142,8 @@ def build_arch_name(cfg: Any) -> str:
 def _rae_encoder(ident: dict, encoder_weights, run_dir: Path):
     """(spec, weights path or None) of the encoder a decoder run was trained on; one-line UserError when
     AutoencoderRAE cannot hold it (its DINOv2 encoders have 64-wide heads and a GELU MLP)."""
-    from flatdino_cli.encoders import cached_hub_weights, get_spec
+    from flatdino_cli.encoders.hf_cache import cached_hub_weights
+    from flatdino_cli.encoders.specs import get_spec
     from flatdino_cli.interop import diffusers as D
 
     name, wid = ident.get("encoder"), ident.get("weights")
@@ -178,7 +179,8 @@ def _rae_encoder_tensors(spec, path: Path, ident: dict, run_dir: Path) -> tuple[
     import dataclasses
     import math
 
-    from flatdino_cli.encoders import load_encoder, read_state_dict
+    from flatdino_cli.encoders import load_encoder
+    from flatdino_cli.encoders.keys import read_state_dict
     from flatdino_cli.interop import diffusers as D
 
     file = D.weights_path(path) if spec is None else path
@@ -303,7 +305,7 @@ def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None
 
     from safetensors.torch import save_file
 
-    from flatdino_cli.pipeline import load_pipeline
+    from flatdino_cli.pipeline.load import load_pipeline
 
     dit_run, out = Path(dit_run), Path(out)
     if decoder is None:
@@ -380,7 +382,7 @@ def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None
 
 def config_from_model(net) -> Any:
     """The stage config that builds `net` (a VAE or pixel decoder: their model config is all it takes)."""
-    from flatdino_cli.config import config_from_dict
+    from flatdino_cli.config_yaml import config_from_dict
 
     stage = "decoder" if type(net).__name__ == "PixelDecoder" else "vae"
     return config_from_dict({"stage": stage, "model": to_dict(net.cfg)}, f"{stage} model config")

@@ -23,7 +23,7 @@ RAE_LOADS = {
 
 def matching_preset(cfg: Any) -> str | None:
     """The shipped preset whose model section this config's equals (a run records its resolved config)."""
-    from flatdino_cli.config import list_presets, load_preset, to_dict
+    from flatdino_cli.config_yaml import list_presets, load_preset, to_dict
 
     model = to_dict(cfg.model)
     for name in list_presets():

@@ -22,7 +22,8 @@ from typing import Callable
 from flatdino_cli.analysis.ablate import AblateConfig, run_ablate
 from flatdino_cli.analysis.flops import appendix_h_tables, format_table
 from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, predict, real_accuracy
-from flatdino_cli.config import ExtractConfig, SampleConfig, load_preset
+from flatdino_cli.config import ExtractConfig, SampleConfig
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.extract import extract_features, extract_latents
 from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct

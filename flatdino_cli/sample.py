@@ -1,4 +1,4 @@
-"""`flatdino sample`: a sample set from a DiT run (the pipeline that makes the images: pipeline.py).
+"""`flatdino sample`: a sample set from a DiT run (the pipeline that makes the images: pipeline/).
 
 A sample set in OUT: images/<class>_<index>.png, parts/part_<lo>-<hi>.npz (one per shard, written
 atomically while the run goes; deleted once the final file exists), samples_<N>x<S>x<S>x3.npz (ADM
@@ -28,7 +28,10 @@ from flatdino_cli.classes import class_label, class_plan, resolve_classes
 from flatdino_cli.config import SampleConfig
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, network_evaluations
-from flatdino_cli.pipeline import Pipeline, generate, load_pipeline, sampler_batch, sampling_flow
+from flatdino_cli.pipeline import Pipeline
+from flatdino_cli.pipeline.generate import generate, sampler_batch
+from flatdino_cli.pipeline.load import load_pipeline
+from flatdino_cli.pipeline.options import sampling_flow
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import atomic_write, atomic_write_bytes, atomic_write_json, check_out_dir, sha256_strings
 from flatdino_cli.viz import load_png, save_grid, save_png

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from flatdino_cli.errors import UserError
 from flatdino_cli.evaluate import FD_REP, ScoreConfig, evaluate_dit, evaluation_parts
 from flatdino_cli.flow import FlowConfig, network_evaluations
-from flatdino_cli.pipeline import parse_interval, sampling_flow
+from flatdino_cli.pipeline.options import parse_interval, sampling_flow
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import atomic_write_json, atomic_write_text, comma_list, ensure_dir, read_json
 from flatdino_cli.viz import curve, new_figure, save_figure

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from flatdino_cli import preempt
 from flatdino_cli.checkpoint import (checkpoint_dir, kept_checkpoint, load_into, load_state, load_weights,
                                      save_checkpoint, verify_checkpoint)
-from flatdino_cli.config import TrainConfig, save_config, to_dict
+from flatdino_cli.config import TrainConfig
+from flatdino_cli.config_yaml import save_config, to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import LOCK_NAME, FolderLock
 from flatdino_cli.runtime import Runtime

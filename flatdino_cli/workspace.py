@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from flatdino_cli.config import load_config, to_dict
+from flatdino_cli.config_yaml import load_config, to_dict
 from flatdino_cli.data import Store, with_store_shape
 from flatdino_cli.errors import UserError
 from flatdino_cli.runs import run_inputs

@@ -15,7 +15,8 @@ from flatdino_cli.analysis.pca import (PCAConfig, StreamingCovariance, dims_for,
                                       streamed_pca)
 from flatdino_cli.analysis.redundancy import RedundancyConfig, pair_distances, run_redundancy, similarity_by_distance
 from flatdino_cli.checkpoint import save_checkpoint
-from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, VAEModelConfig, VAEStageConfig, save_config
+from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, VAEModelConfig, VAEStageConfig
+from flatdino_cli.config_yaml import save_config
 from flatdino_cli.data import Store
 from flatdino_cli.models.pixel_decoder import PixelDecoder
 from flatdino_cli.models.vae import FlatVAE

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from flatdino_cli.config import (VAEStageConfig, apply_overrides, list_presets, load_config, load_preset,
-                                 save_config)
+from flatdino_cli.config import VAEStageConfig
+from flatdino_cli.config_yaml import apply_overrides, list_presets, load_config, load_preset, save_config
 from flatdino_cli.errors import UserError
 
 

@@ -9,7 +9,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from flatdino_cli.config import ExtractConfig, load_preset
+from flatdino_cli.config import ExtractConfig
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.data import list_images, load_rgb, split_indices, to_tensor
 from flatdino_cli.errors import UserError
 from flatdino_cli.losses import (PatchDiscriminator, ViTDiscriminator, adaptive_weight, generator_loss,

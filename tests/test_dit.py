@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flatdino_cli.config import load_config, load_preset
+from flatdino_cli.config_yaml import load_config, load_preset
 from flatdino_cli.data import Store
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
 from flatdino_cli.models import build_model
@@ -449,7 +449,7 @@ def test_normalize_on_flat_tokens_round_trips(tmp_path):
 def test_init_follows_each_presets_source(preset, init):
     # the authors' flat DiT: block Linears trunc-normal(0.02), Xavier only for the embedders; RAE's: Xavier
     # everywhere. Statistics per parameter group, at a small width so the test is cheap.
-    from flatdino_cli.config import load_preset
+    from flatdino_cli.config_yaml import load_preset
     from flatdino_cli.models.dit import DiT
 
     cfg = load_preset(preset, ["model.width=256", "model.depth=2", "model.heads=4", "model.mlp_hidden=512"])

@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flatdino_cli.encoders import (ENCODERS, NUM_PREFIX_TOKENS, RANDOM_INIT_POSITION_SCALE, EncoderSpec,
-                                   FrozenEncoder, _build_vit, _give_position, load_encoder, read_state_dict)
+from flatdino_cli.encoders import RANDOM_INIT_POSITION_SCALE, FrozenEncoder, _build_vit, _give_position, load_encoder
+from flatdino_cli.encoders.keys import read_state_dict
+from flatdino_cli.encoders.specs import ENCODERS, NUM_PREFIX_TOKENS, EncoderSpec
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import sha256_file
 from flatdino_cli.nn.embed import sincos_2d
@@ -293,7 +294,7 @@ def test_meta_layout_of_vit_g_renames_swiglu(tmp_path):
 def test_one_hf_cache_lookup_serves_encoders_and_the_discriminator(tmp_path, monkeypatch):
     """cached_hub_weights: repos in order, model.safetensors before pytorch_model.bin, None on a miss; the
     dino-s8 discriminator resolves its weights through the same lookup."""
-    from flatdino_cli.encoders import cached_hub_weights
+    from flatdino_cli.encoders.hf_cache import cached_hub_weights
     from flatdino_cli.losses.discriminator import DINO_S8_REPO, resolve_dino_s8_weights
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

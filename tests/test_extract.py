@@ -87,7 +87,8 @@ def test_extract_refuses_a_different_store_and_overwrites(tmp_path):
 
 
 def test_latent_store_from_a_vae_run(tmp_path, toy_features):
-    from flatdino_cli.config import VAEModelConfig, VAEStageConfig, save_config
+    from flatdino_cli.config import VAEModelConfig, VAEStageConfig
+    from flatdino_cli.config_yaml import save_config
     from flatdino_cli.models import build_model
     from flatdino_cli.checkpoint import save_checkpoint
 

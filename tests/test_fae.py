@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli
 from flatdino_cli.analysis import flops as F
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model, count_parameters
 

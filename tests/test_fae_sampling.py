@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from flatdino_cli.analysis.flops import dit_forwards_per_image
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.flow import (FlowConfig, FlowConfigError, evaluation_times, guidance_weights, make_velocity_fn,
                                sample, sde_grid, shift_time)
-from flatdino_cli.pipeline import parse_schedule, sampling_flow
+from flatdino_cli.pipeline.options import parse_schedule, sampling_flow
 
 FAE = ((0.0, 0.1, 0.9), (0.1, 0.3, 1.5), (0.3, 1.0, 2.5))  # appendix D's three parts, in our time
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flatdino_cli.analysis import flops as F
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 
 
 def g(x: float) -> str:

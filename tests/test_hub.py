@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
-from flatdino_cli.config import load_preset, save_config
+from flatdino_cli.config_yaml import load_preset, save_config
 from flatdino_cli.hub import is_export, parse_ref, resolve
 from flatdino_cli.errors import UserError
 from flatdino_cli.info import describe

@@ -12,7 +12,7 @@ from flatdino_cli.cli import app
 from flatdino_cli.data import Store
 from flatdino_cli.info import describe
 from flatdino_cli.models import build_model
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.models.pixel_decoder import ours_to_rae_state_dict
 from flatdino_cli.models.stats import save_rae_stats
 from flatdino_cli.errors import UserError

@@ -17,7 +17,8 @@ from conftest import run_cli
 from flatdino_cli.analysis.knn import KNNConfig, run_knn
 from flatdino_cli.config import VAEModelConfig
 from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, check_feature_shape, load_rgb, normalize
-from flatdino_cli.encoders import get_spec, load_encoder
+from flatdino_cli.encoders import load_encoder
+from flatdino_cli.encoders.specs import get_spec
 from flatdino_cli.errors import UserError
 from flatdino_cli.runs import load_run
 from flatdino_cli.toydata import write_toy_dataset

@@ -36,7 +36,7 @@ def test_built_wheel_imports_every_module_and_trains(tmp_path):
     env.update(PYTHONPATH=str(target), OMP_NUM_THREADS="1")
     mods = _source_modules()
     assert "flatdino_cli.stages.vae" in mods and "flatdino_cli.losses.lpips" in mods
-    code = ("import importlib, sys, flatdino_cli; from flatdino_cli.config import list_presets, load_preset; "
+    code = ("import importlib, sys, flatdino_cli; from flatdino_cli.config_yaml import list_presets, load_preset; "
             "assert str(flatdino_cli.__file__).startswith(sys.argv[1]), flatdino_cli.__file__; "
             "bad = [m for m in sys.argv[2:] if not importlib.import_module(m).__file__.startswith(sys.argv[1])]; "
             "assert not bad, f'not imported from the installed copy: {bad}'; "

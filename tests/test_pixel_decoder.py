@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from flatdino_cli.checkpoint import save_checkpoint
-from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, save_config
+from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig
+from flatdino_cli.config_yaml import save_config
 from flatdino_cli.errors import UserError
 from flatdino_cli.models.pixel_decoder import (PixelDecoder, check_features, load_decoder, ours_to_rae_state_dict,
                                                rae_state_dict_to_ours)

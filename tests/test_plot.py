@@ -12,7 +12,7 @@ from PIL import Image
 
 from flatdino_cli.analysis import flops as F
 from flatdino_cli.analysis.curves import flops_per_step, plot_runs, smooth
-from flatdino_cli.config import load_preset, save_config
+from flatdino_cli.config_yaml import load_preset, save_config
 from flatdino_cli.errors import UserError
 from flatdino_cli.stages.dit import T_BUCKETS
 

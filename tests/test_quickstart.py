@@ -211,7 +211,8 @@ def test_fd_rep_ranks_checkpoints_as_the_toy_classifier_does(flat_out, judge_cac
     from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, predict
     from flatdino_cli.checkpoint import kept_checkpoints
     from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, unguided
-    from flatdino_cli.pipeline import generate, load_pipeline
+    from flatdino_cli.pipeline.generate import generate
+    from flatdino_cli.pipeline.load import load_pipeline
     from flatdino_cli.train import read_metrics
 
     dit = flat_out / "dit"

@@ -16,14 +16,17 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from flatdino_cli import pipeline as P
+from flatdino_cli.pipeline import generate as P
 from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
-from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig, save_config)
+from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig
+from flatdino_cli.config_yaml import save_config
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, time_grid
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
 from flatdino_cli.models.stats import save_rae_stats
+from flatdino_cli.pipeline.load import load_dit, load_pipeline
+from flatdino_cli.pipeline.options import sampling_flow
 from flatdino_cli.utils import atomic_write_json
 
 C, SIDE, K = 8, 4, 5  # feature dim, grid side (16 tokens), classes
@@ -207,7 +210,7 @@ def one_line_error(r) -> str:
 def test_rae_checkpoint_velocity_is_minus_u_at_mirrored_time(w, name, arch, wrapped):
     path = w["root"] / (f"{name}_train_ckpt.pt" if wrapped else name)  # the file, or the folder holding it
     stats = w["root"] / name / "stat.pt" if wrapped else None  # the wrapped file has no stat.pt beside it
-    dit = P.load_dit(path, stats=stats)
+    dit = load_dit(path, stats=stats)
     m = dit.cfg.model
     assert (m.tokens, m.in_dim, m.grid, m.width, m.depth, m.heads, m.num_classes) == (
         SIDE * SIDE, C, (SIDE, SIDE), arch["width"], arch["depth"], arch["heads"], K)
@@ -229,7 +232,7 @@ def test_rae_checkpoint_velocity_is_minus_u_at_mirrored_time(w, name, arch, wrap
 
 def test_rae_grid_sampling_equals_raes_euler_in_its_own_frame(w):
     """Our sampler on the converted DiT, grid rae, = RAE's odeint Euler on u over its own 50-point grid."""
-    dit = P.load_dit(w["root"] / "ddt")
+    dit = load_dit(w["root"] / "ddt")
     sd64 = {k: v.double() for k, v in w["ddt"].items()}
     flow = FlowConfig(steps=6, shift=math.sqrt(48), grid="rae")
     noise = torch.randn(2, SIDE * SIDE, C, generator=torch.Generator().manual_seed(5))
@@ -255,7 +258,7 @@ def test_rae_grid_sampling_equals_raes_euler_in_its_own_frame(w):
 def test_exported_file_round_trips(w, tmp_path):
     """export-rae of a run made from an RAE checkpoint writes RAE's key set, shapes and values back."""
     for name in ("lightning", "ddt"):
-        dit = P.load_dit(w["root"] / name)
+        dit = load_dit(w["root"] / name)
         run = tmp_path / f"run-{name}"
         run.mkdir()
         save_config(dit.cfg, run / "config.yaml")
@@ -270,7 +273,7 @@ def test_exported_file_round_trips(w, tmp_path):
             assert back[k].shape == orig[k].shape, k
             torch.testing.assert_close(back[k], orig[k], rtol=0, atol=2e-6)
         # and the exported file loads back as the same network
-        again = P.load_dit(out, stats=w["root"] / name / "stat.pt")
+        again = load_dit(out, stats=w["root"] / name / "stat.pt")
         x, t, y = torch.randn(2, SIDE * SIDE, C), torch.tensor([0.2, 0.9]), torch.tensor([0, 1])
         torch.testing.assert_close(again.model(x, t, y), dit.model(x, t, y), rtol=1e-4, atol=1e-4)
 
@@ -286,7 +289,7 @@ def test_ddt_head_as_wide_as_its_trunk_loads_and_exports(tmp_path):
     torch.save(sd, d / "stage2_model.pt")
     write_stats(d / "stat.pt")
     with pytest.warns(UserWarning, match="last 2 are taken as the head"):
-        dit = P.load_dit(d)
+        dit = load_dit(d)
     m = dit.cfg.model
     assert (m.depth, m.head_depth, m.head_width, m.head_heads, m.head_projector) == (2, 2, 32, 4, False)
     x = torch.randn(3, SIDE * SIDE, C, generator=torch.Generator().manual_seed(1))
@@ -322,7 +325,7 @@ def test_ddt_head_split_read_from_the_mlp_widths_when_the_widths_agree(tmp_path)
     torch.save(sd, tmp_path / "split.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no guess, so no warning
-        dit = P.load_dit(tmp_path / "split.pt", stats=write_stats(tmp_path / "stat.pt") or tmp_path / "stat.pt")
+        dit = load_dit(tmp_path / "split.pt", stats=write_stats(tmp_path / "stat.pt") or tmp_path / "stat.pt")
     assert (dit.cfg.model.depth, dit.cfg.model.head_depth, dit.cfg.model.head_mlp_hidden) == (3, 1, hid)
 
 
@@ -355,7 +358,7 @@ def test_bad_rae_inputs_are_one_line_errors(w, tmp_path):
 # ----------------------------------------------------------------------------- 2. AutoGuidance
 def test_guide_changes_samples_exactly_as_the_formula_says(w, tmp_path):
     flow = FlowConfig(steps=4, shift=2.0, cfg_scale=1.7, cfg_interval=(0.0, 1.0), cfg_interval_inclusive=True)
-    pipe = P.load_pipeline(w["root"] / "ddt", decoder=w["decoder"], guide=w["root"] / "weak")
+    pipe = load_pipeline(w["root"] / "ddt", decoder=w["decoder"], guide=w["root"] / "weak")
     assert pipe.identity["guide"]["format"] == "rae" and pipe.guide is not None
     labels, idx = [0, 3], [0, 1]
     got = P.generate(pipe, labels, idx, seed=0, flow=flow)
@@ -371,7 +374,7 @@ def test_guide_changes_samples_exactly_as_the_formula_says(w, tmp_path):
             x = x + (ts[i + 1] - ts[i]) * (vg + 1.7 * (vm - vg))
     want = pipe.decode(x)[:2]
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
-    plain = P.generate(P.load_pipeline(w["root"] / "ddt", decoder=w["decoder"]), labels, idx, seed=0, flow=flow)
+    plain = P.generate(load_pipeline(w["root"] / "ddt", decoder=w["decoder"]), labels, idx, seed=0, flow=flow)
     cfg = P.generate(pipe.__class__(**{**pipe.__dict__, "guide": None}), labels, idx, seed=0, flow=flow)
     assert np.abs(got.astype(int) - plain.astype(int)).mean() > 1  # guidance changed the samples
     assert np.abs(got.astype(int) - cfg.astype(int)).mean() > 1  # and it is not CFG
@@ -415,8 +418,8 @@ def test_guide_mismatches_are_one_line_errors(w, tmp_path):
 def test_sde_and_schedule_through_sample(w, tmp_path):
     """`sample --sampler sde`: per-step noise from each image's own generator, so a seed gives the same
     images at any batch size; it differs from the ODE; samples.json records the SDE and the schedule."""
-    pipe = P.load_pipeline(w["root"] / "ddt", decoder=w["decoder"])
-    sde = P.sampling_flow(pipe.cfg.flow, cfg_scale=1.0, steps=5, sampler="sde")
+    pipe = load_pipeline(w["root"] / "ddt", decoder=w["decoder"])
+    sde = sampling_flow(pipe.cfg.flow, cfg_scale=1.0, steps=5, sampler="sde")
     assert sde.grid == "ours"  # an RAE checkpoint's ODE grid does not carry over to the SDE
     labels, idx = [0, 1, 2, 3, 4, 0, 1, 2, 3], list(range(9))
     whole = P.generate(pipe, labels, idx, seed=3, flow=sde, batch_size=16)
@@ -484,7 +487,7 @@ def test_baseline_presets_build_and_show_their_parameter_count(name, paper_milli
 
 
 def test_baseline_recipes():
-    from flatdino_cli.config import load_preset
+    from flatdino_cli.config_yaml import load_preset
     from flatdino_cli.train import lr_at
 
     xl, dh = load_preset("rae-xl-256x768").train, load_preset("rae-dh-xl-256x768").train

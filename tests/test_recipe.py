@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from flatdino_cli.config import ExtractConfig, load_preset
+from flatdino_cli.config import ExtractConfig
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.data import EncoderTransform, Store, epoch_views, load_rgb
 from flatdino_cli.errors import UserError
 from flatdino_cli.models import build_model
@@ -239,7 +240,8 @@ def write_inception(path):
 
 def tiny_decoder_run(out):
     """A train-decoder run dir (random weights) for the tiny encoder's 6 x 6 x 64 features, 48 px out."""
-    from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, save_config
+    from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig
+    from flatdino_cli.config_yaml import save_config
     from flatdino_cli.checkpoint import save_checkpoint
 
     cfg = DecoderStageConfig(model=DecoderModelConfig(in_dim=64, num_patches=36, patch_size=8, width=16, depth=1,

@@ -22,7 +22,8 @@ from torch.utils.data import TensorDataset
 import flatdino_cli.checkpoint as checkpoint
 import flatdino_cli.train as train
 from flatdino_cli.checkpoint import checkpoint_dir
-from flatdino_cli.config import ExtractConfig, TrainConfig, load_preset
+from flatdino_cli.config import ExtractConfig, TrainConfig
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.extract import extract_features, extract_latents

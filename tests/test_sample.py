@@ -17,14 +17,15 @@ from typer.testing import CliRunner
 
 from flatdino_cli import reconstruct as R
 from flatdino_cli import classes
-from flatdino_cli import pipeline as PL
+from flatdino_cli.pipeline import generate as PL
 from flatdino_cli import sample as S
 from flatdino_cli import viz
 from flatdino_cli.stages import dit as dit_stage
 from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
-from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig,
-                                 VAEModelConfig, VAEStageConfig, save_config)
+from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig, VAEModelConfig,
+                                 VAEStageConfig)
+from flatdino_cli.config_yaml import save_config
 from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb
 from flatdino_cli.encoders import load_encoder
 from flatdino_cli.errors import UserError
@@ -32,6 +33,8 @@ from flatdino_cli.flow import FlowConfig, make_velocity_fn, network_evaluations
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
 from flatdino_cli.models.stats import load_stats, save_stats
+from flatdino_cli.pipeline.load import load_pipeline
+from flatdino_cli.runtime import CPU
 from flatdino_cli.utils import atomic_write_json, sha256_file
 
 P, C = 36, 64  # the `tiny` encoder: 48 px, patch 8 -> 6 x 6 patches of width 64
@@ -185,7 +188,7 @@ def test_sample_writes_pngs_grid_npz_and_manifest(w, tmp_path):
 
 def test_decode_path_matches_a_direct_computation(w):
     """latents -> VAE decoder -> pixel decoder -> round, by hand, equals generate()."""
-    pipe = PL.load_pipeline(w["dit"], w["vae"], w["dec"])
+    pipe = load_pipeline(w["dit"], w["vae"], w["dec"])
     labels, idx = [0, 2, 1], [0, 1, 2]
     got = PL.generate(pipe, labels, idx, seed=7, batch_size=2)
     noise = PL.image_noise(7, padded(idx), (T, D))
@@ -213,8 +216,9 @@ def test_same_seed_same_images_for_any_batch_size(w, tmp_path, monkeypatch):
         b, lb = npz_of(tmp_path / f"b{bs}")
         assert np.array_equal(la, lb) and np.array_equal(a, b), bs
     # float pixels of all at once, each image alone, in threes, backwards: other neighbours, other places
-    monkeypatch.setattr(PL, "to_uint8", lambda px: px.permute(0, 2, 3, 1).numpy())  # decode() stops before rounding
-    pipe, lab, idx = PL.load_pipeline(w["dit"], w["vae"], w["dec"]), la.tolist(), list(range(11))
+    # decode() stops before rounding
+    monkeypatch.setattr("flatdino_cli.pipeline.to_uint8", lambda px: px.permute(0, 2, 3, 1).numpy())
+    pipe, lab, idx = load_pipeline(w["dit"], w["vae"], w["dec"]), la.tolist(), list(range(11))
     ref = PL.generate(pipe, lab, idx, 3)
     assert ref.dtype == np.float32 and np.array_equal(a, viz.to_uint8(torch.from_numpy(ref).permute(0, 3, 1, 2)))
     alone = np.concatenate([PL.generate(pipe, [lab[i]], [i], 3) for i in idx])
@@ -258,7 +262,7 @@ def test_vae_default_from_inputs_and_provenance_warning(w, tmp_path):
         str(w["vae"].resolve())
     copy_ = shutil.copytree(w["vae"], tmp_path / "vae-copy")
     with pytest.warns(UserWarning, match="trained on latents of VAE"):
-        PL.load_pipeline(w["dit"], copy_, w["dec"])
+        load_pipeline(w["dit"], copy_, w["dec"])
 
 
 def test_mismatched_vae_and_decoder_are_one_line_errors(w, tmp_path):
@@ -282,7 +286,7 @@ def test_rae_mode_decodes_denormalised_features(w, tmp_path):
         "--device", "cpu", "--batch-size", "2")
     arr, labels = npz_of(out)
     assert arr.shape == (3, 48, 48, 3) and labels.tolist() == [0, 0, 0]
-    pipe = PL.load_pipeline(w["rae"], None, w["dec"])
+    pipe = load_pipeline(w["rae"], None, w["dec"])
     assert pipe.vae is None and pipe.stats is not None
     stats = load_stats(w["rae"] / "stats.pt", (6, 6))
     noise = PL.image_noise(0, padded([0, 1, 2]), (P, C))
@@ -353,19 +357,19 @@ def test_pngs_are_written_off_the_sampling_thread_and_write_errors_surface(w, tm
 
     monkeypatch.setattr(S, "save_png", full)
     with pytest.raises(OSError, match="No space left"):
-        S.write_sample_set(PL.load_pipeline(w["dit"], w["vae"], w["dec"]), [0] * 9, tmp_path / "f", 0, FLOW,
+        S.write_sample_set(load_pipeline(w["dit"], w["vae"], w["dec"]), [0] * 9, tmp_path / "f", 0, FLOW,
                            progress=False)
 
 
 def test_compiled_sampling_dit_keeps_images_and_batch_invariance(w):
     """--compile: the DiT is torch.compile'd once per pipeline (static shapes: a chunk and its guided
     double) and gives the eager images up to one grey level, still independent of the batch."""
-    pipe = PL.load_pipeline(w["dit"], w["vae"], w["dec"])
-    rt = dataclasses.replace(PL.CPU, compile=True)
+    pipe = load_pipeline(w["dit"], w["vae"], w["dec"])
+    rt = dataclasses.replace(CPU, compile=True)
     eager = PL.generate(pipe, [0, 1, 2], [0, 1, 2], 0)
     compiled = PL.generate(pipe, [0, 1, 2], [0, 1, 2], 0, rt=rt)
     wrapper = pipe.compiled[1]
-    assert wrapper is not pipe.dit and PL.sampling_dit(pipe, rt) is wrapper and PL.sampling_dit(pipe, PL.CPU) is pipe.dit
+    assert wrapper is not pipe.dit and PL.sampling_dit(pipe, rt) is wrapper and PL.sampling_dit(pipe, CPU) is pipe.dit
     assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1
     assert np.array_equal(PL.generate(pipe, [2, 1, 0, 1], [2, 1, 0, 5], 0, rt=rt)[:3], compiled[::-1])
 
@@ -393,7 +397,7 @@ def test_training_grid_hook(w, tmp_path):
 
     cfg, model, _ = load_run(w["dit"], "dit")
     cfg = dataclasses.replace(cfg, sample_every=2)
-    hook = dit_stage.training_grid_hook(cfg, tmp_path, w["vae"], w["dec"], PL.CPU)
+    hook = dit_stage.training_grid_hook(cfg, tmp_path, w["vae"], w["dec"], CPU)
     model.train()
     assert hook(1, model, None) is None
     assert not (tmp_path / "samples").exists()
@@ -402,7 +406,7 @@ def test_training_grid_hook(w, tmp_path):
     img = viz.load_png(tmp_path / "samples" / "step_0000002.png")
     assert img.shape == (2 + 50, 2 + 3 * 50, 3)  # one row, one image (48 px + 2 px padding) per class
     with pytest.raises(UserError, match="4 x 16 latents"):
-        dit_stage.training_grid_hook(cfg, tmp_path, w["vae16"], w["dec"], PL.CPU)
+        dit_stage.training_grid_hook(cfg, tmp_path, w["vae16"], w["dec"], CPU)
 
 
 # ----------------------------------------------------------------------------- reconstruct
@@ -501,7 +505,7 @@ def test_evaluate_dit_gives_fd_rep_for_flat_and_rae(w):
 
     ref = reference_stats(w["root"] / "feats", cache=w["root"] / "ref.npz")
     for run in ("dit", "rae"):
-        pipe = PL.load_pipeline(w[run], vae_run=w["vae"] if run == "dit" else None, decoder=w["dec"])
+        pipe = load_pipeline(w[run], vae_run=w["vae"] if run == "dit" else None, decoder=w["dec"])
         a = evaluate_dit(pipe, ref, samples=10, seed=0)
         assert set(a) == {FD_REP, FD_REP_NOCFG} and all(np.isfinite(v) and v > 0 for v in a.values())
         assert evaluate_dit(pipe, ref, samples=10, seed=0) == a

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from flatdino_cli.config import TrainConfig, load_preset
+from flatdino_cli.config import TrainConfig
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import CPU
 from flatdino_cli.train import Task, fit

@@ -4,7 +4,7 @@ import stat
 import numpy as np
 import pytest
 
-from flatdino_cli.config import load_preset, save_config
+from flatdino_cli.config_yaml import load_preset, save_config
 from flatdino_cli.toydata import write_toy_dataset
 from flatdino_cli.utils import atomic_write, atomic_write_bytes, atomic_write_json
 from flatdino_cli.viz import save_png

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from flatdino_cli import workspace
 from flatdino_cli.cli import app
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 
 SHORT = ["--set", "train.epochs=1", "--device", "cpu"]  # the DiTs also sample in 4 steps (--set flow.steps=4)
 
@@ -161,7 +161,7 @@ def test_default_run_dir_suffix_and_resume(tmp_path):
         assert first == tmp_path / "runs/dit-tiny-dit"
         first.mkdir(parents=True)
         (first / "config.yaml").write_text(__import__("yaml").safe_dump(
-            __import__("flatdino_cli.config", fromlist=["to_dict"]).to_dict(a), sort_keys=False))
+            __import__("flatdino_cli.config_yaml", fromlist=["to_dict"]).to_dict(a), sort_keys=False))
         assert workspace.run_dir("train-dit", None, "dit", "tiny-dit", a) == first  # same config: resumed
         b = load_preset("tiny-dit", ["train.lr=0.01"])
         assert workspace.run_dir("train-dit", None, "dit", "tiny-dit", b) == tmp_path / "runs/dit-tiny-dit-2"
@@ -180,7 +180,7 @@ def _fake_run(d: Path, stage: str, preset: str, finished: bool = True) -> None:
     """A run folder as train.fit leaves it (config.yaml, finished.json) without training anything."""
     import yaml
 
-    from flatdino_cli.config import to_dict
+    from flatdino_cli.config_yaml import to_dict
 
     d.mkdir(parents=True)
     (d / "config.yaml").write_text(yaml.safe_dump(to_dict(load_preset(preset))))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import network_evaluations
 from flatdino_cli.runtime import Runtime, synchronize
@@ -220,7 +220,7 @@ def appendix_h_tables(paper_rounding: bool = True) -> list[dict]:
     """
     from dataclasses import replace
 
-    from flatdino_cli.config import load_preset
+    from flatdino_cli.config_yaml import load_preset
 
     rae_xl = load_preset("rae-xl-256x768").model
     rae_l = replace(rae_xl, width=1024, depth=24, heads=16, mlp_hidden=2731)

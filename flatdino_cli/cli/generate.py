@@ -90,7 +90,7 @@ def sample(
     """
     from flatdino_cli import workspace as ws
     from flatdino_cli.config import SampleConfig
-    from flatdino_cli.pipeline import parse_interval, parse_schedule
+    from flatdino_cli.pipeline.options import parse_interval, parse_schedule
     from flatdino_cli.sample import run_sample
 
     dit, vae, decoder = ws.pick_sample(dit, vae, decoder)

@@ -22,7 +22,7 @@ def presets_list(ctx: typer.Context):
       flatdino presets show vae-32x128 --set model.tokens=64
     """
     if ctx.invoked_subcommand is None:
-        from flatdino_cli.config import list_presets, load_preset
+        from flatdino_cli.config_yaml import list_presets, load_preset
 
         for name in list_presets():
             try:
@@ -36,7 +36,7 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML f
     """Print a preset fully resolved (YAML) and the parameter count of the models it builds."""
     import yaml
 
-    from flatdino_cli.config import load_preset, to_dict
+    from flatdino_cli.config_yaml import load_preset, to_dict
     from flatdino_cli.models import count_parameters
 
     cfg = load_preset(name, list(sets or []))

@@ -8,7 +8,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from flatdino_cli.config import config_from_dict
+from flatdino_cli.config_yaml import config_from_dict
 from flatdino_cli.models import build_model
 from flatdino_cli.models.stats import LatentStats
 

@@ -29,7 +29,9 @@ class FlatDINOPipeline(DiffusionPipeline):
 
         from flatdino_cli.classes import resolve_classes
         from flatdino_cli.errors import UserError
-        from flatdino_cli.pipeline import Pipeline, generate, sampling_flow
+        from flatdino_cli.pipeline import Pipeline
+        from flatdino_cli.pipeline.generate import generate
+        from flatdino_cli.pipeline.options import sampling_flow
         from flatdino_cli.runtime import Runtime
 
         t = self.transformer

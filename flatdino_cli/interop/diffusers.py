@@ -16,7 +16,7 @@ diffusion_pytorch_model.safetensors), read into flatdino's layouts. Facts from d
   exactly; on other grids it is not, and a folder read here decodes as diffusers does (`pos_step`).
 - `scaling_factor` multiplies the normalised latents (1.0 in NYU's releases); other values are refused.
 
-This module reads tensors and config only; encoders.py, models/pixel_decoder.py and models/stats.py
+This module reads tensors and config only; encoders/, models/pixel_decoder.py and models/stats.py
 build the networks from what it returns.
 """
 
@@ -114,7 +114,7 @@ def encoder_sizes(folder) -> dict:
 
 
 def encoder_state_dict(folder) -> dict[str, torch.Tensor]:
-    """The encoder's transformers Dinov2WithRegistersModel state dict (encoders.py maps it to timm)."""
+    """The encoder's transformers Dinov2WithRegistersModel state dict (encoders/keys.py maps it to timm)."""
     sd = _tensors(Path(folder), "encoder.")
     if not sd:
         raise UserError(f"{folder}: AutoencoderRAE weights without encoder.* tensors")

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from flatdino_cli.checkpoint import load_into, load_weights
-from flatdino_cli.config import DiTModelConfig, load_preset
+from flatdino_cli.config import DiTModelConfig
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import default_shift
 from flatdino_cli.models import build_model

@@ -26,7 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from flatdino_cli.checkpoint import load_into
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
-from flatdino_cli.encoders import read_state_dict
+from flatdino_cli.encoders.keys import read_state_dict
 from flatdino_cli.errors import UserError
 
 __all__ = ["PatchDiscriminator", "ViTDiscriminator", "DISCRIMINATORS", "DINO_S8_REPO", "resolve_dino_s8_weights",
@@ -129,7 +129,7 @@ def resolve_dino_s8_weights(weights: str | Path | None = None) -> Path:
         if not path.is_file():
             raise UserError(f"--disc-weights {path}: no such file")
         return path
-    from flatdino_cli.encoders import cached_hub_weights, hf_cache_dir
+    from flatdino_cli.encoders.hf_cache import cached_hub_weights, hf_cache_dir
 
     cached = cached_hub_weights(DINO_S8_REPO)
     if cached is not None:

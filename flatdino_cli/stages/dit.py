@@ -27,7 +27,9 @@ from flatdino_cli.evaluate import (default_reference_store, eval_every_steps, ev
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
 from flatdino_cli.models.stats import STATS_FILE, load_stats, save_stats
-from flatdino_cli.pipeline import Pipeline, decoding_parts, generate, trained_on_features
+from flatdino_cli.pipeline import Pipeline
+from flatdino_cli.pipeline.generate import generate
+from flatdino_cli.pipeline.load import decoding_parts, trained_on_features
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.train import Task, fit
 from flatdino_cli.viz import save_grid

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from flatdino_cli import workspace as ws
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import setup_runtime
 from flatdino_cli.utils import check_out_dir
