@@ -28,7 +28,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flatdino_cli.analysis.flops import dit_step_flops
-from flatdino_cli.checkpoint import run_config
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.data import FeatureDataset, Store
@@ -37,11 +36,11 @@ from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, evaluate_dit, evaluation
 from flatdino_cli.extract import extract_features, extract_latents
 from flatdino_cli.flow import network_evaluations
 from flatdino_cli.data.shapes import with_store_shape
+from flatdino_cli.rundir import read_metrics, run_config
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.toydata import CLASS_NAMES, write_toy_dataset
-from flatdino_cli.train import read_metrics
 from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir, read_json, run_once
 from flatdino_cli.viz import curve, new_figure, save_figure, style_axes
 
