@@ -63,7 +63,7 @@ def analytic(name: str) -> str:
 def measured(name: str, work: Path, rt, steps: int) -> str:
     from flatdino_cli.quickstart import run_quickstart
     from flatdino_cli.stages.dit import train_dit
-    from flatdino_cli.train import read_metrics
+    from flatdino_cli.rundir import read_metrics
 
     plan = QuickstartPlan(per_class=40, overrides=("vae:train.max_steps=2", "vae:train.epochs=0"),
                           until="extract-latents")

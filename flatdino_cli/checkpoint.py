@@ -1,5 +1,5 @@
 """Checkpoint I/O: the run dir's checkpoints/{latest,best}/ folders, weight files, and which of them
-(and which config.yaml) a run is read from.
+a run is read from (its config.yaml: rundir.py).
 
 Weights are read from .safetensors or from .pt/.pth with weights_only=True (a pickled object is refused,
 never executed); a folder is written through a temporary directory and renames, so a kill never leaves
@@ -13,13 +13,11 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flatdino_cli.config_yaml import load_config
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import WEIGHTS as EXPORT_WEIGHTS
 from flatdino_cli.hub import is_export
@@ -142,20 +140,6 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], source: Path | str
 
 
 # ----------------------------------------------------------------------------- which weights a run is read from
-_STAGE_NAMES = {"vae": "train-vae", "dit": "train-dit", "decoder": "train-decoder"}
-
-
-def run_config(run_dir: str | Path, expect_stage: str | None = None) -> Any:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        hint = f" (make one with `flatdino {_STAGE_NAMES[expect_stage]}`)" if expect_stage else ""
-        raise UserError(f"{run_dir}: not a flatdino run directory (no config.yaml){hint}")
-    cfg = load_config(run_dir / "config.yaml")
-    if expect_stage and cfg.stage != expect_stage:
-        raise UserError(f"{run_dir}: is a {cfg.stage} run, expected a {expect_stage} run")
-    return cfg
-
-
 def kept_checkpoint(step: int) -> str:
     """The name of the checkpoint train.keep_every_steps keeps at `step`."""
     return f"step-{step:07d}"

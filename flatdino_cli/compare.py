@@ -28,7 +28,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flatdino_cli.analysis.flops import dit_step_flops
-from flatdino_cli.checkpoint import run_config
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.data import FeatureDataset, Store
@@ -37,11 +36,11 @@ from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, evaluate_dit, evaluation
 from flatdino_cli.extract import extract_features, extract_latents
 from flatdino_cli.flow import network_evaluations
 from flatdino_cli.data.shapes import with_store_shape
+from flatdino_cli.rundir import read_metrics, run_config
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.toydata import CLASS_NAMES, write_toy_dataset
-from flatdino_cli.train import read_metrics
 from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir, read_json, run_once
 from flatdino_cli.viz import curve, new_figure, save_figure, style_axes
 
@@ -56,6 +55,7 @@ TOY_ENCODER = "tiny-p4"
 TOY_BUDGET = 8e12  # training FLOPs per generator: ~170 steps of the RAE grid, ~550 of FlatDINO's at batch 128
 # toy evaluations: unguided (at w = 6 a young model's fd_rep rises while its samples improve: README) with
 # ab2 at 20 steps, which matched Euler-50 on the quickstart DiT (README's solver table) at 40% of its cost
+TOY_EVALS, TOY_EVAL_SAMPLES = 5, 192
 TOY_EVAL_SETS = ("flow.cfg_scale=1", "flow.sampler=ab2", "flow.steps=20", "eval.nocfg=false")
 SETTINGS = "settings.json"
 
@@ -68,8 +68,8 @@ class CompareConfig:
     features: str | None = None  # a feature store with a val/ split; None: toy data made here
     vae: str | None = None  # FlatDINO's VAE run (toy mode: trained here)
     fae: str | None = None  # FAE's laminator run (toy mode: trained here)
-    evals: int = 5  # evaluations per generator, at equal fractions of the budget
-    eval_samples: int = 192
+    evals: int = 0  # evaluations per generator, at equal fractions of the budget; 0: 5 (toy), 20 (eval.count's)
+    eval_samples: int = 0  # 0: 192 (toy), else eval.samples' device default (2,000 on CUDA)
     sets: tuple[str, ...] = ()  # "key=value" for every generator, "dit-rae:key=value" for one run (sets_for)
     per_class: int = 250  # toy images per class
     seed: int = 0
@@ -100,8 +100,10 @@ class CompareConfig:
                                     f"(or leave {m} out with --methods)")
         elif self.vae or self.fae:
             raise UserError("--vae/--fae need --features: toy mode trains its own laminators")
-        if self.budget < 0 or self.evals < 1 or self.eval_samples < 2:
-            raise UserError("--budget, --evals, --eval-samples: positive (at least 2 samples)")
+        if self.budget < 0 or self.evals < 0 or self.eval_samples < 0 or self.eval_samples == 1:
+            raise UserError("--budget, --evals, --eval-samples: positive (at least 2 samples), or 0 for the default")
+        object.__setattr__(self, "evals", self.evals or (TOY_EVALS if self.toy else 20))
+        object.__setattr__(self, "eval_samples", self.eval_samples or (TOY_EVAL_SAMPLES if self.toy else 0))
 
     def preset(self, method: str) -> str:
         return dict(self.presets).get(method) or (TOY_PRESETS if self.toy else IMAGENET_PRESETS)[method]

@@ -50,7 +50,8 @@ from flatdino_cli.checkpoint import checkpoint_dir, kept_checkpoints, load_state
 from flatdino_cli.pipeline import Pipeline
 from flatdino_cli.pipeline.generate import sample_chunks
 from flatdino_cli.pipeline.load import LoadedDiT, load_dit, trained_on_features
-from flatdino_cli.runs import load_run, run_inputs
+from flatdino_cli.rundir import is_run_dir, run_inputs
+from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, read_json
 
@@ -273,7 +274,7 @@ def eval_vae(latents: Store, device) -> nn.Module | None:
     if latents.manifest["kind"] != "latents":
         return None
     vae_run = latents.manifest["identity"].get("vae_run")
-    if not vae_run or not (Path(vae_run) / "config.yaml").is_file():
+    if not vae_run or not is_run_dir(vae_run):
         raise UserError(f"{latents.path}: fd_rep decodes samples with the VAE these latents came from "
                         f"({vae_run or 'not recorded'}), which is not there; restore it")
     return load_run(vae_run, "vae", device=device)[1]
@@ -322,7 +323,7 @@ def _recorded_reference(inputs: dict) -> str | None:
 
 def _reference(dit: Path, reference: str | Path | None, rt: Runtime) -> Reference:
     """--reference, else the run's recorded one (shared_reference)."""
-    store = reference or ((dit / "config.yaml").is_file() and _recorded_reference(run_inputs(dit))) or None
+    store = reference or (is_run_dir(dit) and _recorded_reference(run_inputs(dit))) or None
     if store is None:
         raise UserError(f"{dit}: no validation feature store is recorded for it; pass --reference STORE (features "
                         "of the encoder whose space it generates in, e.g. FEATURES/val)")
@@ -371,7 +372,7 @@ def evaluate_checkpoints(path: str | Path, cfg: ScoreConfig = ScoreConfig(), noc
     results are cached in RUN/RESULTS_FILE by (weights, reference, samples, seed, sampler); a rerun
     computes only what is missing. Returns one row per checkpoint."""
     path = Path(path)
-    is_run = (path / "config.yaml").is_file()
+    is_run = is_run_dir(path)
     ref, n = _reference(path, cfg.reference, rt), default_samples(cfg.samples, rt)
     cache = read_json(path / RESULTS_FILE) if is_run else {}
     unloaded = object()

@@ -10,14 +10,15 @@ from typing import Any
 
 import torch
 
-from flatdino_cli.checkpoint import run_config, weights_file
-from flatdino_cli.config_yaml import save_config, to_dict
+from flatdino_cli.checkpoint import weights_file
+from flatdino_cli.config_yaml import to_dict
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import CONFIG_JSON, WEIGHTS, is_export
 from flatdino_cli.interop.rae import rae_mlp_ratio, to_rae_state_dict
 from flatdino_cli.models import build_model, count_parameters
 from flatdino_cli.models.stats import STATS_FILE
-from flatdino_cli.runs import load_run, run_inputs, run_summary
+from flatdino_cli.rundir import run_config, run_inputs, write_config, write_inputs
+from flatdino_cli.runs import load_run, run_summary
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
 LIBRARY = "flatdino"
@@ -107,8 +108,8 @@ def export_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) ->
     def fill(tmp: Path) -> None:
         shutil.copyfile(weights, tmp / WEIGHTS)  # byte copy: the sha256 (provenance checks) is unchanged
         atomic_write_json(tmp / CONFIG_JSON, meta)
-        save_config(cfg, tmp / "config.yaml")
-        atomic_write_json(tmp / "inputs.json", _portable(inputs))
+        write_config(tmp, cfg)  # the run's own form: the folder is read as a run
+        write_inputs(tmp, _portable(inputs))
         if (run_dir / STATS_FILE).is_file():
             shutil.copyfile(run_dir / STATS_FILE, tmp / STATS_FILE)
         atomic_write_text(tmp / CARD, _card(run_dir.name, cfg, meta))

@@ -28,9 +28,10 @@ from flatdino_cli.data import (BadImageWarning, DeviceJpegDataset, EncoderTransf
 from flatdino_cli.encoders import default_crop_size, load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import FolderLock
+from flatdino_cli.rundir import run_inputs
 from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime, setup_runtime
-from flatdino_cli.utils import disk_full_is_user_error, read_json
+from flatdino_cli.utils import disk_full_is_user_error
 
 
 def _pending_chunks(store: Store, rows: int) -> list[list[int]]:
@@ -225,9 +226,8 @@ def extract_latents(features: str | Path, vae_run: str | Path, out: str | Path, 
 
 def check_same_encoder(store: Store, where: Path, vae_run: str | Path, new_data: bool) -> dict | None:
     """The VAE run's recorded training-data identity; UserError if `store` was made by another encoder."""
-    inputs = read_json(Path(vae_run) / "inputs.json")
     # None for a run from before identities were recorded: nothing to compare
-    trained_on = inputs.get("data_identity") if isinstance(inputs, dict) else None
+    trained_on = run_inputs(vae_run).get("data_identity")
     have, want = store.manifest["identity"], (trained_on or {}).get("encoder")
     if is_whole_image(store.manifest.get("preprocessing")) and isinstance(want, dict):
         # the k-NN protocol's larger input: the same encoder and weights at another patch count

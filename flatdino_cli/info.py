@@ -89,11 +89,11 @@ def _data_identity(inputs: dict) -> str | None:
 
 
 def describe_run(path: Path) -> list[tuple[str, Any]]:
-    from flatdino_cli.checkpoint import run_config, weights_file
+    from flatdino_cli.checkpoint import weights_file
     from flatdino_cli.hub import is_export
     from flatdino_cli.evaluate import quality_summary
-    from flatdino_cli.runs import run_inputs, run_summary
-    from flatdino_cli.train import read_metrics
+    from flatdino_cli.rundir import read_metrics, run_config, run_inputs
+    from flatdino_cli.runs import run_summary
 
     cfg = run_config(path)
     export = is_export(path)
@@ -260,11 +260,12 @@ def describe_pipeline_folder(path: Path) -> list[tuple[str, Any]]:
 
 def describe(path: str | Path) -> list[tuple[str, Any]]:
     from flatdino_cli.hub import resolve
+    from flatdino_cli.rundir import is_run_dir
 
     p = Path(resolve(str(path)))
     if not p.exists():
         raise UserError(f"{path}: not found")
-    if p.is_dir() and (p / "config.yaml").is_file():
+    if p.is_dir() and is_run_dir(p):
         return [("path", str(p))] + describe_run(p)
     if p.is_dir() and (p / "manifest.json").is_file():
         return [("path", str(p))] + describe_store(p)

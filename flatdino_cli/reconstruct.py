@@ -24,7 +24,8 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.metrics import PSNR_CAP, psnr, ssim
 from flatdino_cli.models.pixel_decoder import check_features, load_decoder
 from flatdino_cli.runtime import CPU, Runtime
-from flatdino_cli.runs import decoder_identity, load_run, run_inputs, store_manifest
+from flatdino_cli.rundir import run_inputs
+from flatdino_cli.runs import decoder_identity, load_run, store_manifest
 from flatdino_cli.utils import atomic_write_json, check_out_dir
 from flatdino_cli.viz import save_grid, save_png, to_uint8
 

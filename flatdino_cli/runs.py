@@ -1,6 +1,6 @@
-"""Reading trained run directories back: config.yaml + a checkpoint -> an eval-mode model (which
-weights: checkpoint.weights_file), a run's provenance (inputs.json, store manifests, file identities)
-and summary. Other projects' files (RAE's checkpoints, diffusers folders) are read in interop/.
+"""Reading trained run directories back: config + a checkpoint -> an eval-mode model (which
+weights: checkpoint.weights_file), file and store identities, and a run's summary. The run dir's own
+files are read through rundir.py; other projects' files (RAE's checkpoints, diffusers folders) in interop/.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatdino_cli.checkpoint import (checkpoint_dir, load_into, load_state, load_weights, run_config, verify_file,
-                                     weights_file)
-from flatdino_cli.errors import UserError
+from flatdino_cli.checkpoint import checkpoint_dir, load_into, load_state, load_weights, verify_file, weights_file
 from flatdino_cli.interop import diffusers as rae_folder
 from flatdino_cli.models import build_model
-from flatdino_cli.train import read_metrics
+from flatdino_cli.rundir import is_run_dir, read_metrics, run_config
 from flatdino_cli.utils import read_json, sha256_file
 
 
@@ -33,12 +31,7 @@ def load_run(run_dir: str | Path, expect_stage: str, device: torch.device | str 
     return cfg, model, sha
 
 
-# ============================================================================ provenance
-def run_inputs(run_dir: Path) -> dict:
-    """A run's inputs.json ({} when absent: a copied or hand-made run still loads)."""
-    return read_json(Path(run_dir) / "inputs.json")
-
-
+# ============================================================================ identities
 def file_identity(path: Path) -> dict:
     """Path and content hash; an AutoencoderRAE folder is known by its weights file's hash."""
     data = rae_folder.weights_path(path) if rae_folder.is_rae_folder(path) else path
@@ -56,7 +49,7 @@ def decoder_weights_path(decoder: str | Path) -> Path:
     p = Path(decoder)
     if rae_folder.is_rae_folder(p):
         return rae_folder.weights_path(p)
-    if p.is_dir() and (p / "config.yaml").is_file():
+    if p.is_dir() and is_run_dir(p):
         return weights_file(p, "decoder", prefer_ema=True)
     return p / "model.pt" if p.is_dir() else p
 

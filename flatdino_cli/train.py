@@ -8,18 +8,14 @@ exact resume. Resume is bitwise: the data order is a function of (seed, epoch), 
 re-seeded from (seed, step, micro-batch, rank) before every forward, and a checkpoint holds the
 optimizer state, step and RNG states.
 
-Run dir layout (DESIGN.md): config.yaml, inputs.json, metrics.jsonl, finished.json (once the loop ends),
-checkpoints/{latest,best}/{model.safetensors, ema.safetensors, state.pt}.
+The run dir's files are written through rundir.py, the checkpoints through checkpoint.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import glob
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +30,14 @@ from flatdino_cli import preempt
 from flatdino_cli.checkpoint import (checkpoint_dir, kept_checkpoint, load_into, load_state, load_weights,
                                      save_checkpoint, verify_checkpoint)
 from flatdino_cli.config import TrainConfig
-from flatdino_cli.config_yaml import save_config, to_dict
+from flatdino_cli.config_yaml import to_dict
 from flatdino_cli.errors import UserError
-from flatdino_cli.lock import LOCK_NAME, FolderLock
+from flatdino_cli.lock import FolderLock
+from flatdino_cli.rundir import (MetricsLog, clear_finished, mark_finished, merge_inputs, move_run_aside,
+                                 refuse_damaged_run, write_config, write_inputs)
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.track import open_trackers
-from flatdino_cli.utils import atomic_write_json, atomic_write_text, read_json
 
-FINISHED_FILE = "finished.json"  # written when the loop ends: the workspace's "finished" mark
 LossFn = Callable[[nn.Module, Any, "StepInfo"], "tuple[torch.Tensor, dict[str, float]]"]
 
 
@@ -158,51 +154,6 @@ class EpochBatches:
         return (self.steps - self.start) * (self.batch // self.world // self.micro)
 
 
-# ----------------------------------------------------------------------------- metrics log
-def _parse(line: str) -> dict | None:
-    """One metrics.jsonl row; None for a blank line or one a kill cut short mid-write."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl ([] if it has none), skipping a line a kill cut short."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [row for row in map(_parse, path.read_text().splitlines()) if row is not None]
-
-
-class MetricsLog:
-    """metrics.jsonl in the run dir (rank 0 only); on resume, entries after the checkpoint are dropped.
-    Every row also goes to the experiment trackers (track.py), and so do the images the task writes."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int, trackers: list | None = None):
-        self.path, self.enabled, self.trackers = path, enabled, trackers or []
-        if enabled and path.exists():
-            rows = [(ln, _parse(ln)) for ln in path.read_text().splitlines()]
-            keep = [ln for ln, row in rows if row is not None and row.get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(ln + "\n" for ln in keep))  # a kill here keeps the old log
-
-    def write(self, **row) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            for t in self.trackers:
-                t.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
-
-    def image(self, path: Path, step: int) -> None:
-        for t in self.trackers:
-            t.image(Path(path).parent.name, path, step)
-
-    def close(self) -> None:
-        for t in self.trackers:
-            t.close()
-
-
 # ----------------------------------------------------------------------------- the loop
 def _to_device(batch: Any, rt: Runtime) -> Any:
     if isinstance(batch, torch.Tensor):
@@ -254,61 +205,6 @@ def unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)
 
 
-def refuse_damaged_run(run_dir: Path) -> None:
-    """Before anything is written: a run with checkpoints but none to resume from is refused, untouched
-    (read-only, so every DDP rank runs it and they stop together)."""
-    ckdir = run_dir / "checkpoints"
-    leftovers = sorted(p.name for p in ckdir.iterdir() if not p.name.startswith(".tmp-")) if ckdir.is_dir() else []
-    if leftovers and checkpoint_dir(run_dir) is None:
-        raise UserError(f"{run_dir}: has checkpoints ({', '.join(leftovers)}) but no complete checkpoints/latest "
-                        "(model.safetensors + state.pt) to resume from; nothing was changed. Start over with "
-                        "--no-resume (the old run is moved aside), or copy checkpoints/best to "
-                        "checkpoints/latest to resume from the best one")
-
-
-def move_run_aside(run_dir: Path, keep_old: int, keep_files: tuple[str, ...] = ()) -> None:
-    """--no-resume: move the whole previous run (config, metrics, inputs, checkpoints, samples together)
-    to RUN.old-<time>, keeping the newest `keep_old` of those. `keep_files` (inputs the stage already
-    prepared in the run dir for the new run) are copied aside, not moved."""
-    old = sorted(p for p in run_dir.iterdir() if p.name != LOCK_NAME)
-    if not old:
-        return
-    base = run_dir.resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, i = base.with_name(f"{base.name}.old-{stamp}"), 0
-    while dest.exists():
-        i += 1
-        dest = base.with_name(f"{base.name}.old-{stamp}-{i}")
-    dest.mkdir()
-    for p in old:
-        if p.name in keep_files:
-            shutil.copy2(p, dest / p.name)
-        else:
-            p.rename(dest / p.name)
-    tqdm.write(f"--no-resume: moved the previous run to {dest}")
-    kept = sorted(base.parent.glob(f"{glob.escape(base.name)}.old-*"))  # the names sort by age
-    for gone in kept[:max(0, len(kept) - keep_old)]:
-        shutil.rmtree(gone)
-        tqdm.write(f"--no-resume: removed {gone} (keeping the last train.keep_old_runs={keep_old})")
-
-
-def merge_inputs(run_dir: Path, inputs: dict, new_data: bool) -> dict:
-    """inputs.json for a resumed run: the same `data_identity` as before, or (new_data) both recorded."""
-    old = read_json(run_dir / "inputs.json")
-    if not isinstance(old, dict):
-        old = {}
-    history = old.pop("previous_inputs", [])
-    was, now = old.get("data_identity"), inputs.get("data_identity")
-    if was is None or now is None or was == now:
-        return {**inputs, **({"previous_inputs": history} if history else {})}
-    if not new_data:
-        differs = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-        raise UserError(f"{run_dir}: was trained on other data than {inputs.get('data_path', 'this input')} "
-                        f"(differs in {', '.join(differs)}); pass --new-data to fine-tune on it on purpose "
-                        f"(both are recorded in inputs.json), or use another --out")
-    return {**inputs, "previous_inputs": history + [old]}
-
-
 def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool = True,
         desc: str = "train", new_data: bool = False) -> dict:
     """Train `task.model` in place; returns a summary {step, best_val, run_dir, ...}.
@@ -355,11 +251,11 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
             tqdm.write(f"resuming {run_dir} from step {step}/{total}")
 
     if rt.is_main:
-        (run_dir / FINISHED_FILE).unlink(missing_ok=True)  # training again: not finished until the loop ends
-        save_config(task.config, run_dir / "config.yaml")
-        atomic_write_json(run_dir / "inputs.json", inputs)
+        clear_finished(run_dir)
+        write_config(run_dir, task.config)
+        write_inputs(run_dir, inputs)
     trackers = open_trackers(cfg.log_to, run_dir, to_dict(task.config), step, rt.is_main)
-    log = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, step, trackers)
+    log = MetricsLog(run_dir, rt.is_main, step, trackers)
 
     net = model
     if rt.distributed:
@@ -472,10 +368,8 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
                 if stop:
                     raise preempt.Preempted(f"{desc}: preempted at step {step:,}, saved; rerun the same command "
                                             "to continue", quiet=not rt.is_main)
-        if rt.is_main:  # what the workspace index reads as "finished, when, how far"
-            atomic_write_json(run_dir / FINISHED_FILE, {
-                "step": step, "best_val": best_val if math.isfinite(best_val) else None,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if rt.is_main:
+            mark_finished(run_dir, step, best_val)
     finally:
         bar.close()
         log.close()

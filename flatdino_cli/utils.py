@@ -60,12 +60,13 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON record (inputs.json, a store's manifest.json); {} when it is missing or unreadable, so a
-    copied or hand-made run still loads."""
+    """A JSON record (inputs.json, a store's manifest.json); {} when it is missing, unreadable or not an
+    object, so a copied or hand-made run still loads."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def run_once(markers: Path, name: str, fn: Callable[[], dict], prefix: str = "") -> dict:

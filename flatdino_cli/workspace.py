@@ -11,7 +11,6 @@ Commands left without an input resolve it here and print one line naming what th
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -20,13 +19,13 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from flatdino_cli.config_yaml import load_config, to_dict
+from flatdino_cli.config_yaml import to_dict
 from flatdino_cli.data import Store, with_store_shape
 from flatdino_cli.errors import UserError
-from flatdino_cli.runs import run_inputs
 from flatdino_cli.evaluate import quality_summary
-from flatdino_cli.train import FINISHED_FILE, read_metrics
-from flatdino_cli.utils import atomic_write_json, disk_use, human_bytes
+from flatdino_cli.rundir import (CONFIG_FILE, is_run_dir, last_written, raw_config, read_metrics, record_files,
+                                 run_config, run_finished, run_inputs)
+from flatdino_cli.utils import atomic_write_json, disk_use, human_bytes, read_json
 
 ENV_VAR = "FLATDINO_WORKSPACE"
 INDEX_FILE = ".flatdino/index.json"
@@ -92,7 +91,7 @@ def _same_config(run_dir: Path, cfg) -> bool:
     """The run's config.yaml, read as a config (so keys added since it was written take their defaults:
     a run of an older version is still resumed), resolves to cfg."""
     try:
-        have = to_dict(load_config(run_dir / "config.yaml"))
+        have = to_dict(run_config(run_dir))
     except (OSError, yaml.YAMLError, UserError):
         return False
     return yaml.safe_load(yaml.safe_dump(have)) == yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
@@ -105,10 +104,10 @@ def run_dir(command: str, out: Path | None, stage: str, preset: str, cfg) -> Pat
         base = root() / "runs" / f"{stage}-{preset_slug(preset)}"
         out, n = base, 1
         # a folder without config.yaml is taken as is: under torchrun another rank may be creating it
-        while (out / "config.yaml").is_file() and not _same_config(out, cfg):
+        while is_run_dir(out) and not _same_config(out, cfg):
             n += 1
             out = base.with_name(f"{base.name}-{n}")
-        resumed = (out / "config.yaml").is_file()
+        resumed = is_run_dir(out)
         say(f"{command}: {'resuming' if resumed else 'new run'} {shown(out)} (--out to choose)")
     return out
 
@@ -133,7 +132,7 @@ def _stamp(paths: list[Path]) -> list:
 
 
 def _run_stamp(d: Path) -> list:
-    return _stamp([d / n for n in ("config.yaml", "metrics.jsonl", "inputs.json", FINISHED_FILE, RUN_FILE)])
+    return _stamp(record_files(d) + [d / RUN_FILE])
 
 
 def _store_stamp(d: Path) -> list:
@@ -147,7 +146,7 @@ def _scan(ws: Path):
     for dirpath, dirnames, filenames in os.walk(ws):
         d = Path(dirpath)
         depth = len(d.relative_to(ws).parts)
-        if "config.yaml" in filenames:
+        if CONFIG_FILE in filenames:
             yield "run", d
             dirnames[:] = []
         elif "manifest.json" in filenames:
@@ -155,14 +154,6 @@ def _scan(ws: Path):
             dirnames[:] = []  # its val/ split belongs to it
         else:
             dirnames[:] = [n for n in dirnames if not n.startswith(".") and n not in _PRUNE and depth < _MAX_DEPTH]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-        return obj if isinstance(obj, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _metrics(d: Path) -> tuple[float | None, int | None, tuple[str, float] | None, dict | None]:
@@ -178,20 +169,17 @@ def _metrics(d: Path) -> tuple[float | None, int | None, tuple[str, float] | Non
 
 
 def _run_entry(ws: Path, d: Path) -> dict | None:
-    try:
-        cfg = yaml.safe_load((d / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        cfg = None
-    if not isinstance(cfg, dict) or cfg.get("stage") not in ("vae", "dit", "decoder"):
+    cfg = raw_config(d)
+    if cfg is None or cfg.get("stage") not in ("vae", "dit", "decoder"):
         return None
-    run = _read_json(d / RUN_FILE)
-    finished = _read_json(d / FINISHED_FILE)
+    run = read_json(d / RUN_FILE)
+    finished = run_finished(d)
     epoch, step, metric, quality = _metrics(d)
     epochs = float((cfg.get("train") or {}).get("epochs") or 0)
     progress = 1.0 if finished else min(1.0, epoch / epochs) if epoch is not None and epochs > 0 else 0.0
-    inputs = _read_json(d / "inputs.json")
+    inputs = run_inputs(d)
     sources = [v.get("path") if isinstance(v, dict) else v for k, v in inputs.items() if k in ("features", "latents", "images")]
-    last = next(p for p in (d / FINISHED_FILE, d / "metrics.jsonl", d / "config.yaml") if p.exists())
+    last = last_written(d)
     done_at = finished.get("finished") or (_mtime_iso(last) if progress >= 1 else None)  # runs older than finished.json
     return {"kind": "run", "stage": cfg["stage"], "preset": run.get("preset") or re.sub(r"^(vae|dit|decoder)-", "", d.name),
             "progress": progress, "step": finished.get("step", step), "finished": done_at,
@@ -201,7 +189,7 @@ def _run_entry(ws: Path, d: Path) -> dict | None:
 
 
 def _store_entry(ws: Path, d: Path) -> dict | None:
-    m = _read_json(d / "manifest.json")
+    m = read_json(d / "manifest.json")
     if m.get("kind") not in ("features", "latents"):
         return None
     ident = m.get("identity") or {}
@@ -231,7 +219,7 @@ def index(ws: Path | None = None) -> dict[str, dict]:
     reuses the cached entry of anything unchanged; rewrites .flatdino/index.json when it differs."""
     ws = ws or root()
     path = ws / INDEX_FILE
-    cached = _read_json(path)
+    cached = read_json(path)
     if cached.get("version") != INDEX_VERSION or cached.get("workspace") != str(ws):
         cached = {}  # missing, corrupt, another version, or a copied workspace: rebuilt from the folders
     old = cached.get("entries") or {}
@@ -265,7 +253,7 @@ def newest(stage: str, ws: Path | None = None, fits=None) -> list[tuple[str, dic
 
 # ============================================================================ settings
 def settings(ws: Path | None = None) -> dict:
-    return _read_json((ws or root()) / SETTINGS_FILE)
+    return read_json((ws or root()) / SETTINGS_FILE)
 
 
 def set_setting(key: str, value: str) -> str:

@@ -221,7 +221,7 @@ import numpy as np, torch
 sys.path.insert(0, {tests!r})
 from test_dit import write_latents
 from flatdino_cli import train as train_mod
-from flatdino_cli.config import load_preset
+from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.runtime import setup_runtime
 from flatdino_cli.stages.dit import train_dit
 

@@ -9,8 +9,8 @@ import torch
 from conftest import run_cli
 from test_sample import dec_cfg, make_run, make_store, vae_cfg
 
-from flatdino_cli.checkpoint import run_config
 from flatdino_cli.config_yaml import load_preset
+from flatdino_cli.rundir import run_config
 from flatdino_cli.data import Store, with_store_shape
 from flatdino_cli.utils import sha256_file
 

@@ -15,7 +15,7 @@ import pytest
 from flatdino_cli.errors import UserError
 from flatdino_cli.evaluate import (FD_REP, FD_REP_NOCFG, REFERENCE_FILE, eval_every_steps, fd_rep, reference_stats,
                                    rep_vectors)
-from flatdino_cli.train import read_metrics
+from flatdino_cli.rundir import read_metrics
 
 from conftest import ROOT, run_cli
 

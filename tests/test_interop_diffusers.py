@@ -256,7 +256,7 @@ def test_folder_end_to_end_extract_train_dit_sample(tmp_path, rae_folder):
              "train.batch_size=4"]
     run_cli("train-dit", "--preset", "rae-xl-256x768", "--latents", tmp_path / "store", "--out", tmp_path / "dit",
             "--device", "cpu", *[a for s in small for a in ("--set", s)])
-    from flatdino_cli.checkpoint import run_config
+    from flatdino_cli.rundir import run_config
 
     cfg = run_config(tmp_path / "dit")
     assert (cfg.model.tokens, cfg.model.in_dim, tuple(cfg.model.grid), cfg.model.num_classes) == (GRID * GRID, 64, (GRID, GRID), 12)

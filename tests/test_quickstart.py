@@ -213,7 +213,7 @@ def test_fd_rep_ranks_checkpoints_as_the_toy_classifier_does(flat_out, judge_cac
     from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, unguided
     from flatdino_cli.pipeline.generate import generate
     from flatdino_cli.pipeline.load import load_pipeline
-    from flatdino_cli.train import read_metrics
+    from flatdino_cli.rundir import read_metrics
 
     dit = flat_out / "dit"
     logged = {r["step"]: (r[FD_REP], r[FD_REP_NOCFG]) for r in read_metrics(dit) if FD_REP in r}

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import flatdino_cli.checkpoint as checkpoint
-import flatdino_cli.train as train
+import flatdino_cli.rundir as rundir
 from flatdino_cli.checkpoint import checkpoint_dir
 from flatdino_cli.config import ExtractConfig, TrainConfig
 from flatdino_cli.config_yaml import load_preset
@@ -424,7 +424,7 @@ def test_a_full_disk_anywhere_else_is_still_one_line(tmp_path, monkeypatch):
     def full(self, **row):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
 
-    monkeypatch.setattr(train.MetricsLog, "write", full)
+    monkeypatch.setattr(rundir.MetricsLog, "write", full)
     feats = _store(tmp_path / "f", "enc-a", n=40)
     r = CliRunner().invoke(app, ["train-vae", "--preset", str(_preset(tmp_path / "p.yaml")), "--features", str(feats),
                                  "--out", str(tmp_path / "run"), "--device", "cpu"])

@@ -40,6 +40,7 @@ from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
 from flatdino_cli.preempt import PREEMPTED_EXIT
 from flatdino_cli.models.vae import FlatVAE
+from flatdino_cli.rundir import read_metrics
 from flatdino_cli.runtime import CPU, setup_runtime
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.train import Task, TrainingDiverged, fit, lr_at
@@ -541,7 +542,7 @@ def test_quality_evaluations_at_their_cadence_across_a_kill(tmp_path):
         return tiny_task(n=32, on_step=on_step, evaluate=evaluate, eval_period=lambda total, spe: 3)
 
     def quality(run):
-        return [(r["step"], r["fd_rep"], r["fd_rep_nocfg"]) for r in train.read_metrics(run) if "fd_rep" in r]
+        return [(r["step"], r["fd_rep"], r["fd_rep_nocfg"]) for r in read_metrics(run) if "fd_rep" in r]
 
     fit(task(), cfg, tmp_path / "ref", CPU)
     ref = quality(tmp_path / "ref")
@@ -554,7 +555,7 @@ def test_quality_evaluations_at_their_cadence_across_a_kill(tmp_path):
     fit(task(), cfg, tmp_path / "run", CPU)
     assert len(calls) == 5  # steps 12, 15, 18, 21, 24
     assert quality(tmp_path / "run") == ref  # one row per evaluation, the same values (bitwise resume)
-    rows = train.read_metrics(tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
     assert all(r["eval_seconds"] >= 0 for r in rows if "fd_rep" in r)
 
 

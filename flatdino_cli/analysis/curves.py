@@ -9,7 +9,6 @@ paper's convention (1 multiply-add = 1 FLOP; 3 x forward + encoding).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG
+from flatdino_cli.rundir import is_run_dir, read_metrics, run_config, run_inputs
 
 VAL_ORDER = ("loss", "psnr", "cosine", "huber", "kl_per_token")  # first val panels; the rest follow
 MAX_VAL_PANELS = 3
@@ -50,14 +50,11 @@ def smooth(y: Sequence[float], weight: float) -> np.ndarray:
 
 def _vae_of_dit_run(run_dir: Path) -> Any | None:
     """The VAE config a latent DiT was trained on (via inputs.json), None for a raw-feature (RAE) run."""
-    from flatdino_cli.checkpoint import run_config
-
-    inputs_path = run_dir / "inputs.json"
-    latents = json.loads(inputs_path.read_text()).get("latents", {}) if inputs_path.is_file() else {}
+    latents = run_inputs(run_dir).get("latents", {})
     if latents.get("kind") == "features":
         return None
     vae_run = latents.get("identity", {}).get("vae_run")
-    if vae_run is None or not (Path(vae_run) / "config.yaml").is_file():
+    if vae_run is None or not is_run_dir(vae_run):
         raise UserError(f"{run_dir}: --x flops needs the VAE run its latents came from ({vae_run or 'not recorded'}) "
                         "to count the encoder; plot against --x steps instead")
     return run_config(vae_run, "vae")
@@ -74,9 +71,6 @@ def flops_per_step(run_dir: Path, cfg: Any) -> float:
 
 
 def load_curves(run_dir: str | Path, label: str, axis: str) -> RunCurves:
-    from flatdino_cli.checkpoint import run_config
-    from flatdino_cli.train import read_metrics
-
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     rows = read_metrics(run_dir)

@@ -201,8 +201,10 @@ def compare(
     fae: Annotated[Optional[Path], typer.Option(help="FAE laminator run for --features (toy mode trains one).")] = None,
     preset: Annotated[Optional[list[str]], typer.Option(help="METHOD=PRESET, repeatable (defaults: tiny-dit, tiny-rae-dit, "
                                                              "tiny-fae-dit; with --features xl-32x128, rae-xl-256x768, fae-xl-16x16x32).")] = None,
-    evals: Annotated[int, typer.Option(help="fd_rep evaluations per generator, at equal fractions of the budget.")] = 5,
-    eval_samples: Annotated[int, typer.Option(help="Samples per evaluation.")] = 192,
+    evals: Annotated[int, typer.Option(help="fd_rep evaluations per generator, at equal fractions of the budget "
+                                            "(0: 5 in toy mode, 20 with --features).")] = 0,
+    eval_samples: Annotated[int, typer.Option(help="Samples per evaluation (0: 192 in toy mode; with --features "
+                                                   "2,000 on CUDA, 240 on the CPU).")] = 0,
     sets: SetOpt = None,
     per_class: Annotated[int, typer.Option(help="Toy images per class (toy mode).")] = 250,
     seed: Annotated[int, typer.Option(help="Training and evaluation seed of every run.")] = 0,

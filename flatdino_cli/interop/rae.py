@@ -29,6 +29,7 @@ from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import default_shift
 from flatdino_cli.models import build_model
+from flatdino_cli.rundir import is_run_dir
 from flatdino_cli.utils import grid_side
 
 RAE_DIT_FILE = "stage2_model.pt"  # RAE's released name
@@ -200,7 +201,7 @@ def rae_checkpoint(path: Path) -> Path | None:
     """The RAE stage-2 file `path` names (the file, or a folder holding one), None for a run dir."""
     if path.is_file():
         return path
-    if not path.is_dir() or (path / "config.yaml").is_file():
+    if not path.is_dir() or is_run_dir(path):
         return None
     if (path / RAE_DIT_FILE).is_file():
         return path / RAE_DIT_FILE

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flatdino_cli.checkpoint import load_into, load_weights, run_config, weights_file
+from flatdino_cli.checkpoint import load_into, load_weights, weights_file
 from flatdino_cli.config import DecoderModelConfig
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
 from flatdino_cli.errors import UserError
 from flatdino_cli.interop import diffusers as rae_folder
 from flatdino_cli.nn import Block, sincos_2d
+from flatdino_cli.rundir import is_run_dir, run_config
 from flatdino_cli.utils import grid_side
 
 __all__ = ["PixelDecoder", "rae_state_dict_to_ours", "ours_to_rae_state_dict", "load_decoder", "check_features"]
@@ -205,10 +206,10 @@ def load_decoder(path: str | Path, cfg: DecoderModelConfig | None = None, device
         model = PixelDecoder(_infer_config(sd, arch["heads"], arch["ln_eps"], str(path)))
         load_into(model, sd, path)
         return model.eval().to(device)
-    if path.is_dir() and not (path / "config.yaml").is_file() and (path / "model.pt").is_file():
+    if path.is_dir() and not is_run_dir(path) and (path / "model.pt").is_file():
         path = path / "model.pt"  # RAE's release directory, e.g. .../ViTXL_n08/
     if path.is_dir():
-        if not (path / "config.yaml").is_file():
+        if not is_run_dir(path):
             raise UserError(f"{path}: holds neither config.yaml nor model.pt; {expected}")
         run_cfg = run_config(path, "decoder")
         model, wpath = PixelDecoder(run_cfg.model), weights_file(path, "decoder", prefer_ema=True)

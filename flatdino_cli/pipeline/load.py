@@ -18,7 +18,8 @@ from flatdino_cli.interop.rae import RAE_STATS_FILES, rae_checkpoint, read_rae_d
 from flatdino_cli.models.pixel_decoder import check_features, load_decoder
 from flatdino_cli.models.stats import STATS_FILE, load_stats
 from flatdino_cli.pipeline import Pipeline
-from flatdino_cli.runs import decoder_identity, file_identity, load_run, run_inputs, store_manifest
+from flatdino_cli.rundir import run_inputs
+from flatdino_cli.runs import decoder_identity, file_identity, load_run, store_manifest
 from flatdino_cli.utils import sha256_file
 
 

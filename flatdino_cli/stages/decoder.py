@@ -35,9 +35,10 @@ from flatdino_cli.losses import (adaptive_weight, build_discriminator, diff_augm
 from flatdino_cli.metrics import PSNR_CAP, psnr
 from flatdino_cli.models import build_model
 from flatdino_cli.models.pixel_decoder import load_decoder
-from flatdino_cli.runs import decoder_identity, run_inputs
+from flatdino_cli.rundir import read_metrics, run_inputs
+from flatdino_cli.runs import decoder_identity
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.train import Task, fit, lr_at, read_metrics, unwrap
+from flatdino_cli.train import Task, fit, lr_at, unwrap
 from flatdino_cli.utils import grid_side
 
 
@@ -55,9 +56,10 @@ def noisy_features(feats: torch.Tensor, L: DecoderLossConfig) -> torch.Tensor:
 
 def _check_resume(out: Path, disc_id: dict | None, resume: bool) -> None:
     """A resumed run must keep its discriminator (its state is in the checkpoint)."""
-    if not (resume and checkpoint_dir(out) is not None and (Path(out) / "inputs.json").is_file()):
+    recorded = run_inputs(out) if resume and checkpoint_dir(out) is not None else {}
+    if not recorded:  # nothing to resume, or a run that recorded no inputs
         return
-    old = run_inputs(Path(out)).get("discriminator")
+    old = recorded.get("discriminator")
     if (old or {}).get("kind") != (disc_id or {}).get("kind"):
         raise UserError(f"{out}: was trained with discriminator {old and old['kind']}, now "
                         f"{disc_id and disc_id['kind']} (loss.gan / --disc); keep them, or start over with --no-resume")
@@ -150,7 +152,7 @@ def _datasets(cfg: DecoderStageConfig, rt: Runtime, images: str | Path, encoder_
     if len(val_set) == 0:
         raise UserError(f"--images {images}: {len(full)} images are too few to hold any out for validation (need 10+)")
     inputs.update(train_images=len(train_set), val_images=len(val_set), image_size=S)
-    # what a resume must train on again (train.merge_inputs): the images, their encoder, the store rows
+    # what a resume must train on again (rundir.merge_inputs): the images, their encoder, the store rows
     inputs["data_identity"] = {"kind": "images", "source_hash": imgs.source_hash(), "encoder": inputs["encoder"],
                                "features": store_identity(parts[0][0]) if features is not None else None}
     return cfg, encoder, train_set, val_set

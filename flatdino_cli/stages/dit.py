@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from flatdino_cli.checkpoint import checkpoint_dir, run_config
+from flatdino_cli.checkpoint import checkpoint_dir
 from flatdino_cli.classes import class_label
 from flatdino_cli.config import DiTStageConfig
 from flatdino_cli.data import FeatureDataset, Store, store_identity, with_store_shape
@@ -30,6 +30,7 @@ from flatdino_cli.models.stats import STATS_FILE, load_stats, save_stats
 from flatdino_cli.pipeline import Pipeline
 from flatdino_cli.pipeline.generate import generate
 from flatdino_cli.pipeline.load import decoding_parts, trained_on_features
+from flatdino_cli.rundir import run_config
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.train import Task, fit
 from flatdino_cli.viz import save_grid
