@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from flatdino_cli.analysis.curves import flop_unit
 from flatdino_cli.analysis.flops import dit_step_flops
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.config_yaml import load_preset
@@ -156,7 +157,7 @@ def planned_dit(cfg: CompareConfig, method: str, data: Path, vae_run: Path | Non
               f"train.seed={cfg.seed}"]
     if t.decay_until_epoch is not None:
         recipe.append(f"train.decay_until_epoch={t.decay_until_epoch * share}")
-    return load_preset(cfg.preset(method), sets + recipe), per_step
+    return with_store_shape(load_preset(cfg.preset(method), sets + recipe), store, data), per_step
 
 
 def _check_settings(out: Path, cfg: CompareConfig) -> None:
@@ -231,7 +232,7 @@ def method_result(method: str, run_dir: Path, dit_cfg, per_step: float, speed: d
     rows = [r for r in read_metrics(run_dir) if FD_REP in r]
     evals = [{"step": r["step"], "flops": r["step"] * per_step, FD_REP: r[FD_REP],
               **({FD_REP_NOCFG: r[FD_REP_NOCFG]} if FD_REP_NOCFG in r else {})} for r in rows]
-    return {"label": LABELS[method], "run": str(run_dir), "steps": dit_cfg.train.max_steps, "batch_size": dit_cfg.train.batch_size, "tokens": dit_cfg.model.tokens,
+    return {"label": LABELS[method], "run": str(run_dir), "steps": dit_cfg.train.max_steps, "batch_size": dit_cfg.train.batch_size, "tokens": dit_cfg.model.seq_len,
             "flops_per_step": per_step, "evals": evals, "final": evals[-1][FD_REP] if evals else math.nan,
             "best": min((e[FD_REP] for e in evals), default=math.nan), **speed}
 
@@ -250,7 +251,7 @@ def write_table(path: Path, report: dict) -> Path:
     ref = res.get("flatdino")
     lines = [f"Training budget {report['budget']:.3g} FLOPs per generator; quality level {report['level']:.3g} "
              "(the worst method's best fd_rep).", "",
-             "| method | tokens | steps | FLOPs / step | fd_rep at the budget | best fd_rep | FLOPs to the level | "
+             "| method | DiT tokens | steps | FLOPs / step | fd_rep at the budget | best fd_rep | FLOPs to the level | "
              "samples/s (NFE) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in res.items():
         to = r["flops_to_level"]
@@ -263,17 +264,23 @@ def write_table(path: Path, report: dict) -> Path:
 
 
 def plot_compare(path: Path, report: dict) -> Path:
+    from matplotlib.ticker import FuncFormatter
+
+    scale, unit = flop_unit(report["budget"])
     fig = new_figure(4.6, 3.3, dpi=200)
     ax = fig.add_subplot(1, 1, 1)
     for r in report["methods"].values():
-        line = curve(ax, [e["flops"] for e in r["evals"]], [e[FD_REP] for e in r["evals"]], label=r["label"])
+        line = curve(ax, [e["flops"] / scale for e in r["evals"]], [e[FD_REP] for e in r["evals"]], label=r["label"])
         nocfg = [e for e in r["evals"] if FD_REP_NOCFG in e]
         if nocfg:
-            curve(ax, [e["flops"] for e in nocfg], [e[FD_REP_NOCFG] for e in nocfg], color=line.get_color(),
+            curve(ax, [e["flops"] / scale for e in nocfg], [e[FD_REP_NOCFG] for e in nocfg], color=line.get_color(),
                   linestyle="--", marker="")
     ax.axhline(report["level"], color="grey", linewidth=0.7, linestyle=":")
-    style_axes(ax, "training FLOPs", "fd_rep (lower is better)", logy=True,
-               title=f"equal training FLOPs ({report['budget']:.2g} per generator)")
+    style_axes(ax, f"training FLOPs ({unit})", "fd_rep (lower is better)", logy=True,
+               title=f"equal training FLOPs ({report['budget'] / scale:.3g} {unit} per generator)")
+    # plain numbers on the log axis, not powers of ten; minor labels at 2 and 5 x 10^k only
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     fig.tight_layout()
     return save_figure(fig, path)
 

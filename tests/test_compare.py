@@ -70,6 +70,7 @@ def test_toy_compare_end_to_end_and_resumed(tmp_path):
         assert recorded["train"]["max_steps"] == r["steps"] and recorded["eval"]["count"] == 2
     per_step = {m: report["methods"][m]["flops_per_step"] for m in report["methods"]}
     assert per_step["rae"] > 3 * per_step["flatdino"]  # 144 grid tokens against 16 flat ones
+    assert {m: r["tokens"] for m, r in report["methods"].items()} == {"flatdino": 16, "rae": 144, "fae": 36}
     assert report["methods"]["rae"]["steps"] < report["methods"]["flatdino"]["steps"]
     assert (out / "compare.md").is_file() and (out / "compare.png").is_file()
     assert "FlatDINO" in format_report(report)

@@ -84,7 +84,7 @@ def load_curves(run_dir: str | Path, label: str, axis: str) -> RunCurves:
     return curves
 
 
-def _flop_unit(values: float) -> tuple[float, str]:
+def flop_unit(values: float) -> tuple[float, str]:
     return next((s, u) for s, u in FLOP_UNITS if values >= s or s == 1.0)
 
 
@@ -125,7 +125,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
 
     scale, unit = 1.0, ""
     if axis == "flops":
-        scale, unit = _flop_unit(max(c.flops_per_step * max([r["step"] for r in c.train] or [1]) for c in curves))
+        scale, unit = flop_unit(max(c.flops_per_step * max([r["step"] for r in c.train] or [1]) for c in curves))
     xlabel = "optimizer steps" if axis == "steps" else f"training compute ({unit})"
     panels = (["loss"] + (["buckets"] if _bucket_keys(curves) else []) + ["lr"] + [f"val/{k}" for k in _val_keys(curves)]
               + ([FD_REP] if any(c.quality for c in curves) else []))
