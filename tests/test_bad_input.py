@@ -150,7 +150,10 @@ def test_real_processes_print_no_traceback(cli, bad, tmp_path):
     ["--workspace", "{F}", "workspace"],  # the sub-apps' listing callbacks go through the wrapper too
     ["--workspace", "{F}", "workspace", "set", "decoder", "x"],
 ], ids=" ".join)
-def test_presets_and_workspace_errors_are_one_line(args, bad):
+def test_presets_and_workspace_errors_are_one_line(args, bad, monkeypatch):
+    # --workspace sets FLATDINO_WORKSPACE for the process (child processes inherit it): restored afterwards,
+    # so the file given here does not become the workspace of every later test
+    monkeypatch.setenv("FLATDINO_WORKSPACE", str(bad["root"]))
     args = [str(bad["file"]) if a == "{F}" else a for a in args]
     line = assert_one_line_error(run(args), args)
     assert line.startswith("flatdino: error:"), line
