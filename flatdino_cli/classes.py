@@ -27,7 +27,7 @@ def imagenet_class_names() -> list[str]:
     except (AttributeError, OSError, SyntaxError, ValueError):
         pass
     try:  # a torchvision laid out differently: pay for the import
-        from torchvision.models._meta import _IMAGENET_CATEGORIES
+        from torchvision.models._meta import _IMAGENET_CATEGORIES  # fallback
     except ImportError:
         return []
     return list(_IMAGENET_CATEGORIES)

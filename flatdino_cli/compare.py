@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.ticker import FuncFormatter
 from tqdm import tqdm
 
 from flatdino_cli.analysis.curves import flop_unit
@@ -264,8 +265,6 @@ def write_table(path: Path, report: dict) -> Path:
 
 
 def plot_compare(path: Path, report: dict) -> Path:
-    from matplotlib.ticker import FuncFormatter
-
     scale, unit = flop_unit(report["budget"])
     fig = new_figure(4.6, 3.3, dpi=200)
     ax = fig.add_subplot(1, 1, 1)

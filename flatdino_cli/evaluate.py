@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from flatdino_cli.data import Store, store_identity, subset_rows
@@ -219,8 +220,6 @@ def _gather(vecs: np.ndarray, indices: Sequence[int], n: int, rt: Runtime) -> np
     """Every rank's (n_r, D) vectors -> all n of them in image order (the same array on every rank)."""
     if not rt.distributed:
         return vecs
-    import torch.distributed as dist
-
     parts: list = [None] * rt.world_size
     dist.all_gather_object(parts, (list(indices), vecs))
     full = np.zeros((n, vecs.shape[1]))

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import shutil
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from flatdino_cli.checkpoint import weights_file
-from flatdino_cli.config_yaml import to_dict
+from flatdino_cli.config_yaml import config_from_dict, to_dict
+from flatdino_cli.encoders import load_encoder
+from flatdino_cli.encoders.hf_cache import cached_hub_weights
+from flatdino_cli.encoders.keys import read_state_dict
+from flatdino_cli.encoders.specs import get_spec
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import CONFIG_JSON, WEIGHTS, is_export
+from flatdino_cli.interop import diffusers as D
 from flatdino_cli.interop.rae import rae_mlp_ratio, to_rae_state_dict
 from flatdino_cli.models import build_model, count_parameters
-from flatdino_cli.models.stats import STATS_FILE
+from flatdino_cli.models.pixel_decoder import load_decoder, ours_to_rae_state_dict
+from flatdino_cli.models.stats import STATS_FILE, load_stats, tokens_to_chw
+from flatdino_cli.nn import sincos_2d
+from flatdino_cli.pipeline.load import load_pipeline
 from flatdino_cli.rundir import run_config, run_inputs, write_config, write_inputs
 from flatdino_cli.runs import load_run, run_summary
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
@@ -143,10 +156,6 @@ def build_arch_name(cfg: Any) -> str:
 def _rae_encoder(ident: dict, encoder_weights, run_dir: Path):
     """(spec, weights path or None) of the encoder a decoder run was trained on; one-line UserError when
     AutoencoderRAE cannot hold it (its DINOv2 encoders have 64-wide heads and a GELU MLP)."""
-    from flatdino_cli.encoders.hf_cache import cached_hub_weights
-    from flatdino_cli.encoders.specs import get_spec
-    from flatdino_cli.interop import diffusers as D
-
     name, wid = ident.get("encoder"), ident.get("weights")
     if not isinstance(name, str):
         raise UserError(f"{run_dir}/inputs.json: records no encoder; this decoder cannot be exported with one")
@@ -177,13 +186,6 @@ def _rae_encoder(ident: dict, encoder_weights, run_dir: Path):
 
 def _rae_encoder_tensors(spec, path: Path, ident: dict, run_dir: Path) -> tuple[dict, dict]:
     """(AutoencoderRAE `encoder.*` tensors, encoder_sizes) from a weights file or an AutoencoderRAE folder."""
-    import dataclasses
-    import math
-
-    from flatdino_cli.encoders import load_encoder
-    from flatdino_cli.encoders.keys import read_state_dict
-    from flatdino_cli.interop import diffusers as D
-
     file = D.weights_path(path) if spec is None else path
     wid = ident.get("weights")
     if not file.is_file():
@@ -215,15 +217,6 @@ def export_diffusers(run_dir: str | Path, out: str | Path, encoder_weights: str 
     folder (config.json + diffusion_pytorch_model.safetensors); `stats` (RAE's stat.pt, an rae-* run's
     stats.pt or an AutoencoderRAE folder) become its latent statistics, converted to diffusers' divisor
     std + 1e-5 (interop/diffusers.py). Refused in one line where AutoencoderRAE would decode otherwise."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from safetensors.torch import save_file
-
-    from flatdino_cli.interop import diffusers as D
-    from flatdino_cli.models.pixel_decoder import load_decoder, ours_to_rae_state_dict
-    from flatdino_cli.models.stats import load_stats, tokens_to_chw
-    from flatdino_cli.nn import sincos_2d
-
     run_dir, out = Path(run_dir), Path(out)
     cfg = run_config(run_dir)
     if cfg.stage == "dit":
@@ -301,13 +294,6 @@ def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None
     diffusers pipeline folder: model_index.json, one folder per component (config.json, safetensors and
     the component code, flatdino_components.py), pipeline_flatdino.py and a model card. Loaded with
     `DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`; the code imports flatdino."""
-    from importlib.metadata import PackageNotFoundError, version
-    from importlib.resources import files
-
-    from safetensors.torch import save_file
-
-    from flatdino_cli.pipeline.load import load_pipeline
-
     dit_run, out = Path(dit_run), Path(out)
     if decoder is None:
         raise UserError("export --format diffusers: a DiT pipeline needs --decoder (a train-decoder run, RAE's "
@@ -383,8 +369,6 @@ def export_pipeline(dit_run: str | Path, out: str | Path, vae: str | Path | None
 
 def config_from_model(net) -> Any:
     """The stage config that builds `net` (a VAE or pixel decoder: their model config is all it takes)."""
-    from flatdino_cli.config_yaml import config_from_dict
-
     stage = "decoder" if type(net).__name__ == "PixelDecoder" else "vae"
     return config_from_dict({"stage": stage, "model": to_dict(net.cfg)}, f"{stage} model config")
 

@@ -411,7 +411,7 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, shift: float, met
 
 def _dopri5(v_of: Callable[[Tensor, float], Tensor], noise: Tensor, rtol: float, atol: float) -> Tensor:
     try:
-        from torchdiffeq import odeint
+        from torchdiffeq import odeint  # optional
     except ImportError:
         raise FlowConfigError("config: flow.sampler dopri5 needs torchdiffeq: pip install 'flatdino[ode]' "
                               "(or pip install torchdiffeq)") from None

@@ -47,8 +47,8 @@ def resolve(value: Any) -> Any:
     ref = parse_ref(str(value)) if value is not None else None
     if ref is None:
         return value
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub import snapshot_download  # startup
+    from huggingface_hub.errors import LocalEntryNotFoundError  # startup
 
     repo, rev = ref
     try:  # the cache only: never a network round-trip, so offline fails at once
@@ -56,7 +56,7 @@ def resolve(value: Any) -> Any:
     except LocalEntryNotFoundError:
         raise UserError(f"{value}: not in the local Hugging Face cache; fetch it first with "
                         f"`{download_command(repo, rev)}` (on a machine with internet, then copy the cache)") from None
-    from flatdino_cli.interop.diffusers import is_rae_folder  # lazy: torch; hub is on the CLI's start-up path
+    from flatdino_cli.interop.diffusers import is_rae_folder  # startup
 
     if not is_export(folder) and not is_rae_folder(folder):  # RAE's diffusers releases are read too
         raise UserError(f"{value}: the cached repository ({folder}) is not a flatdino export "

@@ -11,7 +11,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from flatdino_cli.checkpoint import load_weights, weights_file
+from flatdino_cli.config_yaml import list_presets, load_preset, to_dict
+from flatdino_cli.data import DONE, SKIPPED
 from flatdino_cli.errors import UserError
+from flatdino_cli.evaluate import quality_summary
+from flatdino_cli.hub import is_export, resolve
+from flatdino_cli.interop import diffusers as D
+from flatdino_cli.interop.diffusers import is_rae_folder
+from flatdino_cli.models import count_parameters
+from flatdino_cli.models.pixel_decoder import rae_state_dict_to_ours
+from flatdino_cli.rundir import is_run_dir, read_metrics, run_config, run_inputs
+from flatdino_cli.runs import run_summary
 from flatdino_cli.utils import disk_use, human_bytes, read_json
 
 RAE_LOADS = {
@@ -23,8 +36,6 @@ RAE_LOADS = {
 
 def matching_preset(cfg: Any) -> str | None:
     """The shipped preset whose model section this config's equals (a run records its resolved config)."""
-    from flatdino_cli.config_yaml import list_presets, load_preset, to_dict
-
     model = to_dict(cfg.model)
     for name in list_presets():
         try:
@@ -43,8 +54,6 @@ def _same_model(preset: dict, run: dict) -> bool:
 
 
 def _params(cfg: Any) -> str:
-    from flatdino_cli.models import count_parameters
-
     return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(cfg).items())
 
 
@@ -89,12 +98,6 @@ def _data_identity(inputs: dict) -> str | None:
 
 
 def describe_run(path: Path) -> list[tuple[str, Any]]:
-    from flatdino_cli.checkpoint import weights_file
-    from flatdino_cli.hub import is_export
-    from flatdino_cli.evaluate import quality_summary
-    from flatdino_cli.rundir import read_metrics, run_config, run_inputs
-    from flatdino_cli.runs import run_summary
-
     cfg = run_config(path)
     export = is_export(path)
     facts: list[tuple[str, Any]] = [("what", f"{'exported ' if export else ''}{cfg.stage} run"),
@@ -133,10 +136,6 @@ def describe_run(path: Path) -> list[tuple[str, Any]]:
 
 
 def describe_store(path: Path) -> list[tuple[str, Any]]:
-    import numpy as np
-
-    from flatdino_cli.data import DONE, SKIPPED
-
     m = json.loads((path / "manifest.json").read_text())
     status = np.load(path / "done.npy", mmap_mode="r") if (path / "done.npy").is_file() else None
     done = int((status == DONE).sum()) if status is not None else 0
@@ -188,13 +187,9 @@ def describe_samples(path: Path) -> list[tuple[str, Any]]:
 
 
 def describe_rae_file(path: Path) -> list[tuple[str, Any]]:
-    from flatdino_cli.checkpoint import load_weights
-
     sd = load_weights(path)
     keys = set(sd)
     if "decoder_embed.weight" in keys or ("embed.weight" in keys and "pred.weight" in keys):
-        from flatdino_cli.models.pixel_decoder import rae_state_dict_to_ours
-
         ours = rae_state_dict_to_ours(sd, str(path)) if "decoder_embed.weight" in keys else sd
         width, in_dim = ours["embed.weight"].shape
         patches = ours["pos_embed"].shape[1] - 1
@@ -219,8 +214,6 @@ def describe_rae_file(path: Path) -> list[tuple[str, Any]]:
 
 def describe_rae_folder(path: Path) -> list[tuple[str, Any]]:
     """A diffusers AutoencoderRAE folder (NYU's RAE releases): its encoder, decoder and statistics."""
-    from flatdino_cli.interop import diffusers as D
-
     c, shapes = D.read_config(path), D.tensor_shapes(path)
     enc = D.encoder_sizes(path)
     side = math.isqrt(c["num_patches"])
@@ -259,9 +252,6 @@ def describe_pipeline_folder(path: Path) -> list[tuple[str, Any]]:
 
 
 def describe(path: str | Path) -> list[tuple[str, Any]]:
-    from flatdino_cli.hub import resolve
-    from flatdino_cli.rundir import is_run_dir
-
     p = Path(resolve(str(path)))
     if not p.exists():
         raise UserError(f"{path}: not found")
@@ -274,8 +264,6 @@ def describe(path: str | Path) -> list[tuple[str, Any]]:
     if p.is_dir() and (p / "model_index.json").is_file() and (p / "transformer" / "config.json").is_file():
         return [("path", str(p))] + describe_pipeline_folder(p)
     if p.is_dir():
-        from flatdino_cli.interop.diffusers import is_rae_folder
-
         if is_rae_folder(p):
             return [("path", str(p))] + describe_rae_folder(p)
     if p.is_dir() and (p / "model.pt").is_file():  # RAE's release folder, e.g. ViTXL_n08/

@@ -16,6 +16,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import atomic_write_json
 from flatdino_cli.viz import load_png
@@ -48,16 +50,14 @@ def flat_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
 
 class TensorBoard:
     def __init__(self, run_dir: Path, config: dict, resume_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
+        from torch.utils.tensorboard import SummaryWriter  # optional
+        from torch.utils.tensorboard.summary import hparams  # optional
 
         # purge_step drops what a killed run logged after its last checkpoint (all steps on a fresh start)
         self.writer = SummaryWriter(str(run_dir / TB_DIR), purge_step=resume_step + 1)
         if not resume_step:  # the hyper-parameters once, in this run (not add_hparams' extra sub-run)
             for summary in hparams(flat_config(config), {"loss": 0.0, "val/loss": 0.0}):
                 self.writer.file_writer.add_summary(summary)
-            import yaml
-
             self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```")
         self.writer.flush()
 
@@ -76,7 +76,7 @@ class TensorBoard:
 
 class WandB:
     def __init__(self, run_dir: Path, config: dict, resume_step: int):
-        import wandb
+        import wandb  # optional
 
         state_path = run_dir / STATE_FILE
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}

@@ -72,7 +72,7 @@ def read_json(path: Path) -> dict:
 def run_once(markers: Path, name: str, fn: Callable[[], dict], prefix: str = "") -> dict:
     """fn()'s result, recorded in markers/NAME.json with its seconds; when that file exists, the recorded
     result without running fn again (a rerun of a multi-stage command skips its finished stages)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # startup
 
     marker = Path(markers) / f"{name}.json"
     if marker.exists():

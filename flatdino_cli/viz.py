@@ -121,8 +121,8 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int, labels: Sequence[
 # ============================================================================ matplotlib figures
 def new_figure(width: float, height: float, dpi: int = 150):
     """A matplotlib Figure (Agg canvas, not registered with pyplot, so nothing leaks between calls)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy
+    from matplotlib.figure import Figure  # heavy
 
     fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)

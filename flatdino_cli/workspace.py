@@ -16,6 +16,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 from tqdm import tqdm
 
@@ -205,8 +206,6 @@ def _store_entry(ws: Path, d: Path) -> dict | None:
 
 
 def _done_fraction(d: Path) -> float:
-    import numpy as np
-
     try:
         done = np.load(d / "done.npy", mmap_mode="r")
         return float((np.asarray(done) != 0).mean())

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib
+import matplotlib.ticker
 import numpy as np
 
+from flatdino_cli.analysis.flops import dit_step_flops
 from flatdino_cli.errors import UserError
 from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG
 from flatdino_cli.rundir import is_run_dir, read_metrics, run_config, run_inputs
+from flatdino_cli.viz import new_figure, save_figure
 
 VAL_ORDER = ("loss", "psnr", "cosine", "huber", "kl_per_token")  # first val panels; the rest follow
 MAX_VAL_PANELS = 3
@@ -62,8 +66,6 @@ def _vae_of_dit_run(run_dir: Path) -> Any | None:
 
 def flops_per_step(run_dir: Path, cfg: Any) -> float:
     """Training FLOPs of one optimizer step of a DiT run (analysis/flops.py: dit_step_flops)."""
-    from flatdino_cli.analysis.flops import dit_step_flops
-
     if cfg.stage != "dit":
         raise UserError(f"{run_dir}: a {cfg.stage} run; --x flops is for train-dit runs (use --x steps)")
     vae = _vae_of_dit_run(run_dir)
@@ -112,8 +114,6 @@ def _log_if_wide(ax, values: list[np.ndarray]) -> None:
 def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str] = (), axis: str = "steps",
               smoothing: float = 0.9, title: str | None = None) -> dict:
     """Draw the curves of `runs` into one PNG at `out`; returns {out, panels, runs}."""
-    from flatdino_cli.viz import new_figure, save_figure
-
     if axis not in ("steps", "flops"):
         raise UserError(f"--x {axis}: use steps or flops")
     if not 0.0 <= smoothing < 1.0:
@@ -201,14 +201,10 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
 
 
 def _colormap(name: str):
-    import matplotlib
-
     return matplotlib.colormaps[name]
 
 
 def _ticker():
-    import matplotlib.ticker
-
     return matplotlib.ticker
 
 

@@ -36,7 +36,7 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.utils import atomic_write_bytes, atomic_write_json, sha256_file, user_cache_dir
 
 if TYPE_CHECKING:
-    from flatdino_cli.analysis.inception import FeatureExtractor
+    from flatdino_cli.analysis.inception import FeatureExtractor  # typing
 
 __all__ = ["run_fid", "find_inception_weights", "open_source", "source_summary", "Source", "Summary"]
 
@@ -71,7 +71,7 @@ class Source:
     def batches(self, start: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
         """Images [start, stop) in batches of (B, H, W, 3) uint8."""
         if self.files:
-            from flatdino_cli.data import load_rgb
+            from flatdino_cli.data import load_rgb  # heavy
 
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
                 for i in range(start, stop, batch_size):
@@ -109,7 +109,7 @@ def open_source(path: str | Path, option: str) -> Source:
     """Validate and describe SAMPLES/REF (`option` names it in errors) without reading the pixels."""
     p = Path(path).expanduser()
     if p.is_dir():
-        from flatdino_cli.data import list_images, load_rgb
+        from flatdino_cli.data import list_images, load_rgb  # heavy
 
         files = list_images(p).paths
         return Source(p, len(files), files=files, shape=np.asarray(load_rgb(files[0])).shape)
@@ -240,7 +240,7 @@ def dino_encoder(name: str | None, weights: str | Path | None, device):
     """`fid --dino NAME [--encoder-weights W]`: the frozen encoder FD-DINOv2 is measured with (None: none)."""
     if not name:
         return None
-    from flatdino_cli.encoders import load_encoder  # heavy: torch
+    from flatdino_cli.encoders import load_encoder  # heavy
 
     return load_encoder(name, str(weights) if weights else None, device=device)
 
@@ -257,7 +257,7 @@ def run_fid(samples: str | Path, ref: str | Path, extractor: FeatureExtractor | 
     """
     if extractor is None:
         weights = find_inception_weights(inception_weights)  # before torch is even imported
-        from flatdino_cli.analysis.inception import load_inception
+        from flatdino_cli.analysis.inception import load_inception  # heavy
 
         extractor = load_inception(weights, device)
     src, ref_src = open_source(samples, "SAMPLES"), open_source(ref, "--ref")
@@ -297,7 +297,7 @@ def run_fid(samples: str | Path, ref: str | Path, extractor: FeatureExtractor | 
         if r is None:
             notes.append("fd_dinov2 omitted: REF has no images")
         else:
-            from flatdino_cli.analysis.inception import EncoderFeatures
+            from flatdino_cli.analysis.inception import EncoderFeatures  # heavy
 
             enc = EncoderFeatures(dino_encoder, device)
             sd = source_summary(src, enc, batch_size, progress=progress)

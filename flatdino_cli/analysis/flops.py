@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import network_evaluations
+from flatdino_cli.models import build_model
 from flatdino_cli.runtime import Runtime, synchronize
 from flatdino_cli.utils import atomic_write_json
 
@@ -218,10 +220,6 @@ def appendix_h_tables(paper_rounding: bool = True) -> list[dict]:
 
     There is no RAE DiT-L preset: it is rae-xl-256x768 at the L size (1024 wide, 24 layers).
     """
-    from dataclasses import replace
-
-    from flatdino_cli.config_yaml import load_preset
-
     rae_xl = load_preset("rae-xl-256x768").model
     rae_l = replace(rae_xl, width=1024, depth=24, heads=16, mlp_hidden=2731)
     vae = load_preset("vae-32x128")
@@ -325,8 +323,8 @@ def measure_throughput(build_model: Callable[[], nn.Module], batch_sizes: Sequen
 def plot_throughput(results_a: list[dict], results_b: list[dict], labels: Sequence[str], path: str | Path,
                     key: str = "forward_per_s") -> Path:
     """Log-log throughput (key) vs batch size for two sweeps of measure_throughput; writes a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy
+    from matplotlib.figure import Figure  # heavy
 
     fig = Figure(figsize=(5, 3.6))
     FigureCanvasAgg(fig)
@@ -355,8 +353,6 @@ def run_flops(preset: str | None = None, vs: str | None = None, vae: str | None 
     """{"tables": ...}: the paper's three tables, or PRESET against VS (defaults xl-32x128 against
     rae-xl-256x768). With `sizes`: also "measured", the forward throughput of both presets over that
     batch sweep on `rt`, plotted to OUT/throughput.png; the whole result goes to OUT/flops.json."""
-    from flatdino_cli.models import build_model
-
     vae_cfg = load_preset(vae).model if vae else None
     names = (preset or "xl-32x128", vs or "rae-xl-256x768")
     if preset is None and vs is None:

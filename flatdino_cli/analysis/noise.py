@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from flatdino_cli import viz
 from flatdino_cli.analysis.common import subset_rows, iter_rows, load_vae, store_image, write_json
+from flatdino_cli.analysis.inception import load_inception
+from flatdino_cli.analysis.inception_weights import find_inception_weights
 from flatdino_cli.fid_metrics import Gaussian, frechet_distance
 from flatdino_cli.data import Store
 from flatdino_cli.errors import UserError
@@ -65,16 +67,12 @@ class _Moments:
 
 def _inception(inception_weights, device) -> tuple[object | None, str | None]:
     """(extractor, None), or (None, why rFID is left out) when no weights file is found."""
-    from flatdino_cli.analysis.inception_weights import find_inception_weights
-
     try:
         path = find_inception_weights(inception_weights)
     except UserError as e:
         if inception_weights is not None:
             raise
         return None, f"rfid omitted: {e}"
-    from flatdino_cli.analysis.inception import load_inception
-
     return load_inception(path, device), None
 
 

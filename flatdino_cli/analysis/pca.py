@@ -16,6 +16,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from flatdino_cli import viz
 from flatdino_cli.analysis.common import subset_rows, iter_rows, load_vae, write_json
@@ -135,9 +137,6 @@ def _image_list(store: Store, rows: np.ndarray, images: str | Path | None, n: in
 def _pixel_chunks(images: ImageList, store: Store, batch_size: int, workers: int, progress: bool):
     """Normalised encoder-input pixels (the store's ADM crop + resize, or its k-NN whole-image resize), cut
     into the encoder's patches."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     pre = store.manifest.get("preprocessing", {})
     size = int(pre.get("input_size", 224))
     patch = size // grid_side(store.item_shape[0], str(store.path))

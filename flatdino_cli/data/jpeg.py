@@ -64,7 +64,7 @@ def crops_on_device(batch: ImageBatch, crop_size: int, device: torch.device) -> 
     CUDA) and ADM-cropped there: images (B, 3, crop, crop) uint8 on `device`, the same pixels as the
     CPU path. A JPEG the batch call cannot decode is retried alone, then with Pillow; an unreadable one
     joins `skipped`."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg  # heavy
 
     items = batch.images
     if items is None:

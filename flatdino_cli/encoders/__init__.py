@@ -36,7 +36,7 @@ from flatdino_cli.utils import sha256_file
 
 def _build_vit(spec: EncoderSpec) -> nn.Module:
     """The timm model for `spec`, randomly initialised from `spec.seed` without touching the global RNG."""
-    import timm
+    import timm  # heavy
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import threading
+import urllib.request
 from pathlib import Path
+
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 from flatdino_cli.encoders.specs import EncoderSpec
 from flatdino_cli.errors import UserError
@@ -25,8 +28,6 @@ def hf_cache_dir() -> Path:
 def cached_hub_weights(*repos: str) -> Path | None:
     """The first cached weights file (model.safetensors, else pytorch_model.bin) of `repos`, in order;
     None when none is cached. Never downloads."""
-    from huggingface_hub import try_to_load_from_cache
-
     for repo in repos:
         for fname in ("model.safetensors", "pytorch_model.bin"):
             hit = try_to_load_from_cache(repo, fname, cache_dir=hf_cache_dir())
@@ -47,8 +48,6 @@ def _hub_endpoint() -> str:
 def _hub_serves(url: str, timeout: float = 2.0) -> bool:
     """One HEAD request (no retries, proxies from the environment), bounded even if DNS hangs. A bare TCP
     connect is not enough: sandboxes and captive proxies accept any connection and then answer 404."""
-    import urllib.request
-
     ok: list[bool] = []
 
     def probe():
@@ -77,8 +76,6 @@ def pretrained_file(spec: EncoderSpec) -> Path:
         why = f"{endpoint} unreachable"
     else:
         try:
-            from huggingface_hub import hf_hub_download
-
             return Path(hf_hub_download(repo, "model.safetensors", cache_dir=cache, endpoint=endpoint))
         except Exception as e:  # noqa: BLE001
             why = f"download failed: {type(e).__name__}"

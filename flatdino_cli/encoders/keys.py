@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from flatdino_cli.encoders.specs import EncoderSpec
 from flatdino_cli.errors import UserError
@@ -24,8 +25,6 @@ def read_state_dict(path: str | Path, label: str = "--encoder-weights") -> dict[
         raise UserError(f"{label} {path}: no such file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             sd = load_file(str(path))
         else:  # weights_only: a pickle that wants to build arbitrary objects is refused, never executed
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -106,7 +105,7 @@ def _to_timm_layout(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
     if pos is not None and pos.dim() == 3 and pos.shape[1] != model.pos_embed.shape[1]:
         old = math.isqrt(pos.shape[1])
         if old * old == pos.shape[1]:  # square source grid (37x37 for the 518-px release)
-            from timm.layers import resample_abs_pos_embed
+            from timm.layers import resample_abs_pos_embed  # heavy
 
             sd = {**sd, "pos_embed": resample_abs_pos_embed(
                 pos.float(), new_size=list(model.patch_embed.grid_size), old_size=[old, old],

@@ -8,6 +8,14 @@ diffusers' terms and is not stepped.
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from PIL import Image
+
+from flatdino_cli.classes import resolve_classes
+from flatdino_cli.errors import UserError
+from flatdino_cli.pipeline import Pipeline
+from flatdino_cli.pipeline.generate import generate
+from flatdino_cli.pipeline.options import sampling_flow
+from flatdino_cli.runtime import Runtime
 
 
 class FlatDINOPipeline(DiffusionPipeline):
@@ -25,15 +33,6 @@ class FlatDINOPipeline(DiffusionPipeline):
         """class_labels: ids or class names, one image each (an unconditional DiT takes none, and
         num_images); guidance_scale / num_inference_steps: the run's flow settings unless given.
         output_type "pil" (a list of images) or "np" (uint8 (B, S, S, 3))."""
-        from PIL import Image
-
-        from flatdino_cli.classes import resolve_classes
-        from flatdino_cli.errors import UserError
-        from flatdino_cli.pipeline import Pipeline
-        from flatdino_cli.pipeline.generate import generate
-        from flatdino_cli.pipeline.options import sampling_flow
-        from flatdino_cli.runtime import Runtime
-
         t = self.transformer
         cfg = t.stage_cfg
         K = cfg.model.num_classes

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import json
 import math
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from flatdino_cli.errors import UserError
 
@@ -75,8 +78,6 @@ def _tensors(folder: Path, prefix: str | None = None) -> dict[str, torch.Tensor]
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         raise UserError(f"{folder}: AutoencoderRAE folder without {WEIGHTS}")
-    from safetensors.torch import load_file
-
     try:
         sd = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault
@@ -95,8 +96,6 @@ def tensor_shapes(folder) -> dict[str, tuple[int, ...]]:
     path = weights_path(folder)
     if not path.is_file():
         raise UserError(f"{folder}: AutoencoderRAE folder without {WEIGHTS}")
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -191,8 +190,6 @@ def encoder_table_grid(patch_size: int) -> int:
 
 def transformers_major() -> int:
     """The installed transformers' major version (its DINOv2 attention names changed at 5); 5 without it."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return int(version("transformers").split(".")[0])
     except (PackageNotFoundError, ValueError):

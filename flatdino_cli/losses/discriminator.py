@@ -26,6 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from flatdino_cli.checkpoint import load_into
 from flatdino_cli.data import IMAGENET_MEAN, IMAGENET_STD
+from flatdino_cli.encoders.hf_cache import cached_hub_weights, hf_cache_dir
 from flatdino_cli.encoders.keys import read_state_dict
 from flatdino_cli.errors import UserError
 
@@ -129,8 +130,6 @@ def resolve_dino_s8_weights(weights: str | Path | None = None) -> Path:
         if not path.is_file():
             raise UserError(f"--disc-weights {path}: no such file")
         return path
-    from flatdino_cli.encoders.hf_cache import cached_hub_weights, hf_cache_dir
-
     cached = cached_hub_weights(DINO_S8_REPO)
     if cached is not None:
         return cached
@@ -140,7 +139,7 @@ def resolve_dino_s8_weights(weights: str | Path | None = None) -> Path:
 
 def _dino_s8(weights: str | Path | None) -> nn.Module:
     path = resolve_dino_s8_weights(weights)  # first: a missing file fails before timm is even imported
-    import timm
+    import timm  # heavy
 
     sd = read_state_dict(path, "--disc-weights")
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.")) and k not in ("x_scale", "x_shift")}
