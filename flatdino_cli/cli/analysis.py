@@ -1,4 +1,7 @@
-"""ablate-tokens, pca, knn, noise, redundancy, flops, plot: the paper's analyses, a JSON and a figure each."""
+"""ablate-tokens, pca, knn, noise, redundancy, flops, plot: the paper's analyses, a JSON and a figure each.
+
+Imports inside the commands keep `flatdino --help` fast.
+"""
 
 from __future__ import annotations
 

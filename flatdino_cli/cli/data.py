@@ -1,4 +1,7 @@
-"""toy-data, extract: images in, stores out."""
+"""toy-data, extract: images in, stores out.
+
+Imports inside the commands keep `flatdino --help` fast.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""sample, sweep, eval, fid, reconstruct: images from a DiT, and how good they are."""
+"""sample, sweep, eval, fid, reconstruct: images from a DiT, and how good they are.
+
+Imports inside the commands keep `flatdino --help` fast.
+"""
 
 from __future__ import annotations
 

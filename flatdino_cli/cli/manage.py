@@ -1,5 +1,8 @@
 """presets, workspace, export, export-rae, info, quickstart, compare: around the runs, and the two commands
-that run the others."""
+that run the others.
+
+Imports inside the commands keep `flatdino --help` fast.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""train-vae, train-dit, train-decoder: the three stages, with their shared options declared once."""
+"""train-vae, train-dit, train-decoder: the three stages, with their shared options declared once.
+
+Imports inside the commands keep `flatdino --help` fast.
+"""
 
 from __future__ import annotations
 
