@@ -51,14 +51,17 @@ LABELS = {"flatdino": "FlatDINO (flat tokens)", "rae": "RAE (feature grid)", "fa
 TOY_PRESETS = {"flatdino": "tiny-dit", "rae": "tiny-rae-dit", "fae": "tiny-fae-dit"}
 IMAGENET_PRESETS = {"flatdino": "xl-32x128", "rae": "rae-xl-256x768", "fae": "fae-xl-16x16x32"}
 TOY_LAMINATORS = {"flatdino": "tiny-vae", "fae": "tiny-fae"}
-# half the quickstart's laminator epochs: on 144 patches a tiny-vae epoch costs 4x one on 36
-TOY_LAMINATOR_SETS = ("train.epochs=6", "train.decay_epochs=2.5")
+# the toy laminators of the README's comparison: tiny-vae at depth 2 (its architecture before the
+# quickstart's moved to depth 1) for 6 epochs, as its 144 patches make an epoch 4x the cost of one on 36
+TOY_LAMINATOR_SETS = ("model.enc_depth=2", "model.dec_depth=2", "train.epochs=6", "train.decay_epochs=2.5",
+                      "train.val_every_epochs=2")
 TOY_ENCODER = "tiny-p4"
-TOY_BUDGET = 8e12  # training FLOPs per generator: ~170 steps of the RAE grid, ~550 of FlatDINO's at batch 128
-# toy evaluations: unguided (at w = 6 a young model's fd_rep rises while its samples improve: README) with
-# ab2 at 20 steps, which matched Euler-50 on the quickstart DiT (README's solver table) at 40% of its cost
+TOY_BUDGET = 8e12  # training FLOPs per generator: 155 steps of the RAE grid, 546 of FlatDINO's at batch 128
 TOY_EVALS, TOY_EVAL_SAMPLES = 5, 192
-TOY_EVAL_SETS = ("flow.cfg_scale=1", "flow.sampler=ab2", "flow.steps=20", "eval.nocfg=false")
+# the toy generators: one global batch for the three (tiny-dit's is 64, the grid presets' 128); evaluated
+# unguided (at w = 6 a young model's fd_rep rises while its samples improve: README) with ab2 at 20 steps,
+# which matched Euler-50 on the quickstart DiT (README's solver table) at 40% of its cost
+TOY_DIT_SETS = ("flow.cfg_scale=1", "flow.sampler=ab2", "flow.steps=20", "eval.nocfg=false", "train.batch_size=128")
 SETTINGS = "settings.json"
 
 
@@ -123,7 +126,7 @@ class CompareConfig:
         return picked
 
     def dit_sets(self, method: str) -> list[str]:
-        return (list(TOY_EVAL_SETS) if self.toy else []) + self.sets_for(f"dit-{method}")
+        return (list(TOY_DIT_SETS) if self.toy else []) + self.sets_for(f"dit-{method}")
 
 
 def _stage(marks: Path, name: str, fn) -> dict:

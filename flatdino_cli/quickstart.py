@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 
 from flatdino_cli.analysis.ablate import AblateConfig, run_ablate
 from flatdino_cli.analysis.flops import appendix_h_tables, format_table
@@ -161,8 +163,6 @@ def _flops(path: Path) -> dict:
 
 def _classify(samples: Path, plan: QuickstartPlan) -> dict:
     """Train the toy classifier on unseen real images, then label the generated samples."""
-    import numpy as np
-
     data = np.load(next(samples.glob("*.npz")))
     images, labels = data["arr_0"], data["arr_1"]  # ADM layout: labels in arr_1
     model, real_acc = cached_toy_classifier(size=plan.image_size, seed=plan.seed)
