@@ -1,6 +1,8 @@
-"""The paper's analyses: token ablation, PCA, spatial redundancy, k-NN probe, latent-noise robustness."""
+"""The paper's analyses: token ablation, PCA, spatial redundancy, k-NN probe, latent-noise robustness
+(with rFID and PSNR against the original images)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,15 @@ from flatdino_cli.analysis.pca import (PCAConfig, StreamingCovariance, dims_for,
                                       streamed_pca)
 from flatdino_cli.analysis.redundancy import RedundancyConfig, pair_distances, run_redundancy, similarity_by_distance
 from flatdino_cli.checkpoint import save_checkpoint
-from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, VAEModelConfig, VAEStageConfig
+from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, ExtractConfig, VAEModelConfig, VAEStageConfig
 from flatdino_cli.config_yaml import save_config
-from flatdino_cli.data import Store
+from flatdino_cli.data import Store, load_rgb
 from flatdino_cli.models.pixel_decoder import PixelDecoder
 from flatdino_cli.models.vae import FlatVAE
+from flatdino_cli.runs import load_run
+from flatdino_cli.runtime import CPU
+from test_reconstruct import mixed_val_folder, tiny_decoder_run
+from test_train_vae import tiny_vae_run
 
 SIDE, PATCH, C = 6, 8, 24  # a 6x6 grid of 8-px patches on 48-px images, as the tiny encoder makes
 P, SIZE = SIDE * SIDE, SIDE * PATCH
@@ -346,3 +352,56 @@ def test_measuring_commands_default_to_fp32():
     for name in ("sample", "reconstruct", "ablate-tokens", "pca", "noise"):
         (precision,) = [p for p in commands[name].params if p.name == "precision"]
         assert precision.default == "fp32", name
+
+
+# ----------------------------------------------------------------------------- noise: rFID and PSNR
+@pytest.mark.usefixtures("one_thread")
+def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
+    from flatdino_cli.fid_metrics import Gaussian, frechet_distance
+    from flatdino_cli.data import adm_center_crop
+    from flatdino_cli.extract import extract_features
+    from flatdino_cli.metrics import psnr
+    from flatdino_cli.viz import to_uint8
+
+    val = mixed_val_folder(tmp_path / "val")
+    feats = tmp_path / "feats"
+    extract_features(val, feats, ExtractConfig(encoder="tiny", dtype="float32", batch_size=8), CPU)
+    vae, dec = tiny_vae_run(feats, tmp_path / "vae"), tiny_decoder_run(tmp_path / "dec")
+
+    class Pool:  # a cheap stand-in for Inception with the extractor interface: 3 pixel statistics
+        name = "pool3"
+
+        def __call__(self, images):
+            x = images.reshape(len(images), -1, 3).astype(np.float32)
+            return {"pool": np.concatenate([x.mean(1), x.std(1), np.median(x, 1)], 1)}
+
+    r = run_noise(NoiseConfig(vae, feats, tmp_path / "out", sigmas=(0.0, 1.0), n=None, batch_size=2, decoder=dec),
+                  progress=False, extractor=Pool())
+    assert r["n_images"] == 5 and r["rfid_images"] == 5 and len(r["latent"]["rfid"]) == 2
+    # sigma 0 on the latent path is the plain reconstruction: recompute its rFID and PSNR by hand
+    from flatdino_cli.models.pixel_decoder import load_decoder
+
+    store = Store.open(feats)
+    _, model, _ = load_run(vae, "vae")
+    pix = load_decoder(dec)
+    x = torch.from_numpy(np.array(store.data, dtype=np.float32))
+    with torch.no_grad():
+        img = pix(model.decode(model.encode(x)[0])).clamp(0, 1)
+    real = np.stack([np.asarray(adm_center_crop(load_rgb(p), 48)) for p in store.paths])
+    g = lambda a: Gaussian.from_features(Pool()(a)["pool"].astype(np.float64))  # noqa: E731
+    assert r["latent"]["rfid"][0] == pytest.approx(frechet_distance(g(to_uint8(img)), g(real)), rel=1e-6)
+    real_t = torch.from_numpy(real).permute(0, 3, 1, 2).double() / 255
+    assert r["latent"]["psnr_vs_image"][0] == pytest.approx(psnr(img, real_t).mean().item(), rel=1e-5)
+    assert r["latent"]["rfid"][1] != r["latent"]["rfid"][0]  # the noise reaches the images
+    assert "cosine_vs_clean" in r["latent"] and "rfid" in r["features_noise"]  # feature columns kept
+    # without Inception weights anywhere: no rFID, and a note saying why
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path / "nowhere")  # the only place Inception is looked up
+    try:
+        r = run_noise(NoiseConfig(vae, feats, tmp_path / "out2", sigmas=(0.0,), n=2, decoder=dec), progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+    assert "rfid" not in r["latent"] and "rfid omitted" in r["notes"][0]

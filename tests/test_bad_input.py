@@ -1,7 +1,10 @@
 """Bad input, every command: the same bad paths and values go to each command, and each answers with
 a one-line error and a non-zero exit, never a traceback. In-process (CliRunner) for speed: an
 exception that escaped the command would be a traceback in a real shell; a few cases also run as
-real processes. Also: sample validates everything (--seed -3) before writing anything."""
+real processes. Also: sample validates everything (--seed -3) before writing anything.
+
+One file for one quality across every command, by design: the sweep is one table, not split per
+module; each module's own refusals live in its own test file."""
 
 from __future__ import annotations
 

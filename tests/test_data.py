@@ -193,6 +193,27 @@ def test_path_label_list(tmp_path):
     assert list_images(lst).source_hash() != list_images(lst, class_index=tmp_path / "syn.txt").source_hash()
 
 
+def test_symlink_loop_and_newline_names_add_no_rows(tmp_path):
+    from flatdino_cli.data import list_images
+    from flatdino_cli.toydata import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "toy", per_class=2, size=48, seed=0)
+    cls = sorted((tmp_path / "toy").iterdir())[0]
+    n = len(list_images(tmp_path / "toy"))
+    (cls / "loop").symlink_to(cls)  # a loop
+    (cls / "again").symlink_to(tmp_path / "toy")  # the whole tree once more
+    first = sorted(cls.glob("*.png"))[0]
+    (cls / "bad\nname.png").write_bytes(first.read_bytes())
+    with pytest.warns(UserWarning) as record:
+        images = list_images(tmp_path / "toy")
+    assert len(images) == n
+    for path, label in zip(images.paths, images.labels):  # every image under its own class, once
+        rel = Path(path).relative_to((tmp_path / "toy").resolve())
+        assert len(rel.parts) == 2 and rel.parts[0] == images.class_names[label], rel
+    text = " ".join(str(w.message) for w in record)
+    assert "symlinks" in text and "bad\\nname.png" in text
+
+
 # ----------------------------------------------------------------------------- the store
 SHAPE = (4, 3)
 N = 10

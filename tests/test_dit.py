@@ -5,9 +5,11 @@
 - the real xl-32x128 preset builds and takes 2 real optimizer steps through train_dit -> fit (in a
   subprocess; the 11 GB checkpoint write is replaced by a recorder, see that test), and the full
   CLI, with its checkpoint, runs on s-32x128 in one process and under torchrun with 2 gloo processes;
-- parameter counts of the paper's presets against the architecture formula written out below;
 - RAE mode (normalize: true) writes RUN/stats.pt in RAE's (C, H, W) format and reading it back
-  standardises the store; the rae preset trains with RAE's time distribution, mirrored.
+  standardises the store;
+- a resume on other latents is refused unless --new-data, and a store written before the view axis
+  trains on its one view and says so.
+The presets' parameter counts, init and time distribution: test_presets.py.
 
 Wall time on 2 shared cores with other jobs running: ~2.5 min for the file. XL ~75 s (and ~14 GB of
 RAM: weights, grads, AdamW and EMA of 675M parameters), the Gaussian mixture ~40 s, torchrun ~20 s,
@@ -33,9 +35,11 @@ from safetensors.torch import load_file
 
 from flatdino_cli.config_yaml import load_config, load_preset
 from flatdino_cli.data import Store
+from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
-from flatdino_cli.models import build_model
 from flatdino_cli.runs import load_run
+from flatdino_cli.runtime import CPU
+from flatdino_cli.stages.dit import train_dit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -323,79 +327,12 @@ def test_train_dit_torchrun_two_gloo_processes(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
 
 
-# ----------------------------------------------------------------------------- 3. parameter counts
-def adaln_block_params(W: int, h: int, cond: int) -> int:
-    """One LightningDiT block of width W, SwiGLU hidden h, conditioning width cond."""
-    attn = (W * 3 * W + 3 * W) + (W * W + W)  # qkv + proj, with biases: 4W^2 + 4W
-    mlp = (W * 2 * h + 2 * h) + (h * W + W)  # SwiGLU w12 (fused gate + up) and w3, with biases
-    norms = 2 * W  # two RMSNorm scales
-    ada = cond * 6 * W + 6 * W  # adaLN: 6 modulation vectors
-    return attn + mlp + norms + ada
-
-
-def final_layer_params(W: int, out: int, cond: int) -> int:
-    return W + (cond * 2 * W + 2 * W) + (W * out + out)  # RMSNorm, adaLN (shift, scale), Linear
-
-
-def dit_param_formula(m) -> tuple[int, int]:
-    """(trainable, frozen) parameters of a DiT model config, from first principles.
-
-    Frozen but stored (counted in `frozen`): the Gaussian-Fourier frequencies (256) and the fixed
-    sin-cos position table (tokens x width; a learned table would be trainable). RoPE tables are
-    non-persistent buffers, not parameters.
-    """
-    W = m.width
-    fourier = 256
-    embed = (m.in_dim * W + W)  # x_embedder
-    embed += (2 * fourier * W + W) + (W * W + W)  # time MLP: Linear(512, W), SiLU, Linear(W, W)
-    embed += (m.num_classes + 1) * W  # label table with the null class
-    trainable = embed + m.depth * adaln_block_params(W, m.mlp_hidden, W)
-    if m.head_depth:
-        H = m.head_width
-        trainable += (W * H + H) + (m.in_dim * H + H)  # s_projector, head_embedder
-        trainable += m.head_depth * adaln_block_params(H, m.head_mlp_hidden, H)
-        trainable += final_layer_params(H, m.in_dim, H)
-    else:
-        trainable += final_layer_params(W, m.in_dim, W)
-    pos = m.tokens * W
-    return (trainable + pos, fourier) if m.pos_embed == "learned" else (trainable, fourier + pos)
-
-
-@pytest.mark.parametrize("preset, trainable, frozen", [
-    ("xl-32x128", 675_478_016, 37_120),
-    ("dh-xl-32x128", 835_058_132, 256),  # learned positions (32 x 1152 trainable), as the authors' DiT-DH
-    ("rae-xl-256x768", 676_953_216, 295_168),
-    ("rae-dh-xl-256x768", 838_380_628, 295_168),  # RAE's paper: DiT-DH-XL 839M
-])
-def test_parameter_counts_match_the_architecture_formula(preset, trainable, frozen):
-    cfg = load_preset(preset)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    got_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    got_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    assert dit_param_formula(cfg.model) == (got_train, got_frozen) == (trainable, frozen)
-    learned = load_preset(preset, ["model.pos_embed=learned"])
-    with torch.device("meta"):
-        model = build_model(learned)
-    assert dit_param_formula(learned.model) == (sum(p.numel() for p in model.parameters() if p.requires_grad), 256)
-
-
-# ----------------------------------------------------------------------------- 4. RAE mode
+# ----------------------------------------------------------------------------- 3. RAE mode
 RAE_TINY_YAML = """\
 base: rae-xl-256x768
 model: {tokens: 6, grid: [2, 3], in_dim: 4, width: 32, depth: 1, heads: 2, mlp_hidden: 64, num_classes: 3}
 train: {max_steps: 1, batch_size: 4, log_every: 1}
 """
-
-
-def test_rae_preset_trains_with_raes_time_distribution_mirrored():
-    """RAE: logit-normal(0, 1) t_R truncated at 0.999, shifted by sqrt(16*16*768/4096); ours t = 1 - t_R
-    (the distribution itself is checked against RAE's transcription in test_flow.py)."""
-    flow = load_preset("rae-xl-256x768").flow
-    assert (flow.time_dist, flow.logit_mean, flow.logit_std) == ("rae", 0.0, 1.0)
-    assert flow.shift == pytest.approx(math.sqrt(16 * 16 * 768 / 4096), rel=1e-12)
-    assert flow.cfg_interval == (0.0, 1.0) and flow.cfg_interval_inclusive
-    assert load_preset("rae-xl-256x768").normalize and not load_preset("xl-32x128").normalize
 
 
 def test_normalize_writes_rae_stats_chw_and_reading_them_back_standardises(tmp_path):
@@ -445,27 +382,43 @@ def test_normalize_on_flat_tokens_round_trips(tmp_path):
     assert z.mean(0).abs().max() < 1e-4 and (z.var(0, unbiased=False) - 1).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("preset,init", [("xl-32x128", "trunc_normal"), ("rae-xl-256x768", "xavier")])
-def test_init_follows_each_presets_source(preset, init):
-    # the authors' flat DiT: block Linears trunc-normal(0.02), Xavier only for the embedders; RAE's: Xavier
-    # everywhere. Statistics per parameter group, at a small width so the test is cheap.
-    from flatdino_cli.config_yaml import load_preset
-    from flatdino_cli.models.dit import DiT
+# ----------------------------------------------------------------------------- 4. the data it trains on
+def test_train_dit_refuses_to_resume_on_other_latents(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 4, 2)).astype(np.float32)
+    a = write_latents(tmp_path / "a", x, [i % K for i in range(32)])
+    b = write_latents(tmp_path / "b", x, [(i + 1) % K for i in range(32)])  # other images' labels: another source
+    (tmp_path / "tiny.yaml").write_text(TINY_DIT_YAML)
+    cfg = load_preset(str(tmp_path / "tiny.yaml"), ["train.max_steps=2", "train.batch_size=8"])
+    train_dit(cfg, tmp_path / "run", CPU, a)
+    more = load_preset(str(tmp_path / "tiny.yaml"), ["train.max_steps=4", "train.batch_size=8"])
+    with pytest.raises(UserError, match=r"other data.*differs in source_hash.*--new-data"):
+        train_dit(more, tmp_path / "run", CPU, b)
+    assert train_dit(more, tmp_path / "run", CPU, b, new_data=True)["step"] == 4
+    rec = json.loads((tmp_path / "run" / "inputs.json").read_text())
+    assert rec["data_path"] == str(b.resolve()) and rec["previous_inputs"][0]["data_path"] == str(a.resolve())
 
-    cfg = load_preset(preset, ["model.width=256", "model.depth=2", "model.heads=4", "model.mlp_hidden=512"])
-    assert cfg.model.init == init
-    torch.manual_seed(0)
-    dit = DiT(cfg.model)
-    block_linears = [(n, m) for n, m in dit.blocks.named_modules()
-                     if isinstance(m, torch.nn.Linear) and "adaLN" not in n]
-    assert len(block_linears) >= 2 * 4
-    for n, m in block_linears:
-        std, xavier_std = m.weight.std().item(), math.sqrt(2.0 / (m.in_features + m.out_features))
-        want = 0.02 if init == "trunc_normal" else xavier_std
-        assert abs(std - want) < 0.1 * want, (n, std, want)
-        assert (m.bias is None) or not m.bias.any()
-    x = dit.x_embedder  # the token embedder stays Xavier under both inits
-    xs = math.sqrt(2.0 / (x.in_features + x.out_features))
-    assert abs(x.weight.std().item() - xs) < 0.15 * xs
-    for blk in dit.blocks:  # adaLN-Zero: the block starts as the identity under both
-        assert not any(p.any() for p in blk.adaLN_modulation.parameters())
+
+def tiny_dit(epochs: int, **over):
+    """A tiny-dit config for (4, 8) latents of 2 classes, batch 4 (test_extract.py uses it too)."""
+    sets = ["model.tokens=4", "model.in_dim=8", "model.width=32", "model.depth=1", "model.heads=2",
+            "model.mlp_hidden=64", "model.num_classes=2", f"train.epochs={epochs}", "train.batch_size=4",
+            "train.warmup_epochs=0", "train.decay_epochs=1", "train.ckpt_every_steps=1000"]
+    return load_preset("tiny-dit", sets + [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_view_store_still_trains_without_flips_and_says_so(tmp_path, capsys):
+    n = 8
+    s = Store.create(tmp_path / "lat", "latents", (4, 8), n, "float32", {"vae": "x"}, {},
+                     [f"i{i}" for i in range(n)], [i % 2 for i in range(n)])
+    s.write_rows(np.arange(n), np.random.default_rng(0).standard_normal((n, 4, 8)).astype(np.float32))
+    s.mark_done(np.arange(n))
+    s.finalize().close()
+    m = json.loads((tmp_path / "lat/manifest.json").read_text())
+    del m["views"]  # as written before the view axis existed
+    (tmp_path / "lat/manifest.json").write_text(json.dumps(m))
+    assert Store.open(tmp_path / "lat").views == 1
+    train_dit(tiny_dit(1), tmp_path / "dit", CPU, tmp_path / "lat")
+    out = capsys.readouterr().out
+    assert "one view per image" in out and out.count("--mirror") == 1

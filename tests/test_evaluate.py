@@ -1,5 +1,6 @@
 """fd_rep (evaluate.py): reference statistics cached with their store's identity and refused for another;
-train-dit's evaluations at their cadence, drawn by `plot` on the FLOPs axis."""
+train-dit's evaluations at their cadence, drawn by `plot` on the FLOPs axis; evaluate_dit on tiny random
+runs, flat and RAE-mode."""
 
 import json
 import math
@@ -13,11 +14,13 @@ import numpy as np
 import pytest
 
 from flatdino_cli.errors import UserError
-from flatdino_cli.evaluate import (FD_REP, FD_REP_NOCFG, REFERENCE_FILE, eval_every_steps, fd_rep, reference_stats,
-                                   rep_vectors)
+from flatdino_cli.evaluate import (FD_REP, FD_REP_NOCFG, REFERENCE_FILE, eval_every_steps, evaluate_dit, fd_rep,
+                                   reference_stats, rep_vectors)
+from flatdino_cli.pipeline.load import load_pipeline
 from flatdino_cli.rundir import read_metrics
 
 from conftest import ROOT, run_cli
+from test_sample import w  # noqa: F401 (fixture: tiny VAE / DiT / decoder run dirs)
 
 
 def test_reference_is_cached_and_refused_for_another_store(toy_features, tmp_path):
@@ -117,3 +120,16 @@ def test_a_missing_checkpoint_is_named_with_the_ones_there(dit_run, tmp_path):
     with pytest.raises(UserError) as e:
         weights_file(tmp_path, "dit")  # a run with no checkpoint at all: the usual advice
     assert "has no checkpoint yet; train it first" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- evaluate_dit on tiny random runs
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_dit_gives_fd_rep_for_flat_and_rae(w):
+    """evaluate.evaluate_dit samples through the generate path (sample_chunks) and scores features in
+    the encoder space against a store's reference; the same seed gives the same value."""
+    ref = reference_stats(w["root"] / "feats", cache=w["root"] / "ref.npz")
+    for run in ("dit", "rae"):
+        pipe = load_pipeline(w[run], vae_run=w["vae"] if run == "dit" else None, decoder=w["dec"])
+        a = evaluate_dit(pipe, ref, samples=10, seed=0)
+        assert set(a) == {FD_REP, FD_REP_NOCFG} and all(np.isfinite(v) and v > 0 for v in a.values())
+        assert evaluate_dit(pipe, ref, samples=10, seed=0) == a

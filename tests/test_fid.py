@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,6 +348,26 @@ def test_torchscript_file_from_cleanfid_cache(tmp_path, monkeypatch):
     torch.jit.script(broken).save(str(tmp_path / "other.pt"))
     with pytest.raises(UserError, match="not laid out like"):
         load_inception(tmp_path / "other.pt")
+
+
+def test_inception_weights_are_never_taken_from_tmp(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    planted = Path(tempfile.gettempdir()) / inception_weights.INCEPTION_FILE
+    made = not planted.exists()
+    if made:
+        planted.write_bytes(b"planted by someone else")
+    try:
+        with pytest.raises(UserError, match=str(tmp_path / "cache" / "flatdino" / inception_weights.INCEPTION_FILE)):
+            inception_weights.find_inception_weights()
+    finally:
+        if made:
+            planted.unlink()
+    mine = tmp_path / "cache" / "flatdino" / inception_weights.INCEPTION_FILE
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"x")
+    assert inception_weights.find_inception_weights() == mine
 
 
 def test_tf1_resize_samples_like_tensorflow():

@@ -1,6 +1,7 @@
 """Tests for flatdino_cli.flow: the time/sign convention against exact marginal velocity fields,
-the time grid and shift, RAE's training-time distribution mirrored into our frame, guidance
-(CFG, interval, AutoGuidance) and the flow-matching loss."""
+the time grid and shift, RAE's sampling grid (guided only above scale 1), RAE's training-time
+distribution mirrored into our frame, guidance (CFG, interval, AutoGuidance) and the flow-matching
+loss."""
 
 from __future__ import annotations
 
@@ -187,6 +188,34 @@ def test_shift_values():
     assert time_grid(2, 3.0)[1].item() == pytest.approx(0.25)
     assert default_shift(32, 128) == 1.0
     assert default_shift(16 * 16, 768) == pytest.approx(math.sqrt(48)) == pytest.approx(6.9282032)
+
+
+# ----------------------------------------------------------------------------- RAE's sampling grid
+def test_rae_grid_reproduces_raes_49_steps():
+    """RAE's integrators.ode: t = 1 - linspace(0, 0.999, 50), then s t / (1 + (s - 1) t), s = sqrt(48)."""
+    s = math.sqrt(16 * 16 * 768 / 4096)
+    t = 1 - torch.linspace(0, 1 - 1 / 1000, 50)
+    rae = s * t / (1 + (s - 1) * t)
+    ours = 1 - time_grid(50, s, "rae")
+    assert ours.shape == (50,)  # 49 Euler steps
+    torch.testing.assert_close(ours.float(), rae, rtol=0, atol=1e-6)
+    assert abs(float(ours[-1]) - 0.00689) < 1e-5 and float(ours[0]) == 1.0
+
+
+def test_rae_grid_guides_only_above_scale_one():
+    """Under grid rae a scale <= 1 is plain conditional sampling (RAE's sample.py); ours extrapolates."""
+    calls = []
+
+    def model(x, t, y):
+        calls.append(len(x))
+        return x * (y[:, None, None].float() + 1)
+
+    x, t, y = torch.ones(2, 3, 4), torch.full((2,), 0.5), torch.tensor([1, 2])
+    for grid, scale, guided in (("rae", 0.5, False), ("rae", 1.0, False), ("rae", 1.5, True), ("ours", 0.5, True)):
+        calls.clear()
+        v = make_velocity_fn(model, y, FlowConfig(cfg_scale=scale, cfg_interval=(0.0, 1.0), grid=grid), 9)(x, t)
+        cond = model(x, t, y)
+        assert (calls[0] == 4) == guided and torch.equal(v, cond) != guided
 
 
 # ----------------------------------------------------------------------------- RAE in our frame

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from flatdino_cli.data import Store
-from test_recipe import mixed_val_folder, tiny_decoder_run, write_inception
+from test_reconstruct import mixed_val_folder, tiny_decoder_run, write_inception
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,12 +1,13 @@
-"""Preemption with real processes: a stop signal at a random step of train-dit under 2-process gloo
-torchrun (SIGUSR1 to rank 1 only, or SIGTERM to torchrun) and of train-decoder with its discriminator
-and loader workers (SIGTERM to the process group), then the rerun is bitwise equal to an
-uninterrupted run with one metrics row per step; a signal inside a checkpoint write (SIGTERM: the
-write finishes, the run stops a step later; SIGKILL at the end of the grace period: the previous
-checkpoint is intact); a flipped bit in model.safetensors refused by `sample`; extract stopped by
-SIGTERM (to its process group, loader workers included) or Ctrl-C keeps its finished chunks, says
-how many, and the rerun ends byte-identical; sample and fid's feature cache stopped mid-way keep
-the batches done. `--help` of the long commands names exit code 75.
+"""Preemption with real processes: a stop signal at a random step of train-vae (SIGTERM: the step
+reached is saved), of train-dit under 2-process gloo torchrun (SIGUSR1 to rank 1 only, or SIGTERM to
+torchrun) and of train-decoder with its discriminator and loader workers (SIGTERM to the process
+group), then the rerun is bitwise equal to an uninterrupted run with one metrics row per step; a
+signal inside a checkpoint write (SIGTERM: the write finishes, the run stops a step later; SIGKILL at
+the end of the grace period: the previous checkpoint is intact); a flipped bit in
+model.safetensors refused by `sample`; extract stopped by SIGTERM (to its process group, loader
+workers included) or Ctrl-C keeps its finished chunks, says how many, and the rerun ends
+byte-identical; sample and fid's feature cache stopped mid-way keep the batches done. `--help` of
+the long commands names exit code 75.
 
 The tests synchronise on what the processes write (metrics rows, store chunks) or on a signal sent
 at a fixed point of the code, never on how fast they run; timeouts are generous. About 2.5 minutes
@@ -36,7 +37,7 @@ from flatdino_cli.preempt import PREEMPTED_EXIT
 from test_dit import write_latents
 from test_fid import Counting, data, ext, net, write_npz  # noqa: F401  (a random-weight Inception)
 from test_sample import w  # noqa: F401  (tiny VAE / DiT / decoder run dirs)
-from test_train import ENV, ROOT, _cli, _free_port, assert_same, metrics, spawn, store, write_preset  # noqa: F401
+from test_train import ENV, ROOT, SPE, _cli, _free_port, assert_same, metrics, spawn, store, write_preset  # noqa: F401
 
 WAIT = 300  # s: the most a test waits for a process to reach a point it synchronises on
 
@@ -88,6 +89,44 @@ def children(pid: int) -> dict[int, int]:
             if rank:
                 out[int(rank[0][5:])] = int(d.name)
     return out
+
+
+# ----------------------------------------------------------------------------- train-vae: SIGTERM
+def test_sigterm_saves_the_step_reached_then_resume_is_bitwise(tmp_path, store, spawn, cli):
+    # no periodic checkpoint mid-run: whatever `latest` holds after the signal, the signal wrote
+    preset = write_preset(tmp_path / "tiny.yaml", epochs=4, ckpt_every_steps=10_000, ema=0.9)
+    total = 4 * SPE
+    # signalled once the log shows step k: a random step of epoch 1, three epochs before the end (the
+    # signal has seconds to land, however slowly this process is scheduled)
+    k = random.Random().randint(2, SPE)
+
+    def args(out: Path) -> list:
+        return ["train-vae", "--preset", preset, "--features", store, "--out", out, "--device", "cpu", "--seed", "3"]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref_p = spawn(_cli(*args(ref)), "ref.log")
+    victim = spawn(_cli(*args(run)), "run.log")
+    log = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while victim.poll() is None and time.monotonic() < deadline and not (
+            log.exists() and sum('"loss"' in ln for ln in log.read_text().splitlines()) >= k):
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(120) == PREEMPTED_EXIT, victim.log.read_text()[-2000:]
+    step = load_state(checkpoint_dir(run) / "state.pt")["step"]
+    assert k <= step < total
+    assert f"train-vae: preempted at step {step}, saved; rerun the same command to continue" in victim.log.read_text()
+
+    resumed = cli(*args(run), env=ENV)
+    assert f"from step {step}/{total}" in resumed.stdout
+    assert ref_p.wait(600) == 0, ref_p.log.read_text()[-2000:]
+    a, b = checkpoint_dir(run, "latest"), checkpoint_dir(ref, "latest")
+    for f in ("model.safetensors", "ema.safetensors"):
+        assert_same(load_file(a / f), load_file(b / f), f)
+    assert_same(load_state(a / "state.pt"), load_state(b / "state.pt"), "state.pt")
+    tr_a, tr_b = metrics(run)[0], metrics(ref)[0]
+    assert [r["step"] for r in tr_a] == list(range(1, total + 1))  # no doubled rows
+    assert [(r["loss"], r["lr"]) for r in tr_a] == [(r["loss"], r["lr"]) for r in tr_b]
 
 
 # ----------------------------------------------------------------------------- train-dit under torchrun

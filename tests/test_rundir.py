@@ -1,18 +1,28 @@
 """The run directory's files (rundir.py): nothing else names them, the metrics log survives a torn last
 line, a resume keeps the data it trained on, a damaged run is refused by name, --no-resume moves the
-old run aside whole."""
+old run aside whole; and the same through the training loop: a damaged run refused byte-identical,
+--no-resume keeping the last k runs aside."""
 
 import ast
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from conftest import ROOT
 from flatdino_cli import rundir
+from flatdino_cli.config import TrainConfig
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.lock import LOCK_NAME
+from flatdino_cli.runtime import CPU
+from flatdino_cli.train import Task, fit
 
 RUN_FILES = (rundir.CONFIG_FILE, rundir.INPUTS_FILE, rundir.METRICS_FILE, rundir.FINISHED_FILE)
 # module -> why it must name a run's file itself. None does: the exported folder (hub.py), which holds
@@ -149,3 +159,62 @@ def test_move_run_aside_moves_it_whole_and_keeps_the_newest(tmp_path):
     assert all((d / "stats.pt").read_text() == "prepared" for d in old)
     rundir.move_run_aside(run, keep_old=2)  # nothing but the lock: nothing to move
     assert sorted(tmp_path.glob("run.old-*")) == old
+
+
+# ----------------------------------------------------------------------------- the same through fit
+def fit_task(n: int = 32, val: bool = True) -> Task:
+    """A 4-8-1 MLP task with a validation set (test_lock.py and test_checkpoint.py use it too)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    data = TensorDataset(x, x.sum(1, keepdim=True).sin())
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def loss_fn(net, batch, info):
+        loss = F.mse_loss(net(batch[0]), batch[1])
+        return loss, {}
+
+    def val_fn(net, batches, rt):
+        return {"loss": sum(F.mse_loss(net(b[0]), b[1]).item() for b in batches)}
+
+    return Task(model=model, train_set=data, loss_fn=loss_fn, config=TrainConfig(), val_set=data if val else None,
+                val_fn=val_fn if val else None, inputs={"data": "tiny"})
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path: to compare whole runs byte for byte."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+FIT_CFG = TrainConfig(epochs=2, batch_size=8, log_every=1)  # 4 steps an epoch of fit_task()
+
+
+def test_damaged_run_is_refused_and_left_byte_identical(tmp_path):
+    run = tmp_path / "run"
+    fit(fit_task(), FIT_CFG, run, CPU)
+    (run / "checkpoints" / "latest" / "state.pt").unlink()
+    before = files_of(run)
+    assert any(k.startswith("checkpoints/best/") for k in before)
+    with pytest.raises(UserError, match=r"no complete checkpoints/latest.*--no-resume.*checkpoints/best") as e:
+        fit(fit_task(), FIT_CFG, run, CPU)
+    assert "\n" not in str(e.value)
+    assert files_of(run) == before  # best, metrics, config: nothing overwritten
+
+
+def test_no_resume_moves_the_whole_run_aside_and_keeps_the_last_k(tmp_path, capsys):
+    run = tmp_path / "run"
+    fit(fit_task(), FIT_CFG, run, CPU)
+    first = files_of(run)
+    fit(fit_task(), FIT_CFG, run, CPU, resume=False)
+    aside = sorted(tmp_path.glob("run.old-*"))
+    assert len(aside) == 1 and files_of(aside[0]) == first  # checkpoints + config + metrics + inputs together
+    assert f"moved the previous run to {aside[0]}" in capsys.readouterr().out
+    for _ in range(2):
+        fit(fit_task(), FIT_CFG, run, CPU, resume=False)
+    assert len(list(tmp_path.glob("run.old-*"))) == 1  # default keep 1
+    fit(fit_task(), dataclasses.replace(FIT_CFG, keep_old_runs=3), run, CPU, resume=False)
+    (run / "stats.pt").write_bytes(b"prepared by the stage for this run")
+    task = dataclasses.replace(fit_task(), keep_files=("stats.pt",))
+    fit(task, dataclasses.replace(FIT_CFG, keep_old_runs=3), run, CPU, resume=False)
+    aside = sorted(tmp_path.glob("run.old-*"))
+    assert len(aside) == 3 and (aside[-1] / "stats.pt").is_file() and (run / "stats.pt").is_file()

@@ -1,21 +1,20 @@
-"""sample / reconstruct: tiny random run dirs (VAE, DiT, pixel decoder, stores) built here, then the
-commands end to end: outputs, seeds vs batch size, class names, one-line refusals of mismatched
-runs, the RAE-mode path, a killed sharded run resumed, prefix truncation, and the image metrics."""
+"""`flatdino sample`: tiny random run dirs (VAE, DiT, pixel decoder, stores) built here (the fixture `w`,
+which other test files import), then the command end to end: outputs, seeds vs batch size, class
+names, one-line refusals of mismatched runs, the RAE-mode path, a killed sharded run resumed, PNGs
+written off the sampling thread, the grid and its row labels. The pipeline under it:
+test_pipeline.py; reconstruct: test_reconstruct.py; guidance options: test_sample_guidance.py."""
 
 import copy
 import dataclasses
 import json
-import math
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.signal import convolve2d
 from typer.testing import CliRunner
 
-from flatdino_cli import reconstruct as R
 from flatdino_cli import classes
 from flatdino_cli.pipeline import generate as PL
 from flatdino_cli import sample as S
@@ -26,7 +25,7 @@ from flatdino_cli.cli import app
 from flatdino_cli.config import (DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig, VAEModelConfig,
                                  VAEStageConfig)
 from flatdino_cli.config_yaml import save_config
-from flatdino_cli.data import EncoderTransform, Store, adm_center_crop, load_rgb
+from flatdino_cli.data import EncoderTransform, Store
 from flatdino_cli.encoders import load_encoder
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig, make_velocity_fn, network_evaluations
@@ -184,19 +183,6 @@ def test_sample_writes_pngs_grid_npz_and_manifest(w, tmp_path):
     assert m["identity"]["vae"]["sha256"] == sha256_file(w["vae"] / "checkpoints/latest/model.safetensors")
     assert m["identity"]["decoder"]["sha256"] == sha256_file(w["dec"] / "checkpoints/latest/ema.safetensors")
     assert m["identity"]["decoder"]["path"] == str(w["dec"].resolve())
-
-
-def test_decode_path_matches_a_direct_computation(w):
-    """latents -> VAE decoder -> pixel decoder -> round, by hand, equals generate()."""
-    pipe = load_pipeline(w["dit"], w["vae"], w["dec"])
-    labels, idx = [0, 2, 1], [0, 1, 2]
-    got = PL.generate(pipe, labels, idx, seed=7, batch_size=2)
-    noise = PL.image_noise(7, padded(idx), (T, D))
-    with torch.no_grad():
-        x = flow_sample(make_velocity_fn(pipe.dit, torch.tensor(padded(labels)), FLOW, len(NAMES)), noise, 3, 2.0)
-        pix = pipe.decoder(pipe.vae.decode(x))[:3]
-    want = (pix.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
-    assert np.array_equal(got, want)
 
 
 def test_same_seed_same_images_for_any_batch_size(w, tmp_path, monkeypatch):
@@ -361,19 +347,6 @@ def test_pngs_are_written_off_the_sampling_thread_and_write_errors_surface(w, tm
                            progress=False)
 
 
-def test_compiled_sampling_dit_keeps_images_and_batch_invariance(w):
-    """--compile: the DiT is torch.compile'd once per pipeline (static shapes: a chunk and its guided
-    double) and gives the eager images up to one grey level, still independent of the batch."""
-    pipe = load_pipeline(w["dit"], w["vae"], w["dec"])
-    rt = dataclasses.replace(CPU, compile=True)
-    eager = PL.generate(pipe, [0, 1, 2], [0, 1, 2], 0)
-    compiled = PL.generate(pipe, [0, 1, 2], [0, 1, 2], 0, rt=rt)
-    wrapper = pipe.compiled[1]
-    assert wrapper is not pipe.dit and PL.sampling_dit(pipe, rt) is wrapper and PL.sampling_dit(pipe, CPU) is pipe.dit
-    assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1
-    assert np.array_equal(PL.generate(pipe, [2, 1, 0, 1], [2, 1, 0, 5], 0, rt=rt)[:3], compiled[::-1])
-
-
 def test_grid_plan_one_row_per_class():
     idx, nrow = S._grid_plan([0] * 3 + [1] * 3 + [2] * 3)
     assert nrow == 3 and idx == list(range(9))
@@ -381,6 +354,25 @@ def test_grid_plan_one_row_per_class():
     assert nrow == 5 and idx == list(range(20))
     idx, nrow = S._grid_plan([c for c in range(40) for _ in range(50)])
     assert nrow == S.GRID_COLS and len(idx) == S.GRID_ROWS * S.GRID_COLS
+
+
+def test_sample_grid_names_each_row_in_full(tmp_path):
+    from PIL import ImageDraw
+
+    from flatdino_cli.toydata import CLASS_NAMES
+    from flatdino_cli.viz import _font, make_grid
+
+    tiles = np.full((12 * 3, 48, 48, 3), 128, np.uint8)
+    labels = [f"{c} {n}" for c, n in enumerate(CLASS_NAMES)]
+    grid = make_grid(tiles, 3, row_labels=labels)
+    plain = make_grid(tiles, 3)
+    column = grid[:, : grid.shape[1] - plain.shape[1]]
+    longest = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=_font(16)) for t in labels)
+    assert column.shape[1] >= longest * 10 / 16  # wide enough for the longest name at the smallest size
+    assert np.array_equal(grid[:, column.shape[1]:], plain)
+    for r in range(12):  # dark text beside every row
+        band = column[2 + r * 50: 2 + r * 50 + 48]
+        assert (band < 100).any(), r
 
 
 def test_class_label_shows_the_id_once():
@@ -407,105 +399,3 @@ def test_training_grid_hook(w, tmp_path):
     assert img.shape == (2 + 50, 2 + 3 * 50, 3)  # one row, one image (48 px + 2 px padding) per class
     with pytest.raises(UserError, match="4 x 16 latents"):
         dit_stage.training_grid_hook(cfg, tmp_path, w["vae16"], w["dec"], CPU)
-
-
-# ----------------------------------------------------------------------------- reconstruct
-def test_reconstruct_writes_grid_json_and_truncates_tokens(w, tmp_path):
-    from flatdino_cli.models.pixel_decoder import load_decoder
-    from flatdino_cli.runs import load_run
-
-    out = tmp_path / "r"
-    cli("reconstruct", w["imgs"], "--vae", w["vae"], "--decoder", w["dec"], "--out", out, "--tokens", "2",
-        "--batch-size", "2", "--device", "cpu")
-    res = json.loads((out / "reconstruct.json").read_text())
-    assert res["count"] == 3 and res["tokens_kept"] == 2 and res["tokens"] == T and res["grids"] == ["grid_000.png"]
-    grid = viz.load_png(out / "grid_000.png")
-    assert grid.shape == (2 + 50, 2 + 6 * 50, 3)  # one row: 3 original | reconstruction pairs (4 fit a row)
-
-    _, vae, _ = load_run(w["vae"], "vae")
-    enc, dec = load_encoder("tiny"), load_decoder(w["dec"])
-    tf = EncoderTransform(48, 48, "bicubic")
-    imgs = [load_rgb(w["imgs"] / f"im{i}.png") for i in range(3)]
-    with torch.no_grad():
-        feats = enc(torch.stack([tf(im) for im in imgs]))
-        mu = vae.encode(feats)[0]
-        cut = mu.clone()
-        cut[:, 2:] = 0
-        rec_feats = vae.decode(cut)
-        want = viz.to_uint8(dec(rec_feats))
-        full = viz.to_uint8(dec(vae.decode(mu)))
-    assert torch.equal(R.keep_prefix(mu, 2), cut)
-    for i, row in enumerate(res["per_image"]):
-        got = viz.load_png(out / "images" / f"{i:06d}.png")
-        assert np.array_equal(got, want[i])
-        orig = torch.from_numpy(np.array(adm_center_crop(imgs[i], 48))).permute(2, 0, 1)[None].double() / 255
-        rec = torch.from_numpy(got).permute(2, 0, 1)[None].double() / 255
-        assert row["psnr"] == pytest.approx(R.psnr(orig, rec).item(), abs=1e-9)
-        assert row["ssim"] == pytest.approx(R.ssim(orig, rec).item(), abs=1e-9)
-        cos = torch.nn.functional.cosine_similarity(rec_feats[i], feats[i], dim=-1).mean().item()
-        assert row["feature_cosine"] == pytest.approx(cos, abs=1e-5)
-    assert not np.array_equal(want, full)  # the dropped tokens mattered
-    assert res["mean"]["psnr"] == pytest.approx(np.mean([r["psnr"] for r in res["per_image"]]))
-
-
-def test_reconstruct_refuses_another_encoder_and_bad_tokens(w, tmp_path):
-    line = one_line_error(cli("reconstruct", w["imgs"], "--vae", w["vae"], "--decoder", w["dec"], "--out", tmp_path,
-                              "--encoder", "dinov2-b-reg4", "--device", "cpu", ok=False))
-    assert "trained on tiny features" in line
-    line = one_line_error(cli("reconstruct", w["imgs"], "--vae", w["vae"], "--decoder", w["dec"], "--out", tmp_path,
-                              "--tokens", "5", "--device", "cpu", ok=False))
-    assert "0..4" in line
-
-
-# ----------------------------------------------------------------------------- metrics
-def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
-    """Wang et al.'s SSIM written out with scipy: Gaussian 11x11 (sigma 1.5), 'valid', mean per channel."""
-    x = np.arange(11) - 5.0
-    g = np.exp(-x**2 / (2 * 1.5**2))
-    win = np.outer(g, g) / np.outer(g, g).sum()
-    out = []
-    for ch in range(3):
-        f = lambda im: convolve2d(im, win, mode="valid")  # noqa: E731
-        x_, y_ = a[ch], b[ch]
-        mx, my = f(x_), f(y_)
-        vx, vy, cxy = f(x_ * x_) - mx**2, f(y_ * y_) - my**2, f(x_ * y_) - mx * my
-        s = ((2 * mx * my + 1e-4) * (2 * cxy + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
-        out.append(s.mean())
-    return float(np.mean(out))
-
-
-def test_ssim_and_psnr():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 24, 20, generator=g, dtype=torch.float64)
-    y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-    assert torch.allclose(R.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-12)
-    s = R.ssim(x, y)
-    assert (s < 0.99).all() and torch.allclose(s, R.ssim(y, x))
-    assert s[0].item() == pytest.approx(ssim_reference(x[0].numpy(), y[0].numpy()), abs=1e-10)
-    assert R.psnr(x, x).isinf().all()  # identical: +inf (reports write PSNR_CAP instead)
-    assert R.psnr(x * 0, x * 0 + 0.1).tolist() == pytest.approx([20.0, 20.0])
-    assert R.ssim(x[:, :, :7, :7], y[:, :, :7, :7]).shape == (2,)  # smaller than the window
-
-
-def test_seeds_and_uint8_rounding():
-    assert PL.image_seed(0, 1) != PL.image_seed(1, 0) and PL.image_seed(2, 5) == PL.image_seed(2, 5)
-    a = PL.image_noise(3, [4, 5], (2, 3))
-    assert torch.equal(a[1], PL.image_noise(3, [5], (2, 3))[0])
-    px = torch.tensor([0.5 / 255 - 1e-6, 0.5 / 255 + 1e-6, 1.2, -0.3]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
-    assert viz.to_uint8(px)[0, :, :, 0].tolist() == [[0, 1], [255, 0]]
-    with pytest.raises(ValueError):
-        viz.make_grid(np.zeros((2, 4, 4, 3), np.uint8), 2, labels=["a"])
-    assert math.isclose(R.PSNR_CAP, 100.0)
-
-
-def test_evaluate_dit_gives_fd_rep_for_flat_and_rae(w):
-    """evaluate.evaluate_dit samples through the generate path (sample_chunks) and scores features in
-    the encoder space against a store's reference; the same seed gives the same value."""
-    from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, evaluate_dit, reference_stats
-
-    ref = reference_stats(w["root"] / "feats", cache=w["root"] / "ref.npz")
-    for run in ("dit", "rae"):
-        pipe = load_pipeline(w[run], vae_run=w["vae"] if run == "dit" else None, decoder=w["dec"])
-        a = evaluate_dit(pipe, ref, samples=10, seed=0)
-        assert set(a) == {FD_REP, FD_REP_NOCFG} and all(np.isfinite(v) and v > 0 for v in a.values())
-        assert evaluate_dit(pipe, ref, samples=10, seed=0) == a

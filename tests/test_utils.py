@@ -78,16 +78,3 @@ def test_one_comma_list_parser():
         comma_list(" , ", "--k", int)
 
 
-def test_library_calls_default_to_the_one_cpu_runtime():
-    """One CPU runtime constant (runtime.CPU): the default of every library entry point given none."""
-    import inspect
-
-    from flatdino_cli.analysis import ablate, knn, noise, pca, redundancy
-    from flatdino_cli.reconstruct import run_reconstruct
-    from flatdino_cli.runtime import CPU
-    from flatdino_cli.sample import generate, run_sample, write_sample_set
-
-    assert all(inspect.signature(f).parameters["rt"].default is CPU
-               for f in (run_reconstruct, generate, run_sample, write_sample_set))
-    assert all(m.CPU is CPU for m in (ablate, knn, noise, pca, redundancy))  # their `rt or CPU`
-    assert (CPU.device.type, CPU.precision, CPU.compile) == ("cpu", "fp32", False)

@@ -1,33 +1,30 @@
-"""Baselines in the same tool (RAE's released DiTs, AutoGuidance, RAE's sampling grid).
+"""RAE's released DiTs in and out (interop/rae.py, `flatdino export-rae`): loaded, exported, refused.
 
 RAE-layout stage-2 state dicts (LightningDiT and DiT-DH) are built here from RAE's key layout, and a
 minimal reference forward written here from that layout (RAE's model code read for facts:
 src/stage2/models/{lightningDiT,DDT,model_utils}.py) computes RAE's u(x, t_R). The checkpoint goes
-through `flatdino sample`'s loader, and the velocity our sampler sees must be -u(x, 1 - t).
+through `flatdino sample`'s loader, and the velocity our sampler sees must be -u(x, 1 - t). The same
+checkpoints drive the guidance tests of test_sample_guidance.py.
 """
 
 import dataclasses
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from flatdino_cli.pipeline import generate as P
 from flatdino_cli.checkpoint import save_checkpoint
 from flatdino_cli.cli import app
 from flatdino_cli.config import DecoderModelConfig, DecoderStageConfig, DiTModelConfig, DiTStageConfig
 from flatdino_cli.config_yaml import save_config
-from flatdino_cli.flow import FlowConfig, make_velocity_fn, time_grid
+from flatdino_cli.flow import FlowConfig, make_velocity_fn
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
 from flatdino_cli.models.stats import save_rae_stats
-from flatdino_cli.pipeline.load import load_dit, load_pipeline
-from flatdino_cli.pipeline.options import sampling_flow
-from flatdino_cli.utils import atomic_write_json
+from flatdino_cli.pipeline.load import load_dit
 
 C, SIDE, K = 8, 4, 5  # feature dim, grid side (16 tokens), classes
 LIGHTNING = dict(dh=False, width=32, depth=2, heads=2)  # mlp_ratio 4 -> SwiGLU int(2/3 * 128) = 85
@@ -204,7 +201,7 @@ def one_line_error(r) -> str:
     return lines[0]
 
 
-# ----------------------------------------------------------------------------- 1. loading RAE's checkpoints
+# ----------------------------------------------------------------------------- loading and exporting RAE's checkpoints
 @pytest.mark.parametrize("name,arch", [("lightning", LIGHTNING), ("ddt", DDT)])
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_rae_checkpoint_velocity_is_minus_u_at_mirrored_time(w, name, arch, wrapped):
@@ -353,155 +350,3 @@ def test_bad_rae_inputs_are_one_line_errors(w, tmp_path):
                                                 w["root"] / "ddt" / "stat.pt", ok=False))
     torch.save({"x": torch.nn.Linear(2, 2)}, tmp_path / "pickle.pt")  # not weights_only-loadable
     assert "refused to load" in one_line_error(cli(*base, "--dit", tmp_path / "pickle.pt", ok=False))
-
-
-# ----------------------------------------------------------------------------- 2. AutoGuidance
-def test_guide_changes_samples_exactly_as_the_formula_says(w, tmp_path):
-    flow = FlowConfig(steps=4, shift=2.0, cfg_scale=1.7, cfg_interval=(0.0, 1.0), cfg_interval_inclusive=True)
-    pipe = load_pipeline(w["root"] / "ddt", decoder=w["decoder"], guide=w["root"] / "weak")
-    assert pipe.identity["guide"]["format"] == "rae" and pipe.guide is not None
-    labels, idx = [0, 3], [0, 1]
-    got = P.generate(pipe, labels, idx, seed=0, flow=flow)
-    # the formula by hand: Euler on v = v_weak + w (v_main - v_weak), 4 steps to t = 1
-    pad = [0, 3] + [3] * (P.CPU_CHUNK - 2)
-    x = P.image_noise(0, [0, 1] + [1] * (P.CPU_CHUNK - 2), pipe.latent_shape)
-    y = torch.tensor(pad)
-    ts = time_grid(4, 2.0).tolist()
-    with torch.no_grad():
-        for i in range(4):
-            t = torch.full((len(pad),), ts[i])
-            vm, vg = pipe.dit(x, t, y), pipe.guide(x, t, y)
-            x = x + (ts[i + 1] - ts[i]) * (vg + 1.7 * (vm - vg))
-    want = pipe.decode(x)[:2]
-    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
-    plain = P.generate(load_pipeline(w["root"] / "ddt", decoder=w["decoder"]), labels, idx, seed=0, flow=flow)
-    cfg = P.generate(pipe.__class__(**{**pipe.__dict__, "guide": None}), labels, idx, seed=0, flow=flow)
-    assert np.abs(got.astype(int) - plain.astype(int)).mean() > 1  # guidance changed the samples
-    assert np.abs(got.astype(int) - cfg.astype(int)).mean() > 1  # and it is not CFG
-    # through the command line: the manifest records the guide and the weight
-    r = cli("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "--guide", w["root"] / "weak",
-            "--guide-scale", "1.42", "-c", "0", "-n", "2", "--steps", "3", "--out", tmp_path / "ag")
-    assert "autoguidance 1.42" in r.output
-    import json
-
-    m = json.loads((tmp_path / "ag" / "samples.json").read_text())["identity"]
-    assert m["guide"]["path"].endswith("weak") and m["flow"]["cfg_scale"] == 1.42 and m["flow"]["grid"] == "rae"
-
-
-def test_guide_mismatches_are_one_line_errors(w, tmp_path):
-    base = ("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "-c", "0", "-n", "1", "--steps", "2",
-            "--out", tmp_path / "o")
-    other = tmp_path / "classes"
-    other.mkdir()
-    sd = dict(w["weak"])
-    sd["y_embedder.embedding_table.weight"] = torch.zeros(K + 3, 16)
-    torch.save(sd, other / "stage2_model.pt")
-    assert "classes" in one_line_error(cli(*base, "--guide", other, "--guide-scale", "1.5", ok=False))
-    stats = tmp_path / "stats"
-    stats.mkdir()
-    torch.save(w["weak"], stats / "stage2_model.pt")
-    write_stats(stats / "stat.pt", seed=9)
-    assert "other statistics" in one_line_error(cli(*base, "--guide", stats, "--guide-scale", "1.5", ok=False))
-    assert "--guide-scale" in one_line_error(cli(*base, "--guide", w["root"] / "weak", ok=False))
-    assert "pass one" in one_line_error(cli(*base, "--guide", w["root"] / "weak", "--guide-scale", "1.5",
-                                            "--cfg", "2", ok=False))
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    cfg = DiTStageConfig(model=DiTModelConfig(tokens=4, in_dim=8, width=16, depth=1, heads=2, mlp_hidden=32,
-                                              num_classes=K))
-    save_config(cfg, flat / "config.yaml")
-    save_checkpoint(flat, "latest", build_model(cfg), None, {"step": 1})
-    atomic_write_json(flat / "inputs.json", {})
-    assert "latent shape" in one_line_error(cli(*base, "--guide", flat, "--guide-scale", "1.5", ok=False))
-
-
-def test_sde_and_schedule_through_sample(w, tmp_path):
-    """`sample --sampler sde`: per-step noise from each image's own generator, so a seed gives the same
-    images at any batch size; it differs from the ODE; samples.json records the SDE and the schedule."""
-    pipe = load_pipeline(w["root"] / "ddt", decoder=w["decoder"])
-    sde = sampling_flow(pipe.cfg.flow, cfg_scale=1.0, steps=5, sampler="sde")
-    assert sde.grid == "ours"  # an RAE checkpoint's ODE grid does not carry over to the SDE
-    labels, idx = [0, 1, 2, 3, 4, 0, 1, 2, 3], list(range(9))
-    whole = P.generate(pipe, labels, idx, seed=3, flow=sde, batch_size=16)
-    one = np.concatenate([P.generate(pipe, [c], [i], seed=3, flow=sde, batch_size=1) for c, i in zip(labels, idx)])
-    assert np.array_equal(whole, one)
-    ode = P.generate(pipe, labels, idx, seed=3, flow=dataclasses.replace(sde, sampler="euler"))
-    assert np.abs(whole.astype(int) - ode.astype(int)).mean() > 1
-    r = cli("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "-c", "0", "-n", "2", "--steps", "4",
-            "--sampler", "sde", "--cfg-schedule", "0-0.5:0.9,0.5-1:2", "--out", tmp_path / "s")
-    assert "cfg 0.9 on [0, 0.5) / 2 on [0.5, 1)" in r.output and "sde 4 steps" in r.output
-    import json
-
-    flow = json.loads((tmp_path / "s" / "samples.json").read_text())["identity"]["flow"]
-    assert flow["cfg_schedule"] == [[0.0, 0.5, 0.9], [0.5, 1.0, 2.0]] and flow["sampler"] == "sde"
-    assert (flow["sde_diffusion"], flow["sde_last_step"]) == (1.0, 0.04) and "grid" not in flow
-    assert flow["shift"] == pytest.approx(math.sqrt(16 * 8 / 4096))  # the checkpoint's own shift, sqrt(T d / 4096)
-    r = cli("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "-c", "0", "-n", "1", "--steps", "3",
-            "--sampler", "sde", "--shift", "1", "--out", tmp_path / "s1")  # SiT's uniform SDE grid
-    assert json.loads((tmp_path / "s1" / "samples.json").read_text())["identity"]["flow"]["shift"] == 1.0
-    base = ("sample", "--dit", w["root"] / "ddt", "--decoder", w["decoder"], "-c", "0", "-n", "1", "--out",
-            tmp_path / "bad")
-    assert "--cfg-schedule" in one_line_error(cli(*base, "--cfg-schedule", "0-1", ok=False))
-    assert "cfg_schedule" in one_line_error(cli(*base, "--cfg-schedule", "0-0.6:2,0.5-1:2", ok=False))
-    assert "without --cfg" in one_line_error(cli(*base, "--cfg-schedule", "0-1:2", "--cfg", "3", ok=False))
-    assert "grid must be ours" in one_line_error(cli(*base, "--sampler", "sde", "--grid", "rae", ok=False))
-
-
-# ----------------------------------------------------------------------------- 3. RAE's sampling grid
-def test_rae_grid_reproduces_raes_49_steps():
-    """RAE's integrators.ode: t = 1 - linspace(0, 0.999, 50), then s t / (1 + (s - 1) t), s = sqrt(48)."""
-    s = math.sqrt(16 * 16 * 768 / 4096)
-    t = 1 - torch.linspace(0, 1 - 1 / 1000, 50)
-    rae = s * t / (1 + (s - 1) * t)
-    ours = 1 - time_grid(50, s, "rae")
-    assert ours.shape == (50,)  # 49 Euler steps
-    torch.testing.assert_close(ours.float(), rae, rtol=0, atol=1e-6)
-    assert abs(float(ours[-1]) - 0.00689) < 1e-5 and float(ours[0]) == 1.0
-
-
-def test_rae_grid_guides_only_above_scale_one():
-    """Under grid rae a scale <= 1 is plain conditional sampling (RAE's sample.py); ours extrapolates."""
-    calls = []
-
-    def model(x, t, y):
-        calls.append(len(x))
-        return x * (y[:, None, None].float() + 1)
-
-    x, t, y = torch.ones(2, 3, 4), torch.full((2,), 0.5), torch.tensor([1, 2])
-    for grid, scale, guided in (("rae", 0.5, False), ("rae", 1.0, False), ("rae", 1.5, True), ("ours", 0.5, True)):
-        calls.clear()
-        v = make_velocity_fn(model, y, FlowConfig(cfg_scale=scale, cfg_interval=(0.0, 1.0), grid=grid), 9)(x, t)
-        cond = model(x, t, y)
-        assert (calls[0] == 4) == guided and torch.equal(v, cond) != guided
-
-
-# ----------------------------------------------------------------------------- 4-5. presets
-@pytest.mark.parametrize("name,paper_millions", [
-    ("rae-xl-256x768", 676), ("rae-dh-xl-256x768", 839),  # RAE Table 7: DiT-XL 676M, DiT-DH-XL 839M
-    ("fae-g-16x16x32", 38.17 + 170.43),  # FAE appendix D: encoder + feature decoder
-    ("fae-g-xl-16x16x32", 675.26), ("decoder-fae-l", 305.36)])
-def test_baseline_presets_build_and_show_their_parameter_count(name, paper_millions):
-    out = cli("presets", "show", name).output
-    total = int(next(ln for ln in out.splitlines() if ln.startswith("# parameters, total:")).split()[3].replace(",", ""))
-    assert total / 1e6 == pytest.approx(paper_millions, rel=0.01)
-
-
-def test_baseline_recipes():
-    from flatdino_cli.config_yaml import load_preset
-    from flatdino_cli.train import lr_at
-
-    xl, dh = load_preset("rae-xl-256x768").train, load_preset("rae-dh-xl-256x768").train
-    assert (xl.schedule, xl.lr, xl.ema, xl.batch_size) == ("constant", 2e-4, 0.9999, 1024)  # LightningDiT's recipe
-    assert (dh.schedule, dh.lr, dh.final_lr, dh.decay_epochs, dh.ema) == ("wsd", 2e-4, 2e-5, 760, 0.9995)
-    # RAE's DiT-DH decays on an 800-epoch clock: an 80-epoch run (Table 7's 2.16 row) ends at 1.905e-4
-    spe = 10
-    short = dataclasses.replace(dh, epochs=80)
-    assert lr_at(0, 80 * spe, spe, short) == lr_at(40 * spe - 1, 80 * spe, spe, short) == 2e-4
-    assert lr_at(80 * spe - 1, 80 * spe, spe, short) == pytest.approx(2e-4 - 1.8e-4 * 40 / 760)
-    assert lr_at(800 * spe - 1, 800 * spe, spe, dh) == pytest.approx(2e-5)
-    assert lr_at(80 * spe - 1, 80 * spe, spe, dataclasses.replace(short, decay_until_epoch=None)) == pytest.approx(2e-5)
-    fae_vae, fae = load_preset("fae-g-16x16x32"), load_preset("fae-g-xl-16x16x32")
-    assert (fae_vae.model.feature_dim, fae_vae.model.enc_width, fae_vae.model.dec_width) == (1536, 6144, 1536)
-    assert (fae.train.batch_size, fae.train.lr, fae.train.betas, fae.flow.shift) == (512, 1e-4, (0.9, 0.999), 0.4)
-    assert (fae.model.tokens, fae.model.in_dim, fae.flow.cfg_scale, fae.flow.cfg_interval) == (256, 32, 2.5, (0.3, 1.0))
-    assert fae.flow.cfg_schedule == ((0.0, 0.1, 0.9), (0.1, 0.3, 1.5), (0.3, 1.0, 2.5))  # the main results' CFG
