@@ -29,7 +29,7 @@ from matplotlib.ticker import FuncFormatter
 from tqdm import tqdm
 
 from flatdino_cli.analysis.curves import flop_unit
-from flatdino_cli.analysis.flops import dit_step_flops
+from flatdino_cli.analysis.flops import dit_forward_flops, dit_step_flops
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.data import FeatureDataset, Store
@@ -237,7 +237,8 @@ def method_result(method: str, run_dir: Path, dit_cfg, per_step: float, speed: d
     evals = [{"step": r["step"], "flops": r["step"] * per_step, FD_REP: r[FD_REP],
               **({FD_REP_NOCFG: r[FD_REP_NOCFG]} if FD_REP_NOCFG in r else {})} for r in rows]
     return {"label": LABELS[method], "run": str(run_dir), "steps": dit_cfg.train.max_steps, "batch_size": dit_cfg.train.batch_size, "tokens": dit_cfg.model.seq_len,
-            "flops_per_step": per_step, "evals": evals, "final": evals[-1][FD_REP] if evals else math.nan,
+            "flops_per_step": per_step, "sample_dit_flops": dit_forward_flops(dit_cfg) * speed["nfe"], "evals": evals,
+            "final": evals[-1][FD_REP] if evals else math.nan,
             "best": min((e[FD_REP] for e in evals), default=math.nan), **speed}
 
 
@@ -256,13 +257,13 @@ def write_table(path: Path, report: dict) -> Path:
     lines = [f"Training budget {report['budget']:.3g} FLOPs per generator; quality level {report['level']:.3g} "
              "(the worst method's best fd_rep).", "",
              "| method | DiT tokens | steps | FLOPs / step | fd_rep at the budget | best fd_rep | FLOPs to the level | "
-             "samples/s (NFE) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "DiT FLOPs / sample (NFE) | samples/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in res.items():
         to = r["flops_to_level"]
         rel = f" ({to / ref['flops_to_level']:.2g}x)" if ref and to and ref["flops_to_level"] and m != "flatdino" else ""
         lines.append(f"| {r['label']} | {r['tokens']} | {r['steps']} | {r['flops_per_step']:.3g} | {r['final']:.4g} | "
                      f"{r['best']:.4g} | {f'{to:.3g}' if to else 'not reached'}{rel} | "
-                     f"{r['samples_per_s']:.3g} ({r['nfe']}) |")
+                     f"{r['sample_dit_flops']:.3g} ({r['nfe']}) | {r['samples_per_s']:.3g} |")
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 

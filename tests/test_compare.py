@@ -1,8 +1,6 @@
 """`flatdino compare`: the equal-FLOPs plan, the report, and a shrunk toy comparison end to end (a rerun
 recomputes nothing; a folder compared with other settings is refused)."""
 
-import json
-
 import pytest
 import yaml
 
@@ -39,7 +37,8 @@ def test_imagenet_mode_asks_for_what_it_cannot_make():
 def _method(label, flops, values, speed=10.0):
     evals = [{"step": i + 1, "flops": f, FD_REP: v} for i, (f, v) in enumerate(zip(flops, values))]
     return {"label": label, "tokens": 16, "steps": len(evals), "flops_per_step": flops[0], "evals": evals,
-            "final": values[-1], "best": min(values), "samples_per_s": speed, "nfe": 20}
+            "final": values[-1], "best": min(values), "samples_per_s": speed, "nfe": 20,
+            "sample_dit_flops": 1e9}
 
 
 def test_level_is_the_worst_best_and_each_method_its_first_flops(tmp_path):
@@ -72,6 +71,8 @@ def test_toy_compare_end_to_end_and_resumed(tmp_path):
     assert per_step["rae"] > 3 * per_step["flatdino"]  # 144 grid tokens against 16 flat ones
     assert {m: r["tokens"] for m, r in report["methods"].items()} == {"flatdino": 16, "rae": 144, "fae": 36}
     assert report["methods"]["rae"]["steps"] < report["methods"]["flatdino"]["steps"]
+    dit_flops = {m: r["sample_dit_flops"] for m, r in report["methods"].items()}
+    assert dit_flops["rae"] > 8 * dit_flops["flatdino"]  # a sample's 20 forwards over 144 tokens, not 16
     assert (out / "compare.md").is_file() and (out / "compare.png").is_file()
     assert "FlatDINO" in format_report(report)
 

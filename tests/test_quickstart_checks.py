@@ -7,8 +7,8 @@ from pathlib import Path
 def test_quickstart_refuses_too_few_images_up_front_and_prints_full_paths(cli, tmp_path):
     from flatdino_cli.quickstart import format_summary
 
-    p = cli("quickstart", "--out", tmp_path / "qs", "--per-class", "12", check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr and "--per-class 14" in p.stderr
+    p = cli("quickstart", "--out", tmp_path / "qs", "--per-class", "6", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "--per-class 7" in p.stderr
     assert not (tmp_path / "qs").exists()
     text = format_summary({"out": "runs/qs", "minutes": 1, "stage_minutes": 1, "stages": [
         {"stage": "sample", "grid": "grid.png"}, {"stage": "ablate-tokens", "figure": "token_ablation.png"}]})
