@@ -218,6 +218,24 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, resume: bool =
         return _fit(task, cfg, run_dir, rt, plan, resume, desc, new_data)
 
 
+def _restore(ckpt: Path, task: Task, model: nn.Module, ema: nn.Module | None, opt, cfg: TrainConfig, rt: Runtime,
+             micro: int) -> tuple[int, float]:
+    """Load a checkpoint into the run: weights, EMA, optimizer, task.aux states and the torch RNG;
+    returns (step, best_val)."""
+    verify_checkpoint(ckpt, warn=rt.is_main)  # the bytes a run resumes from are the bytes it wrote
+    load_into(model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors")
+    if ema is not None:
+        ema_file = ckpt / "ema.safetensors"
+        load_into(ema, load_weights(ema_file) if ema_file.exists() else model.state_dict(), ema_file)
+    state = load_state(ckpt / "state.pt")
+    _check_resume_layout(state, cfg, rt, micro, ckpt)
+    opt.load_state_dict(state["optimizer"])
+    for name, obj in task.aux.items():
+        obj.load_state_dict(state["aux"][name])
+    torch.set_rng_state(state["rng_torch"])
+    return int(state["step"]), float(state["best_val"])
+
+
 def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[int, int, int, int],
          resume: bool, desc: str, new_data: bool) -> dict:
     n = len(task.train_set)
@@ -235,18 +253,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
     ckpt = checkpoint_dir(run_dir) if resume else None
     inputs = merge_inputs(run_dir, task.inputs, new_data) if ckpt is not None else task.inputs
     if ckpt is not None:
-        verify_checkpoint(ckpt, warn=rt.is_main)  # the bytes a run resumes from are the bytes it wrote
-        load_into(model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors")
-        if ema is not None:
-            ema_file = ckpt / "ema.safetensors"
-            load_into(ema, load_weights(ema_file) if ema_file.exists() else model.state_dict(), ema_file)
-        state = load_state(ckpt / "state.pt")
-        _check_resume_layout(state, cfg, rt, micro, ckpt)
-        opt.load_state_dict(state["optimizer"])
-        for name, obj in task.aux.items():
-            obj.load_state_dict(state["aux"][name])
-        step, best_val = int(state["step"]), float(state["best_val"])
-        torch.set_rng_state(state["rng_torch"])
+        step, best_val = _restore(ckpt, task, model, ema, opt, cfg, rt, micro)
         if rt.is_main:
             tqdm.write(f"resuming {run_dir} from step {step}/{total}")
 
