@@ -51,10 +51,11 @@ LABELS = {"flatdino": "FlatDINO (flat tokens)", "rae": "RAE (feature grid)", "fa
 TOY_PRESETS = {"flatdino": "tiny-dit", "rae": "tiny-rae-dit", "fae": "tiny-fae-dit"}
 IMAGENET_PRESETS = {"flatdino": "xl-32x128", "rae": "rae-xl-256x768", "fae": "fae-xl-16x16x32"}
 TOY_LAMINATORS = {"flatdino": "tiny-vae", "fae": "tiny-fae"}
-# the toy laminators of the README's comparison: tiny-vae at depth 2 (its architecture before the
-# quickstart's moved to depth 1) for 6 epochs, as its 144 patches make an epoch 4x the cost of one on 36
-TOY_LAMINATOR_SETS = ("model.enc_depth=2", "model.dec_depth=2", "train.epochs=6", "train.decay_epochs=2.5",
-                      "train.val_every_epochs=2")
+# the toy laminators of the README's comparison: 6 epochs (on 144 patches an epoch costs 4x one on 36),
+# and FlatDINO's VAE at depth 2, tiny-vae's architecture before the quickstart's moved to depth 1
+TOY_LAMINATOR_SETS = {"flatdino": ("model.enc_depth=2", "model.dec_depth=2", "train.epochs=6", "train.decay_epochs=2.5",
+                                   "train.val_every_epochs=2"),
+                      "fae": ("train.epochs=6", "train.decay_epochs=2.5")}
 TOY_ENCODER = "tiny-p4"
 TOY_BUDGET = 8e12  # training FLOPs per generator: 155 steps of the RAE grid, 546 of FlatDINO's at batch 128
 TOY_EVALS, TOY_EVAL_SAMPLES = 5, 192
@@ -194,7 +195,7 @@ def run_compare(out: str | Path, cfg: CompareConfig, rt: Runtime) -> dict:
         for m in ("flatdino", "fae"):
             if m in cfg.methods:
                 _stage(marks, f"train-vae-{m}", lambda m=m: {"step": train_vae(
-                    load_preset(TOY_LAMINATORS[m], [*TOY_LAMINATOR_SETS, f"train.seed={cfg.seed}",
+                    load_preset(TOY_LAMINATORS[m], [*TOY_LAMINATOR_SETS[m], f"train.seed={cfg.seed}",
                                                      *cfg.sets_for(f"vae-{m}")]), laminators[m], rt,
                     features=features)["step"]})
     reference = features / "val"
