@@ -42,7 +42,8 @@ from flatdino_cli.rundir import read_metrics, run_config
 from flatdino_cli.runtime import Runtime
 from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
-from flatdino_cli.toydata import CLASS_NAMES, write_toy_dataset
+from flatdino_cli.quickstart import QuickstartPlan
+from flatdino_cli.toydata import write_toy_dataset
 from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir, read_json, run_once
 from flatdino_cli.viz import curve, new_figure, save_figure, style_axes
 
@@ -108,6 +109,7 @@ class CompareConfig:
             raise UserError("--vae/--fae need --features: toy mode trains its own laminators")
         if self.budget < 0 or self.evals < 0 or self.eval_samples < 0 or self.eval_samples == 1:
             raise UserError("--budget, --evals, --eval-samples: positive (at least 2 samples), or 0 for the default")
+        object.__setattr__(self, "budget", self.budget or TOY_BUDGET)  # 0 only reaches here in toy mode
         object.__setattr__(self, "evals", self.evals or (TOY_EVALS if self.toy else 20))
         object.__setattr__(self, "eval_samples", self.eval_samples or (TOY_EVAL_SAMPLES if self.toy else 0))
 
@@ -134,10 +136,6 @@ def _stage(marks: Path, name: str, fn) -> dict:
     return run_once(marks, name, fn, prefix="compare: ")
 
 
-def _budget(cfg: CompareConfig) -> float:
-    return cfg.budget or TOY_BUDGET
-
-
 def planned_dit(cfg: CompareConfig, method: str, data: Path, vae_run: Path | None, reference: Path):
     """The generator's config for the budget: the preset's recipe with its schedule scaled to the number
     of steps the budget buys (warmup and decay keep their share of the run); (config, FLOPs per step)."""
@@ -146,9 +144,9 @@ def planned_dit(cfg: CompareConfig, method: str, data: Path, vae_run: Path | Non
     base = with_store_shape(load_preset(cfg.preset(method), sets), store, data)
     vae_model = run_config(vae_run, "vae").model if vae_run is not None else None
     per_step = dit_step_flops(base, vae_model)
-    steps = round(_budget(cfg) / per_step)
+    steps = round(cfg.budget / per_step)
     if steps < cfg.evals:
-        raise UserError(f"--budget {_budget(cfg):.3g}: buys the {method} generator {steps} steps "
+        raise UserError(f"--budget {cfg.budget:.3g}: buys the {method} generator {steps} steps "
                         f"({per_step:.3g} FLOPs each), fewer than --evals {cfg.evals}; raise it")
     spe = len(FeatureDataset(store)) // base.train.batch_size
     if spe < 1:
@@ -168,7 +166,6 @@ def planned_dit(cfg: CompareConfig, method: str, data: Path, vae_run: Path | Non
 def _check_settings(out: Path, cfg: CompareConfig) -> None:
     path = out / SETTINGS
     mine = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    mine["budget"] = _budget(cfg)
     mine["presets"] = {m: cfg.preset(m) for m in cfg.methods}
     if path.is_file():
         have = read_json(path)
@@ -188,8 +185,10 @@ def run_compare(out: str | Path, cfg: CompareConfig, rt: Runtime) -> dict:
     laminators = {"flatdino": Path(cfg.vae) if cfg.vae else out / "vae-flatdino",
                   "fae": Path(cfg.fae) if cfg.fae else out / "vae-fae"}
     if cfg.toy:
-        n_val = min(300, len(CLASS_NAMES) * cfg.per_class // 5)
-        _stage(marks, "toy-data", lambda: {"count": write_toy_dataset(out / "toy", cfg.per_class, 48, cfg.seed)["count"]})
+        toy = QuickstartPlan(per_class=cfg.per_class, seed=cfg.seed)  # the quickstart's images and held-out split
+        n_val = toy.held_out()
+        _stage(marks, "toy-data", lambda: {"count": write_toy_dataset(out / "toy", toy.per_class, toy.image_size,
+                                                                       toy.seed)["count"]})
         _stage(marks, "extract", lambda: extract_features(
             out / "toy", features, ExtractConfig(encoder=TOY_ENCODER, val_split=n_val, batch_size=128), rt))
         for m in ("flatdino", "fae"):
@@ -214,7 +213,7 @@ def run_compare(out: str | Path, cfg: CompareConfig, rt: Runtime) -> dict:
         _stage(marks, f"train-dit-{m}", lambda: {"step": train_dit(dit_cfg, run_dir, rt, data[m])["step"]})
         speed = _stage(marks, f"speed-{m}", lambda: sampling_speed(run_dir, reference, cfg, rt))
         results[m] = {**method_result(m, run_dir, dit_cfg, per_step, speed), "preset": cfg.preset(m)}
-    report = {"budget": _budget(cfg), "toy": cfg.toy, "methods": results, **quality_level(results)}
+    report = {"budget": cfg.budget, "toy": cfg.toy, "methods": results, **quality_level(results)}
     if rt.is_main:
         atomic_write_json(out / "compare.json", report)
         report["table"] = str(write_table(out / "compare.md", report))

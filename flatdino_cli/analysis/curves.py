@@ -149,7 +149,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
             ax.set_title("training loss", fontsize=9)
         elif panel == "buckets":
             keys = _bucket_keys(curves)
-            cmap = _colormap("viridis")
+            cmap = matplotlib.colormaps["viridis"]
             for j, (c, style) in enumerate(zip(curves, RUN_STYLES * len(curves))):
                 for b, key in enumerate(keys):
                     x, y = _series(c.train, key, c, axis)
@@ -167,7 +167,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
                 x, y = _series(c.train, "lr", c, axis)
                 ax.plot(x / scale, y, color=color, linestyle=style, linewidth=1.4, label=c.label)
             ax.set_ylim(bottom=0)
-            ax.yaxis.set_major_formatter(_ticker().FuncFormatter(lambda v, _: f"{v:.3g}"))  # no offset over the title
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))  # no offset over the title
             ax.set_title("learning rate", fontsize=9)
         elif panel == FD_REP:
             for c, color in zip(curves, colors):
@@ -178,7 +178,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
                                 label=f"{c.label} {'guided' if key == FD_REP else 'unguided'}")
                         drawn.append(y)
             _log_if_wide(ax, drawn)
-            ax.yaxis.set_major_formatter(_ticker().FuncFormatter(lambda v, _: f"{v:.4g}"))  # no offset
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.4g}"))  # no offset
             ax.set_title("fd_rep (feature-space FD, lower is better)", fontsize=9)
             ax.legend(fontsize=6, frameon=False)
         else:
@@ -198,14 +198,6 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
         fig.suptitle(title, fontsize=10)
     path = save_figure(fig, out)
     return {"out": str(path), "panels": panels, "runs": [c.label for c in curves]}
-
-
-def _colormap(name: str):
-    return matplotlib.colormaps[name]
-
-
-def _ticker():
-    return matplotlib.ticker
 
 
 def default_labels(runs: Sequence[str | Path]) -> list[str]:
