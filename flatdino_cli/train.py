@@ -238,7 +238,34 @@ def _restore(ckpt: Path, task: Task, model: nn.Module, ema: nn.Module | None, op
 
 def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[int, int, int, int],
          resume: bool, desc: str, new_data: bool) -> dict:
-    n = len(task.train_set)
+    run = _start(task, cfg, run_dir, rt, plan, resume, desc, new_data)
+    # the progress bar and the trackers are closed however the loop ends (diverged, Ctrl-C, an error):
+    # a tracker closed late would lose the events still in its buffer
+    try:
+        while run.step < run.total:
+            epoch = run.step // run.spe
+            batches = run.epoch_batches(epoch)
+            while run.step < run.total and run.step // run.spe == epoch:
+                lr = run.train_step(batches)
+                run.log_window(lr)
+                run.show_step()
+                epoch_end = run.step % run.spe == 0
+                if epoch_end:
+                    run.validate_epoch()
+                run.evaluate_quality()
+                run.save_or_stop(epoch_end)
+        if rt.is_main:
+            mark_finished(run_dir, run.step, run.best_val)
+    finally:
+        run.bar.close()
+        run.log.close()
+    return {"step": run.step, "best_val": run.best_val, "run_dir": str(run_dir), "steps_per_epoch": run.spe}
+
+
+def _start(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[int, int, int, int],
+           resume: bool, desc: str, new_data: bool) -> _Run:
+    """Set the run up: its run dir (checked, or moved aside), model, EMA, optimizer, resumed state, the
+    config and inputs written, metrics log, trackers and progress bar."""
     micro, accum, spe, total = plan
     if resume:
         refuse_damaged_run(run_dir)
@@ -271,116 +298,174 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, rt: Runtime, plan: tuple[i
             find_unused_parameters=task.find_unused_parameters)
     net = rt.maybe_compile(net)
 
-    def state_dict() -> dict:
-        return {"step": step, "epoch": step // spe, "best_val": best_val, "optimizer": opt.state_dict(),
-                "aux": {k: v.state_dict() for k, v in task.aux.items()}, "rng_torch": torch.get_rng_state(),
-                "batch_size": cfg.batch_size, "world_size": rt.world_size, "micro_batch_size": micro,
-                "total_steps": total}
-
-    def checkpoint(which: str) -> None:
-        if rt.is_main:
-            save_checkpoint(run_dir, which, model, ema, state_dict())
-        rt.barrier()
-
-    # the progress bar and the trackers are closed however the loop ends (diverged, Ctrl-C, an error):
-    # a tracker closed late would lose the events still in its buffer
     eval_every = task.eval_period(total, spe) if task.evaluate is not None and task.eval_period else 0
     bar = tqdm(total=total, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True, unit="step")
-    try:
-        window: dict[str, list[float]] = {}
-        t_window, samples_window = time.perf_counter(), 0
-        while step < total:
-            epoch, pos = divmod(step, spe)
-            batches = EpochBatches(n, cfg.batch_size, micro, cfg.seed, epoch, pos, rt.rank, rt.world_size)
-            if hasattr(task.train_set, "set_epoch"):  # per-epoch draws (e.g. each row's view) follow (seed, epoch)
-                task.train_set.set_epoch(epoch)
-            loader = DataLoader(task.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
-                                collate_fn=task.collate_fn, pin_memory=rt.pin_memory,
-                                persistent_workers=False, worker_init_fn=preempt.worker_ignores_stop)
-            net.train()
-            it = iter(loader)
-            while step < total and step // spe == epoch:
-                info = StepInfo(step, epoch, total, spe, rt)
-                lr = lr_at(step, total, spe, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                losses = []
-                for a in range(accum):
-                    batch = _to_device(next(it), rt)
-                    torch.manual_seed(step_seed(cfg.seed, step, a, rt.rank))
-                    sync = net.no_sync() if rt.distributed and a < accum - 1 else contextlib.nullcontext()
-                    with sync:
-                        with rt.autocast():
-                            loss, metrics = task.loss_fn(net, batch, info)
-                        (loss / accum).backward()
-                    losses.append(loss.detach().float())
-                    for k, v in metrics.items():
-                        window.setdefault(k, []).append(float(v))
-                mean_loss = rt.all_reduce_mean(torch.stack(losses).mean())
-                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                if not (torch.isfinite(mean_loss) and torch.isfinite(gnorm)):
-                    last = checkpoint_dir(run_dir)
-                    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                    raise TrainingDiverged(f"{desc}: non-finite loss/gradient at step {step + 1} "
-                                           f"(loss={mean_loss.item()}, grad-norm={gnorm.item()}); stopped, {where}")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if task.after_step is not None:
-                    torch.manual_seed(step_seed(cfg.seed, step, -1, rt.rank))  # micro index -1: any accum draws alike
-                    for k, v in task.after_step(info).items():
-                        window.setdefault(k, []).append(float(v))
-                if ema is not None:
-                    ema_update(ema, model, cfg.ema)
-                step += 1
-                samples_window += cfg.batch_size
-                window.setdefault("loss", []).append(mean_loss.item())
-                window.setdefault("grad_norm", []).append(gnorm.item())
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == total:
-                    dt = time.perf_counter() - t_window
-                    row = {k: sum(v) / len(v) for k, v in window.items()}
-                    row.update(lr=lr, samples_per_s=samples_window / max(dt, 1e-9))
-                    log.write(step=step, epoch=step / spe, **row)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}")
-                    window, t_window, samples_window = {}, time.perf_counter(), 0
-                if task.on_step is not None and rt.is_main:
-                    written = task.on_step(step, model, ema)
-                    if written is not None:
-                        log.image(written, step)
-                epoch_end = step % spe == 0
-                if epoch_end and task.val_fn is not None and task.val_set is not None and len(task.val_set):
-                    ep = step // spe
-                    if ep % max(1, cfg.val_every_epochs) == 0 or step == total:
-                        val = _validate(task, model, rt)
-                        log.write(step=step, epoch=step / spe, **{f"val/{k}": v for k, v in val.items()})
-                        bar.write(f"{desc} epoch {ep}: " + ", ".join(f"val {k} {v:.4g}" for k, v in val.items()))
-                        if val["loss"] < best_val:
-                            best_val = val["loss"]
-                            checkpoint("best")
-                if eval_every and (step % eval_every == 0 or step == total):
-                    t_eval = time.perf_counter()
-                    quality = task.evaluate(ema if ema is not None else model)
-                    quality["eval_seconds"] = time.perf_counter() - t_eval
-                    log.write(step=step, epoch=step / spe, **quality)
-                    if rt.is_main:
-                        bar.write(f"{desc} step {step:,}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
-                    t_window += quality["eval_seconds"]  # samples_per_s stays the training rate
-                # a stop request on any rank stops every rank here, after the same step (DDP: one int all-reduce)
-                stop = step < total and rt.any_rank(preempt.requested() is not None)
-                if stop or step % cfg.ckpt_every_steps == 0 or epoch_end or step == total:
-                    checkpoint("latest")
-                if cfg.keep_every_steps and step % cfg.keep_every_steps == 0:
-                    checkpoint(kept_checkpoint(step))
-                if stop:
-                    raise preempt.Preempted(f"{desc}: preempted at step {step:,}, saved; rerun the same command "
-                                            "to continue", quiet=not rt.is_main)
-        if rt.is_main:
-            mark_finished(run_dir, step, best_val)
-    finally:
-        bar.close()
-        log.close()
-    return {"step": step, "best_val": best_val, "run_dir": str(run_dir), "steps_per_epoch": spe}
+    return _Run(task, cfg, run_dir, rt, desc, micro, accum, spe, total, model, ema, opt, net, log, bar,
+                eval_every, step, best_val)
+
+
+@dataclass
+class _Run:
+    """One training run in flight: what its steps share, and the phases of a step."""
+
+    task: Task
+    cfg: TrainConfig
+    run_dir: Path
+    rt: Runtime
+    desc: str
+    micro: int
+    accum: int
+    spe: int  # optimizer steps per epoch
+    total: int
+    model: nn.Module
+    ema: nn.Module | None
+    opt: Any
+    net: nn.Module  # the model as the loss sees it (DDP, compiled)
+    log: MetricsLog
+    bar: Any
+    eval_every: int  # 0: no quality evaluation
+    step: int
+    best_val: float
+    # the metrics since the last log row, the time and the samples they took
+    window: dict[str, list[float]] = field(default_factory=dict)
+    t_window: float = field(default_factory=time.perf_counter)
+    samples_window: int = 0
+
+    def epoch_batches(self, epoch: int):
+        """An iterator over this rank's micro-batches of `epoch`, from the current step on."""
+        task, cfg, rt = self.task, self.cfg, self.rt
+        batches = EpochBatches(len(task.train_set), cfg.batch_size, self.micro, cfg.seed, epoch,
+                               self.step % self.spe, rt.rank, rt.world_size)
+        if hasattr(task.train_set, "set_epoch"):  # per-epoch draws (e.g. each row's view) follow (seed, epoch)
+            task.train_set.set_epoch(epoch)
+        loader = DataLoader(task.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
+                            collate_fn=task.collate_fn, pin_memory=rt.pin_memory,
+                            persistent_workers=False, worker_init_fn=preempt.worker_ignores_stop)
+        self.net.train()
+        return iter(loader)
+
+    def _record(self, metrics: dict[str, Any]) -> None:
+        for k, v in metrics.items():
+            self.window.setdefault(k, []).append(float(v))
+
+    def train_step(self, batches) -> float:
+        """One optimizer step (accumulated micro-batches, divergence check, AdamW, the task's after_step,
+        EMA); returns its learning rate."""
+        cfg, rt = self.cfg, self.rt
+        info = StepInfo(self.step, self.step // self.spe, self.total, self.spe, rt)
+        lr = lr_at(self.step, self.total, self.spe, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        mean_loss = self._accumulate(batches, info)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self._refuse_divergence(mean_loss, gnorm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.task.after_step is not None:
+            torch.manual_seed(step_seed(cfg.seed, self.step, -1, rt.rank))  # micro index -1: any accum draws alike
+            self._record(self.task.after_step(info))
+        if self.ema is not None:
+            ema_update(self.ema, self.model, cfg.ema)
+        self.step += 1
+        self.samples_window += cfg.batch_size
+        self._record({"loss": mean_loss.item(), "grad_norm": gnorm.item()})
+        self.bar.update(1)
+        return lr
+
+    def _accumulate(self, batches, info: StepInfo) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches; returns the mean loss over all ranks."""
+        rt, accum = self.rt, self.accum
+        losses = []
+        for a in range(accum):
+            batch = _to_device(next(batches), rt)
+            torch.manual_seed(step_seed(self.cfg.seed, self.step, a, rt.rank))
+            sync = self.net.no_sync() if rt.distributed and a < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with rt.autocast():
+                    loss, metrics = self.task.loss_fn(self.net, batch, info)
+                (loss / accum).backward()
+            losses.append(loss.detach().float())
+            self._record(metrics)
+        return rt.all_reduce_mean(torch.stack(losses).mean())
+
+    def _refuse_divergence(self, mean_loss: torch.Tensor, gnorm: torch.Tensor) -> None:
+        if torch.isfinite(mean_loss) and torch.isfinite(gnorm):
+            return
+        last = checkpoint_dir(self.run_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{self.desc}: non-finite loss/gradient at step {self.step + 1} "
+                               f"(loss={mean_loss.item()}, grad-norm={gnorm.item()}); stopped, {where}")
+
+    def log_window(self, lr: float) -> None:
+        """Every log_every steps and at the end: the window's means as one metrics row."""
+        if self.step % self.cfg.log_every and self.step != self.total:
+            return
+        dt = time.perf_counter() - self.t_window
+        row = {k: sum(v) / len(v) for k, v in self.window.items()}
+        row.update(lr=lr, samples_per_s=self.samples_window / max(dt, 1e-9))
+        self.log.write(step=self.step, epoch=self.step / self.spe, **row)
+        self.bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}")
+        self.window, self.t_window, self.samples_window = {}, time.perf_counter(), 0
+
+    def show_step(self) -> None:
+        """The task's per-step image (a sample grid), logged to the trackers."""
+        if self.task.on_step is not None and self.rt.is_main:
+            written = self.task.on_step(self.step, self.model, self.ema)
+            if written is not None:
+                self.log.image(written, self.step)
+
+    def validate_epoch(self) -> None:
+        """At an epoch's end, every val_every_epochs epochs and at the end: validate, keep the best."""
+        task = self.task
+        if task.val_fn is None or task.val_set is None or not len(task.val_set):
+            return
+        ep = self.step // self.spe
+        if ep % max(1, self.cfg.val_every_epochs) and self.step != self.total:
+            return
+        val = _validate(task, self.model, self.rt)
+        self.log.write(step=self.step, epoch=self.step / self.spe, **{f"val/{k}": v for k, v in val.items()})
+        self.bar.write(f"{self.desc} epoch {ep}: " + ", ".join(f"val {k} {v:.4g}" for k, v in val.items()))
+        if val["loss"] < self.best_val:
+            self.best_val = val["loss"]
+            self.checkpoint("best")
+
+    def evaluate_quality(self) -> None:
+        """Every eval_every steps and at the end: the task's quality evaluation of the EMA model."""
+        if not self.eval_every or (self.step % self.eval_every and self.step != self.total):
+            return
+        t_eval = time.perf_counter()
+        quality = self.task.evaluate(self.ema if self.ema is not None else self.model)
+        quality["eval_seconds"] = time.perf_counter() - t_eval
+        self.log.write(step=self.step, epoch=self.step / self.spe, **quality)
+        if self.rt.is_main:
+            self.bar.write(f"{self.desc} step {self.step:,}: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
+        self.t_window += quality["eval_seconds"]  # samples_per_s stays the training rate
+
+    def save_or_stop(self, epoch_end: bool) -> None:
+        """Save `latest` (and a kept checkpoint) when due; on a stop request save and raise Preempted."""
+        cfg, step = self.cfg, self.step
+        # a stop request on any rank stops every rank here, after the same step (DDP: one int all-reduce)
+        stop = step < self.total and self.rt.any_rank(preempt.requested() is not None)
+        if stop or step % cfg.ckpt_every_steps == 0 or epoch_end or step == self.total:
+            self.checkpoint("latest")
+        if cfg.keep_every_steps and step % cfg.keep_every_steps == 0:
+            self.checkpoint(kept_checkpoint(step))
+        if stop:
+            raise preempt.Preempted(f"{self.desc}: preempted at step {step:,}, saved; rerun the same command "
+                                    "to continue", quiet=not self.rt.is_main)
+
+    def checkpoint(self, which: str) -> None:
+        if self.rt.is_main:
+            save_checkpoint(self.run_dir, which, self.model, self.ema, self._state_dict())
+        self.rt.barrier()
+
+    def _state_dict(self) -> dict:
+        cfg = self.cfg
+        return {"step": self.step, "epoch": self.step // self.spe, "best_val": self.best_val,
+                "optimizer": self.opt.state_dict(), "aux": {k: v.state_dict() for k, v in self.task.aux.items()},
+                "rng_torch": torch.get_rng_state(), "batch_size": cfg.batch_size, "world_size": self.rt.world_size,
+                "micro_batch_size": self.micro, "total_steps": self.total}
 
 
 @torch.no_grad()
