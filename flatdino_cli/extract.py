@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from flatdino_cli import preempt
-from flatdino_cli import workspace as ws
 from flatdino_cli.config import ExtractConfig
 from flatdino_cli.data import (BadImageWarning, DeviceJpegDataset, EncoderTransform, FeatureDataset, ImageDataset,
                                Store, check_feature_shape, collate_device_jpegs, collate_images, crops_on_device,
@@ -32,6 +31,8 @@ from flatdino_cli.rundir import run_inputs
 from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import Runtime, setup_runtime
 from flatdino_cli.utils import disk_full_is_user_error
+from flatdino_cli.workspace.paths import store_dir
+from flatdino_cli.workspace.settings import setting
 
 
 def _pending_chunks(store: Store, rows: int) -> list[list[int]]:
@@ -251,9 +252,9 @@ def run_extract(source: Path, out: Path | None, device: str, vae: Path | None = 
     encoder, encoder_weights = image_options.pop("encoder"), image_options.pop("encoder_weights")
     dtype, interp = image_options.pop("dtype"), image_options.pop("interp")
     made = f"{'decoded' if decoded else 'latents'}-{vae.resolve().name}" if vae is not None else encoder
-    out = ws.store_dir("extract", out, f"{source.resolve().name}-{made}")
+    out = store_dir("extract", out, f"{source.resolve().name}-{made}")
     if vae is None and not encoder.startswith("tiny"):  # the tiny encoders have random weights
-        encoder_weights = ws.setting("encoder-weights", encoder_weights)
+        encoder_weights = setting("encoder-weights", encoder_weights)
     rt = setup_runtime(device, "fp32", False)
     if vae is not None:
         return extract_latents(source, vae, out, rt, batch_size=image_options["batch_size"], dtype=dtype or "float32",

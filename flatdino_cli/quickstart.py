@@ -36,7 +36,7 @@ from flatdino_cli.stages.dit import train_dit
 from flatdino_cli.stages.vae import train_vae
 from flatdino_cli.toydata import CLASS_NAMES, write_toy_dataset
 from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir, run_once
-from flatdino_cli.workspace import note_run, shown
+from flatdino_cli.workspace.paths import note_run, shown
 
 
 @dataclass(frozen=True)

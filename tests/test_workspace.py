@@ -16,9 +16,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flatdino_cli import workspace
 from flatdino_cli.cli import app
 from flatdino_cli.config_yaml import load_preset
+from flatdino_cli.workspace.index import INDEX_FILE
+from flatdino_cli.workspace.listing import listing
+from flatdino_cli.workspace.paths import ENV_VAR, run_dir
+from flatdino_cli.workspace.pick import pick_sample
+from flatdino_cli.workspace.settings import SETTINGS_FILE
 
 SHORT = ["--set", "train.epochs=1", "--device", "cpu"]  # the DiTs also sample in 4 steps (--set flow.steps=4)
 
@@ -27,7 +31,7 @@ SHORT = ["--set", "train.epochs=1", "--device", "cpu"]  # the DiTs also sample i
 def inside(folder: Path, env: dict | None = None):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        mp.delenv(workspace.ENV_VAR, raising=False)
+        mp.delenv(ENV_VAR, raising=False)
         for k, v in (env or {}).items():
             mp.setenv(k, v)
         yield
@@ -124,7 +128,7 @@ def test_workspace_listing_and_settings(ws, tmp_path):
 def test_index_removal_or_corruption_loses_nothing(ws):
     with inside(ws):
         typed("flatdino workspace")
-        index = ws / workspace.INDEX_FILE
+        index = ws / INDEX_FILE
         before = json.loads(index.read_text())["entries"]
         assert {"runs/vae-tiny-vae", "runs/dit-tiny-dit", "stores/toy-tiny"} <= set(before)
         for damage in (lambda: index.unlink(), lambda: index.write_text('{"version": 1, "entr'),
@@ -140,7 +144,7 @@ def test_index_removal_or_corruption_loses_nothing(ws):
 def test_two_workspaces_never_see_each_other(ws, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
-    for env, where in (({}, other), ({workspace.ENV_VAR: str(other)}, ws)):
+    for env, where in (({}, other), ({ENV_VAR: str(other)}, ws)):
         with inside(where, env):
             r = typed("flatdino sample --class 3", check=False)
             assert r.exit_code == 1
@@ -157,23 +161,23 @@ def test_two_workspaces_never_see_each_other(ws, tmp_path):
 def test_default_run_dir_suffix_and_resume(tmp_path):
     with inside(tmp_path):
         a = load_preset("tiny-dit")
-        first = workspace.run_dir("train-dit", None, "dit", "tiny-dit", a)
+        first = run_dir("train-dit", None, "dit", "tiny-dit", a)
         assert first == tmp_path / "runs/dit-tiny-dit"
         first.mkdir(parents=True)
         (first / "config.yaml").write_text(__import__("yaml").safe_dump(
             __import__("flatdino_cli.config_yaml", fromlist=["to_dict"]).to_dict(a), sort_keys=False))
-        assert workspace.run_dir("train-dit", None, "dit", "tiny-dit", a) == first  # same config: resumed
+        assert run_dir("train-dit", None, "dit", "tiny-dit", a) == first  # same config: resumed
         b = load_preset("tiny-dit", ["train.lr=0.01"])
-        assert workspace.run_dir("train-dit", None, "dit", "tiny-dit", b) == tmp_path / "runs/dit-tiny-dit-2"
-        assert workspace.run_dir("train-dit", tmp_path / "mine", "dit", "tiny-dit", b) == tmp_path / "mine"
-        assert workspace.run_dir("x", None, "vae", "my presets/v.yaml", b).name == "vae-v"
+        assert run_dir("train-dit", None, "dit", "tiny-dit", b) == tmp_path / "runs/dit-tiny-dit-2"
+        assert run_dir("train-dit", tmp_path / "mine", "dit", "tiny-dit", b) == tmp_path / "mine"
+        assert run_dir("x", None, "vae", "my presets/v.yaml", b).name == "vae-v"
         # a run written by an older version, before keys with defaults were added, is still this config
         import yaml
 
         old = yaml.safe_load((first / "config.yaml").read_text())
         del old["flow"]["cfg_schedule"], old["flow"]["sde_last_step"], old["train"]["decay_until_epoch"]
         (first / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-        assert workspace.run_dir("train-dit", None, "dit", "tiny-dit", a) == first
+        assert run_dir("train-dit", None, "dit", "tiny-dit", a) == first
 
 
 def _fake_run(d: Path, stage: str, preset: str, finished: bool = True) -> None:
@@ -196,13 +200,13 @@ def test_ambiguous_pick_is_resolved_by_recency_and_named(tmp_path, capsys):
     os.utime(tmp_path / "runs/dit-xl-32x128/finished.json", (1e9, 1e9))
     _fake_run(tmp_path / "runs/decoder-tiny-decoder", "decoder", "tiny-decoder")
     with inside(tmp_path):
-        dit, vae, decoder = workspace.pick_sample(None, None, None)
+        dit, vae, decoder = pick_sample(None, None, None)
     assert (dit, vae, decoder) == (tmp_path / "runs/dit-tiny-dit", None, tmp_path / "runs/decoder-tiny-decoder")
     line = capsys.readouterr().out.strip()
     assert line == ("sample: dit runs/dit-tiny-dit (step 7, 2026-11-29); newest of 2 finished, --dit to choose, "
                     "decoder runs/decoder-tiny-decoder (step 7, 2026-11-29)")
     with inside(tmp_path):
-        listed = workspace.listing()
+        listed = listing()
     rows = {line.split()[0]: line.split()[1:4] for line in listed.splitlines()[2:]}
     assert rows["runs/dit-s-32x128"] == ["dit", "s-32x128", "0%"]  # listed, never picked
     assert list(rows)[-1] == "runs/dit-xl-32x128"  # the oldest last
@@ -226,5 +230,5 @@ def test_workspace_settings_feed_fid_and_extract(tmp_path):
         assert r.exit_code == 1 and str(tmp_path / "dinov2.safetensors") in r.output
         r = typed("flatdino workspace set decoder missing.pt", check=False)
         assert r.exit_code == 1 and "no such file" in r.output
-        assert set(json.loads((tmp_path / workspace.SETTINGS_FILE).read_text())) == {
+        assert set(json.loads((tmp_path / SETTINGS_FILE).read_text())) == {
             "reference-batch", "inception-weights", "encoder-weights"}

@@ -50,7 +50,7 @@ def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit. Example: flatdino --version")] = False,
 ):
-    # the environment carries the choice to workspace.root() (and to any process this one starts)
+    # the environment carries the choice to workspace/paths.root() (and to any process this one starts)
     import os
 
     if workspace is not None:

@@ -41,10 +41,10 @@ def ablate_tokens(
     Example:
       flatdino ablate-tokens   (the newest VAE run, on its store's val split)
     """
-    from flatdino_cli import workspace as ws
+    from flatdino_cli.workspace.pick import pick_ablate
     from flatdino_cli.analysis.ablate import AblateConfig, run_ablate
 
-    vae, features = ws.pick_ablate(vae, features)
+    vae, features = pick_ablate(vae, features)
     out = out or vae / "analysis" / "ablation"
 
     cfg = AblateConfig(vae, features, out, n=n, batch_size=batch_size, unit_batch=unit_batch, example=example)

@@ -91,12 +91,12 @@ def sample(
       flatdino sample --dit models/DiTs/.../DiTDH-XL/stage2_model.pt --stats models/stats/.../stat.pt \\
           --guide models/DiTs/.../DiTDH-S_ep14/stage2_model.pt --guide-scale 1.42 --decoder ViTXL_n08 -c 207
     """
-    from flatdino_cli import workspace as ws
     from flatdino_cli.config import SampleConfig
     from flatdino_cli.pipeline.options import parse_interval, parse_schedule
     from flatdino_cli.sample import run_sample
+    from flatdino_cli.workspace.pick import pick_sample
 
-    dit, vae, decoder = ws.pick_sample(dit, vae, decoder)
+    dit, vae, decoder = pick_sample(dit, vae, decoder)
     names = list(class_ or [])
     all_classes = classes is not None and classes.strip().lower() == "all"
     if classes is not None and not all_classes:
@@ -144,10 +144,10 @@ def reconstruct(
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --out recon
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --tokens 8 --out recon-k8
     """
-    from flatdino_cli import workspace as ws
     from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct
+    from flatdino_cli.workspace.settings import setting
 
-    decoder = ws.setting("decoder", decoder)
+    decoder = setting("decoder", decoder)
     if decoder is None:
         raise UserError("reconstruct: pass --decoder, or once per workspace: flatdino workspace set decoder PATH")
 
@@ -188,14 +188,14 @@ def fid(
     """
     import json
 
-    from flatdino_cli import workspace as ws
     from flatdino_cli.analysis.fid import dino_encoder, run_fid
     from flatdino_cli.runtime import resolve_device
+    from flatdino_cli.workspace.settings import setting
 
-    ref = ws.setting("reference-batch", ref)
+    ref = setting("reference-batch", ref)
     if ref is None:
         raise UserError("fid: pass --ref, or once per workspace: flatdino workspace set reference-batch REF.npz")
-    inception_weights = ws.setting("inception-weights", inception_weights)
+    inception_weights = setting("inception-weights", inception_weights)
     dev = resolve_device(device)
     result = run_fid(samples, ref, inception_weights=inception_weights, batch_size=batch_size, device=str(dev),
                      dino_encoder=dino_encoder(dino, encoder_weights, dev), json_out=out)

@@ -55,7 +55,7 @@ def workspace_list(ctx: typer.Context):
     Example: flatdino workspace; flatdino --workspace ~/flatdino-in1k workspace
     """
     if ctx.invoked_subcommand is None:
-        from flatdino_cli.workspace import listing
+        from flatdino_cli.workspace.listing import listing
 
         typer.echo(listing())
 
@@ -67,7 +67,7 @@ def workspace_set(key: Annotated[str, typer.Argument(help="decoder, encoder-weig
 
     Example: flatdino workspace set decoder rae/decoders/dinov2/wReg_base/ViTXL_n08/model.pt
     """
-    from flatdino_cli.workspace import set_setting
+    from flatdino_cli.workspace.settings import set_setting
 
     typer.echo(set_setting(key, value))
 
@@ -183,11 +183,11 @@ def quickstart(
     Example:
       flatdino quickstart --out runs/quickstart
     """
-    from flatdino_cli import workspace as ws
+    from flatdino_cli.workspace.paths import root
     from flatdino_cli.quickstart import QuickstartPlan, format_summary, run_quickstart
 
     plan = QuickstartPlan(per_class=per_class, laminator=laminator, seed=seed, overrides=tuple(sets or ()))
-    summary = run_quickstart(out or ws.root() / "runs" / "quickstart", runtime(device, "auto", False), plan)
+    summary = run_quickstart(out or root() / "runs" / "quickstart", runtime(device, "auto", False), plan)
     typer.echo(format_summary(summary))
 
 
@@ -229,7 +229,7 @@ def compare(
       flatdino compare --out runs/compare
       flatdino compare --features stores/in1k --vae runs/vae-32x128 --fae runs/fae-16x16x32 --budget 1e19 --out runs/compare-in1k
     """
-    from flatdino_cli import workspace as ws
+    from flatdino_cli.workspace.paths import root
     from flatdino_cli.compare import CompareConfig, format_report, run_compare
 
     pairs = tuple(tuple(p.split("=", 1)) for p in preset or [])
@@ -239,5 +239,5 @@ def compare(
                         features=str(features) if features else None, vae=str(vae) if vae else None,
                         fae=str(fae) if fae else None, evals=evals, eval_samples=eval_samples,
                         sets=tuple(sets or ()), per_class=per_class, seed=seed)
-    report = run_compare(out or ws.root() / "runs" / "compare", cfg, runtime(device, precision, None))
+    report = run_compare(out or root() / "runs" / "compare", cfg, runtime(device, precision, None))
     typer.echo(format_report(report))

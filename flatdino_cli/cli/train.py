@@ -111,20 +111,22 @@ def train_vae(
       flatdino train-vae --preset vae-32x128 --images imagenet/train --encoder dinov2-b-reg4 \\
         --val-features stores/in1k-val-bilinear --out runs/vae
     """
-    from flatdino_cli import workspace as ws
     from flatdino_cli.stages.start import start_training
     from flatdino_cli.stages.vae import train_vae as run
+    from flatdino_cli.workspace.paths import note_run
+    from flatdino_cli.workspace.pick import pick_features
+    from flatdino_cli.workspace.settings import setting
 
     def pick(cfg):
-        picked = features if features is not None or images is not None else ws.pick_features("train-vae")
-        return picked, ws.setting("encoder-weights", encoder_weights) if images is not None else encoder_weights
+        picked = features if features is not None or images is not None else pick_features("train-vae")
+        return picked, setting("encoder-weights", encoder_weights) if images is not None else encoder_weights
 
     cfg, (features, encoder_weights), out, rt = start_training(train, "train-vae", "vae", "a vae-* preset", pick)
     summary = run(cfg, out, rt, features=features, images=images, encoder_name=encoder,
                   encoder_weights=str(encoder_weights) if encoder_weights else None, resume=train.resume,
                   val_features=val_features, new_data=train.new_data)
     if rt.is_main:
-        ws.note_run(out, "vae", train.preset)
+        note_run(out, "vae", train.preset)
         best = summary["best_val"]
         val = (f"best val {'Huber' if cfg.loss.loss == 'huber' else cfg.loss.loss.upper()} {best:.4g}"
                if best != float("inf") else "no validation yet (it runs at each epoch end; train longer)")
@@ -160,14 +162,15 @@ def train_dit(
     Example:
       flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
     """
-    from flatdino_cli import workspace as ws
     from flatdino_cli.data import Store, with_store_shape
     from flatdino_cli.stages.dit import train_dit as run
     from flatdino_cli.stages.start import start_training
+    from flatdino_cli.workspace.paths import note_run
+    from flatdino_cli.workspace.pick import pick_latents
 
     cfg, latents, out, rt = start_training(
         train, "train-dit", "dit", "a DiT preset (xl-32x128, ...)",
-        lambda cfg: latents if latents is not None else ws.pick_latents("train-dit", cfg),
+        lambda cfg: latents if latents is not None else pick_latents("train-dit", cfg),
         lambda cfg, store: with_store_shape(cfg, Store.open(store), store))
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
@@ -177,7 +180,7 @@ def train_dit(
     summary = run(cfg, out, rt, latents, resume=train.resume, recompute_stats=compute_stats, on_step=on_step,
                   new_data=train.new_data)
     if rt.is_main:
-        ws.note_run(out, "dit", train.preset)
+        note_run(out, "dit", train.preset)
         typer.echo(f"train-dit: {summary['step']} steps -> {out}")
 
 
@@ -218,19 +221,20 @@ def train_decoder(
           --lpips-weights vgg.pth --out runs/decoder-xl
       flatdino train-decoder --preset tiny-decoder --images runs/toy --encoder tiny --out runs/toy-decoder
     """
-    from flatdino_cli import workspace as ws
     from flatdino_cli.stages.decoder import DecoderSources, train_decoder as run
     from flatdino_cli.stages.start import start_training
+    from flatdino_cli.workspace.paths import note_run
+    from flatdino_cli.workspace.settings import setting
 
     cfg, encoder_weights, out, rt = start_training(
         train, "train-decoder", "decoder", "decoder-xl, tiny-decoder, ...",
-        lambda cfg: ws.setting("encoder-weights", encoder_weights) if encoder is not None and not encoder.startswith("tiny") else encoder_weights)
+        lambda cfg: setting("encoder-weights", encoder_weights) if encoder is not None and not encoder.startswith("tiny") else encoder_weights)
     src = DecoderSources(images, encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
                          features=features, no_lpips=no_lpips, lpips_weights=lpips_weights, vgg_weights=vgg_weights,
                          disc=disc, disc_weights=disc_weights, init=init)
     summary = run(cfg, out, rt, src, resume=train.resume, new_data=train.new_data)
     if rt.is_main:
-        ws.note_run(out, "decoder", train.preset)
+        note_run(out, "decoder", train.preset)
         v = summary["val"]
         psnr = (f", val PSNR {v['psnr']:.2f} dB vs mean image {v['psnr_mean_image']:.2f} dB" if "psnr" in v else "")
         typer.echo(f"train-decoder: {summary['step']} steps{psnr} -> {out}")

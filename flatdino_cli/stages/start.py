@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from flatdino_cli import workspace as ws
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
 from flatdino_cli.runtime import setup_runtime
 from flatdino_cli.utils import check_out_dir
+from flatdino_cli.workspace.paths import run_dir
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,6 @@ def start_training(train: TrainRequest, command: str, stage: str, wanted: str, p
         raise UserError(f"--preset {train.preset}: is a {cfg.stage} preset; {command} needs {wanted}")
     picked = pick(cfg) if pick is not None else None
     cfg = shape(cfg, picked) if shape is not None else cfg
-    out = ws.run_dir(command, train.out, stage, train.preset, cfg)
+    out = run_dir(command, train.out, stage, train.preset, cfg)
     check_out_dir(out)
     return cfg, picked, out, setup_runtime(train.device, train.precision, train.compile)
