@@ -7,6 +7,7 @@ with the same batch composition, and ends byte-identical to an uninterrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import shutil
@@ -241,26 +242,26 @@ def check_same_encoder(store: Store, where: Path, vae_run: str | Path, new_data:
     return trained_on
 
 
-# ============================================================================ the command
-def run_extract(source: Path, out: Path | None, device: str, vae: Path | None = None, decoded: bool = False,
-                overwrite: bool = False, new_data: bool = False, class_index: Path | None = None,
-                **image_options) -> dict:
-    """`flatdino extract`: images -> a feature store, or with `vae` a feature store -> a latent store (decoded:
-    of the VAE's reconstructions). OUT defaults to the workspace's stores/<source>-<encoder> (or
-    -latents-<vae>, -decoded-<vae>). image_options are ExtractConfig's fields as the options give them
-    ("" for a dtype or interp not given); with `vae` only batch_size and dtype count."""
-    encoder, encoder_weights = image_options.pop("encoder"), image_options.pop("encoder_weights")
-    dtype, interp = image_options.pop("dtype"), image_options.pop("interp")
-    made = f"{'decoded' if decoded else 'latents'}-{vae.resolve().name}" if vae is not None else encoder
-    out = store_dir("extract", out, f"{source.resolve().name}-{made}")
-    if vae is None and not encoder.startswith("tiny"):  # the tiny encoders have random weights
-        encoder_weights = setting("encoder-weights", encoder_weights)
+# ============================================================================ the command's two modes
+def run_extract_images(source: Path, out: Path | None, device: str, cfg: ExtractConfig,
+                       class_index: Path | None = None, overwrite: bool = False) -> dict:
+    """`flatdino extract IMAGES`: a feature store. OUT defaults to the workspace's stores/<source>-<encoder>,
+    the encoder weights to the workspace's setting (the tiny encoders have random weights)."""
+    out = store_dir("extract", out, f"{source.resolve().name}-{cfg.encoder}")
+    if not cfg.encoder.startswith("tiny"):
+        weights = setting("encoder-weights", cfg.encoder_weights)
+        cfg = dataclasses.replace(cfg, encoder_weights=str(weights) if weights else None)
     rt = setup_runtime(device, "fp32", False)
-    if vae is not None:
-        return extract_latents(source, vae, out, rt, batch_size=image_options["batch_size"], dtype=dtype or "float32",
-                               overwrite=overwrite, decoded=decoded, new_data=new_data)
-    if decoded:
-        raise UserError("--decoded goes with --vae RUN")
-    cfg = ExtractConfig(encoder=encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
-                        dtype=dtype or "float16", interp=interp or None, **image_options)
     return extract_features(source, out, cfg, rt, overwrite=overwrite, class_index=class_index)
+
+
+def run_extract_latents(features: Path, vae: Path, out: Path | None, device: str, batch_size: int = 64,
+                        dtype: str = "float32", decoded: bool = False, overwrite: bool = False,
+                        new_data: bool = False) -> dict:
+    """`flatdino extract FEATURES --vae RUN`: a latent store (decoded: the VAE's reconstructions, as
+    features). OUT defaults to the workspace's stores/<features>-latents-<vae> (or -decoded-<vae>)."""
+    made = f"{'decoded' if decoded else 'latents'}-{vae.resolve().name}"
+    out = store_dir("extract", out, f"{features.resolve().name}-{made}")
+    rt = setup_runtime(device, "fp32", False)
+    return extract_latents(features, vae, out, rt, batch_size=batch_size, dtype=dtype, overwrite=overwrite,
+                           decoded=decoded, new_data=new_data)

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from flatdino_cli.cli.common import Device
+from flatdino_cli.errors import UserError
 
 
 def toy_data(
@@ -85,13 +86,22 @@ def extract(
       flatdino extract imagenet/val stores/knn-val --preprocess knn   (Table 10's k-NN input: 324 patches)
       flatdino extract stores/in1k --vae runs/vae-vae-32x128     (-> stores/in1k-latents-vae-vae-32x128)
     """
-    from flatdino_cli.extract import run_extract
+    if vae is not None:
+        from flatdino_cli.extract import run_extract_latents
 
-    summary = run_extract(source, out, device, vae=vae, decoded=decoded, overwrite=overwrite, new_data=new_data,
-                          class_index=class_index, encoder=encoder, encoder_weights=encoder_weights,
-                          preprocess=preprocess, crop_size=crop_size, interp=interp, dtype=dtype,
-                          batch_size=batch_size, workers=workers, val_split=val_split, strict=strict,
-                          compile=compile, tf32=tf32, mirror=mirror)
+        summary = run_extract_latents(source, vae, out, device, batch_size=batch_size, dtype=dtype or "float32",
+                                      decoded=decoded, overwrite=overwrite, new_data=new_data)
+    elif decoded:
+        raise UserError("--decoded goes with --vae RUN")
+    else:
+        from flatdino_cli.config import ExtractConfig
+        from flatdino_cli.extract import run_extract_images
+
+        cfg = ExtractConfig(encoder=encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
+                            preprocess=preprocess, crop_size=crop_size, interp=interp or None,
+                            dtype=dtype or "float16", batch_size=batch_size, workers=workers,
+                            val_split=val_split, mirror=mirror, strict=strict, compile=compile, tf32=tf32)
+        summary = run_extract_images(source, out, device, cfg, class_index=class_index, overwrite=overwrite)
     if vae is not None:
         typer.echo(f"extract: {'decoded features' if decoded else 'latents'} -> {', '.join(summary['stores'])}")
     else:
