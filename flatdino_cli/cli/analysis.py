@@ -10,15 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from flatdino_cli.cli.common import Device, MeasurePrecision, Precision, runtime
+from flatdino_cli.cli.common import Device, MeasurePrecision, ModelOption, Precision, runtime
 from flatdino_cli.utils import comma_list
 
 AnalysisOut = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the JSON, figures and arrays.")]
 
 
 def ablate_tokens(
-    vae: Annotated[Optional[Path], typer.Option(help="A train-vae run directory (default: the workspace's "
-                                                     "newest finished one).")] = None,
+    vae: ModelOption("A train-vae run directory (default: the workspace's newest finished one).") = None,
     features: Annotated[Optional[Path], typer.Option(help="Feature store the heatmaps average over (default: "
                                                           "the validation split of the VAE's training store).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: "
@@ -57,7 +56,7 @@ def pca(
     features: Annotated[Path, typer.Option(help="Feature store (its first N images are analysed).")],
     images: Annotated[Optional[Path], typer.Option(help="Images for the pixel-patch source (default: the "
                                                         "store's own source files, when readable).")] = None,
-    vae: Annotated[Optional[Path], typer.Option(help="A train-vae run: also analyse decode(mu) features.")] = None,
+    vae: ModelOption("A train-vae run: also analyse decode(mu) features.") = None,
     out: AnalysisOut = Path("analysis/pca"),
     n: Annotated[int, typer.Option("--n", help="Images per source (the paper: 10,048 -> 2.57M patches).")] = 10048,
     max_vectors: Annotated[Optional[int], typer.Option(help="Stop each source after this many vectors.")] = None,
@@ -120,8 +119,8 @@ def knn(
 def noise(
     vae: Annotated[Path, typer.Option(help="A train-vae run directory.")],
     features: Annotated[Path, typer.Option(help="Feature store (its first N images are used).")],
-    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder (run dir or RAE model.pt): adds rFID "
-                                                         "and PSNR against the original images.")] = None,
+    decoder: ModelOption("Pixel decoder (run dir or RAE model.pt): adds rFID and PSNR against the original "
+                         "images.") = None,
     out: AnalysisOut = Path("analysis/noise"),
     sigmas: Annotated[str, typer.Option(help="Noise levels, comma separated.")] = "0,0.2,0.4,0.6,0.8,1.0",
     n: Annotated[Optional[int], typer.Option("--n", help="Images to average over (default: all, as the "

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+
+def ModelOption(help: str):  # noqa: N802 - used as a type, like the aliases below
+    """The type of an optional model option (None when not given) with its help text: --dit, --vae,
+    --decoder, --guide (a run or a model file, which one_line_errors also resolves from an export folder
+    or hf:ORG/NAME) and --stats, declared once for every command that takes one."""
+    return Annotated[Optional[Path], typer.Option(help=help)]
+
 
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a config value, dotted and type-checked: --set train.lr=1e-4 (repeatable).")]

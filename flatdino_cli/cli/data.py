@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flatdino_cli.cli.common import Device
+from flatdino_cli.cli.common import Device, ModelOption
 from flatdino_cli.errors import UserError
 
 
@@ -42,8 +42,8 @@ def extract(
                                               "and the CPU quickstart).")] = "dinov2-b-reg4",
     encoder_weights: Annotated[Optional[Path], typer.Option(
         help="Local DINOv2 weights (.safetensors/.pth, timm or Hugging Face key names) instead of the HF cache.")] = None,
-    vae: Annotated[Optional[Path], typer.Option(help="A train-vae run: turn the feature store SOURCE into a "
-                                                     "latent store of the posterior mean mu.")] = None,
+    vae: ModelOption("A train-vae run: turn the feature store SOURCE into a latent store of the posterior "
+                     "mean mu.") = None,
     decoded: Annotated[bool, typer.Option("--decoded", help="With --vae: store the VAE's reconstruction "
                                           "decode(mu) as features (to fine-tune a pixel decoder on).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per encoder forward.")] = 64,

@@ -10,24 +10,26 @@ from typing import Annotated, Optional
 
 import typer
 
-from flatdino_cli.cli.common import Device, MeasurePrecision, runtime
+from flatdino_cli.cli.common import Device, MeasurePrecision, ModelOption, runtime
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import comma_list
 
+# eval and sweep score DiT checkpoints alike
+ScoredVae = ModelOption("VAE run (default: the one recorded with the DiT's latents).")
+ScoredStats = ModelOption("RAE's stat.pt for an RAE checkpoint (default: beside it).")
+
 
 def sample(
-    dit: Annotated[Optional[Path], typer.Option(help="A train-dit run (FlatDINO latents or an rae-* baseline), or "
-                                                     "RAE's released stage2_model.pt (or its folder); default: the "
-                                                     "workspace's newest finished run.")] = None,
-    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt "
-                                                         "(default: `workspace set decoder`, else the newest "
-                                                         "train-decoder run).")] = None,
-    vae: Annotated[Optional[Path], typer.Option(help="The VAE run the DiT's latents came from (default: the one "
-                                                     "recorded in DIT/inputs.json; none for rae-* runs).")] = None,
-    stats: Annotated[Optional[Path], typer.Option(help="RAE's stat.pt for a normalising DiT (default: RUN/stats.pt, "
-                                                       "or stat.pt beside an RAE checkpoint).")] = None,
-    guide: Annotated[Optional[Path], typer.Option(help="AutoGuidance: a weaker DiT (run or RAE file) on the same "
-                                                       "latents and classes; needs --guide-scale.")] = None,
+    dit: ModelOption("A train-dit run (FlatDINO latents or an rae-* baseline), or RAE's released stage2_model.pt (or "
+                     "its folder); default: the workspace's newest finished run.") = None,
+    decoder: ModelOption("Pixel decoder: a train-decoder run or RAE's model.pt (default: `workspace set decoder`, else "
+                         "the newest train-decoder run).") = None,
+    vae: ModelOption("The VAE run the DiT's latents came from (default: the one recorded in DIT/inputs.json; none for "
+                     "rae-* runs).") = None,
+    stats: ModelOption("RAE's stat.pt for a normalising DiT (default: RUN/stats.pt, or stat.pt beside an RAE "
+                       "checkpoint).") = None,
+    guide: ModelOption("AutoGuidance: a weaker DiT (run or RAE file) on the same latents and classes; needs "
+                       "--guide-scale.") = None,
     guide_scale: Annotated[Optional[float], typer.Option(help="AutoGuidance weight w: v = v_guide + w (v - v_guide), "
                                                               "inside --interval (RAE's best: 1.42).")] = None,
     grid: Annotated[Optional[str], typer.Option(help="Time grid: ours (steps steps to t = 1) or rae (RAE's: steps "
@@ -119,8 +121,8 @@ def sample(
 def reconstruct(
     images: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder tree, one image or a list file.")],
     vae: Annotated[Path, typer.Option(help="A train-vae run.")],
-    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder: a train-decoder run or RAE's model.pt "
-                                                         "(default: `workspace set decoder`).")] = None,
+    decoder: ModelOption("Pixel decoder: a train-decoder run or RAE's model.pt (default: `workspace set "
+                         "decoder`).") = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("reconstructions"),
     tokens: Annotated[Optional[int], typer.Option(
         "--tokens", "--tokens-kept", help="Keep only the first K latent tokens (the rest zeroed).")] = None,
@@ -219,8 +221,8 @@ def eval_(
                                               "CPU, as train-dit). Compare numbers made with the same count.")] = 0,
     seed: Annotated[int, typer.Option(help="The samples' noise (train-dit's eval.seed is 0).")] = 0,
     nocfg: Annotated[bool, typer.Option("--nocfg/--no-nocfg", help="Also fd_rep_nocfg (unguided; twice the cost).")] = True,
-    vae: Annotated[Optional[Path], typer.Option(help="VAE run (default: the one recorded with the DiT's latents).")] = None,
-    stats: Annotated[Optional[Path], typer.Option(help="RAE's stat.pt for an RAE checkpoint (default: beside it).")] = None,
+    vae: ScoredVae = None,
+    stats: ScoredStats = None,
     batch_size: Annotated[int, typer.Option(help="Samples per sampler batch.")] = 256,
     out: Annotated[Optional[Path], typer.Option(help="Also write every row as JSON here.")] = None,
     device: Device = "auto",
@@ -269,8 +271,8 @@ def sweep(
     reference: Annotated[Optional[Path], typer.Option(help="Validation feature store (default: as `flatdino eval`).")] = None,
     samples: Annotated[int, typer.Option(help="Samples per point (0: 2,000 on CUDA, 240 on the CPU).")] = 0,
     seed: Annotated[int, typer.Option(help="The samples' noise: the same images at every point.")] = 0,
-    vae: Annotated[Optional[Path], typer.Option(help="VAE run (default: the one recorded with the DiT's latents).")] = None,
-    stats: Annotated[Optional[Path], typer.Option(help="RAE's stat.pt for an RAE checkpoint (default: beside it).")] = None,
+    vae: ScoredVae = None,
+    stats: ScoredStats = None,
     batch_size: Annotated[int, typer.Option(help="Samples per sampler batch.")] = 256,
     device: Device = "auto",
     precision: MeasurePrecision = "fp32",

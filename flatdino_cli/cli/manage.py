@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flatdino_cli.cli.common import Device, Precision, SetOpt, runtime
+from flatdino_cli.cli.common import Device, ModelOption, Precision, SetOpt, runtime
 from flatdino_cli.errors import UserError
 from flatdino_cli.utils import comma_list
 
@@ -80,11 +80,11 @@ def export(
                                                          "with its encoder, as an AutoencoderRAE folder).")] = "flatdino",
     encoder_weights: Annotated[Optional[Path], typer.Option(help="(diffusers) The encoder weights the decoder was "
                                                                  "trained on, when inputs.json cannot find them.")] = None,
-    stats: Annotated[Optional[Path], typer.Option(help="(diffusers) Latent statistics to include: RAE's stat.pt, "
-                                                       "an rae-* run's stats.pt or an AutoencoderRAE folder.")] = None,
-    vae: Annotated[Optional[Path], typer.Option(help="(diffusers, DiT runs) The VAE run (default: the one in "
-                                                     "inputs.json; none for rae-* runs).")] = None,
-    decoder: Annotated[Optional[Path], typer.Option(help="(diffusers, DiT runs) The pixel decoder to ship.")] = None,
+    stats: ModelOption("(diffusers) Latent statistics to include: RAE's stat.pt, an rae-* run's stats.pt or an "
+                       "AutoencoderRAE folder.") = None,
+    vae: ModelOption("(diffusers, DiT runs) The VAE run (default: the one in inputs.json; none for rae-* "
+                     "runs).") = None,
+    decoder: ModelOption("(diffusers, DiT runs) The pixel decoder to ship.") = None,
 ):
     """Write a run as a Hugging Face model folder: model.safetensors, config.json, README.md (model card).
 
@@ -200,7 +200,7 @@ def compare(
     methods: Annotated[str, typer.Option(help="Generators to train: flatdino, rae, fae.")] = "flatdino,rae,fae",
     features: Annotated[Optional[Path], typer.Option(help="Feature store with a val/ split (ImageNet: the GPU experiment); "
                                                           "default: toy images through the tiny encoder at patch 4.")] = None,
-    vae: Annotated[Optional[Path], typer.Option(help="FlatDINO VAE run for --features (toy mode trains one).")] = None,
+    vae: ModelOption("FlatDINO VAE run for --features (toy mode trains one).") = None,
     fae: Annotated[Optional[Path], typer.Option(help="FAE laminator run for --features (toy mode trains one).")] = None,
     preset: Annotated[Optional[list[str]], typer.Option(help="METHOD=PRESET, repeatable (defaults: tiny-dit, tiny-rae-dit, "
                                                              "tiny-fae-dit; with --features xl-32x128, rae-xl-256x768, fae-xl-16x16x32).")] = None,

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flatdino_cli.cli.common import Device, Precision, SetOpt
+from flatdino_cli.cli.common import Device, ModelOption, Precision, SetOpt
 
 # The options every train-* command takes: name -> (type and option, default). `train_options` adds them
 # to a command and hands them to it as one stages.start.TrainRequest.
@@ -142,8 +142,8 @@ def train_dit(
     compute_stats: Annotated[bool, typer.Option(
         "--compute-stats", help="(RAE mode) recompute the per-position mean/var of the store into RUN/stats.pt "
                                 "(RAE's format); otherwise computed once when missing.")] = False,
-    vae: Annotated[Optional[Path], typer.Option(help="VAE run, to write sample grids during training.")] = None,
-    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder (run dir or RAE model.pt) for sample grids.")] = None,
+    vae: ModelOption("VAE run, to write sample grids during training.") = None,
+    decoder: ModelOption("Pixel decoder (run dir or RAE model.pt) for sample grids.") = None,
 ):
     """Train the LightningDiT flow-matching generator on latents (the paper's recipe by default).
 
