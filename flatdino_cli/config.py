@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, dataclass_transform
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.flow import FlowConfig
@@ -63,6 +63,22 @@ class TrainConfig:
         _check(self.decay_until_epoch is None or self.decay_until_epoch >= self.decay_epochs,
                "train.decay_until_epoch", "null or >= train.decay_epochs (the decay starts at their difference)")
         _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", "two values in [0, 1)")
+
+
+STAGES: dict[str, type] = {}  # a preset's `stage:` -> its config class, filled as the classes are declared
+
+
+@dataclass_transform()
+class StageConfig:
+    """Base of the three training stages' configs (VAE, DiT, decoder): each subclass is made a frozen
+    dataclass and registered in STAGES under its first field's default, `stage` (what a preset's and a
+    run's `stage:` key names), so declaring the class is all a new stage needs. The fields' order is
+    each subclass's own (config.yaml is written in it)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True)(cls)
+        STAGES[cls.stage] = cls
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -151,8 +167,7 @@ class VAELossConfig:
         _check(self.beta is None or (math.isfinite(self.beta) and self.beta >= 0), "loss.beta", "finite and >= 0")
 
 
-@dataclass(frozen=True)
-class VAEStageConfig:
+class VAEStageConfig(StageConfig):
     stage: str = "vae"
     model: VAEModelConfig = field(default_factory=VAEModelConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
@@ -243,8 +258,7 @@ class EvalConfig:
         _non_negative(self, "eval", "seed")
 
 
-@dataclass(frozen=True)
-class DiTStageConfig:
+class DiTStageConfig(StageConfig):
     stage: str = "dit"
     model: DiTModelConfig = field(default_factory=DiTModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -298,15 +312,12 @@ class DecoderLossConfig:
                       "max_adaptive_weight", "noise_tau")
 
 
-@dataclass(frozen=True)
-class DecoderStageConfig:
+class DecoderStageConfig(StageConfig):
     stage: str = "decoder"
     model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
     loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-
-STAGES: dict[str, type] = {"vae": VAEStageConfig, "dit": DiTStageConfig, "decoder": DecoderStageConfig}
 
 
 # ----------------------------------------------------------------------------- sampling (`flatdino sample`)
