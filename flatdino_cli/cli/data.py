@@ -86,17 +86,15 @@ def extract(
       flatdino extract imagenet/val stores/knn-val --preprocess knn   (Table 10's k-NN input: 324 patches)
       flatdino extract stores/in1k --vae runs/vae-vae-32x128     (-> stores/in1k-latents-vae-vae-32x128)
     """
-    if vae is not None:
-        from flatdino_cli.extract import run_extract_latents
+    from flatdino_cli.config import ExtractConfig
+    from flatdino_cli.extract import run_extract_images, run_extract_latents
 
+    if vae is not None:
         summary = run_extract_latents(source, vae, out, device, batch_size=batch_size, dtype=dtype or "float32",
                                       decoded=decoded, overwrite=overwrite, new_data=new_data)
     elif decoded:
         raise UserError("--decoded goes with --vae RUN")
     else:
-        from flatdino_cli.config import ExtractConfig
-        from flatdino_cli.extract import run_extract_images
-
         cfg = ExtractConfig(encoder=encoder, encoder_weights=str(encoder_weights) if encoder_weights else None,
                             preprocess=preprocess, crop_size=crop_size, interp=interp or None,
                             dtype=dtype or "float16", batch_size=batch_size, workers=workers,
