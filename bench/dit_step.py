@@ -22,7 +22,7 @@ from flatdino_cli.analysis.flops import dit_forward_flops
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.flow import flow_loss
 from flatdino_cli.models import build_model
-from flatdino_cli.train import ema_update, param_groups
+from flatdino_cli.steps import ema_update, param_groups
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from flatdino_cli.analysis.flops import layer_flops, vae_encoder_flops
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.models import build_model
 from flatdino_cli.models.vae import vae_loss
-from flatdino_cli.train import param_groups
+from flatdino_cli.steps import param_groups
 
 
 def main() -> None:

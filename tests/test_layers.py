@@ -1,5 +1,5 @@
 """Imports point down: no circles between modules, the building blocks (models, losses, nn, data, flow,
-encoders, checkpoint, interop, config, rundir) import no command or training loop, the modules the commands share
+encoders, checkpoint, interop, config, rundir, steps) import no command or training loop, the modules the commands share
 (train, pipeline, runs, workspace, ...) import no command, and command modules do not import each other
 (quickstart and compare, which orchestrate, excepted); the networks (models, losses) take nothing from data/
 but its pixel constants. The cli package is on top: nothing imports it, and its command-group modules import
@@ -13,7 +13,7 @@ from conftest import ROOT
 PKG = "flatdino_cli"
 # the floor below the commands: these import nothing from the modules in COMMANDS_AND_LOOP
 BLOCKS = ("models", "losses", "nn", "data", "flow", "encoders", "checkpoint", "interop", "config", "config_yaml",
-          "rundir")
+          "rundir", "steps")
 COMMANDS_AND_LOOP = ("stages", "train", "extract", "sample", "reconstruct", "quickstart", "compare", "cli", "analysis",
                      "export", "info", "pipeline", "runs", "workspace")
 COMMANDS = ("extract", "sample", "reconstruct", "quickstart", "compare", "stages", "analysis", "export", "info")

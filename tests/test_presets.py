@@ -145,7 +145,7 @@ def test_baseline_presets_build_and_show_their_parameter_count(name, paper_milli
 
 
 def test_baseline_recipes():
-    from flatdino_cli.train import lr_at
+    from flatdino_cli.steps import lr_at
 
     xl, dh = load_preset("rae-xl-256x768").train, load_preset("rae-dh-xl-256x768").train
     assert (xl.schedule, xl.lr, xl.ema, xl.batch_size) == ("constant", 2e-4, 0.9999, 1024)  # LightningDiT's recipe

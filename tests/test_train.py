@@ -35,7 +35,8 @@ from flatdino_cli.models import build_model
 from flatdino_cli.models.vae import FlatVAE
 from flatdino_cli.runtime import CPU, setup_runtime
 from flatdino_cli.stages.vae import train_vae
-from flatdino_cli.train import Task, TrainingDiverged, fit, lr_at, param_groups
+from flatdino_cli.steps import lr_at, param_groups
+from flatdino_cli.train import Task, TrainingDiverged, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).resolve().parent / "_mean_latent_cli.py"

@@ -18,7 +18,8 @@ from flatdino_cli.config import TrainConfig
 from flatdino_cli.errors import UserError
 from flatdino_cli.rundir import read_metrics
 from flatdino_cli.runtime import CPU
-from flatdino_cli.train import fit, lr_at
+from flatdino_cli.steps import lr_at
+from flatdino_cli.train import fit
 from test_train import (ENV, SPE, Killed, _cli, assert_same, metrics, one_thread, spawn, store,  # noqa: F401 (fixtures)
                         tiny_data, tiny_task, write_preset)
 

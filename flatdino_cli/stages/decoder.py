@@ -38,7 +38,8 @@ from flatdino_cli.models.pixel_decoder import load_decoder
 from flatdino_cli.rundir import read_metrics, run_inputs
 from flatdino_cli.runs import decoder_identity
 from flatdino_cli.runtime import Runtime
-from flatdino_cli.train import Task, fit, lr_at, unwrap
+from flatdino_cli.steps import lr_at
+from flatdino_cli.train import Task, fit, unwrap
 from flatdino_cli.utils import grid_side
 
 
