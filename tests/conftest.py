@@ -1,12 +1,16 @@
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 import pytest
+
+import quickstart_jobs
 
 from flatdino_cli.cpu import apply_cpu_defaults
 
@@ -18,6 +22,35 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # tests share two cores with whatever else runs; keep torch from oversubscribing them
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+QUICKSTART_JOBS = pytest.StashKey[tuple]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quickstart tests run last, and their quickstarts start now, in the background, beside
+    every other test (quickstart_jobs.py): they are the suite's longest work and depend on nothing."""
+    later = [item for item in items if item.path.name == "test_quickstart.py"]
+    if not later or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item.path.name != "test_quickstart.py"] + later
+    root = Path(tempfile.mkdtemp(prefix="flatdino-quickstarts-"))
+    config.stash[QUICKSTART_JOBS] = (root, quickstart_jobs.start(root))
+
+
+def pytest_unconfigure(config):
+    root, job = config.stash.get(QUICKSTART_JOBS, (None, None))
+    if job is not None:
+        quickstart_jobs.stop(job)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def quickstarts(pytestconfig):
+    """The background quickstarts' folder (quickstart_jobs.py), once they have finished."""
+    root, _ = pytestconfig.stash[QUICKSTART_JOBS]
+    quickstart_jobs.wait(root)
+    return root
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT):

@@ -2,12 +2,12 @@
 finished stages, and a CNN trained on unseen real toy images (>= 95% on real test images, or it
 proves nothing) names the generated samples far above chance (1/12); the same for `--laminator fae`.
 
-The flat quickstart runs with its presets' own settings: FLAT_SETS only makes its DiT keep a
-checkpoint, and log fd_rep, at every fifth of its steps (for the Spearman test; the evaluations add
-two of 48 samples to the preset's three and change no weight). The FAE quickstart runs beside it, one
-core each (these tiny models gain next to nothing from a second thread), with half its VAE epochs
-(FAE_SETS), so it costs no wall time while shorter than the flat one. Both share the toy data, the
-feature store (made once) and the judge.
+Both quickstarts run in the background from the start of the session, beside the other tests, one
+core each (quickstart_jobs.py; conftest starts them and runs these tests last). The flat one runs with
+its presets' own settings: FLAT_SETS only makes its DiT keep a checkpoint, and log fd_rep, at every
+fifth of its steps (for the Spearman test; the evaluations add two of 48 samples to the preset's three
+and change no weight). The FAE one runs with half its VAE epochs (FAE_SETS). Both share the toy data,
+the feature store (made once) and the judge.
 
 Measured (one thread each, a loaded machine): flat 84.2% (VAE val cosine 0.982; the same trained
 models sampled with seeds 1-3: 76.7% / 83.3% / 79.2%, so about 81% +- 4); FAE 70.0% (FAE cosine
@@ -17,93 +17,27 @@ and the printed number says where a machine stands."""
 
 import contextlib
 import json
-import os
 import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import pytest
-from conftest import ROOT, run_cli
+from conftest import run_cli
+from quickstart_jobs import DIT_STEPS, FLAT_SETS, env, tail
 
 FLAT_SAMPLE_BAR, FAE_SAMPLE_BAR = 0.75, 0.65  # see the module docstring: measured 0.842 and 0.700
-# every fifth of the flat DiT's steps (tiny-dit: 2,700 training images, DIT_STEPS in all): a kept
-# checkpoint and an fd_rep evaluation, for the Spearman test
-DIT_STEPS = 2520
-FLAT_SETS = ("--set", f"dit:train.keep_every_steps={DIT_STEPS // 5}", "--set", f"dit:eval.every={DIT_STEPS // 5}")
-FAE_SETS = ("--set", "vae:train.epochs=6")
-
-
-@pytest.fixture(scope="module")
-def judge_cache(tmp_path_factory):
-    """Both quickstarts share one toy-classifier cache (the second loads the first's judge), and the
-    user's ~/.cache is left alone."""
-    return {"XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
-
-
-@pytest.fixture(scope="module")
-def flat_out(tmp_path_factory):
-    """The flat quickstart's folder: the first test fills it, the printed-lines test reuses it."""
-    return tmp_path_factory.mktemp("qs") / "qs"
-
-
-@pytest.fixture(scope="module")
-def shared_inputs(tmp_path_factory):
-    """The quickstart's own first two stages (toy images, tiny-encoder feature store), made once for
-    both laminators: they do not depend on it. The judge is cached by whichever quickstart reaches
-    it first (the FAE one, the shorter: it is a pure function of size and seed, so either is fine)."""
-    from flatdino_cli.quickstart import QuickstartPlan, run_quickstart
-    from flatdino_cli.runtime import setup_runtime
-
-    base = tmp_path_factory.mktemp("qs-inputs")
-    with one_thread():
-        run_quickstart(base, setup_runtime("cpu", "auto", False), QuickstartPlan(until="extract"))
-    return base
 
 
 @contextlib.contextmanager
 def one_thread():
-    """The quickstart's models are tiny: a second intra-op thread buys them next to nothing, so each
-    quickstart gets one core and the two run side by side."""
+    """As the background quickstarts run: one intra-op thread (their models are tiny)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fae_quickstart(tmp_path_factory, shared_inputs, judge_cache):
-    """`quickstart --laminator fae` in its own process on one core, started as soon as the shared
-    inputs exist, so it runs while the flat quickstart test uses the other core (a real process is
-    the point here: concurrency). Killed at teardown if still running."""
-    out = quickstart_dir(tmp_path_factory.mktemp("qs-fae") / "qsfae", shared_inputs)
-    log = open(out.parent / "quickstart.log", "w")
-    p = subprocess.Popen([sys.executable, "-m", "flatdino_cli.cli", "quickstart", "--out", str(out),
-                          "--laminator", "fae", *FAE_SETS], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", **judge_cache))
-    yield out, p
-    if p.poll() is None:
-        p.kill()
-    p.wait()
-    log.close()
-
-
-def quickstart_dir(path, shared):
-    """A quickstart folder whose toy-data and extract stages are the shared ones (read only)."""
-    (path / ".stages").mkdir(parents=True)
-    for name in ("toy", "features"):
-        (path / name).symlink_to(shared / name, target_is_directory=True)
-    for stage in ("toy-data", "extract"):
-        shutil.copy(shared / ".stages" / f"{stage}.json", path / ".stages")
-    return path
 
 
 def last_val_cosine(run) -> float:
@@ -118,29 +52,18 @@ def mean_feature_cosine(store) -> float:
     return F.cosine_similarity(val, mean.expand_as(val), dim=-1).mean().item()
 
 
-def test_quickstart_resumes_and_samples_are_recognisable(flat_out, judge_cache, shared_inputs, fae_quickstart):
-    out = quickstart_dir(flat_out, shared_inputs)  # (fae_quickstart: runs alongside, on the other core)
-    cmd = [sys.executable, "-m", "flatdino_cli.cli", "quickstart", "--out", str(out), *FLAT_SETS]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", **judge_cache))
-    deadline = time.time() + 900
-    while time.time() < deadline and not (out / "vae" / "checkpoints" / "latest").exists():  # kill during train-vae
-        assert p.poll() is None, "quickstart exited early"
-        time.sleep(0.5)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not (out / ".stages" / "train-vae.json").exists()
-
-    t0 = time.time()
-    with one_thread():
-        r = run_cli("quickstart", "--out", out, *FLAT_SETS, env=judge_cache)
-    log = r.stdout + r.stderr
+def test_quickstart_resumes_and_samples_are_recognisable(quickstarts):
+    """The flat quickstart, killed during train-vae and rerun (in the background, quickstart_jobs.py)."""
+    jobs, out = json.loads((quickstarts / "jobs.json").read_text()), quickstarts / "qs"
+    log = (quickstarts / "qs.log").read_text()  # the rerun's whole output
+    assert jobs.get("flat_rc") == 0, f"{jobs}\n{log[-3000:]}\n{tail(quickstarts / 'jobs.log')}"
+    assert jobs["killed_mid_vae"], "the first run was not killed during train-vae"
     for stage in ("toy-data", "extract"):
         assert f"{stage}: done earlier, skipped" in log
     assert "resuming" in log  # train-vae continued from its checkpoint
     summary = json.loads((out / "summary.json").read_text())
     cls = next(s for s in summary["stages"] if s["stage"] == "classifier")
-    print(f"quickstart rerun {time.time() - t0:.0f} s; classifier real {cls['real_test_accuracy']:.3f}, "
+    print(f"quickstart rerun {jobs['flat_rerun_seconds']:.0f} s; classifier real {cls['real_test_accuracy']:.3f}, "
           f"samples {cls['sample_accuracy']:.3f}")
     assert cls["real_test_accuracy"] >= 0.95, "the judge cannot name real images: it proves nothing"
     assert cls["sample_accuracy"] >= FLAT_SAMPLE_BAR
@@ -152,23 +75,24 @@ def test_quickstart_resumes_and_samples_are_recognisable(flat_out, judge_cache, 
     for f in ("samples/grid.png", "reconstruct/reconstruct.json", "ablate/token_ablation.png", "flops.txt"):
         assert (out / f).is_file(), f
 
-    r = run_cli("quickstart", "--out", out, *FLAT_SETS, env=judge_cache)  # everything done: all stages skipped
+    r = run_cli("quickstart", "--out", out, *FLAT_SETS, env=env(quickstarts))  # everything done: all stages skipped
     assert r.stdout.count("done earlier, skipped") + r.stderr.count("done earlier, skipped") == len(summary["stages"])
     again = json.loads((out / "summary.json").read_text())  # the stages' own times survive a no-op rerun
     assert again["stage_minutes"] == summary["stage_minutes"] > 1 and again["minutes"] < 1
 
 
-def test_quickstart_printed_lines_run_as_typed_in_its_folder(flat_out, judge_cache):
+def test_quickstart_printed_lines_run_as_typed_in_its_folder(quickstarts):
     """The quickstart ends by printing the toolkit's three command lines for its own folder (a
-    workspace); each runs exactly as printed there. Reuses the test above's folder (a no-op rerun)."""
-    r = run_cli("quickstart", "--out", flat_out, *FLAT_SETS, timeout=1200, env=judge_cache)
+    workspace); each runs exactly as printed there. Reuses the flat quickstart's folder (a no-op rerun)."""
+    flat_out = quickstarts / "qs"
+    r = run_cli("quickstart", "--out", flat_out, *FLAT_SETS, timeout=1200, env=env(quickstarts))
     printed = r.stdout.splitlines()
     tail = printed[next(i for i, line in enumerate(printed) if "is a workspace" in line) + 1:]
     assert tail[0].strip().startswith("cd ") and Path(tail[0].strip()[3:]).resolve() == flat_out.resolve()
     lines = [line.strip() for line in tail[1:]]
     assert lines == ["flatdino sample --class 3 --cfg 6", "flatdino ablate-tokens",
                      "flatdino train-dit --preset tiny-dit --set train.epochs=1"]
-    said = [run_cli(*shlex.split(line)[1:], cwd=flat_out, timeout=1200, env=judge_cache).stdout for line in lines]
+    said = [run_cli(*shlex.split(line)[1:], cwd=flat_out, timeout=1200, env=env(quickstarts)).stdout for line in lines]
     assert "sample: dit dit (step" in said[0] and "decoder decoder (step" in said[0]
     assert list((flat_out / "dit" / "samples").glob("3-*/grid.png"))
     assert "ablate-tokens: vae vae (step" in said[1] and "features/val" in said[1]
@@ -177,10 +101,10 @@ def test_quickstart_printed_lines_run_as_typed_in_its_folder(flat_out, judge_cac
     assert (flat_out / "runs" / "dit-tiny-dit" / "finished.json").is_file()
 
 
-def test_quickstart_fae_mode_samples_are_recognisable(fae_quickstart):
+def test_quickstart_fae_mode_samples_are_recognisable(quickstarts):
     """`--laminator fae`: per-patch FAE latents, a grid DiT (2x2 cells per token), the same judge."""
-    out, p = fae_quickstart
-    assert p.wait(timeout=1800) == 0, (out.parent / "quickstart.log").read_text()[-3000:]
+    jobs, out = json.loads((quickstarts / "jobs.json").read_text()), quickstarts / "qsfae"
+    assert jobs.get("fae_rc") == 0, f"{jobs}\n{tail(quickstarts / 'qsfae.log')}"
     summary = json.loads((out / "summary.json").read_text())
     cls = next(s for s in summary["stages"] if s["stage"] == "classifier")
     vae_cos = last_val_cosine(out / "vae")
@@ -198,10 +122,10 @@ def spearman(a, b) -> float:
     return 1 - 6 * float(((ra - rb) ** 2).sum()) / (n * (n * n - 1))
 
 
-def test_fd_rep_ranks_checkpoints_as_the_toy_classifier_does(flat_out, judge_cache, monkeypatch):
+def test_fd_rep_ranks_checkpoints_as_the_toy_classifier_does(quickstarts, monkeypatch):
     """fd_rep_nocfg, as train-dit logged it (48 samples, no pixels), against the judge's accuracy on 144
     unguided decoded samples of each kept checkpoint of the flat quickstart's DiT (FLAT_SETS keeps five):
-    lower fd_rep should go with higher accuracy (Spearman >= 0.8). Reuses the first test's folder.
+    lower fd_rep should go with higher accuracy (Spearman >= 0.8). Reuses the flat quickstart's folder.
     Measured on the earlier 1,260-step DiT (batch 64): Spearman 0.9 (1.0 against guided samples' accuracy). The guided fd_rep at the preset's w = 6
     is not asserted: on the half-trained checkpoint of step 504 it rose (13.9 from 11.5) while the
     accuracy of guided samples doubled, strong guidance on a young model leaving the feature
@@ -213,12 +137,13 @@ def test_fd_rep_ranks_checkpoints_as_the_toy_classifier_does(flat_out, judge_cac
     from flatdino_cli.pipeline.load import load_pipeline
     from flatdino_cli.rundir import read_metrics
 
+    flat_out = quickstarts / "qs"
     dit = flat_out / "dit"
     logged = {r["step"]: (r[FD_REP], r[FD_REP_NOCFG]) for r in read_metrics(dit) if FD_REP in r}
     kept = kept_checkpoints(dit)
     steps = [int(k.split("-")[1]) for k in kept]
     assert steps == sorted(logged) == [DIT_STEPS // 5 * k for k in range(1, 6)]
-    monkeypatch.setenv("XDG_CACHE_HOME", judge_cache["XDG_CACHE_HOME"])
+    monkeypatch.setenv("XDG_CACHE_HOME", env(quickstarts)["XDG_CACHE_HOME"])
     judge, _ = cached_toy_classifier(size=48, seed=0)
     labels = [i % 12 for i in range(144)]
     accuracy = []
