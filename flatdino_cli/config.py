@@ -319,7 +319,6 @@ class DecoderStageConfig(StageConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-
 # ----------------------------------------------------------------------------- sampling (`flatdino sample`)
 # Where a command's config lives: here for the commands that make the pipeline's artefacts (runs,
 # stores, sample sets); a measurement's config (analysis/*.py, reconstruct.py, evaluate.py's ScoreConfig
