@@ -343,6 +343,7 @@ class SampleConfig:
     guide_scale: float | None = None
     steps: int | None = None
     sampler: str | None = None
+    paper_sampler: bool = False  # the paper's sampler and steps (flow.paper_*) instead of the measured default
     interval: tuple[float, float] | None = None  # guidance interval in t (t = 1 is data)
     grid: str | None = None
     schedule: tuple[tuple[float, float, float], ...] | None = None  # (lo, hi, weight) per time range

@@ -51,6 +51,7 @@ from flatdino_cli.checkpoint import checkpoint_dir, kept_checkpoints, load_state
 from flatdino_cli.pipeline import Pipeline
 from flatdino_cli.pipeline.generate import sample_chunks
 from flatdino_cli.pipeline.load import LoadedDiT, load_dit, trained_on_features
+from flatdino_cli.pipeline.options import sampling_flow
 from flatdino_cli.rundir import is_run_dir, run_inputs
 from flatdino_cli.runs import load_run
 from flatdino_cli.runtime import CPU, Runtime
@@ -361,6 +362,7 @@ class ScoreConfig:
     batch_size: int = 256
     vae_run: str | Path | None = None  # None: the one recorded with the DiT's latents
     stats: str | Path | None = None  # RAE's stat.pt for an RAE checkpoint (None: beside it)
+    paper_sampler: bool = False  # sample with the paper's sampler and steps (flow.paper_*), not the DiT's default
 
 
 def evaluate_checkpoints(path: str | Path, cfg: ScoreConfig = ScoreConfig(), nocfg: bool = True, ema: bool = True,
@@ -378,14 +380,15 @@ def evaluate_checkpoints(path: str | Path, cfg: ScoreConfig = ScoreConfig(), noc
     rows, vae = [], unloaded  # the VAE (None in RAE mode), loaded at the first checkpoint that samples
     for which in ([*kept_checkpoints(path), "latest"] if is_run else [None]):
         d = load_dit(path, rt.device, ema, cfg.stats, which=which)
+        flow = sampling_flow(d.cfg.flow, paper=cfg.paper_sampler)
         key = json.dumps([d.identity["sha256"], ref.identity["manifest_sha256"], REFERENCE_VERSION, n, cfg.seed, nocfg,
-                          dataclasses.asdict(d.cfg.flow)], sort_keys=True)  # the same weights: the same number
+                          dataclasses.asdict(flow)], sort_keys=True)  # the same weights: the same number
         step = int(load_state(checkpoint_dir(path, which) / "state.pt")["step"]) if is_run else None
         if key not in cache:
             if vae is unloaded:
                 vae = _vae_for(d, path, cfg.vae_run, rt.device)
             pipe = Pipeline(d.cfg, d.model.eval(), None, vae, d.stats)
-            result = evaluate_dit(pipe, ref, n, cfg.seed, d.cfg.flow, cfg.batch_size, rt, nocfg=nocfg)
+            result = evaluate_dit(pipe, ref, n, cfg.seed, flow, cfg.batch_size, rt, nocfg=nocfg)
             cache[key] = {**result, "samples": n, "seed": cfg.seed, "reference": ref.identity["store"]}
             if is_run and rt.is_main:
                 atomic_write_json(path / RESULTS_FILE, cache)  # after each checkpoint: a kill loses one at most

@@ -67,6 +67,10 @@ class FlowConfig:
     sde_last_step: float = 0.04  # sde: the final noise-free step's length in t (SiT's last_step_size, "Mean")
     ode_rtol: float = 1e-3  # dopri5: torchdiffeq's relative and absolute tolerances (steps is ignored)
     ode_atol: float = 1e-3
+    # the sampler and steps the family's paper reports its numbers with (`sample --paper-sampler`), kept
+    # beside sampler/steps, which follow our measurement of the fewest evaluations for the same quality
+    paper_sampler: str = "euler"
+    paper_steps: int = 50
 
     def __post_init__(self):
         object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
@@ -78,6 +82,8 @@ class FlowConfig:
             (self.logit_std > 0 and math.isfinite(self.logit_std), "logit_std", "finite and > 0", self.logit_std),
             (self.sampler in SAMPLERS, "sampler", " or ".join(SAMPLERS), self.sampler),
             (self.steps >= 1, "steps", "an integer >= 1", self.steps),
+            (self.paper_sampler in SAMPLERS, "paper_sampler", " or ".join(SAMPLERS), self.paper_sampler),
+            (self.paper_steps >= 1, "paper_steps", "an integer >= 1", self.paper_steps),
             (self.grid in GRIDS, "grid", " or ".join(GRIDS), self.grid),
             (self.grid != "rae" or self.steps >= 2, "steps", "an integer >= 2 with grid rae (time points)",
              self.steps),

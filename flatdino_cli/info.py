@@ -174,15 +174,19 @@ def describe_samples(path: Path) -> list[tuple[str, Any]]:
         lo, hi = flow.get("cfg_interval") or (0.0, 1.0)
         guidance = f"w {flow.get('cfg_scale')} on t in [{lo}, {hi}]"
     guidance = ("AutoGuidance " if ident.get("guide") else "CFG ") + guidance
-    nfe = m.get("network_evaluations")
+    nfe, tally = m.get("network_evaluations"), m.get("adaptive_evaluations")
+    evaluations = f"{nfe:g} network evaluations per image (a guided one counts 2)" if nfe is not None else "not recorded"
+    if nfe is not None and tally:  # an adaptive solver (dopri5): the mean over what it made, chunk by chunk
+        evaluations += f"; adaptive: mean over {tally['images']:,} images, {tally['min']}-{tally['max']} per chunk"
+    if m.get("paper_sampler"):
+        solver += " (the paper's setting, --paper-sampler)"
     return [("what", f"sample set ({'complete' if m.get('complete') else 'incomplete: rerun its sample command'})"),
             ("images", f"{ident.get('count', 0):,} at {ident.get('image_size')} px, {len(classes)} classes, "
                        f"seed {ident.get('seed')}"),
             ("made by", made or "not recorded"),
             ("solver", solver),
             ("guidance", guidance),
-            ("evaluations", f"{nfe} network evaluations per image (a guided one counts 2)" if nfe is not None
-             else "not recorded"),
+            ("evaluations", evaluations),
             ("disk", human_bytes(disk_use(path)))]
 
 

@@ -129,10 +129,11 @@ def png_writer(depth: int = 2):
 
 
 def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir: Path, seed: int, flow: FlowConfig,
-                batch_size: int, rt: Runtime, advance) -> np.ndarray:
+                batch_size: int, rt: Runtime, advance, evaluations: list[tuple[int, int]] | None = None) -> np.ndarray:
     """Images lo..hi-1 as uint8 (hi - lo, S, S, 3): read back from their PNGs where a previous run
     wrote them, generated (and written, off the critical path) otherwise. `advance(k)`: k more images
-    done (the progress bar; where a stop request ends the run, the PNGs in flight written first)."""
+    done (the progress bar; where a stop request ends the run, the PNGs in flight written first).
+    `evaluations`: receives (images, network evaluations per image) per sampled chunk."""
     S = pipe.image_size
     arr = np.zeros((hi - lo, S, S, 3), np.uint8)
     todo = []
@@ -151,11 +152,25 @@ def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir
     with png_writer() as write_pngs:
         for b in range(0, len(todo), step):
             idx = todo[b: b + step]
-            imgs = generate(pipe, labels[idx].tolist(), idx, seed, flow, batch_size, rt)
+            imgs = generate(pipe, labels[idx].tolist(), idx, seed, flow, batch_size, rt, evaluations)
             write_pngs(imgs, [images_dir / _png_name(int(labels[i]), i) for i in idx])
             arr[np.asarray(idx) - lo] = imgs
             advance(len(idx))
     return arr
+
+
+def adaptive_tally(counts: Sequence[tuple[int, int]], earlier: dict | None = None) -> dict:
+    """An adaptive solver's evaluations over a sample set: {images, total, min, max} (per image; one
+    count per chunk of images integrated together), merged with an earlier run's tally (a resumed set)."""
+    images = sum(k for k, _ in counts) + (earlier or {}).get("images", 0)
+    total = sum(k * n for k, n in counts) + (earlier or {}).get("total", 0)
+    per_image = [n for _, n in counts] + ([earlier["min"], earlier["max"]] if earlier else [])
+    return {"images": images, "total": total, "min": min(per_image), "max": max(per_image)}
+
+
+def _mean_evaluations(tally: dict | None) -> float | None:
+    """Network evaluations per image of an adaptive solver's tally (None before any image was made)."""
+    return round(tally["total"] / tally["images"], 1) if tally else None
 
 
 def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, seed: int, flow: FlowConfig,
@@ -188,9 +203,11 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
     mf_path = out / "samples.json"
     if not mf_path.is_file() and any((out / "images").glob("*.png")):
         raise UserError(f"{out}/images: holds PNGs that no samples.json describes; choose another --out")
+    earlier: dict = {}  # the manifest of the run this one resumes
     if mf_path.is_file():
         try:
-            old = json.loads(mf_path.read_text()).get("identity", {})
+            earlier = json.loads(mf_path.read_text())
+            old = earlier.get("identity", {})
         except (OSError, json.JSONDecodeError, AttributeError):
             raise UserError(f"{mf_path}: unreadable; choose another --out or delete that folder") from None
         diffs = [k for k in sorted(set(old) | set(identity)) if json.dumps(old.get(k), sort_keys=True)
@@ -200,10 +217,21 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
                             "another --out or delete it")
     npz = out / f"samples_{N}x{S}x{S}x3.npz"
     # DiT forwards per image, guided evaluations counted twice (flow.network_evaluations); dopri5's is
-    # known only after sampling and is not recorded
-    nfe = None if flow.sampler == "dopri5" else network_evaluations(flow)
-    manifest = {"identity": identity, **(extra or {}), "network_evaluations": nfe, "npz": npz.name, "grid": "grid.png", "images": "images",
-                "complete": False}
+    # known only after sampling: counted per chunk from the times it evaluated at (adaptive_tally)
+    adaptive = flow.sampler == "dopri5"
+    tally = earlier.get("adaptive_evaluations") if adaptive else None  # the images made before a resume
+    counts: list[tuple[int, int]] | None = [] if adaptive else None  # this run's chunks
+    manifest = {"identity": identity, **(extra or {}),
+                "network_evaluations": _mean_evaluations(tally) if adaptive else network_evaluations(flow),
+                **({"adaptive_evaluations": tally} if tally else {}),
+                "npz": npz.name, "grid": "grid.png", "images": "images", "complete": False}
+
+    def note_evaluations() -> None:  # after each shard: a killed run keeps the count of what it made
+        if counts:
+            manifest["adaptive_evaluations"] = merged = adaptive_tally(counts, tally)
+            manifest["network_evaluations"] = _mean_evaluations(merged)
+            atomic_write_json(mf_path, manifest)
+
     atomic_write_json(mf_path, manifest)
     images_dir, parts_dir = out / "images", out / "parts"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -223,10 +251,12 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
 
             for part, (lo, hi), ok in zip(parts, shards, done):
                 if not ok:
-                    arr = _make_shard(pipe, labels_arr, lo, hi, images_dir, seed, flow, batch_size, rt, advance)
+                    arr = _make_shard(pipe, labels_arr, lo, hi, images_dir, seed, flow, batch_size, rt, advance,
+                                      counts)
                     buf = io.BytesIO()
                     np.savez(buf, arr_0=arr, labels=labels_arr[lo:hi], indices=np.arange(lo, hi))
                     atomic_write_bytes(part, buf.getvalue())
+                    note_evaluations()
         bar.close()
         pick = {i: None for i in grid_idx}
         _write_npz_streamed(npz, parts, N, S, labels_arr, pick)
@@ -273,7 +303,8 @@ def run_sample(cfg: SampleConfig, rt: Runtime = CPU, progress: bool = True) -> d
     else:
         ids = resolve_classes(cfg.classes, K, pipe.class_names)
     labels = class_plan(ids, cfg.n, per_class)
-    flow = sampling_flow(pipe.cfg.flow, weight, cfg.steps, cfg.sampler, cfg.interval, cfg.grid, cfg.schedule, cfg.shift)
+    flow = sampling_flow(pipe.cfg.flow, weight, cfg.steps, cfg.sampler, cfg.interval, cfg.grid, cfg.schedule, cfg.shift,
+                         paper=cfg.paper_sampler)
     out = cfg.out
     if out is None:
         what = "uncond" if K == 0 else "all" if cfg.all_classes else "-".join(map(str, ids[:4])) + (f"-and{len(ids) - 4}" if len(ids) > 4 else "")
@@ -284,7 +315,8 @@ def run_sample(cfg: SampleConfig, rt: Runtime = CPU, progress: bool = True) -> d
                     + (f"-shift{cfg.shift:g}" if cfg.shift is not None else ""))
         out = home / "samples" / (f"{what}-n{len(labels)}-{guidance}-{flow.sampler}{flow.steps}{grid_tag}"
                                   f"-seed{cfg.seed}{'' if cfg.ema else '-raw'}")
-    extra = {"classes": sorted(set(labels)), "per_class": per_class, "created_by": "flatdino sample"}
+    extra = {"classes": sorted(set(labels)), "per_class": per_class, "paper_sampler": cfg.paper_sampler,
+             "created_by": "flatdino sample"}
     manifest = write_sample_set(pipe, labels, out, cfg.seed, flow, cfg.batch_size, cfg.shard_size, rt, extra, progress)
     return {**manifest, "out": str(out)}
 

@@ -42,14 +42,15 @@ def parse_grid(cfg: str | None = None, interval: str | None = None, steps: str |
             "shift": comma_list(shift, "--shift", float) if shift else [None]}
 
 
-def grid_points(grid: dict[str, list], base: FlowConfig) -> list[tuple[str, FlowConfig]]:
+def grid_points(grid: dict[str, list], base: FlowConfig, paper: bool = False) -> list[tuple[str, FlowConfig]]:
     """(key, flow config) per point of the grid's product; every config is validated by FlowConfig,
-    so any sampler the flow accepts is accepted here (a bad one is a one-line error)."""
+    so any sampler the flow accepts is accepted here (a bad one is a one-line error). paper
+    (--paper-sampler): the paper's sampler and steps where the grid leaves them to the DiT."""
     points = []
     for values in itertools.product(*(grid[k] for k in KNOBS)):
         knobs = dict(zip(KNOBS, values))
         flow = sampling_flow(base, cfg_scale=knobs["cfg"], steps=knobs["steps"], sampler=knobs["sampler"],
-                             interval=knobs["interval"], shift=knobs["shift"])
+                             interval=knobs["interval"], shift=knobs["shift"], paper=paper)
         points.append((point_key(flow), flow))
     return points
 
@@ -136,7 +137,7 @@ def run_sweep(dit: str | Path, out: str | Path, grid: dict[str, list], cfg: Scor
     """Score a grid of sampler knobs for one DiT (a train-dit run or RAE's stage2_model.pt) with fd_rep
     (the preset's guidance as set by the point; evaluate.py), resumably; writes OUT/sweep.json, .md, .png."""
     pipe, ref, n = evaluation_parts(dit, cfg.reference, cfg.samples, cfg.vae_run, cfg.stats, rt)
-    points = grid_points(grid, pipe.cfg.flow)
+    points = grid_points(grid, pipe.cfg.flow, cfg.paper_sampler)
     shared = {"dit": pipe.identity["dit"]["sha256"], "reference": ref.identity["manifest_sha256"], "samples": n,
               "seed": cfg.seed}
 

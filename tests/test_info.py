@@ -114,3 +114,19 @@ def test_info_on_a_sample_set_shows_the_solver_and_its_evaluations(w, tmp_path):
     (out / "samples.json").write_text("{}")
     with pytest.raises(UserError, match="samples.json: unreadable or without an identity"):
         describe(out)
+
+
+def test_info_shows_the_evaluations_dopri5_used(w, tmp_path):
+    """An adaptive solver's count, recorded after sampling (sample.adaptive_tally), is what info shows."""
+    pytest.importorskip("torchdiffeq")  # the ode extra (installed with the test extra)
+    out = tmp_path / "ode"
+    r = CliRunner().invoke(app, ["sample", "--dit", str(w["dit"]), "--vae", str(w["vae"]), "--decoder", str(w["dec"]),
+                                 "--out", str(out), "--device", "cpu", "--class", "1", "-n", "2", "--sampler", "dopri5"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "samples.json").read_text())
+    nfe, tally = m["network_evaluations"], m["adaptive_evaluations"]
+    assert nfe >= 6 and f"{nfe:g} network evaluations per image" in r.output
+    f = facts(out)
+    assert f["solver"].startswith("dopri5, ")
+    assert f["evaluations"] == (f"{nfe:g} network evaluations per image (a guided one counts 2); adaptive: mean "
+                                f"over 2 images, {tally['min']}-{tally['max']} per chunk")

@@ -399,3 +399,43 @@ def test_training_grid_hook(w, tmp_path):
     assert img.shape == (2 + 50, 2 + 3 * 50, 3)  # one row, one image (48 px + 2 px padding) per class
     with pytest.raises(UserError, match="4 x 16 latents"):
         dit_stage.training_grid_hook(cfg, tmp_path, w["vae16"], w["dec"], CPU)
+
+
+# ----------------------------------------------------------------------------- the paper's sampler, one flag away
+def test_paper_sampler_flag_samples_with_the_papers_setting_and_records_it(w, tmp_path):
+    """The DiT's flow section samples by default (here euler, 3 steps); --paper-sampler takes
+    flow.paper_sampler / flow.paper_steps (Euler 50) instead and says so in samples.json; with
+    --sampler or --steps it is a one-line error (the two would contradict each other)."""
+    cli(*base(w, tmp_path / "default", "-c", "1", "-n", "2"))
+    cli(*base(w, tmp_path / "paper", "-c", "1", "-n", "2", "--paper-sampler"))
+    default, paper = (json.loads((tmp_path / d / "samples.json").read_text()) for d in ("default", "paper"))
+    assert (default["identity"]["flow"]["sampler"], default["identity"]["flow"]["steps"]) == ("euler", FLOW.steps)
+    assert (paper["identity"]["flow"]["sampler"], paper["identity"]["flow"]["steps"]) == ("euler", 50)
+    assert paper["paper_sampler"] is True and default["paper_sampler"] is False
+    assert paper["network_evaluations"] == network_evaluations(dataclasses.replace(FLOW, steps=50)) > 50
+    assert not np.array_equal(npz_of(tmp_path / "default")[0], npz_of(tmp_path / "paper")[0])
+    for extra in (("--sampler", "ab2"), ("--steps", "7")):
+        r = cli(*base(w, tmp_path / "both", "-c", "1", "-n", "2", "--paper-sampler", *extra), ok=False)
+        assert r.exit_code == 1 and "--paper-sampler sets the sampler and its steps" in r.output
+        assert "Traceback" not in r.output
+
+
+def test_dopri5_records_the_evaluations_it_used(w, tmp_path):
+    """dopri5's count is known only after sampling: samples.json records the mean per image over the
+    chunks it integrated (each chunk's count from the times it evaluated at, guided ones twice), with
+    the tally a resumed set adds to."""
+    pytest.importorskip("torchdiffeq")  # the ode extra (installed with the test extra)
+    out = tmp_path / "ode"
+    cli(*base(w, out, "-c", "0", "-c", "2", "-n", "10", "--sampler", "dopri5", "--batch-size", "8"))
+    m = json.loads((out / "samples.json").read_text())
+    tally = m["adaptive_evaluations"]
+    assert tally["images"] == 10 and m["network_evaluations"] == round(tally["total"] / 10, 1)
+    assert 6 <= tally["min"] <= tally["max"] and tally["min"] * 10 <= tally["total"] <= tally["max"] * 10
+    # by hand: the same two chunks (8 images, then 2 padded to 8), each counted from its evaluation times
+    pipe = load_pipeline(w["dit"], w["vae"], w["dec"])
+    counts: list = []
+    list(PL.sample_chunks(pipe, [0] * 5 + [2] * 5, list(range(10)), 0, dataclasses.replace(FLOW, sampler="dopri5"),
+                          evaluations=counts))
+    assert [k for k, _ in counts] == [8, 2] and S.adaptive_tally(counts) == tally
+    assert S.adaptive_tally([(2, 20)], {"images": 8, "total": 100, "min": 12, "max": 13}) == {
+        "images": 10, "total": 140, "min": 12, "max": 20}  # a resumed set: the earlier images kept

@@ -19,6 +19,12 @@ ScoredVae = ModelOption("VAE run (default: the one recorded with the DiT's laten
 ScoredStats = ModelOption("RAE's stat.pt for an RAE checkpoint (default: beside it).")
 
 
+PaperSampler = Annotated[bool, typer.Option("--paper-sampler", help=(
+    "Sample with the paper's sampler and steps for this DiT's family (flow.paper_sampler / flow.paper_steps: "
+    "Euler 50; FAE's presets Euler 250), to reproduce its numbers, instead of the measured default "
+    "(flow.sampler / flow.steps)."))]
+
+
 def sample(
     dit: ModelOption("A train-dit run (FlatDINO latents or an rae-* baseline), or RAE's released stage2_model.pt (or "
                      "its folder); default: the workspace's newest finished run.") = None,
@@ -46,12 +52,13 @@ def sample(
                                                                 "over the classes in contiguous blocks.")] = None,
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale (default: the DiT config's "
                                                                "flow.cfg_scale; 1 = none).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: flow.steps, 50).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: flow.steps).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help=(
         "euler, heun (2 evaluations a step), ab2 / ab3 (Adams-Bashforth multistep, one evaluation a step), "
         "dopri5 (torchdiffeq's adaptive solver; `pip install flatdino[ode]`) or sde (Euler-Maruyama on the "
         "reverse SDE, SiT's sampler; FAE's unguided numbers use it with --steps 250 --cfg 1). "
         "Default: flow.sampler."))] = None,
+    paper_sampler: PaperSampler = False,
     interval: Annotated[Optional[str], typer.Option(help="Guidance interval LO,HI in t (t=1 is data), e.g. "
                                                          "0.225,1 (default: flow.cfg_interval).")] = None,
     shift: Annotated[Optional[float], typer.Option(help=(
@@ -107,14 +114,16 @@ def sample(
     m = run_sample(SampleConfig(
         dit, vae, decoder, stats=stats, guide=guide, ema=ema, classes=names, all_classes=all_classes, n=n,
         per_class=per_class, cfg_scale=cfg, guide_scale=guide_scale, steps=steps, sampler=sampler,
-        interval=parse_interval(interval), grid=grid, schedule=parse_schedule(cfg_schedule), shift=shift, seed=seed,
+        paper_sampler=paper_sampler, interval=parse_interval(interval), grid=grid, schedule=parse_schedule(cfg_schedule), shift=shift, seed=seed,
         out=out, batch_size=batch_size, shard_size=shard_size), rt)
     flow = m["identity"]["flow"]
     guidance = "autoguidance" if m["identity"].get("guide") else "cfg"
     weights = (" / ".join(f"{w:g} on [{lo:g}, {hi:g})" for lo, hi, w in flow["cfg_schedule"])
                if flow.get("cfg_schedule") else f"{flow['cfg_scale']:g}")
-    typer.echo(f"sample: {m['identity']['count']} images ({guidance} {weights}, {flow['sampler']} "
-               f"{flow['steps']} steps, {m.get('network_evaluations') or '?'} network evaluations per image, seed "
+    nfe = m.get("network_evaluations")
+    setting = "the paper's " if paper_sampler else ""
+    typer.echo(f"sample: {m['identity']['count']} images ({guidance} {weights}, {setting}{flow['sampler']} "
+               f"{flow['steps']} steps, {'?' if nfe is None else format(nfe, 'g')} network evaluations per image, seed "
                f"{m['identity']['seed']}) -> {m['out']}/{m['npz']}, {m['out']}/grid.png")
 
 
@@ -221,6 +230,7 @@ def eval_(
                                               "CPU, as train-dit). Compare numbers made with the same count.")] = 0,
     seed: Annotated[int, typer.Option(help="The samples' noise (train-dit's eval.seed is 0).")] = 0,
     nocfg: Annotated[bool, typer.Option("--nocfg/--no-nocfg", help="Also fd_rep_nocfg (unguided; twice the cost).")] = True,
+    paper_sampler: PaperSampler = False,
     vae: ScoredVae = None,
     stats: ScoredStats = None,
     batch_size: Annotated[int, typer.Option(help="Samples per sampler batch.")] = 256,
@@ -245,7 +255,8 @@ def eval_(
     from flatdino_cli.utils import atomic_write_json
 
     rt = runtime(device, precision, False)
-    cfg = ScoreConfig(reference=reference, samples=samples, seed=seed, batch_size=batch_size, vae_run=vae, stats=stats)
+    cfg = ScoreConfig(reference=reference, samples=samples, seed=seed, batch_size=batch_size, vae_run=vae, stats=stats,
+                      paper_sampler=paper_sampler)
     rows = []
     for run in runs:
         for row in evaluate_checkpoints(run, cfg, nocfg, rt=rt):
@@ -268,6 +279,7 @@ def sweep(
     steps: Annotated[Optional[str], typer.Option(help="Sampler steps, e.g. 10,25,50.")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="Samplers, e.g. euler,heun,ab2,sde (see `sample --help`).")] = None,
     shift: Annotated[Optional[str], typer.Option(help="Time-grid shifts, e.g. 1,3.")] = None,
+    paper_sampler: PaperSampler = False,
     reference: Annotated[Optional[Path], typer.Option(help="Validation feature store (default: as `flatdino eval`).")] = None,
     samples: Annotated[int, typer.Option(help="Samples per point (0: 2,000 on CUDA, 240 on the CPU).")] = 0,
     seed: Annotated[int, typer.Option(help="The samples' noise: the same images at every point.")] = 0,
@@ -294,7 +306,7 @@ def sweep(
 
     grid = parse_grid(cfg, interval, steps, sampler, shift)
     score = ScoreConfig(reference=reference, samples=samples, seed=seed, batch_size=batch_size, vae_run=vae,
-                        stats=stats)
+                        stats=stats, paper_sampler=paper_sampler)
     r = run_sweep(dit, out, grid, score, runtime(device, precision, False))
     best = min(r["points"], key=lambda p: p["fd_rep"])
     typer.echo(f"sweep: {len(r['points'])} points, best fd_rep {best['fd_rep']:.4g} (cfg {best['cfg']:g}, "

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from flatdino_cli.errors import UserError
-from flatdino_cli.flow import FlowConfig, make_velocity_fn, sample
+from flatdino_cli.flow import FlowConfig, make_velocity_fn, network_evaluations, sample
 from flatdino_cli.pipeline import Pipeline
 from flatdino_cli.runtime import CPU, Runtime
 
@@ -73,13 +73,15 @@ def sampling_dit(pipe: Pipeline, rt: Runtime) -> nn.Module:
 
 @torch.no_grad()
 def sample_chunks(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
-                  flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU, exact: bool = True):
+                  flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU, exact: bool = True,
+                  evaluations: list[tuple[int, int]] | None = None):
     """Yield (DiT samples (B, N, d) on rt.device, k): image j < k of the chunk is class labels[.] from the
     noise of image indices[.], in order. On the CPU every chunk has CPU_CHUNK rows, the last one padded
     with copies of its last image (drop rows >= k; bit-identical images at any batch size, see
     CPU_CHUNK); elsewhere, or with exact=False (statistics over many images, where the last bits do
     not matter but CPU_CHUNK's many small forwards do), batch_size rows, unpadded. The one sampling
-    loop of generate and evaluate."""
+    loop of generate and evaluate. `evaluations` receives (k, network evaluations per image) per chunk,
+    counted from the times the sampler evaluated at (dopri5's count differs from chunk to chunk)."""
     flow = flow or pipe.cfg.flow
     if len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} indices")
@@ -107,15 +109,21 @@ def sample_chunks(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int],
         def step_noise(i: int, idx=idx, gens=gens) -> torch.Tensor:  # the sde sampler's draws, per image
             return image_noise(seed, idx, pipe.latent_shape, gens)
 
-        yield sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid, flow.sde_diffusion,
-                     flow.sde_last_step, step_noise), k
+        times: list[float] | None = [] if evaluations is not None else None
+        x = sample(velocity, noise, flow.steps, flow.shift, flow.sampler, flow.grid, flow.sde_diffusion,
+                   flow.sde_last_step, step_noise, flow.ode_rtol, flow.ode_atol, record=times)
+        if evaluations is not None:
+            evaluations.append((k, network_evaluations(flow, times)))
+        yield x, k
 
 
 @torch.no_grad()
 def generate(pipe: Pipeline, labels: Sequence[int], indices: Sequence[int], seed: int,
-             flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU) -> np.ndarray:
+             flow: FlowConfig | None = None, batch_size: int = 16, rt: Runtime = CPU,
+             evaluations: list[tuple[int, int]] | None = None) -> np.ndarray:
     """uint8 images (len(labels), S, S, 3): image k is class labels[k] from the noise of image indices[k]
-    (sample_chunks), each chunk decoded at once."""
-    out = [pipe.decode(x, rt)[:k] for x, k in sample_chunks(pipe, labels, indices, seed, flow, batch_size, rt)]
+    (sample_chunks; `evaluations` as there), each chunk decoded at once."""
+    out = [pipe.decode(x, rt)[:k]
+           for x, k in sample_chunks(pipe, labels, indices, seed, flow, batch_size, rt, evaluations=evaluations)]
     S = pipe.image_size
     return np.concatenate(out) if out else np.zeros((0, S, S, 3), np.uint8)

@@ -12,10 +12,17 @@ from flatdino_cli.flow import FlowConfig
 def sampling_flow(flow: FlowConfig, cfg_scale: float | None = None, steps: int | None = None,
                   sampler: str | None = None, interval: tuple[float, float] | None = None,
                   grid: str | None = None, schedule: tuple[tuple[float, float, float], ...] | None = None,
-                  shift: float | None = None) -> FlowConfig:
+                  shift: float | None = None, paper: bool = False) -> FlowConfig:
     """The DiT config's flow section with the command line's overrides (validated: bad values are
     one-line errors). A scale or interval given on the command line replaces the config's cfg_schedule;
-    a schedule given there replaces both; sampler sde samples on our grid unless a grid is given."""
+    a schedule given there replaces both; sampler sde samples on our grid unless a grid is given.
+    paper (--paper-sampler): the sampler and steps of the family's paper (flow.paper_sampler,
+    flow.paper_steps) instead of flow.sampler / flow.steps, the measured default."""
+    if paper:
+        if sampler is not None or steps is not None:
+            raise UserError("--paper-sampler sets the sampler and its steps (the paper's, flow.paper_sampler and "
+                            "flow.paper_steps); pass it without --sampler and --steps")
+        sampler, steps = flow.paper_sampler, flow.paper_steps
     changes = {k: v for k, v in (("cfg_scale", cfg_scale), ("steps", steps), ("sampler", sampler),
                                  ("cfg_interval", interval), ("grid", grid), ("cfg_schedule", schedule),
                                  ("shift", shift))
