@@ -56,7 +56,7 @@ def test_bad_schedules_are_config_errors(bad):
 
 def test_command_line_schedule_and_overrides():
     assert parse_schedule("0-0.1:0.9,0.1-0.3:1.5,0.3-1:2.5") == FAE
-    fae = load_preset("fae-g-xl-16x16x32").flow
+    fae = sampling_flow(load_preset("fae-g-xl-16x16x32").flow, paper=True)  # FAE's 250 Euler steps
     assert fae.cfg_schedule == FAE and (fae.sampler, fae.steps, fae.shift) == ("euler", 250, 0.4)
     assert sampling_flow(fae).cfg_schedule == FAE
     single = sampling_flow(fae, cfg_scale=1.0)  # --cfg replaces the schedule

@@ -51,7 +51,7 @@ def _presets(root: Path) -> tuple[Path, Path]:
                      "log_every": 1}}
     dit = {"stage": "dit", "model": {"tokens": 4, "in_dim": 8, "width": 32, "depth": 1, "heads": 2, "mlp_hidden": 64,
                                      "num_classes": 2},
-           "flow": {"shift": 1.0, "steps": 4, "cfg_scale": 4.5, "cfg_interval": [0.225, 1.0]},
+           "flow": {"shift": 1.0, "steps": 4, "paper_steps": 4, "cfg_scale": 4.5, "cfg_interval": [0.225, 1.0]},
            "train": {"batch_size": 4, "lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 1e-4,
                      "decay_2d_only": False, "grad_clip": 1.0, "ema": 0.9, "log_every": 1}}
     (root / "vae.yaml").write_text(yaml.safe_dump(vae))
@@ -86,6 +86,7 @@ def test_imagenet_sh_runs_every_step(tmp_path):
     assert (out / "dit/checkpoints/latest/model.safetensors").is_file()
     for cfg in ("1.0", "4.5"):
         assert len(list((out / f"samples-cfg{cfg}/images").glob("*.png"))) == 4  # 2 per class x 2 classes
+        assert json.loads((out / f"samples-cfg{cfg}/samples.json").read_text())["paper_sampler"]  # the paper's numbers
         assert np.isfinite(json.loads((out / f"gfid-cfg{cfg}.json").read_text())["fid"])
     assert len(list((out / "recon-val/originals").glob("*.png"))) == 5
     assert np.isfinite(json.loads((out / "rfid.json").read_text())["fid"])

@@ -162,3 +162,28 @@ def test_baseline_recipes():
     assert (fae.train.batch_size, fae.train.lr, fae.train.betas, fae.flow.shift) == (512, 1e-4, (0.9, 0.999), 0.4)
     assert (fae.model.tokens, fae.model.in_dim, fae.flow.cfg_scale, fae.flow.cfg_interval) == (256, 32, 2.5, (0.3, 1.0))
     assert fae.flow.cfg_schedule == ((0.0, 0.1, 0.9), (0.1, 0.3, 1.5), (0.3, 1.0, 2.5))  # the main results' CFG
+
+
+# ----------------------------------------------------------------------------- sampler: measured default, paper's one flag away
+RAE_DEFAULT = ("ab2", 15)
+FAMILIES = {  # preset -> (default sampler, steps): README "Sampler defaults, measured per family"
+    **{p: ("euler", 20) for p in ("xl-32x128", "b-32x128", "s-32x128", "l-32x128", "dh-xl-32x128", "tiny-dit")},
+    **{p: RAE_DEFAULT for p in ("rae-xl-256x768", "rae-dh-xl-256x768", "tiny-rae-dit")},
+    **{p: ("ab2", 10) for p in ("fae-xl-16x16x32", "fae-g-xl-16x16x32", "tiny-fae-dit")},
+}
+PAPER = {"fae": ("euler", 250)}  # FAE's paper sampled with 250 Euler steps; FlatDINO's and RAE's with 50
+
+
+@pytest.mark.parametrize("preset", sorted(FAMILIES))
+def test_each_family_samples_with_its_measured_default_and_the_paper_setting_one_flag_away(preset):
+    from flatdino_cli.errors import UserError
+    from flatdino_cli.pipeline.options import sampling_flow
+
+    flow = load_preset(preset).flow
+    assert (flow.sampler, flow.steps) == FAMILIES[preset]
+    assert (sampling_flow(flow).sampler, sampling_flow(flow).steps) == FAMILIES[preset]
+    paper = sampling_flow(flow, paper=True)
+    assert (paper.sampler, paper.steps) == PAPER.get(preset.removeprefix("tiny-").split("-")[0], ("euler", 50))
+    assert dataclasses.replace(paper, sampler=flow.sampler, steps=flow.steps) == flow  # nothing else changes
+    with pytest.raises(UserError, match="--paper-sampler sets the sampler and its steps"):
+        sampling_flow(flow, steps=7, paper=True)
