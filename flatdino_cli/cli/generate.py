@@ -17,8 +17,7 @@ from flatdino_cli.utils import comma_list
 # eval and sweep score DiT checkpoints alike
 ScoredVae = ModelOption("VAE run (default: the one recorded with the DiT's latents).")
 ScoredStats = ModelOption("RAE's stat.pt for an RAE checkpoint (default: beside it).")
-
-
+# sample, sweep and eval: the paper's sampler instead of the DiT's (measured) default
 PaperSampler = Annotated[bool, typer.Option("--paper-sampler", help=(
     "Sample with the paper's sampler and steps for this DiT's family (flow.paper_sampler / flow.paper_steps: "
     "Euler 50; FAE's presets Euler 250), to reproduce its numbers, instead of the measured default "
@@ -114,8 +113,8 @@ def sample(
     m = run_sample(SampleConfig(
         dit, vae, decoder, stats=stats, guide=guide, ema=ema, classes=names, all_classes=all_classes, n=n,
         per_class=per_class, cfg_scale=cfg, guide_scale=guide_scale, steps=steps, sampler=sampler,
-        paper_sampler=paper_sampler, interval=parse_interval(interval), grid=grid, schedule=parse_schedule(cfg_schedule), shift=shift, seed=seed,
-        out=out, batch_size=batch_size, shard_size=shard_size), rt)
+        paper_sampler=paper_sampler, interval=parse_interval(interval), grid=grid, schedule=parse_schedule(cfg_schedule),
+        shift=shift, seed=seed, out=out, batch_size=batch_size, shard_size=shard_size), rt)
     flow = m["identity"]["flow"]
     guidance = "autoguidance" if m["identity"].get("guide") else "cfg"
     weights = (" / ".join(f"{w:g} on [{lo:g}, {hi:g})" for lo, hi, w in flow["cfg_schedule"])
