@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import errno
 import functools
-import sys
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from tqdm import tqdm
 
-from flatdino_cli import preempt
+from flatdino_cli import __version__, preempt
 from flatdino_cli.cli import analysis, data, generate, manage, train
+from flatdino_cli.cpu import apply_cpu_defaults
 from flatdino_cli.errors import UserError
 from flatdino_cli.hub import resolve as resolve_model_ref
 
@@ -36,8 +38,6 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from flatdino_cli import __version__
-
         typer.echo(f"flatdino {__version__}")
         raise typer.Exit()
 
@@ -51,8 +51,6 @@ def main_options(
                                           help="Print the version and exit. Example: flatdino --version")] = False,
 ):
     # the environment carries the choice to workspace/paths.root() (and to any process this one starts)
-    import os
-
     if workspace is not None:
         os.environ["FLATDINO_WORKSPACE"] = str(workspace)
 
@@ -70,11 +68,8 @@ def _warning_line(message, category, *_args, **_kwargs) -> str:
 
 def _fail(message: str, code: int) -> None:
     """End the command with `message` on a line of its own (open progress bars closed first)."""
-    if "tqdm" in sys.modules:
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     typer.echo(message, err=True)
     raise typer.Exit(code) from None
 
@@ -153,7 +148,5 @@ workspace_app.command("set")(one_line_errors(manage.workspace_set))
 
 
 def main():  # pragma: no cover - the `flatdino` console script and `python -m flatdino_cli.cli`
-    from flatdino_cli.cpu import apply_cpu_defaults
-
     apply_cpu_defaults()  # how OpenMP threads wait (cpu.py): before any command imports torch
     app()

@@ -17,7 +17,7 @@ AnalysisOut = Annotated[Path, typer.Option("--out", "-o", help="Output folder fo
 
 
 def ablate_tokens(
-    vae: ModelOption("A train-vae run directory (default: the workspace's newest finished one).") = None,
+    vae: ModelOption(help="A train-vae run directory (default: the workspace's newest finished one).") = None,
     features: Annotated[Optional[Path], typer.Option(help="Feature store the heatmaps average over (default: "
                                                           "the validation split of the VAE's training store).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: "
@@ -40,8 +40,8 @@ def ablate_tokens(
     Example:
       flatdino ablate-tokens   (the newest VAE run, on its store's val split)
     """
-    from flatdino_cli.workspace.pick import pick_ablate
-    from flatdino_cli.analysis.ablate import AblateConfig, run_ablate
+    from flatdino_cli.workspace.pick import pick_ablate  # startup
+    from flatdino_cli.analysis.ablate import AblateConfig, run_ablate  # startup
 
     vae, features = pick_ablate(vae, features)
     out = out or vae / "analysis" / "ablation"
@@ -56,7 +56,7 @@ def pca(
     features: Annotated[Path, typer.Option(help="Feature store (its first N images are analysed).")],
     images: Annotated[Optional[Path], typer.Option(help="Images for the pixel-patch source (default: the "
                                                         "store's own source files, when readable).")] = None,
-    vae: ModelOption("A train-vae run: also analyse decode(mu) features.") = None,
+    vae: ModelOption(help="A train-vae run: also analyse decode(mu) features.") = None,
     out: AnalysisOut = Path("analysis/pca"),
     n: Annotated[int, typer.Option("--n", help="Images per source (the paper: 10,048 -> 2.57M patches).")] = 10048,
     max_vectors: Annotated[Optional[int], typer.Option(help="Stop each source after this many vectors.")] = None,
@@ -76,7 +76,7 @@ def pca(
     Example:
       flatdino pca --features stores/in1k/val --images imagenet/val --vae runs/vae --out analysis/pca
     """
-    from flatdino_cli.analysis.pca import PCAConfig, run_pca
+    from flatdino_cli.analysis.pca import PCAConfig, run_pca  # startup
 
     cfg = PCAConfig(features, out, images=images, vae_run=vae, n=n, batch_size=batch_size, max_vectors=max_vectors,
                     chunk_size=chunk_size, workers=workers)
@@ -106,7 +106,7 @@ def knn(
     Example:
       flatdino knn --latents stores/in1k-latents --out analysis/knn
     """
-    from flatdino_cli.analysis.knn import KNNConfig, run_knn
+    from flatdino_cli.analysis.knn import KNNConfig, run_knn  # startup
 
     cfg = KNNConfig(latents, out, val=val, ks=tuple(comma_list(k, "--k", int)), temperature=temperature,
                     val_count=val_count, seed=seed, batch_size=batch_size)
@@ -119,7 +119,7 @@ def knn(
 def noise(
     vae: Annotated[Path, typer.Option(help="A train-vae run directory.")],
     features: Annotated[Path, typer.Option(help="Feature store (its first N images are used).")],
-    decoder: ModelOption("Pixel decoder (run dir or RAE model.pt): adds rFID and PSNR against the original "
+    decoder: ModelOption(help="Pixel decoder (run dir or RAE model.pt): adds rFID and PSNR against the original "
                          "images.") = None,
     out: AnalysisOut = Path("analysis/noise"),
     sigmas: Annotated[str, typer.Option(help="Noise levels, comma separated.")] = "0,0.2,0.4,0.6,0.8,1.0",
@@ -141,7 +141,7 @@ def noise(
     Example:
       flatdino noise --vae runs/vae --features stores/in1k/val --decoder rae/ViTXL_n08 --out analysis/noise
     """
-    from flatdino_cli.analysis.noise import NoiseConfig, run_noise
+    from flatdino_cli.analysis.noise import NoiseConfig, run_noise  # startup
 
     cfg = NoiseConfig(vae, features, out, sigmas=tuple(comma_list(sigmas, "--sigmas", float)), n=n,
                       batch_size=batch_size, decoder=decoder, seed=seed, inception_weights=inception_weights)
@@ -173,7 +173,7 @@ def redundancy(
     Example:
       flatdino redundancy --features stores/in1k/val --n 5000 --out analysis/redundancy
     """
-    from flatdino_cli.analysis.redundancy import RedundancyConfig, run_redundancy
+    from flatdino_cli.analysis.redundancy import RedundancyConfig, run_redundancy  # startup
 
     cfg = RedundancyConfig(features, out, n=n, bins=bins, max_distance=max_distance, batch_size=batch_size)
     r = run_redundancy(cfg, runtime(device, "fp32", False))
@@ -207,9 +207,9 @@ def flops(
       flatdino flops                      (the paper's three tables)
       flatdino flops --preset xl-32x128 --vs rae-xl-256x768 --measure --device cuda
     """
-    import json
+    import json  # startup
 
-    from flatdino_cli.analysis import flops as F
+    from flatdino_cli.analysis import flops as F  # startup
 
     sizes = comma_list(batches, "--batches", int) if measure else None
     rt = runtime(device, precision, False) if measure else None
@@ -244,7 +244,7 @@ def plot(
       flatdino plot runs/dit-xl --out curves.png
       flatdino plot runs/dit-xl runs/rae-xl --label FlatDINO --label RAE --x flops --out compute.png
     """
-    from flatdino_cli.analysis.curves import plot_runs
+    from flatdino_cli.analysis.curves import plot_runs  # startup
 
     r = plot_runs(runs, out, labels=label or (), axis=x, smoothing=smooth, title=title)
     typer.echo(f"plot: {len(r['runs'])} run(s), panels {', '.join(r['panels'])} -> {r['out']}")

@@ -26,7 +26,7 @@ def toy_data(
     Example:
       flatdino toy-data runs/toy --per-class 200
     """
-    from flatdino_cli.toydata import write_toy_dataset
+    from flatdino_cli.toydata import write_toy_dataset  # startup
 
     summary = write_toy_dataset(out, per_class=per_class, size=size, seed=seed)
     typer.echo(f"toy-data: {summary['count']} images in {summary['classes']} classes -> {out}")
@@ -42,7 +42,7 @@ def extract(
                                               "and the CPU quickstart).")] = "dinov2-b-reg4",
     encoder_weights: Annotated[Optional[Path], typer.Option(
         help="Local DINOv2 weights (.safetensors/.pth, timm or Hugging Face key names) instead of the HF cache.")] = None,
-    vae: ModelOption("A train-vae run: turn the feature store SOURCE into a latent store of the posterior "
+    vae: ModelOption(help="A train-vae run: turn the feature store SOURCE into a latent store of the posterior "
                      "mean mu.") = None,
     decoded: Annotated[bool, typer.Option("--decoded", help="With --vae: store the VAE's reconstruction "
                                           "decode(mu) as features (to fine-tune a pixel decoder on).")] = False,
@@ -86,8 +86,8 @@ def extract(
       flatdino extract imagenet/val stores/knn-val --preprocess knn   (Table 10's k-NN input: 324 patches)
       flatdino extract stores/in1k --vae runs/vae-vae-32x128     (-> stores/in1k-latents-vae-vae-32x128)
     """
-    from flatdino_cli.config import ExtractConfig
-    from flatdino_cli.extract import run_extract_images, run_extract_latents
+    from flatdino_cli.config import ExtractConfig  # startup
+    from flatdino_cli.extract import run_extract_images, run_extract_latents  # startup
 
     if vae is not None:
         summary = run_extract_latents(source, vae, out, device, batch_size=batch_size, dtype=dtype or "float32",

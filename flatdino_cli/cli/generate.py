@@ -15,8 +15,8 @@ from flatdino_cli.errors import UserError
 from flatdino_cli.utils import comma_list
 
 # eval and sweep score DiT checkpoints alike
-ScoredVae = ModelOption("VAE run (default: the one recorded with the DiT's latents).")
-ScoredStats = ModelOption("RAE's stat.pt for an RAE checkpoint (default: beside it).")
+ScoredVae = ModelOption(help="VAE run (default: the one recorded with the DiT's latents).")
+ScoredStats = ModelOption(help="RAE's stat.pt for an RAE checkpoint (default: beside it).")
 # sample, sweep and eval: the paper's sampler instead of the DiT's (measured) default
 PaperSampler = Annotated[bool, typer.Option("--paper-sampler", help=(
     "Sample with the paper's sampler and steps for this DiT's family (flow.paper_sampler / flow.paper_steps: "
@@ -25,15 +25,15 @@ PaperSampler = Annotated[bool, typer.Option("--paper-sampler", help=(
 
 
 def sample(
-    dit: ModelOption("A train-dit run (FlatDINO latents or an rae-* baseline), or RAE's released stage2_model.pt (or "
+    dit: ModelOption(help="A train-dit run (FlatDINO latents or an rae-* baseline), or RAE's released stage2_model.pt (or "
                      "its folder); default: the workspace's newest finished run.") = None,
-    decoder: ModelOption("Pixel decoder: a train-decoder run or RAE's model.pt (default: `workspace set decoder`, else "
+    decoder: ModelOption(help="Pixel decoder: a train-decoder run or RAE's model.pt (default: `workspace set decoder`, else "
                          "the newest train-decoder run).") = None,
-    vae: ModelOption("The VAE run the DiT's latents came from (default: the one recorded in DIT/inputs.json; none for "
+    vae: ModelOption(help="The VAE run the DiT's latents came from (default: the one recorded in DIT/inputs.json; none for "
                      "rae-* runs).") = None,
-    stats: ModelOption("RAE's stat.pt for a normalising DiT (default: RUN/stats.pt, or stat.pt beside an RAE "
+    stats: ModelOption(help="RAE's stat.pt for a normalising DiT (default: RUN/stats.pt, or stat.pt beside an RAE "
                        "checkpoint).") = None,
-    guide: ModelOption("AutoGuidance: a weaker DiT (run or RAE file) on the same latents and classes; needs "
+    guide: ModelOption(help="AutoGuidance: a weaker DiT (run or RAE file) on the same latents and classes; needs "
                        "--guide-scale.") = None,
     guide_scale: Annotated[Optional[float], typer.Option(help="AutoGuidance weight w: v = v_guide + w (v - v_guide), "
                                                               "inside --interval (RAE's best: 1.42).")] = None,
@@ -99,10 +99,10 @@ def sample(
       flatdino sample --dit models/DiTs/.../DiTDH-XL/stage2_model.pt --stats models/stats/.../stat.pt \\
           --guide models/DiTs/.../DiTDH-S_ep14/stage2_model.pt --guide-scale 1.42 --decoder ViTXL_n08 -c 207
     """
-    from flatdino_cli.config import SampleConfig
-    from flatdino_cli.pipeline.options import parse_interval, parse_schedule
-    from flatdino_cli.sample import run_sample
-    from flatdino_cli.workspace.pick import pick_sample
+    from flatdino_cli.config import SampleConfig  # startup
+    from flatdino_cli.pipeline.options import parse_interval, parse_schedule  # startup
+    from flatdino_cli.sample import run_sample  # startup
+    from flatdino_cli.workspace.pick import pick_sample  # startup
 
     dit, vae, decoder = pick_sample(dit, vae, decoder)
     names = list(class_ or [])
@@ -129,7 +129,7 @@ def sample(
 def reconstruct(
     images: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder tree, one image or a list file.")],
     vae: Annotated[Path, typer.Option(help="A train-vae run.")],
-    decoder: ModelOption("Pixel decoder: a train-decoder run or RAE's model.pt (default: `workspace set "
+    decoder: ModelOption(help="Pixel decoder: a train-decoder run or RAE's model.pt (default: `workspace set "
                          "decoder`).") = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("reconstructions"),
     tokens: Annotated[Optional[int], typer.Option(
@@ -154,8 +154,8 @@ def reconstruct(
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --out recon
       flatdino reconstruct imagenet/val --vae runs/vae --decoder rae/model.pt -n 64 --tokens 8 --out recon-k8
     """
-    from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct
-    from flatdino_cli.workspace.settings import setting
+    from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct  # startup
+    from flatdino_cli.workspace.settings import setting  # startup
 
     decoder = setting("decoder", decoder)
     if decoder is None:
@@ -196,11 +196,11 @@ def fid(
       flatdino fid runs/dit/samples/all-n50000 --ref VIRTUAL_imagenet256_labeled.npz
       flatdino fid runs/recon-val/images --ref runs/recon-val/originals --json   (rFID)
     """
-    import json
+    import json  # startup
 
-    from flatdino_cli.analysis.fid import dino_encoder, run_fid
-    from flatdino_cli.runtime import resolve_device
-    from flatdino_cli.workspace.settings import setting
+    from flatdino_cli.analysis.fid import dino_encoder, run_fid  # startup
+    from flatdino_cli.runtime import resolve_device  # startup
+    from flatdino_cli.workspace.settings import setting  # startup
 
     ref = setting("reference-batch", ref)
     if ref is None:
@@ -250,8 +250,8 @@ def eval_(
       flatdino eval runs/dit-xl-32x128 runs/dit-dh-xl-32x128
       flatdino eval models/DiTs/.../DiTDH-XL/stage2_model.pt --reference stores/imagenet-val --samples 2000
     """
-    from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, ScoreConfig, evaluate_checkpoints
-    from flatdino_cli.utils import atomic_write_json
+    from flatdino_cli.evaluate import FD_REP, FD_REP_NOCFG, ScoreConfig, evaluate_checkpoints  # startup
+    from flatdino_cli.utils import atomic_write_json  # startup
 
     rt = runtime(device, precision, False)
     cfg = ScoreConfig(reference=reference, samples=samples, seed=seed, batch_size=batch_size, vae_run=vae, stats=stats,
@@ -300,8 +300,8 @@ def sweep(
       flatdino sweep runs/dit-xl-32x128 --out sweeps/cfg --cfg 1,1.5,2,3,4.5,6
       flatdino sweep runs/dit-xl-32x128 --out sweeps/nfe --sampler euler,heun,ab2 --steps 10,15,20,25,50
     """
-    from flatdino_cli.evaluate import ScoreConfig
-    from flatdino_cli.sweep import parse_grid, run_sweep
+    from flatdino_cli.evaluate import ScoreConfig  # startup
+    from flatdino_cli.sweep import parse_grid, run_sweep  # startup
 
     grid = parse_grid(cfg, interval, steps, sampler, shift)
     score = ScoreConfig(reference=reference, samples=samples, seed=seed, batch_size=batch_size, vae_run=vae,

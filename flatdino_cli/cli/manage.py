@@ -25,7 +25,7 @@ def presets_list(ctx: typer.Context):
       flatdino presets show vae-32x128 --set model.tokens=64
     """
     if ctx.invoked_subcommand is None:
-        from flatdino_cli.config_yaml import list_presets, load_preset
+        from flatdino_cli.config_yaml import list_presets, load_preset  # startup
 
         for name in list_presets():
             try:
@@ -37,10 +37,10 @@ def presets_list(ctx: typer.Context):
 
 def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML file.")], sets: SetOpt = None):
     """Print a preset fully resolved (YAML) and the parameter count of the models it builds."""
-    import yaml
+    import yaml  # startup
 
-    from flatdino_cli.config_yaml import load_preset, to_dict
-    from flatdino_cli.models import count_parameters
+    from flatdino_cli.config_yaml import load_preset, to_dict  # startup
+    from flatdino_cli.models import count_parameters  # startup
 
     cfg = load_preset(name, list(sets or []))
     typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
@@ -55,7 +55,7 @@ def workspace_list(ctx: typer.Context):
     Example: flatdino workspace; flatdino --workspace ~/flatdino-in1k workspace
     """
     if ctx.invoked_subcommand is None:
-        from flatdino_cli.workspace.listing import listing
+        from flatdino_cli.workspace.listing import listing  # startup
 
         typer.echo(listing())
 
@@ -67,7 +67,7 @@ def workspace_set(key: Annotated[str, typer.Argument(help="decoder, encoder-weig
 
     Example: flatdino workspace set decoder rae/decoders/dinov2/wReg_base/ViTXL_n08/model.pt
     """
-    from flatdino_cli.workspace.settings import set_setting
+    from flatdino_cli.workspace.settings import set_setting  # startup
 
     typer.echo(set_setting(key, value))
 
@@ -80,11 +80,11 @@ def export(
                                                          "with its encoder, as an AutoencoderRAE folder).")] = "flatdino",
     encoder_weights: Annotated[Optional[Path], typer.Option(help="(diffusers) The encoder weights the decoder was "
                                                                  "trained on, when inputs.json cannot find them.")] = None,
-    stats: ModelOption("(diffusers) Latent statistics to include: RAE's stat.pt, an rae-* run's stats.pt or an "
+    stats: ModelOption(help="(diffusers) Latent statistics to include: RAE's stat.pt, an rae-* run's stats.pt or an "
                        "AutoencoderRAE folder.") = None,
-    vae: ModelOption("(diffusers, DiT runs) The VAE run (default: the one in inputs.json; none for rae-* "
+    vae: ModelOption(help="(diffusers, DiT runs) The VAE run (default: the one in inputs.json; none for rae-* "
                      "runs).") = None,
-    decoder: ModelOption("(diffusers, DiT runs) The pixel decoder to ship.") = None,
+    decoder: ModelOption(help="(diffusers, DiT runs) The pixel decoder to ship.") = None,
 ):
     """Write a run as a Hugging Face model folder: model.safetensors, config.json, README.md (model card).
 
@@ -99,7 +99,7 @@ def export(
       flatdino sample --dit hf:me/flatdino-xl --vae hf:me/flatdino-vae --decoder rae/model.pt -c 207
       flatdino export runs/decoder exports/rae-decoder --format diffusers --stats runs/dit-rae/stats.pt
     """
-    from flatdino_cli.export import export_diffusers, export_run
+    from flatdino_cli.export import export_diffusers, export_run  # startup
 
     if format not in ("flatdino", "diffusers"):
         raise UserError(f"--format {format!r}: choose flatdino or diffusers")
@@ -125,9 +125,9 @@ def export_rae(
 
     Example: flatdino export-rae runs/rae-dh-xl models/DiTs/ours/stage2_model.pt
     """
-    import json
+    import json  # startup
 
-    from flatdino_cli.export import export_rae as export
+    from flatdino_cli.export import export_rae as export  # startup
 
     params = export(run, out, ema)
     typer.echo(f"export-rae: {out} ({params.pop('target')}) params: {json.dumps(params)}")
@@ -149,9 +149,9 @@ def info(
       flatdino info runs/dit-xl/samples/dit-xl-n50000-cfg1.5-euler50-seed0
       flatdino info rae/decoders/dinov2/wReg_base/ViTXL_n08/model.pt
     """
-    import json
+    import json  # startup
 
-    from flatdino_cli.info import describe
+    from flatdino_cli.info import describe  # startup
 
     facts = describe(path)
     if json_out:
@@ -183,8 +183,8 @@ def quickstart(
     Example:
       flatdino quickstart --out runs/quickstart
     """
-    from flatdino_cli.workspace.paths import root
-    from flatdino_cli.quickstart import QuickstartPlan, format_summary, run_quickstart
+    from flatdino_cli.workspace.paths import root  # startup
+    from flatdino_cli.quickstart import QuickstartPlan, format_summary, run_quickstart  # startup
 
     plan = QuickstartPlan(per_class=per_class, laminator=laminator, seed=seed, overrides=tuple(sets or ()))
     summary = run_quickstart(out or root() / "runs" / "quickstart", runtime(device, "auto", False), plan)
@@ -200,7 +200,7 @@ def compare(
     methods: Annotated[str, typer.Option(help="Generators to train: flatdino, rae, fae.")] = "flatdino,rae,fae",
     features: Annotated[Optional[Path], typer.Option(help="Feature store with a val/ split (ImageNet: the GPU experiment); "
                                                           "default: toy images through the tiny encoder at patch 4.")] = None,
-    vae: ModelOption("FlatDINO VAE run for --features (toy mode trains one).") = None,
+    vae: ModelOption(help="FlatDINO VAE run for --features (toy mode trains one).") = None,
     fae: Annotated[Optional[Path], typer.Option(help="FAE laminator run for --features (toy mode trains one).")] = None,
     preset: Annotated[Optional[list[str]], typer.Option(help="METHOD=PRESET, repeatable (defaults: tiny-dit, tiny-rae-dit, "
                                                              "tiny-fae-dit; with --features xl-32x128, rae-xl-256x768, fae-xl-16x16x32).")] = None,
@@ -229,8 +229,8 @@ def compare(
       flatdino compare --out runs/compare
       flatdino compare --features stores/in1k --vae runs/vae-32x128 --fae runs/fae-16x16x32 --budget 1e19 --out runs/compare-in1k
     """
-    from flatdino_cli.workspace.paths import root
-    from flatdino_cli.compare import CompareConfig, format_report, run_compare
+    from flatdino_cli.workspace.paths import root  # startup
+    from flatdino_cli.compare import CompareConfig, format_report, run_compare  # startup
 
     pairs = tuple(tuple(p.split("=", 1)) for p in preset or [])
     if any(len(p) != 2 for p in pairs):

@@ -68,7 +68,7 @@ def train_options(preset: str, after: dict[str, str | None] | None = None):
 
         @functools.wraps(fn)
         def command(**options):
-            from flatdino_cli.stages.start import TrainRequest
+            from flatdino_cli.stages.start import TrainRequest  # startup
 
             return fn(TrainRequest(**{name: options.pop(name) for name in TRAIN_OPTIONS}), **options)
 
@@ -111,11 +111,11 @@ def train_vae(
       flatdino train-vae --preset vae-32x128 --images imagenet/train --encoder dinov2-b-reg4 \\
         --val-features stores/in1k-val-bilinear --out runs/vae
     """
-    from flatdino_cli.stages.start import start_training
-    from flatdino_cli.stages.vae import train_vae as run
-    from flatdino_cli.workspace.paths import note_run
-    from flatdino_cli.workspace.pick import pick_features
-    from flatdino_cli.workspace.settings import setting
+    from flatdino_cli.stages.start import start_training  # startup
+    from flatdino_cli.stages.vae import train_vae as run  # startup
+    from flatdino_cli.workspace.paths import note_run  # startup
+    from flatdino_cli.workspace.pick import pick_features  # startup
+    from flatdino_cli.workspace.settings import setting  # startup
 
     def pick(cfg):
         picked = features if features is not None or images is not None else pick_features("train-vae")
@@ -142,8 +142,8 @@ def train_dit(
     compute_stats: Annotated[bool, typer.Option(
         "--compute-stats", help="(RAE mode) recompute the per-position mean/var of the store into RUN/stats.pt "
                                 "(RAE's format); otherwise computed once when missing.")] = False,
-    vae: ModelOption("VAE run, to write sample grids during training.") = None,
-    decoder: ModelOption("Pixel decoder (run dir or RAE model.pt) for sample grids.") = None,
+    vae: ModelOption(help="VAE run, to write sample grids during training.") = None,
+    decoder: ModelOption(help="Pixel decoder (run dir or RAE model.pt) for sample grids.") = None,
 ):
     """Train the LightningDiT flow-matching generator on latents (the paper's recipe by default).
 
@@ -162,11 +162,11 @@ def train_dit(
     Example:
       flatdino train-dit --preset xl-32x128   (the newest fitting latents -> runs/dit-xl-32x128)
     """
-    from flatdino_cli.data import Store, with_store_shape
-    from flatdino_cli.stages.dit import train_dit as run
-    from flatdino_cli.stages.start import start_training
-    from flatdino_cli.workspace.paths import note_run
-    from flatdino_cli.workspace.pick import pick_latents
+    from flatdino_cli.data import Store, with_store_shape  # startup
+    from flatdino_cli.stages.dit import train_dit as run  # startup
+    from flatdino_cli.stages.start import start_training  # startup
+    from flatdino_cli.workspace.paths import note_run  # startup
+    from flatdino_cli.workspace.pick import pick_latents  # startup
 
     cfg, latents, out, rt = start_training(
         train, "train-dit", "dit", "a DiT preset (xl-32x128, ...)",
@@ -174,7 +174,7 @@ def train_dit(
         lambda cfg, store: with_store_shape(cfg, Store.open(store), store))
     on_step = None
     if cfg.sample_every and decoder is not None and (vae is not None or cfg.model.grid) and rt.is_main:
-        from flatdino_cli.stages.dit import training_grid_hook
+        from flatdino_cli.stages.dit import training_grid_hook  # startup
 
         on_step = training_grid_hook(cfg, out, vae, decoder, rt)
     summary = run(cfg, out, rt, latents, resume=train.resume, recompute_stats=compute_stats, on_step=on_step,
@@ -221,10 +221,10 @@ def train_decoder(
           --lpips-weights vgg.pth --out runs/decoder-xl
       flatdino train-decoder --preset tiny-decoder --images runs/toy --encoder tiny --out runs/toy-decoder
     """
-    from flatdino_cli.stages.decoder import DecoderSources, train_decoder as run
-    from flatdino_cli.stages.start import start_training
-    from flatdino_cli.workspace.paths import note_run
-    from flatdino_cli.workspace.settings import setting
+    from flatdino_cli.stages.decoder import DecoderSources, train_decoder as run  # startup
+    from flatdino_cli.stages.start import start_training  # startup
+    from flatdino_cli.workspace.paths import note_run  # startup
+    from flatdino_cli.workspace.settings import setting  # startup
 
     cfg, encoder_weights, out, rt = start_training(
         train, "train-decoder", "decoder", "decoder-xl, tiny-decoder, ...",
