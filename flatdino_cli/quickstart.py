@@ -146,7 +146,7 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
 
 def mission_lines(dit_preset: str) -> list[str]:
     """The three command lines the toolkit is described by, as they run in the quickstart's folder
-    (a workspace): toy class 3, the toy DiT's own guidance scale, a one-epoch DiT of the toy preset."""
+    (a workspace): toy class 3 at w = 6 (the toy DiT's own is 4), a one-epoch DiT of the toy preset."""
     return ["flatdino sample --class 3 --cfg 6", "flatdino ablate-tokens",
             f"flatdino train-dit --preset {dit_preset} --set train.epochs=1"]
 
