@@ -10,7 +10,8 @@ core each (these tiny models gain next to nothing from a second thread), with ha
 feature store (made once) and the judge.
 
 Measured: flat at w = 4 (2 cores) 80.8% (VAE val cosine 0.982; the same trained models sampled with
-seeds 1 / 2: 85.8% / 75.0%, so about 81% +- 5; at the earlier w = 6, one thread, 84.2%); FAE 70.0%
+seeds 1 / 2: 85.8% / 75.0%, so about 81% +- 5; guided over all of t, the preset now, 84.5% / 84.2%
+of 600 samples at seeds 0 / 1; at the earlier w = 6, one thread, 84.2%); FAE 70.0%
 (FAE cosine 0.974). Training on another CPU rounds differently (MKL picks kernels by machine), and 120 samples
 move a few points with that (binomial sd ~3.5 points near 85%): the bars sit below what was measured,
 and the printed number says where a machine stands."""
