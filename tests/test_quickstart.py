@@ -90,7 +90,7 @@ def test_quickstart_printed_lines_run_as_typed_in_its_folder(quickstarts):
     tail = printed[next(i for i, line in enumerate(printed) if "is a workspace" in line) + 1:]
     assert tail[0].strip().startswith("cd ") and Path(tail[0].strip()[3:]).resolve() == flat_out.resolve()
     lines = [line.strip() for line in tail[1:]]
-    assert lines == ["flatdino sample --class 3 --cfg 6", "flatdino ablate-tokens",
+    assert lines == ["flatdino sample --class 3 --cfg 4", "flatdino ablate-tokens",
                      "flatdino train-dit --preset tiny-dit --set train.epochs=1"]
     said = [run_cli(*shlex.split(line)[1:], cwd=flat_out, timeout=1200, env=env(quickstarts)).stdout for line in lines]
     assert "sample: dit dit (step" in said[0] and "decoder decoder (step" in said[0]
