@@ -147,7 +147,7 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
 def mission_lines(dit_preset: str) -> list[str]:
     """The three command lines the toolkit is described by, as they run in the quickstart's folder
     (a workspace): toy class 3, the toy DiT's own guidance scale, a one-epoch DiT of the toy preset."""
-    return ["flatdino sample --class 3 --cfg 4", "flatdino ablate-tokens",
+    return [f"flatdino sample --class 3 --cfg {load_preset(dit_preset).flow.cfg_scale:g}", "flatdino ablate-tokens",
             f"flatdino train-dit --preset {dit_preset} --set train.epochs=1"]
 
 
