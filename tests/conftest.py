@@ -45,6 +45,15 @@ def pytest_unconfigure(config):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def workspace_variable_kept():
+    """`--workspace` sets FLATDINO_WORKSPACE for the process: a test that left it changed would steer
+    the default folders of every later test in this process (the quickstart tests, run last, met one)."""
+    before = os.environ.get("FLATDINO_WORKSPACE")
+    yield
+    assert os.environ.get("FLATDINO_WORKSPACE") == before, "the test left FLATDINO_WORKSPACE changed"
+
+
 @pytest.fixture(scope="session")
 def quickstarts(pytestconfig):
     """The background quickstarts' folder (quickstart_jobs.py), once they have finished."""

@@ -29,12 +29,19 @@ SHORT = ["--set", "train.epochs=1", "--device", "cpu"]  # the DiTs also sample i
 
 @contextmanager
 def inside(folder: Path, env: dict | None = None):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.delenv(ENV_VAR, raising=False)
-        for k, v in (env or {}).items():
-            mp.setenv(k, v)
-        yield
+    """In `folder`, with `env` and no workspace variable; the environment is restored whole on the way
+    out, including what a command set itself (`--workspace` sets the variable for the process)."""
+    saved = dict(os.environ)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(folder)
+            mp.delenv(ENV_VAR, raising=False)
+            for k, v in (env or {}).items():
+                mp.setenv(k, v)
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def typed(line: str, check: bool = True):
