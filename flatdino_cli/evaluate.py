@@ -204,11 +204,14 @@ def unguided(flow: FlowConfig) -> FlowConfig:
 
 
 def sample_features(pipe: Pipeline, ref: Reference, indices: Sequence[int], seed: int, flow: FlowConfig | None = None,
-                    batch_size: int = 64, rt: Runtime = CPU) -> np.ndarray:
-    """(len(indices), C + k) vectors r(f) of evaluation images `indices` (this rank's share)."""
+                    batch_size: int = 64, rt: Runtime = CPU,
+                    evaluations: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """(len(indices), C + k) vectors r(f) of evaluation images `indices` (this rank's share);
+    `evaluations` receives (images, network evaluations per image) per chunk, as sample_chunks says."""
     labels = eval_labels(indices, pipe.cfg.model.num_classes)
     out = []
-    for x, k in sample_chunks(pipe, labels, list(indices), seed, flow, batch_size, rt, exact=False):
+    for x, k in sample_chunks(pipe, labels, list(indices), seed, flow, batch_size, rt, exact=False,
+                              evaluations=evaluations):
         feats = pipe.features(x, rt)[:k]
         if tuple(feats.shape[1:]) != ref.item_shape:
             raise UserError(f"fd_rep reference {ref.identity.get('store')}: holds {ref.item_shape} features, this "
@@ -236,10 +239,11 @@ def fd_rep(vecs: np.ndarray, ref: Reference) -> float:
 
 @torch.no_grad()
 def evaluate_dit(pipe: Pipeline, ref: Reference, samples: int, seed: int = 0, flow: FlowConfig | None = None,
-                 batch_size: int = 64, rt: Runtime = CPU, guided: bool = True, nocfg: bool = True) -> dict[str, float]:
+                 batch_size: int = 64, rt: Runtime = CPU, guided: bool = True, nocfg: bool = True,
+                 evaluations: list[tuple[int, int]] | None = None) -> dict[str, float]:
     """{FD_REP: ..., FD_REP_NOCFG: ...} of `samples` class-balanced samples from `seed` with the sampler
     setting `flow` (default: the DiT config's). pipe.dit should be the EMA model in eval mode; pipe.decoder
-    may be None. Under DDP rank r samples images r, r + W, ... and the vectors are gathered, so the value
+    may be None. `evaluations`: the guided set's network evaluations per chunk (an adaptive solver's). Under DDP rank r samples images r, r + W, ... and the vectors are gathered, so the value
     is the same for any number of processes (up to float rounding off the CPU)."""
     if samples < 2:
         raise UserError(f"eval.samples={samples}: fd_rep needs at least 2 samples")
@@ -248,7 +252,8 @@ def evaluate_dit(pipe: Pipeline, ref: Reference, samples: int, seed: int = 0, fl
     out = {}
     for key, f, on in ((FD_REP, flow, guided), (FD_REP_NOCFG, unguided(flow), nocfg)):
         if on:
-            vecs = _gather(sample_features(pipe, ref, mine, seed, f, batch_size, rt), mine, samples, rt)
+            vecs = _gather(sample_features(pipe, ref, mine, seed, f, batch_size, rt,
+                                           evaluations if key == FD_REP else None), mine, samples, rt)
             out[key] = fd_rep(vecs, ref)
     return out
 

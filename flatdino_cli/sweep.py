@@ -75,7 +75,9 @@ def run_points(out: str | Path, points: list[tuple[str, FlowConfig]], score: Cal
         t0 = time.perf_counter()
         metrics = score(flow)
         seconds = time.perf_counter() - t0
-        table[key] = {**json.loads(key), **metrics, "nfe": network_evaluations(flow),
+        # an adaptive solver's count is known only after sampling: its score reports it
+        nfe = metrics.pop("nfe") if "nfe" in metrics else network_evaluations(flow)
+        table[key] = {**json.loads(key), **metrics, "nfe": nfe,
                       "images_per_s": images / seconds if seconds > 0 else None}
         atomic_write_json(path, {"shared": shared or {}, "points": table})  # a killed sweep keeps what it finished
     return table
@@ -146,7 +148,11 @@ def run_sweep(dit: str | Path, out: str | Path, grid: dict[str, list], cfg: Scor
                disable=not rt.is_main)
 
     def scored(flow: FlowConfig) -> dict:
-        result = evaluate_dit(pipe, ref, n, cfg.seed, flow, cfg.batch_size, rt, nocfg=False)
+        counts: list[tuple[int, int]] = []  # (images, evaluations per image) per chunk, from dopri5
+        result = evaluate_dit(pipe, ref, n, cfg.seed, flow, cfg.batch_size, rt, nocfg=False,
+                              evaluations=counts if flow.sampler == "dopri5" else None)
+        if counts:
+            result["nfe"] = round(sum(k * e for k, e in counts) / sum(k for k, _ in counts), 1)
         bar.update(1)
         bar.set_postfix(fd_rep=f"{result[FD_REP]:.4g}")
         return result

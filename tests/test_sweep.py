@@ -49,3 +49,15 @@ def test_sweep_command_2x2_resumes_and_writes_table_and_figure(dit_run, tmp_path
     assert len(calls) == 2
     bad = cli("sweep", out, "--out", tmp_path / "sw", "--cfg", "1", "--samples", "12", "--device", "cpu", check=False)
     assert bad.returncode == 1 and "other samples" in bad.stderr and "\n" not in bad.stderr.strip()
+
+
+def test_sweep_records_the_evaluations_dopri5_used(dit_run, tmp_path, cli):
+    """An adaptive solver's count is known only after sampling: the sweep records the mean it measured."""
+    pytest.importorskip("torchdiffeq")  # the ode extra (installed with the test extra)
+    out, _ = dit_run
+    cli("sweep", out, "--out", tmp_path / "sw", "--cfg", "1,3", "--sampler", "dopri5", "--samples", "24",
+        "--device", "cpu")
+    rows = json.loads((tmp_path / "sw/sweep.json").read_text())["points"].values()
+    nfe = {r["cfg"]: r["nfe"] for r in rows}
+    # dopri5 evaluates at least its 6 stages once; guided points count each evaluation twice
+    assert nfe[1] >= 6 and nfe[3] > nfe[1]
