@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from flatdino_cli.errors import UserError
 
 __all__ = ["FlowConfig", "FlowConfigError", "RAE_T_MAX", "default_shift", "evaluation_times", "flow_loss",
            "adams_bashforth_weights", "guidance_weights", "guided_velocity", "interpolate", "make_velocity_fn",
-           "network_evaluations", "ours_to_rae_time",
+           "network_evaluations", "adaptive_tally", "mean_evaluations", "ours_to_rae_time",
            "rae_shift_time", "rae_to_ours_time", "rae_to_ours_velocity", "sample", "sample_train_time", "sampler_grid",
            "sde_grid",
            "shift_time", "time_grid", "velocity_target"]
@@ -188,6 +188,20 @@ def network_evaluations(cfg: FlowConfig, times: list[float] | None = None) -> in
     count is known only after sampling); default evaluation_times(cfg)."""
     t = torch.tensor(evaluation_times(cfg) if times is None else times, dtype=torch.float32)  # as `sample` passes t
     return int(len(t) + int((guidance_weights(t, cfg) != 1.0).sum()))
+
+
+def adaptive_tally(counts: Sequence[tuple[int, int]], earlier: dict | None = None) -> dict:
+    """An adaptive solver's evaluations over a sample set: {images, total, min, max} (per image; one
+    count per chunk of images integrated together), merged with an earlier run's tally (a resumed set)."""
+    images = sum(k for k, _ in counts) + (earlier or {}).get("images", 0)
+    total = sum(k * n for k, n in counts) + (earlier or {}).get("total", 0)
+    per_image = [n for _, n in counts] + ([earlier["min"], earlier["max"]] if earlier else [])
+    return {"images": images, "total": total, "min": min(per_image), "max": max(per_image)}
+
+
+def mean_evaluations(tally: dict | None) -> float | None:
+    """Network evaluations per image of an adaptive solver's tally (None before any image was made)."""
+    return round(tally["total"] / tally["images"], 1) if tally else None
 
 
 def sample_train_time(n: int, cfg: FlowConfig, generator: torch.Generator | None = None,

@@ -27,7 +27,7 @@ from flatdino_cli import preempt
 from flatdino_cli.classes import class_label, class_plan, resolve_classes
 from flatdino_cli.config import SampleConfig
 from flatdino_cli.errors import UserError
-from flatdino_cli.flow import FlowConfig, network_evaluations
+from flatdino_cli.flow import FlowConfig, adaptive_tally, mean_evaluations, network_evaluations
 from flatdino_cli.pipeline import Pipeline
 from flatdino_cli.pipeline.generate import generate, sampler_batch
 from flatdino_cli.pipeline.load import load_pipeline
@@ -159,20 +159,6 @@ def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir
     return arr
 
 
-def adaptive_tally(counts: Sequence[tuple[int, int]], earlier: dict | None = None) -> dict:
-    """An adaptive solver's evaluations over a sample set: {images, total, min, max} (per image; one
-    count per chunk of images integrated together), merged with an earlier run's tally (a resumed set)."""
-    images = sum(k for k, _ in counts) + (earlier or {}).get("images", 0)
-    total = sum(k * n for k, n in counts) + (earlier or {}).get("total", 0)
-    per_image = [n for _, n in counts] + ([earlier["min"], earlier["max"]] if earlier else [])
-    return {"images": images, "total": total, "min": min(per_image), "max": max(per_image)}
-
-
-def _mean_evaluations(tally: dict | None) -> float | None:
-    """Network evaluations per image of an adaptive solver's tally (None before any image was made)."""
-    return round(tally["total"] / tally["images"], 1) if tally else None
-
-
 def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, seed: int, flow: FlowConfig,
                      batch_size: int = 16, shard_size: int = 1000, rt: Runtime = CPU, extra: dict | None = None,
                      progress: bool = True) -> dict:
@@ -222,14 +208,14 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
     tally = earlier.get("adaptive_evaluations") if adaptive else None  # the images made before a resume
     counts: list[tuple[int, int]] | None = [] if adaptive else None  # this run's chunks
     manifest = {"identity": identity, **(extra or {}),
-                "network_evaluations": _mean_evaluations(tally) if adaptive else network_evaluations(flow),
+                "network_evaluations": mean_evaluations(tally) if adaptive else network_evaluations(flow),
                 **({"adaptive_evaluations": tally} if tally else {}),
                 "npz": npz.name, "grid": "grid.png", "images": "images", "complete": False}
 
     def note_evaluations() -> None:  # after each shard: a killed run keeps the count of what it made
         if counts:
             manifest["adaptive_evaluations"] = merged = adaptive_tally(counts, tally)
-            manifest["network_evaluations"] = _mean_evaluations(merged)
+            manifest["network_evaluations"] = mean_evaluations(merged)
             atomic_write_json(mf_path, manifest)
 
     atomic_write_json(mf_path, manifest)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from flatdino_cli.errors import UserError
 from flatdino_cli.evaluate import FD_REP, ScoreConfig, evaluate_dit, evaluation_parts
-from flatdino_cli.flow import FlowConfig, network_evaluations
+from flatdino_cli.flow import FlowConfig, adaptive_tally, mean_evaluations, network_evaluations
 from flatdino_cli.pipeline.options import parse_interval, sampling_flow
 from flatdino_cli.runtime import CPU, Runtime
 from flatdino_cli.utils import atomic_write_json, atomic_write_text, comma_list, ensure_dir, read_json
@@ -152,7 +152,7 @@ def run_sweep(dit: str | Path, out: str | Path, grid: dict[str, list], cfg: Scor
         result = evaluate_dit(pipe, ref, n, cfg.seed, flow, cfg.batch_size, rt, nocfg=False,
                               evaluations=counts if flow.sampler == "dopri5" else None)
         if counts:
-            result["nfe"] = round(sum(k * e for k, e in counts) / sum(k for k, _ in counts), 1)
+            result["nfe"] = mean_evaluations(adaptive_tally(counts))
         bar.update(1)
         bar.set_postfix(fd_rep=f"{result[FD_REP]:.4g}")
         return result

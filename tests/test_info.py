@@ -117,7 +117,7 @@ def test_info_on_a_sample_set_shows_the_solver_and_its_evaluations(w, tmp_path):
 
 
 def test_info_shows_the_evaluations_dopri5_used(w, tmp_path):
-    """An adaptive solver's count, recorded after sampling (sample.adaptive_tally), is what info shows."""
+    """An adaptive solver's count, recorded after sampling (flow.adaptive_tally), is what info shows."""
     pytest.importorskip("torchdiffeq")  # the ode extra (installed with the test extra)
     out = tmp_path / "ode"
     r = CliRunner().invoke(app, ["sample", "--dit", str(w["dit"]), "--vae", str(w["vae"]), "--decoder", str(w["dec"]),

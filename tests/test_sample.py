@@ -28,7 +28,7 @@ from flatdino_cli.config_yaml import save_config
 from flatdino_cli.data import EncoderTransform, Store
 from flatdino_cli.encoders import load_encoder
 from flatdino_cli.errors import UserError
-from flatdino_cli.flow import FlowConfig, make_velocity_fn, network_evaluations
+from flatdino_cli.flow import FlowConfig, adaptive_tally, make_velocity_fn, network_evaluations
 from flatdino_cli.flow import sample as flow_sample
 from flatdino_cli.models import build_model
 from flatdino_cli.models.stats import load_stats, save_stats
@@ -436,6 +436,6 @@ def test_dopri5_records_the_evaluations_it_used(w, tmp_path):
     counts: list = []
     list(PL.sample_chunks(pipe, [0] * 5 + [2] * 5, list(range(10)), 0, dataclasses.replace(FLOW, sampler="dopri5"),
                           evaluations=counts))
-    assert [k for k, _ in counts] == [8, 2] and S.adaptive_tally(counts) == tally
-    assert S.adaptive_tally([(2, 20)], {"images": 8, "total": 100, "min": 12, "max": 13}) == {
+    assert [k for k, _ in counts] == [8, 2] and adaptive_tally(counts) == tally
+    assert adaptive_tally([(2, 20)], {"images": 8, "total": 100, "min": 12, "max": 13}) == {
         "images": 10, "total": 140, "min": 12, "max": 20}  # a resumed set: the earlier images kept
