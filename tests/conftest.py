@@ -57,8 +57,8 @@ def workspace_variable_kept():
 @pytest.fixture(scope="session")
 def quickstarts(pytestconfig):
     """The background quickstarts' folder (quickstart_jobs.py), once they have finished."""
-    root, _ = pytestconfig.stash[QUICKSTART_JOBS]
-    quickstart_jobs.wait(root)
+    root, job = pytestconfig.stash[QUICKSTART_JOBS]
+    quickstart_jobs.wait(root, job)
     return root
 
 

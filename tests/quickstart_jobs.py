@@ -59,10 +59,14 @@ def stop(job: subprocess.Popen) -> None:
     job.wait()
 
 
-def wait(root: Path, timeout: float = 3600) -> dict:
-    """jobs.json once the jobs have ended (AssertionError with their log if they have not in time)."""
+def wait(root: Path, job: subprocess.Popen, timeout: float = 3600) -> dict:
+    """jobs.json once the jobs have ended (AssertionError with their log if they have not in time, or
+    if the driver process died without writing it: a SIGKILL or an OOM kill skips its `finally`)."""
     deadline = time.time() + timeout
     while not (root / "jobs.json").exists():
+        if job.poll() is not None and not (root / "jobs.json").exists():
+            raise AssertionError(f"the background quickstarts' driver exited ({job.returncode}) without "
+                                 "jobs.json:\n" + tail(root / "jobs.log"))
         if time.time() > deadline:
             raise AssertionError("the background quickstarts did not finish:\n" + tail(root / "jobs.log"))
         time.sleep(2)

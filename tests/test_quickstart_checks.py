@@ -14,3 +14,20 @@ def test_quickstart_refuses_too_few_images_up_front_and_prints_full_paths(cli, t
         {"stage": "sample", "grid": "grid.png"}, {"stage": "ablate-tokens", "figure": "token_ablation.png"}]})
     assert str((Path("runs/qs") / "samples" / "grid.png").resolve()) in text
     assert str((Path("runs/qs") / "ablate" / "token_ablation.png").resolve()) in text
+
+
+def test_waiting_for_the_background_quickstarts_ends_when_their_driver_dies(tmp_path):
+    """A driver killed before it wrote jobs.json (SIGKILL, the OOM killer) is noticed at once, with its
+    log, instead of the quickstart tests waiting out the hour."""
+    import subprocess
+    import sys
+
+    import pytest
+    from quickstart_jobs import wait
+
+    (tmp_path / "jobs.log").write_text("Killed\n")
+    driver = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
+    with pytest.raises(AssertionError, match=r"driver exited \(9\) without jobs.json:\nKilled"):
+        wait(tmp_path, driver, timeout=300)
+    (tmp_path / "jobs.json").write_text('{"flat_rc": 0}')
+    assert wait(tmp_path, driver) == {"flat_rc": 0}
