@@ -121,7 +121,8 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
             d["dit"], d["vae"], d["decoder"], all_classes=True, per_class=plan.samples_per_class, seed=plan.seed,
             out=d["samples"], batch_size=64), rt), "out", "count", "grid", "npz")),
         ("reconstruct", lambda: _keys(run_reconstruct(ReconstructConfig(
-            d["features"] / "val" / "paths.txt", d["vae"], d["decoder"], d["reconstruct"], n=24), rt), "mean")),
+            _spread(d["features"] / "val" / "paths.txt", 24, out / "reconstruct-images.txt"), d["vae"], d["decoder"],
+            d["reconstruct"]), rt), "mean")),
         ("ablate-tokens", lambda: _keys(run_ablate(AblateConfig(
             d["vae"], d["features"] / "val", d["ablate"], n=plan.held_out()), rt), "figure", "heatmaps")),
         ("flops", lambda: _flops(out / "flops.txt")),
@@ -149,6 +150,16 @@ def mission_lines(dit_preset: str) -> list[str]:
     (a workspace): toy class 3, the toy DiT's own guidance scale, a one-epoch DiT of the toy preset."""
     return [f"flatdino sample --class 3 --cfg {load_preset(dit_preset).flow.cfg_scale:g}", "flatdino ablate-tokens",
             f"flatdino train-dit --preset {dit_preset} --set train.epochs=1"]
+
+
+def _spread(paths: Path, n: int, dest: Path) -> Path:
+    """A list of n of the held-out images, evenly spaced over them: they are listed class by class, so
+    the reconstruction grid shows every class (the first n would all be red circles)."""
+    lines = paths.read_text().splitlines()
+    n = min(n, len(lines))
+    picks = [lines[i * len(lines) // n] for i in range(n)]
+    atomic_write_text(dest, "\n".join(picks) + "\n")
+    return dest
 
 
 def _keys(result: dict, *keys: str) -> dict:

@@ -74,6 +74,8 @@ def test_quickstart_resumes_and_samples_are_recognisable(quickstarts):
     assert vae_cos >= 0.9 and vae_cos >= mean_cos + 0.15
     for f in ("samples/grid.png", "reconstruct/reconstruct.json", "ablate/token_ablation.png", "flops.txt"):
         assert (out / f).is_file(), f
+    shown = (out / "reconstruct-images.txt").read_text().split()  # the reconstruction grid: two of every class
+    assert len(shown) == 24 and len({Path(f).parent.name for f in shown}) == 12
 
     r = run_cli("quickstart", "--out", out, *FLAT_SETS, env=env(quickstarts))  # everything done: all stages skipped
     assert r.stdout.count("done earlier, skipped") + r.stderr.count("done earlier, skipped") == len(summary["stages"])

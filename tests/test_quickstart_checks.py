@@ -31,3 +31,14 @@ def test_waiting_for_the_background_quickstarts_ends_when_their_driver_dies(tmp_
         wait(tmp_path, driver, timeout=300)
     (tmp_path / "jobs.json").write_text('{"flat_rc": 0}')
     assert wait(tmp_path, driver) == {"flat_rc": 0}
+
+
+def test_the_reconstruction_grid_shows_every_class(tmp_path):
+    """The held-out list runs class by class: the quickstart's 24 reconstructions are spread over it."""
+    from flatdino_cli.quickstart import _spread
+
+    listed = tmp_path / "paths.txt"
+    listed.write_text("".join(f"toy/{c:02d}/{i}.png\n" for c in range(12) for i in range(25)))
+    picked = _spread(listed, 24, tmp_path / "picked.txt").read_text().split()
+    assert [p.split("/")[1] for p in picked] == [f"{c:02d}" for c in range(12) for _ in range(2)]
+    assert _spread(listed, 500, tmp_path / "all.txt").read_text().split() == listed.read_text().split()
