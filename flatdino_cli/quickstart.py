@@ -154,7 +154,8 @@ def mission_lines(dit_preset: str) -> list[str]:
 
 def _spread(paths: Path, n: int, dest: Path) -> Path:
     """A list of n of the held-out images, evenly spaced over them: they are listed class by class, so
-    the reconstruction grid shows every class (the first n would all be red circles)."""
+    the reconstruction grid shows the classes as the split holds them, all 12 at the default 300 held-out
+    images (the first n would all be red circles)."""
     lines = paths.read_text().splitlines()
     n = min(n, len(lines))
     picks = [lines[i * len(lines) // n] for i in range(n)]
