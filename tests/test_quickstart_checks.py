@@ -1,7 +1,12 @@
 """`flatdino quickstart`'s quick checks: too few images refused before anything is written, and the
 summary's full paths. The end-to-end runs are in test_quickstart.py."""
 
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+from quickstart_jobs import wait
 
 
 def test_quickstart_refuses_too_few_images_up_front_and_prints_full_paths(cli, tmp_path):
@@ -19,12 +24,6 @@ def test_quickstart_refuses_too_few_images_up_front_and_prints_full_paths(cli, t
 def test_waiting_for_the_background_quickstarts_ends_when_their_driver_dies(tmp_path):
     """A driver killed before it wrote jobs.json (SIGKILL, the OOM killer) is noticed at once, with its
     log, instead of the quickstart tests waiting out the hour."""
-    import subprocess
-    import sys
-
-    import pytest
-    from quickstart_jobs import wait
-
     (tmp_path / "jobs.log").write_text("Killed\n")
     driver = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
     with pytest.raises(AssertionError, match=r"driver exited \(9\) without jobs.json:\nKilled"):
