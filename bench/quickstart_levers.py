@@ -10,8 +10,8 @@ dtype and this machine's measured matmul rate. What it retrains follows the flag
 - --decoder-set: the pixel decoder only (on the quickstart's VAE outputs), sampled with its DiT;
 - none of them: the quickstart's own models, e.g. with --sample options only.
 
-Everything lands in QS/levers/NAME (a rerun reuses what is there). The README's quickstart tables of
-this round were printed by, for example:
+Everything lands in QS/levers/NAME (a rerun reuses what is there). Each row of the README's table of
+DiT and chain changes is one call (its cells were measured with an earlier form of this script), e.g.:
 
     python bench/quickstart_levers.py runs/quickstart --name seed1 --dit-set train.seed=1
     python bench/quickstart_levers.py runs/quickstart --name lr2e-3 --dit-set train.lr=2e-3
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from _common import g, matmul_peak
-from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, predict
+from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, named_right
 from flatdino_cli.extract import extract_latents
 from flatdino_cli.runtime import setup_runtime
 from flatdino_cli.toydata import CLASS_NAMES
@@ -101,11 +101,10 @@ def main() -> None:
                             "--classes", "all", "--per-class", str(args.per_class), "--seed", seed, "--out", str(so),
                             "--batch-size", "64", *shlex.split(args.sample)], check=True, stdout=subprocess.DEVNULL)
         data = np.load(next(so.glob("*.npz")))
-        named, labels = predict(judge, data["arr_0"]), data["arr_1"]
-        per_class = [float((named[labels == c] == c).mean()) for c in range(len(CLASS_NAMES))]
-        results["seeds"][seed] = {"accuracy": float((named == labels).mean()), "per_class": per_class}
-        print(f"  seed {seed}: {(named == labels).mean():.1%} named right; per class "
-              + " ".join(f"{n.split('_', 1)[1]} {a:.0%}" for n, a in zip(CLASS_NAMES, per_class)))
+        accuracy, per_class = named_right(judge, data["arr_0"], data["arr_1"])
+        results["seeds"][seed] = {"accuracy": accuracy, "per_class": per_class}
+        print(f"  seed {seed}: {accuracy:.1%} named right; per class "
+              + " ".join(f"{CLASS_NAMES[c].split('_', 1)[1]} {a:.0%}" for c, a in per_class.items()))
     (out / "result.json").write_text(json.dumps(results, indent=2))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from flatdino_cli.analysis.ablate import AblateConfig, run_ablate
 from flatdino_cli.analysis.flops import appendix_h_tables, format_table
-from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, predict, real_accuracy
+from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, named_right, real_accuracy
 from flatdino_cli.config import ExtractConfig, SampleConfig
 from flatdino_cli.config_yaml import load_preset
 from flatdino_cli.errors import UserError
@@ -178,8 +178,7 @@ def _classify(samples: Path, plan: QuickstartPlan) -> dict:
     data = np.load(next(samples.glob("*.npz")))
     images, labels = data["arr_0"], data["arr_1"]  # ADM layout: labels in arr_1
     model, real_acc = cached_toy_classifier(size=plan.image_size, seed=plan.seed)
-    acc = float((predict(model, images) == labels).mean())
-    per_class = {int(c): float((predict(model, images[labels == c]) == c).mean()) for c in np.unique(labels)}
+    acc, per_class = named_right(model, images, labels)
     blur_acc = real_accuracy(model, plan.image_size, plan.seed, blur=1.0)
     return {"sample_accuracy": acc, "real_test_accuracy": real_acc, "blurred_real_test_accuracy": blur_acc,
             "num_samples": int(len(labels)),

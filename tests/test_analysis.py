@@ -405,3 +405,11 @@ def test_noise_reports_rfid_and_psnr_against_the_original_images(tmp_path):
         else:
             os.environ["XDG_CACHE_HOME"] = old
     assert "rfid" not in r["latent"] and "rfid omitted" in r["notes"][0]
+
+
+def test_named_right_counts_in_all_and_per_label(monkeypatch):
+    from flatdino_cli.analysis import toy_classifier as J
+
+    monkeypatch.setattr(J, "predict", lambda model, images: np.array([0, 1, 1, 2, 2, 2]))
+    acc, per_class = J.named_right(None, np.zeros((6, 4, 4, 3), np.uint8), np.array([0, 0, 1, 1, 2, 2]))
+    assert acc == 4 / 6 and per_class == {0: 0.5, 1: 0.5, 2: 1.0}

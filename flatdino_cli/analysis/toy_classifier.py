@@ -68,6 +68,12 @@ def predict(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarra
     return torch.cat(out).numpy()
 
 
+def named_right(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict[int, float]]:
+    """The share of (N, H, W, 3) uint8 images the judge names as their label, in all and per label."""
+    named = predict(model, images)
+    return float((named == labels).mean()), {int(c): float((named[labels == c] == c).mean()) for c in np.unique(labels)}
+
+
 MAX_BLUR = 1.5  # px: the training blur's sigma is uniform in [0, MAX_BLUR]
 
 
