@@ -159,6 +159,56 @@ def _make_shard(pipe: Pipeline, labels: np.ndarray, lo: int, hi: int, images_dir
     return arr
 
 
+def _identity(pipe: Pipeline, labels: np.ndarray, seed: int, flow: FlowConfig, rt: Runtime) -> dict:
+    """What makes a sample set what it is: a rerun into the same folder resumes only when this matches."""
+    return {
+        "dit": pipe.identity.get("dit"), "vae": pipe.identity.get("vae"), "decoder": pipe.identity.get("decoder"),
+        "stats": pipe.identity.get("stats"), "guide": pipe.identity.get("guide"), "seed": seed, "count": len(labels),
+        "image_size": pipe.image_size, "labels_sha256": sha256_strings(labels.tolist()),
+        "classes": sorted(set(labels.tolist()))[:1000],
+        "flow": {"cfg_scale": flow.cfg_scale, "cfg_interval": list(flow.cfg_interval),
+                 "cfg_interval_inclusive": flow.cfg_interval_inclusive, "steps": flow.steps,
+                 "sampler": flow.sampler, "shift": flow.shift,
+                 # recorded only where they act, so old sample sets stay resumable
+                 **({"grid": flow.grid} if flow.grid != "ours" else {}),
+                 **({"cfg_schedule": [list(p) for p in flow.cfg_schedule]} if flow.cfg_schedule else {}),
+                 **({"sde_diffusion": flow.sde_diffusion, "sde_last_step": flow.sde_last_step}
+                    if flow.sampler == "sde" else {})},
+        "precision": rt.precision,
+        "noise": "image i: eps ~ N(0, I) from torch.Generator seeded by SeedSequence([seed, i])",
+    }
+
+
+def _earlier_manifest(out: Path, identity: dict) -> dict:
+    """The samples.json of the run this one resumes ({} for a fresh folder); a UserError where the folder
+    holds another set (other settings, or PNGs that no manifest describes) or an unreadable manifest."""
+    mf_path = out / "samples.json"
+    if not mf_path.is_file():
+        if any((out / "images").glob("*.png")):
+            raise UserError(f"{out}/images: holds PNGs that no samples.json describes; choose another --out")
+        return {}
+    try:
+        earlier = json.loads(mf_path.read_text())
+        old = earlier.get("identity", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise UserError(f"{mf_path}: unreadable; choose another --out or delete that folder") from None
+    diffs = [k for k in sorted(set(old) | set(identity)) if json.dumps(old.get(k), sort_keys=True)
+             != json.dumps(json.loads(json.dumps(identity.get(k))), sort_keys=True)]
+    if diffs:
+        raise UserError(f"{out}: holds samples made with other settings ({', '.join(diffs)} differ); choose "
+                        "another --out or delete it")
+    return earlier
+
+
+def _save_sample_grid(pipe: Pipeline, images: np.ndarray, labels: np.ndarray, grid_idx: list[int], nrow: int,
+                      path: Path) -> None:
+    # the class name in full in a column beside its row (a caption on a 48-px tile was cut to "0 00_red_ci")
+    row_classes = [int(labels[i]) for i in grid_idx[::nrow]]
+    row_labels = [class_label(c, pipe.class_names, pipe.cfg.model.num_classes)
+                  if r == 0 or c != row_classes[r - 1] else "" for r, c in enumerate(row_classes)]
+    save_grid(images, path, nrow, row_labels=row_labels)
+
+
 def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, seed: int, flow: FlowConfig,
                      batch_size: int = 16, shard_size: int = 1000, rt: Runtime = CPU, extra: dict | None = None,
                      progress: bool = True) -> dict:
@@ -171,37 +221,9 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
     if seed < 0:  # checked before anything is written: a fixed rerun must not meet a half-made folder
         raise UserError(f"--seed {seed}: must be >= 0")
     check_out_dir(out)
-    identity = {
-        "dit": pipe.identity.get("dit"), "vae": pipe.identity.get("vae"), "decoder": pipe.identity.get("decoder"),
-        "stats": pipe.identity.get("stats"), "guide": pipe.identity.get("guide"), "seed": seed, "count": N, "image_size": S,
-        "labels_sha256": sha256_strings(labels_arr.tolist()), "classes": sorted(set(labels_arr.tolist()))[:1000],
-        "flow": {"cfg_scale": flow.cfg_scale, "cfg_interval": list(flow.cfg_interval),
-                 "cfg_interval_inclusive": flow.cfg_interval_inclusive, "steps": flow.steps,
-                 "sampler": flow.sampler, "shift": flow.shift,
-                 # recorded only where they act, so old sample sets stay resumable
-                 **({"grid": flow.grid} if flow.grid != "ours" else {}),
-                 **({"cfg_schedule": [list(p) for p in flow.cfg_schedule]} if flow.cfg_schedule else {}),
-                 **({"sde_diffusion": flow.sde_diffusion, "sde_last_step": flow.sde_last_step}
-                    if flow.sampler == "sde" else {})},
-        "precision": rt.precision,
-        "noise": "image i: eps ~ N(0, I) from torch.Generator seeded by SeedSequence([seed, i])",
-    }
-    mf_path = out / "samples.json"
-    if not mf_path.is_file() and any((out / "images").glob("*.png")):
-        raise UserError(f"{out}/images: holds PNGs that no samples.json describes; choose another --out")
-    earlier: dict = {}  # the manifest of the run this one resumes
-    if mf_path.is_file():
-        try:
-            earlier = json.loads(mf_path.read_text())
-            old = earlier.get("identity", {})
-        except (OSError, json.JSONDecodeError, AttributeError):
-            raise UserError(f"{mf_path}: unreadable; choose another --out or delete that folder") from None
-        diffs = [k for k in sorted(set(old) | set(identity)) if json.dumps(old.get(k), sort_keys=True)
-                 != json.dumps(json.loads(json.dumps(identity.get(k))), sort_keys=True)]
-        if diffs:
-            raise UserError(f"{out}: holds samples made with other settings ({', '.join(diffs)} differ); choose "
-                            "another --out or delete it")
-    npz = out / f"samples_{N}x{S}x{S}x3.npz"
+    identity = _identity(pipe, labels_arr, seed, flow, rt)
+    earlier = _earlier_manifest(out, identity)
+    mf_path, npz = out / "samples.json", out / f"samples_{N}x{S}x{S}x3.npz"
     # DiT forwards per image, guided evaluations counted twice (flow.network_evaluations); dopri5's is
     # known only after sampling: counted per chunk from the times it evaluated at (adaptive_tally)
     adaptive = flow.sampler == "dopri5"
@@ -257,11 +279,7 @@ def write_sample_set(pipe: Pipeline, labels: Sequence[int], out: str | Path, see
         except OSError:  # PNGs deleted: fall back to the .npz
             with np.load(npz) as z:
                 grid_images = z["arr_0"][grid_idx]
-    # the class name in full in a column beside its row (a caption on a 48-px tile was cut to "0 00_red_ci")
-    row_classes = [int(labels_arr[i]) for i in grid_idx[::nrow]]
-    row_labels = [class_label(c, pipe.class_names, pipe.cfg.model.num_classes)
-                  if r == 0 or c != row_classes[r - 1] else "" for r, c in enumerate(row_classes)]
-    save_grid(grid_images, out / "grid.png", nrow, row_labels=row_labels)
+    _save_sample_grid(pipe, grid_images, labels_arr, grid_idx, nrow, out / "grid.png")
     manifest["complete"] = True
     atomic_write_json(mf_path, manifest)
     return manifest
