@@ -13,6 +13,7 @@ method.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from flatdino_cli.analysis.flops import appendix_h_tables, format_table
 from flatdino_cli.analysis.toy_classifier import cached_toy_classifier, named_right, real_accuracy
 from flatdino_cli.config import ExtractConfig, SampleConfig
 from flatdino_cli.config_yaml import load_preset
+from flatdino_cli.encoders.specs import get_spec
 from flatdino_cli.errors import UserError
 from flatdino_cli.extract import extract_features, extract_latents
 from flatdino_cli.reconstruct import ReconstructConfig, run_reconstruct
@@ -39,11 +41,15 @@ from flatdino_cli.utils import atomic_write_json, atomic_write_text, ensure_dir,
 from flatdino_cli.workspace.paths import note_run, shown
 
 
+TOY_ENCODERS = ("tiny", "tiny-p4")  # the random tiny encoders at the toy images' 48 px
+
+
 @dataclass(frozen=True)
 class QuickstartPlan:
     per_class: int = 250  # toy images per class (12 classes)
     val_images: int | None = None  # held out for VAE validation, reconstructions, ablations; None: see held_out
-    image_size: int = 48  # the tiny encoder's input size (patch 8 -> 6x6 grid)
+    image_size: int = 48  # the toy images' side, the tiny encoders' input size
+    encoder: str = "tiny"  # tiny (patch 8: 6x6 patches) | tiny-p4 (patch 4: 12x12, the VAE ~3.4x the time)
     samples_per_class: int = 50  # 600 samples: the judge's number moves ~1.2 points between seeds near 90%
     laminator: str = "flat"  # flat (FlatDINO) | fae (per-patch FAE)
     seed: int = 0
@@ -53,12 +59,17 @@ class QuickstartPlan:
     def __post_init__(self):
         if self.laminator not in ("flat", "fae"):
             raise UserError(f"--laminator {self.laminator}: use flat or fae")
+        if self.encoder not in TOY_ENCODERS:
+            raise UserError(f"--encoder {self.encoder}: use {' or '.join(TOY_ENCODERS)}")
         for item in self.overrides:
             if ":" not in item or item.split(":", 1)[0] not in ("vae", "dit", "decoder"):
                 raise UserError(f"--set {item}: expected STAGE:key=value with STAGE in vae, dit, decoder")
 
     def sets(self, stage: str) -> list[str]:
-        return [o.split(":", 1)[1] for o in self.overrides if o.startswith(stage + ":")]
+        """The --set overrides of `stage`; the pixel decoder's patch follows the encoder's (its output
+        side is patches x patch, the toy images' side)."""
+        own = [o.split(":", 1)[1] for o in self.overrides if o.startswith(stage + ":")]
+        return ([f"model.patch_size={get_spec(self.encoder).patch_size}"] if stage == "decoder" else []) + own
 
     def held_out(self, per_class: int | None = None) -> int:
         """val_images, or a fifth of the toy images up to 300: the split scales with --per-class."""
@@ -96,6 +107,7 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
     ensure_dir(out)
     d = {k: out / k for k in ("toy", "features", "vae", "latents", "vae-features", "dit", "decoder", "samples",
                               "reconstruct", "ablate")}
+    _same_encoder(out, d["features"] / "manifest.json", plan.encoder)
     log: list[dict] = []
     t_start = time.perf_counter()
     vae_preset, dit_preset = plan.presets()["vae"], plan.presets()["dit"]
@@ -104,7 +116,8 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
         ("toy-data", lambda: _keys(write_toy_dataset(d["toy"], plan.per_class, plan.image_size, plan.seed),
                                    "count", "classes")),
         ("extract", lambda: extract_features(
-            d["toy"], d["features"], ExtractConfig(encoder="tiny", val_split=plan.held_out(), batch_size=128), rt)),
+            d["toy"], d["features"], ExtractConfig(encoder=plan.encoder, val_split=plan.held_out(), batch_size=128),
+            rt)),
         ("train-vae", lambda: _keys(train_vae(
             load_preset(vae_preset, plan.sets("vae") + [f"train.seed={plan.seed}"]), d["vae"], rt,
             features=d["features"]), "step", "best_val")),
@@ -116,7 +129,7 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
         ("extract-decoded", lambda: extract_latents(d["features"], d["vae"], d["vae-features"], rt, decoded=True)),
         ("train-decoder", lambda: _keys(train_decoder(
             load_preset("tiny-decoder", plan.sets("decoder") + [f"train.seed={plan.seed}"]), d["decoder"], rt,
-            DecoderSources(d["toy"], "tiny", features=d["vae-features"])), "step", "val")),
+            DecoderSources(d["toy"], plan.encoder, features=d["vae-features"])), "step", "val")),
         ("sample", lambda: _keys(run_sample(SampleConfig(
             d["dit"], d["vae"], d["decoder"], all_classes=True, per_class=plan.samples_per_class, seed=plan.seed,
             out=d["samples"], batch_size=64), rt), "out", "count", "grid", "npz")),
@@ -143,6 +156,16 @@ def run_quickstart(out: str | Path, rt: Runtime, plan: QuickstartPlan = Quicksta
                "next": mission_lines(dit_preset)}
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _same_encoder(out: Path, manifest: Path, encoder: str) -> None:
+    """Refuse to go on in a folder whose features came from another encoder: its finished stages would be
+    skipped, and the rest trained on the old features."""
+    if manifest.is_file():
+        have = json.loads(manifest.read_text()).get("identity", {}).get("encoder")
+        if have is not None and have != encoder:
+            raise UserError(f"--encoder {encoder}: {out} was made with --encoder {have}; pass that, or choose "
+                            "another --out")
 
 
 def mission_lines(dit_preset: str) -> list[str]:
