@@ -139,11 +139,18 @@ class VAEModelConfig:
     dec_heads: int = 16
     mlp_ratio: float = 4.0
     qk_norm: bool = True
+    # g > 1: each g x g block of neighbouring patches is one token in and out of the VAE (a g^2 shorter
+    # sequence over a fine grid; the features stay whole). 1 (FlatDINO): one token per patch.
+    patch_group: int = 1
 
     def __post_init__(self):
         _check(self.kind in ("flat", "fae"), "model.kind", "flat or fae")
         _positive(self, "model", "tokens", "latent_dim", "feature_dim", "num_patches", "enc_width", "enc_depth",
-                  "enc_heads", "dec_width", "dec_depth", "dec_heads", "mlp_ratio")
+                  "enc_heads", "dec_width", "dec_depth", "dec_heads", "mlp_ratio", "patch_group")
+        if self.patch_group > 1:
+            _check(self.kind == "flat", "model.patch_group", "1 for the FAE (it keeps one latent per patch)")
+            _check(grid_side(self.num_patches, "model.num_patches") % self.patch_group == 0, "model.patch_group",
+                   f"a divisor of the patch grid's side ({math.isqrt(self.num_patches)})")
         _check(self.enc_width % self.enc_heads == 0, "model.enc_width", "divisible by model.enc_heads")
         _check(self.dec_width % self.dec_heads == 0, "model.dec_width", "divisible by model.dec_heads")
 

@@ -35,21 +35,29 @@ RAE_LOADS = {
 
 
 def matching_preset(cfg: Any) -> str | None:
-    """The shipped preset whose model section this config's equals (a run records its resolved config)."""
+    """The shipped preset whose model section this config's equals (a run records its resolved config),
+    or one that differs only in the VAE's patch_group, named with it (the quickstart's VAE on tiny-p4)."""
     model = to_dict(cfg.model)
+    presets = []
     for name in list_presets():
         try:
             p = load_preset(name)
         except UserError:
             continue
-        if p.stage == cfg.stage and _same_model(to_dict(p.model), model):
+        if p.stage == cfg.stage:
+            presets.append((name, to_dict(p.model)))
+    for name, preset in presets:
+        if _same_model(preset, model):
             return name
+    for name, preset in presets:
+        if "patch_group" in model and _same_model(preset, model, also=("patch_group",)):
+            return f"{name} with model.patch_group={model['patch_group']}"
     return None
 
 
-def _same_model(preset: dict, run: dict) -> bool:
-    """Equal, except the input sizes train-vae takes from the features (num_patches, feature_dim)."""
-    skip = {"num_patches", "feature_dim"}
+def _same_model(preset: dict, run: dict, also: tuple[str, ...] = ()) -> bool:
+    """Equal, except the input sizes train-vae takes from the features (num_patches, feature_dim) and `also`."""
+    skip = {"num_patches", "feature_dim", *also}
     return {k: v for k, v in preset.items() if k not in skip} == {k: v for k, v in run.items() if k not in skip}
 
 

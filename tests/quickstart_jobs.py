@@ -4,7 +4,7 @@ They are the suite's longest work (minutes each, on one core each) and need noth
 tests, so conftest starts this file as a process as soon as pytest has collected a quickstart test,
 and moves those tests to the end of the run, where they wait for it and read what it left:
 
-  ROOT/inputs    the toy data and tiny-encoder feature store, made once for both laminators
+  ROOT/inputs    the toy data, made once for both laminators (each extracts its own encoder's features)
   ROOT/qs        the flat quickstart: killed during train-vae, then rerun to the end (ROOT/qs.log)
   ROOT/qsfae     `--laminator fae`, beside it (ROOT/qsfae.log)
   ROOT/cache     the toy classifier's cache (XDG_CACHE_HOME), shared: the user's ~/.cache is left alone
@@ -78,12 +78,10 @@ def tail(path: Path, n: int = 3000) -> str:
 
 
 def quickstart_dir(path: Path, shared: Path) -> Path:
-    """A quickstart folder whose toy-data and extract stages are the shared ones (read only)."""
+    """A quickstart folder whose toy-data stage is the shared one (read only)."""
     (path / ".stages").mkdir(parents=True)
-    for name in ("toy", "features"):
-        (path / name).symlink_to(shared / name, target_is_directory=True)
-    for stage in ("toy-data", "extract"):
-        shutil.copy(shared / ".stages" / f"{stage}.json", path / ".stages")
+    (path / "toy").symlink_to(shared / "toy", target_is_directory=True)
+    shutil.copy(shared / ".stages" / "toy-data.json", path / ".stages")
     return path
 
 
@@ -95,7 +93,7 @@ def run_jobs(root: Path) -> dict:
 
     torch.set_num_threads(1)
     shared = root / "inputs"
-    run_quickstart(shared, setup_runtime("cpu", "auto", False), QuickstartPlan(until="extract"))
+    run_quickstart(shared, setup_runtime("cpu", "auto", False), QuickstartPlan(until="toy-data"))
     flat, fae = quickstart_dir(root / "qs", shared), quickstart_dir(root / "qsfae", shared)
     one_core, two_cores = dict(os.environ, **env(root)), dict(os.environ, **env(root, threads=2))
     with open(root / "qsfae.log", "w") as fae_log:

@@ -125,6 +125,14 @@ def test_patched_grid_runs_over_fewer_tokens():
     assert F.dit_forward_flops(load_preset("tiny-fae-dit", ["model.patch=1"]).model) == m.depth * F.layer_flops(36, m.width)
 
 
+def test_grouped_flat_vae_runs_over_a_quarter_of_the_patches():
+    m = load_preset("tiny-vae", ["model.num_patches=144", "model.patch_group=2"]).model  # 12x12 -> 6x6 + 16
+    assert F.flat_vae_sequence(m) == 36 + 16
+    assert F.vae_encoder_flops(m) == m.enc_depth * F.layer_flops(52, m.enc_width)
+    assert F.vae_decoder_flops(m) == m.dec_depth * F.layer_flops(52, m.dec_width)
+    assert F.vae_encoder_flops(replace(m, patch_group=1)) == m.enc_depth * F.layer_flops(160, m.enc_width)
+
+
 class TinyDiT(nn.Module):
     def __init__(self, d: int = 8, width: int = 16):
         super().__init__()

@@ -48,6 +48,8 @@ def test_info_on_a_run_and_its_export(tmp_path, store):
     assert f["disk"].endswith("KB") or f["disk"].endswith("MB")
     dit = make_run(tmp_path / "dit", "tiny-dit", ["model.depth=2"])
     assert facts(dit)["preset"].startswith("custom") and facts(dit)["data"] == "not recorded"
+    grouped = make_run(tmp_path / "vae-grouped", "tiny-vae", [*TINY_STORE, "model.patch_group=2"])
+    assert facts(grouped)["preset"] == "tiny-vae with model.patch_group=2"  # the quickstart's VAE on tiny-p4
 
     out = tmp_path / "export"
     assert CliRunner().invoke(app, ["export", str(vae), str(out)]).exit_code == 0

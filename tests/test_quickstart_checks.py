@@ -44,22 +44,29 @@ def test_the_reconstruction_grid_shows_every_class(tmp_path):
 
 
 def test_the_patch4_encoder_gives_its_grid_to_the_features_and_the_decoder_and_a_folder_keeps_its_encoder(cli, tmp_path):
-    """--encoder tiny-p4: 12 x 12 features, a pixel decoder of patch 4 (12 x 4 = the toy images' 48 px);
-    rerunning the folder with the other encoder is refused in one line instead of mixing two feature sets."""
+    """tiny-p4, the flat quickstart's default: 12 x 12 features, a pixel decoder of patch 4 (12 x 4 = the toy
+    images' 48 px) and a VAE that takes 2 x 2 blocks of patches as one token (6 x 6, as on tiny); the FAE
+    stays on tiny. Rerunning the folder with the other encoder is refused in one line instead of mixing
+    two feature sets."""
     import json
 
     from flatdino_cli.errors import UserError
     from flatdino_cli.quickstart import QuickstartPlan, run_quickstart
     from flatdino_cli.runtime import setup_runtime
 
-    plan = QuickstartPlan(per_class=7, encoder="tiny-p4", until="extract", overrides=("decoder:train.epochs=1",))
-    assert plan.sets("decoder") == ["model.patch_size=4", "train.epochs=1"]
-    assert QuickstartPlan().sets("decoder") == ["model.patch_size=8"]
+    plan = QuickstartPlan(per_class=7, until="extract", overrides=("decoder:train.epochs=1", "vae:model.patch_group=1"))
+    assert plan.encoder == "tiny-p4" and plan.sets("decoder") == ["model.patch_size=4", "train.epochs=1"]
+    assert plan.sets("vae") == ["model.patch_group=2", "model.patch_group=1"]  # the user's --set comes last
+    assert plan.sets("dit") == []
+    tiny = QuickstartPlan(encoder="tiny")
+    assert tiny.sets("decoder") == ["model.patch_size=8"] and tiny.sets("vae") == ["model.patch_group=1"]
+    fae = QuickstartPlan(laminator="fae")
+    assert fae.encoder == "tiny" and fae.sets("vae") == []
     with pytest.raises(UserError, match="--encoder tiny-p8: use tiny or tiny-p4"):
         QuickstartPlan(encoder="tiny-p8")
     run_quickstart(tmp_path / "qs", setup_runtime("cpu", "fp32", False), plan)
     manifest = json.loads((tmp_path / "qs" / "features" / "manifest.json").read_text())
     assert manifest["extra"]["grid"] == [12, 12] and manifest["identity"]["encoder"] == "tiny-p4"
-    p = cli("quickstart", "--out", tmp_path / "qs", "--per-class", "7", check=False)
+    p = cli("quickstart", "--out", tmp_path / "qs", "--per-class", "7", "--encoder", "tiny", check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "--encoder tiny: " in p.stderr and "made with --encoder tiny-p4" in p.stderr

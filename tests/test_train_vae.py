@@ -167,3 +167,33 @@ def test_vae_image_mode_crops_by_the_one_crop_size_rule(tmp_path, monkeypatch):
     train_vae(cfg, tmp_path / "run", CPU, images=tmp_path / "imgs", encoder_name="tiny")
     aug = json.loads((tmp_path / "run/inputs.json").read_text())["images"]["augmentation"]
     assert aug["crop_size"] == 48 + 4 and aug["input_size"] == 48
+
+
+def test_patch_group_makes_each_block_of_neighbouring_patches_one_token():
+    from flatdino_cli.models.vae import FlatVAE
+
+    cfg = load_preset("tiny-vae", ["model.patch_group=2", "model.enc_width=32", "model.dec_width=32"]).model
+    cfg = type(cfg)(**{**cfg.__dict__, "num_patches": 144, "feature_dim": 6})  # a 12 x 12 grid
+    torch.manual_seed(0)
+    vae = FlatVAE(cfg).eval()
+    assert vae.encoder.in_proj.in_features == 24 and vae.decoder.queries.shape[1] == 36  # 4 x 6 numbers, 6 x 6
+    feats = torch.randn(2, 144, 6)
+    seen = []
+    vae.encoder.in_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    recon, mu, _ = vae(feats)
+    assert recon.shape == feats.shape and mu.shape == (2, cfg.tokens, cfg.latent_dim)
+    # token 0 holds patches (0,0), (0,1), (1,0), (1,1) of the 12-wide grid; token 7 starts at (2,2)
+    assert torch.equal(seen[0][:, 0].reshape(2, 4, 6), feats[:, [0, 1, 12, 13]])
+    assert torch.equal(seen[0][:, 7, :6], feats[:, 26])
+    # the decoder's query 7 is written back onto the same four patches
+    out = []
+    vae.decoder.out_proj.register_forward_hook(lambda m, i, o: out.append(o))
+    recon = vae.decode(mu)
+    assert out[0].shape == (2, 36, 24) and torch.equal(recon[:, [26, 27, 38, 39]], out[0][:, 7].reshape(2, 4, 6))
+
+
+@pytest.mark.parametrize("sets, needle", [(["model.patch_group=4"], "divisor of the patch grid's side"),
+                                          (["model.kind=fae", "model.patch_group=2"], "1 for the FAE")])
+def test_patch_group_errors_are_one_line(sets, needle):
+    with pytest.raises(UserError, match=needle):
+        load_preset("tiny-vae", ["model.num_patches=36", *sets])

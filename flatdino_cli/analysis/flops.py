@@ -82,7 +82,8 @@ def dinov2_flops() -> float:
 def vae_encoder_flops(vae_cfg: Any) -> float:
     """The laminator's encoder on one image.
 
-    kind "flat": enc_depth ViT layers of enc_width over num_patches + tokens (paper eq. 13: 26.0).
+    kind "flat": enc_depth ViT layers of enc_width over num_patches + tokens (paper eq. 13: 26.0); at
+    patch_group g, over num_patches / g^2 + tokens (the in and out projections are not counted).
     kind "fae": FAE's encoder is a single self-attention layer (no MLP) over the P patches that
     attends in a space of width I = enc_width from features of width C = feature_dim (models/fae.py):
     QKV + output projections 4·P·C·I plus the two attention matmuls 2·P²·I, i.e. 2·P·I·(2C + P)
@@ -92,7 +93,12 @@ def vae_encoder_flops(vae_cfg: Any) -> float:
     if getattr(m, "kind", "flat") == "fae":
         C = getattr(m, "feature_dim", m.enc_width)
         return 2.0 * m.num_patches * m.enc_width * (2 * C + m.num_patches)
-    return m.enc_depth * layer_flops(m.num_patches + m.tokens, m.enc_width)
+    return m.enc_depth * layer_flops(flat_vae_sequence(m), m.enc_width)
+
+
+def flat_vae_sequence(m: Any) -> int:
+    """The flat laminator's sequence: its T tokens beside the patches, g x g of them a token at patch_group g."""
+    return m.num_patches // getattr(m, "patch_group", 1) ** 2 + m.tokens
 
 
 def encoder_flops(vae_cfg: Any | None = None, *, dino: bool = True) -> float:
@@ -126,7 +132,7 @@ def vae_decoder_flops(vae_cfg: Any) -> float:
     """The laminator's decoder on one latent: dec_depth layers of dec_width over num_patches + tokens
     (models/vae.py: the P patch queries attend with the T latent tokens)."""
     m = _model(vae_cfg)
-    return m.dec_depth * layer_flops(m.num_patches + m.tokens, m.dec_width)
+    return m.dec_depth * layer_flops(flat_vae_sequence(m), m.dec_width)
 
 
 def pixel_decoder_flops(dec_cfg: Any) -> float:
@@ -183,7 +189,7 @@ def _column(model_cfg: Any, vae_cfg: Any | None, paper_rounding: bool) -> dict[s
     if not raw:
         vae = _model(vae_cfg) if vae_cfg is not None else default_vae(m.tokens)
         parts["vae_encoder"] = _quote(vae_encoder_flops(vae), paper_rounding)
-        extra["vae_encoder_tokens"] = vae.num_patches + (0 if getattr(vae, "kind", "flat") == "fae" else vae.tokens)
+        extra["vae_encoder_tokens"] = vae.num_patches if getattr(vae, "kind", "flat") == "fae" else flat_vae_sequence(vae)
     forward = dit_forward_flops(m)
     encoding = sum(parts.values())
     return {

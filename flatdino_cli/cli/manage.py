@@ -165,9 +165,10 @@ def quickstart(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where everything goes (default: the "
                                                                     "workspace's runs/quickstart).")] = None,
     laminator: Annotated[str, typer.Option(help="flat (FlatDINO, 1-D tokens) or fae (per-patch FAE latents).")] = "flat",
-    encoder: Annotated[str, typer.Option(help="tiny (patch 8: 6x6 patches) or tiny-p4 (patch 4: 12x12 patches, "
-                                              "`compare`'s grid: samples named right about 5 points more often, "
-                                              "for 3.4x the VAE's time; see the README).")] = "tiny",
+    encoder: Annotated[Optional[str], typer.Option(
+        help="tiny-p4 (patch 4: 12x12 patches, `compare`'s grid; the default for flat) or tiny (patch 8: 6x6 "
+             "patches, the default for fae; flat samples named right about 4 points less often; see the README).",
+        show_default=False)] = None,
     per_class: Annotated[int, typer.Option(help="Toy images per class (12 classes).")] = 250,
     seed: Annotated[int, typer.Option(help="Seed for data, training and sampling.")] = 0,
     sets: Annotated[Optional[list[str]], typer.Option(

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatdino_cli.config import DiTModelConfig
-from flatdino_cli.nn import (AdaLNBlock, FinalLayer, GaussianFourierEmbedder, LabelEmbedder, rope_1d, rope_2d,
-                             sincos_1d, sincos_2d)
+from flatdino_cli.nn import (AdaLNBlock, FinalLayer, GaussianFourierEmbedder, LabelEmbedder, group_cells, rope_1d,
+                             rope_2d, sincos_1d, sincos_2d, ungroup_cells)
 
 
 def _rope(cfg: DiTModelConfig, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,21 +91,11 @@ class DiT(nn.Module):
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h*w, d) grid cells, row-major -> (B, h/p * w/p, p*p*d) tokens."""
-        p = self.cfg.patch
-        if p == 1:
-            return x
-        (h, w), B, d = self.cfg.grid, x.shape[0], x.shape[-1]
-        x = x.reshape(B, h // p, p, w // p, p, d).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(B, (h // p) * (w // p), p * p * d)
+        return group_cells(x, self.cfg.grid, self.cfg.patch)  # grid is None only at patch 1: unused
 
     def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of _patchify."""
-        p = self.cfg.patch
-        if p == 1:
-            return x
-        (h, w), B = self.cfg.grid, x.shape[0]
-        x = x.reshape(B, h // p, w // p, p, p, -1).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(B, h * w, -1)
+        return ungroup_cells(x, self.cfg.grid, self.cfg.patch)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._unpatchify(self._forward_tokens(self._patchify(x), t, y))

@@ -13,13 +13,15 @@ the k-th query's output, so "token k" means the same thing everywhere (ablations
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flatdino_cli.config import VAEModelConfig
 from flatdino_cli.models.fae import FAE
-from flatdino_cli.nn import Block
+from flatdino_cli.nn import Block, group_cells, ungroup_cells
 
 
 def _proj(i: int, o: int) -> nn.Module:
@@ -36,16 +38,17 @@ def _stack(width: int, depth: int, heads: int, cfg: VAEModelConfig) -> nn.Module
 class FlatEncoder(nn.Module):
     def __init__(self, cfg: VAEModelConfig):
         super().__init__()
-        self.tokens = cfg.tokens
-        self.in_proj = _proj(cfg.feature_dim, cfg.enc_width)
+        self.tokens, self.group = cfg.tokens, cfg.patch_group
+        self.grid = (math.isqrt(cfg.num_patches),) * 2
+        self.in_proj = _proj(cfg.patch_group ** 2 * cfg.feature_dim, cfg.enc_width)
         self.queries = nn.Parameter(torch.zeros(1, cfg.tokens, cfg.enc_width))
         self.blocks = _stack(cfg.enc_width, cfg.enc_depth, cfg.enc_heads, cfg)
         self.norm = nn.LayerNorm(cfg.enc_width, eps=1e-6)
         self.out_proj = nn.Linear(cfg.enc_width, 2 * cfg.latent_dim, bias=False)
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.in_proj(feats)  # (B, P, W)
-        x = torch.cat([self.queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, T + P, W)
+        x = self.in_proj(group_cells(feats, self.grid, self.group))  # (B, P / g^2, W)
+        x = torch.cat([self.queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, T + P / g^2, W)
         for blk in self.blocks:
             x = blk(x)
         mu, logvar = self.out_proj(self.norm(x[:, : self.tokens])).float().chunk(2, dim=-1)  # (B, T, d) x2
@@ -55,20 +58,22 @@ class FlatEncoder(nn.Module):
 class FlatDecoder(nn.Module):
     def __init__(self, cfg: VAEModelConfig):
         super().__init__()
-        self.num_patches = cfg.num_patches
+        self.group, self.grid = cfg.patch_group, (math.isqrt(cfg.num_patches),) * 2
+        self.num_queries = cfg.num_patches // cfg.patch_group ** 2
         self.in_proj = nn.Linear(cfg.latent_dim, cfg.dec_width, bias=False)
         self.pos = nn.Parameter(torch.zeros(1, cfg.tokens, cfg.dec_width))
-        self.queries = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.dec_width))
+        self.queries = nn.Parameter(torch.zeros(1, self.num_queries, cfg.dec_width))
         self.blocks = _stack(cfg.dec_width, cfg.dec_depth, cfg.dec_heads, cfg)
         self.norm = nn.LayerNorm(cfg.dec_width, eps=1e-6)
-        self.out_proj = _proj(cfg.dec_width, cfg.feature_dim)
+        self.out_proj = _proj(cfg.dec_width, cfg.patch_group ** 2 * cfg.feature_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.in_proj(z) + self.pos  # (B, T, W)
-        x = torch.cat([self.queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, P + T, W)
+        x = torch.cat([self.queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, P / g^2 + T, W)
         for blk in self.blocks:
             x = blk(x)
-        return self.out_proj(self.norm(x[:, : self.num_patches])).float()  # (B, P, C)
+        x = self.out_proj(self.norm(x[:, : self.num_queries]))  # (B, P / g^2, g^2 C)
+        return ungroup_cells(x, self.grid, self.group).float()  # (B, P, C)
 
 
 class FlatVAE(nn.Module):
